@@ -1,0 +1,58 @@
+"""fastcache: fused kernels for contrastive, Matryoshka and learning-to-rank losses (sentence-transformers drop-in).
+
+Public API: :func:`contrastive_loss`, :func:`contrastive_loss_and_grad`, :func:`info`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from fastcache import _backend
+from fastcache.ops.contrastive import (
+    ContrastiveLossAndGrad,
+    ContrastiveOptions,
+    contrastive_loss,
+    contrastive_loss_and_grad,
+)
+
+__version__ = "0.1.0"
+__all__ = ["ContrastiveLossAndGrad", "ContrastiveOptions", "contrastive_loss", "contrastive_loss_and_grad", "info"]
+
+if _backend.EXTENSION is None:
+    warnings.warn(
+        f"fastcache: the compiled extension is not available ({_backend.EXTENSION_ERROR}); CPU tensors use the "
+        "pure-PyTorch backend (same results, slower). Rebuild with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def info() -> dict:
+    """What was built and what will run: versions, compiled kernels, and the backend each device gets."""
+    import os
+
+    import torch
+
+    from fastcache.ops import contrastive_epilogue
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    backends = {}
+    for device in devices:
+        available = contrastive_epilogue.available(device)
+        try:
+            chosen = _backend.resolve_backend(device, available)
+        except (RuntimeError, ValueError) as error:
+            chosen = f"error: {error}"
+        backends[device.type] = {"runs": chosen, "available": {k: v or "yes" for k, v in available.items()}}
+    return {
+        "fastcache": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "triton": _backend.triton_version(),
+        "extension": "built" if _backend.EXTENSION is not None else f"missing ({_backend.EXTENSION_ERROR})",
+        "cuda_kernels": bool(_backend.EXTENSION is not None and getattr(_backend.EXTENSION, "has_cuda", False)),
+        "FASTCACHE_BACKEND": os.environ.get("FASTCACHE_BACKEND", "auto"),
+        "memory_budget_bytes": _backend.memory_budget(),
+        "contrastive_loss": backends,
+    }

@@ -1,0 +1,427 @@
+"""The in-batch contrastive loss (InfoNCE / MultipleNegativesRankingLoss / GISTEmbedLoss) from embeddings, fused.
+
+Notation: B local queries q_i, candidates d_j (N = C·P of them, column-major: the P positives, then each
+hard-negative column), query columns Q_k (Mq of them: ``all_queries``, else the queries themselves), the positive
+of row i is candidate ``offset + i`` and p_i = d_{offset+i}. With s(a, b) the cosine (or dot) similarity:
+
+    query_to_doc    s(q_i, d_j)   j < N    (the positive is here)
+    query_to_query  s(q_i, Q_k)   k < Mq,  k = own query masked
+    doc_to_query    s(Q_k, p_i)   k < Mq
+    doc_to_doc      s(p_i, d_j)   j < N,   j ≡ offset+i (mod P) masked
+
+    logit = scale·s  (+ hardness_strength·stopgrad(s) on the penalised query_to_doc columns)
+    joint:          loss = mean_i [ logsumexp_{all blocks} logit_i - logit_i,pos ]
+    per_direction:  loss = mean_i [ mean_b logsumexp_b logit_i - logit_i,pos ]
+
+With a ``guide`` (GISTEmbedLoss), column j of a block is masked when the guide's similarity exceeds the guide's
+positive similarity g_i,pos minus the margin (``absolute``: g - margin, ``relative``: g - |g|·margin), the
+positive never; query_to_query is then the anchor-anchor block (q_i against the B local queries) and doc_to_doc
+the positive-positive block (p_i against the P positives), both masked by the guide only.
+
+The slab algorithm: rows in chunks; per chunk, GEMMs into chunk×columns blocks, one fused epilogue that turns the
+blocks into dL/ds in place (and gives the per-row losses), then GEMMs that accumulate dL/dq, dL/dd, dL/dQ.
+Memory O(chunk·(N + Mq)) on top of O((B + N + Mq)·D), the chunk chosen from a memory budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from fastcache import _backend
+from fastcache.ops import contrastive_epilogue
+
+DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+PARTITION_MODES = ("joint", "per_direction")
+HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+SIMILARITIES = ("cos", "dot")
+MARGIN_STRATEGIES = ("absolute", "relative")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, which sentence-transformers' cos_sim uses
+
+
+@dataclass(frozen=True)
+class ContrastiveOptions:
+    """Options of the contrastive loss (validated on construction). See the module docstring for the maths."""
+
+    scale: float = 20.0
+    similarity: str = "cos"
+    directions: tuple[str, ...] = ("query_to_doc",)
+    partition_mode: str = "joint"
+    hardness_mode: str | None = None
+    hardness_strength: float = 0.0
+    offset: int = 0
+    margin: float = 0.0
+    margin_strategy: str = "absolute"
+
+    def __post_init__(self):
+        if isinstance(self.directions, str):
+            raise ValueError(f"directions must be a tuple of direction names, got the string {self.directions!r}")
+        object.__setattr__(self, "directions", tuple(self.directions))
+        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale <= 0:
+            raise ValueError(f"scale must be a finite positive number, got {self.scale!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        unknown = [d for d in self.directions if d not in DIRECTIONS]
+        if unknown:
+            raise ValueError(f"directions: unknown {unknown}; valid directions are {DIRECTIONS}")
+        if len(set(self.directions)) != len(self.directions):
+            raise ValueError(f"directions must not repeat a direction, got {self.directions}")
+        if "query_to_doc" not in self.directions:
+            raise ValueError("directions must include 'query_to_doc' (it holds the positive pair)")
+        if self.partition_mode not in PARTITION_MODES:
+            raise ValueError(f"partition_mode must be one of {PARTITION_MODES}, got {self.partition_mode!r}")
+        if self.partition_mode == "per_direction" and {"query_to_query", "doc_to_doc"} & set(self.directions):
+            raise ValueError(
+                "partition_mode='per_direction' needs every direction to contain the positive pair; "
+                "'query_to_query' and 'doc_to_doc' do not: use partition_mode='joint'"
+            )
+        if self.hardness_mode not in HARDNESS_MODES:
+            raise ValueError(f"hardness_mode must be one of {HARDNESS_MODES}, got {self.hardness_mode!r}")
+        strength = self.hardness_strength
+        if not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength < 0:
+            raise ValueError(f"hardness_strength must be a finite non-negative number, got {strength!r}")
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int) or self.offset < 0:
+            raise ValueError(f"offset must be a non-negative int, got {self.offset!r}")
+        if not isinstance(self.margin, (int, float)) or not math.isfinite(self.margin):
+            raise ValueError(f"margin must be a finite number, got {self.margin!r}")
+        if self.margin_strategy not in MARGIN_STRATEGIES:
+            raise ValueError(f"margin_strategy must be one of {MARGIN_STRATEGIES}, got {self.margin_strategy!r}")
+
+    @property
+    def hardness(self) -> bool:
+        """Whether the hardness penalty changes anything (a mode and a positive strength)."""
+        return self.hardness_mode is not None and self.hardness_strength > 0
+
+
+@dataclass(frozen=True)
+class ContrastiveLayout:
+    """Sizes of one call: B rows, P positives, C candidate columns (N = C·P), D dims, Mq query columns."""
+
+    rows: int
+    positives: int
+    columns: int
+    dim: int
+    query_columns: int
+    own_query_offset: int  # query column k = own_query_offset + i is row i's own query
+
+    @property
+    def candidates(self) -> int:
+        return self.columns * self.positives
+
+
+class ContrastiveLossAndGrad(NamedTuple):
+    """The loss and dL/d(each embedding input), in the inputs' dtypes and shapes (None where not given)."""
+
+    loss: Tensor
+    grad_queries: Tensor
+    grad_docs: Tensor
+    grad_all_queries: Tensor | None
+
+
+def _check_tensor(name: str, t, ndims: tuple[int, ...]) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in ndims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): the batch needs at least one row and one dim")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_inputs(
+    queries: Tensor,
+    docs: Tensor,
+    all_queries: Tensor | None,
+    guide_queries: Tensor | None,
+    guide_docs: Tensor | None,
+    options: ContrastiveOptions,
+) -> ContrastiveLayout:
+    """Validate the inputs against each other and the options; return the layout."""
+    _check_tensor("queries", queries, (2,))
+    _check_tensor("docs", docs, (2, 3))
+    rows, dim = queries.shape
+    named = {"queries": queries, "docs": docs}
+    if all_queries is not None:
+        _check_tensor("all_queries", all_queries, (2,))
+        named["all_queries"] = all_queries
+        if all_queries.size(1) != dim:
+            raise ValueError(f"all_queries has {all_queries.size(1)} dims, queries have {dim}")
+    if docs.size(-1) != dim:
+        raise ValueError(f"docs have {docs.size(-1)} dims, queries have {dim}")
+    if docs.dim() == 3:
+        columns, positives = docs.shape[:2]
+        if all_queries is not None and all_queries.size(0) != positives:
+            raise ValueError(f"all_queries has {all_queries.size(0)} rows, docs have {positives} positives")
+    else:
+        positives = all_queries.size(0) if all_queries is not None else rows
+        if docs.size(0) % positives:
+            raise ValueError(
+                f"docs has {docs.size(0)} rows, which is not a multiple of the {positives} positives "
+                f"({'rows of all_queries' if all_queries is not None else 'queries'}); lay candidates out "
+                "column-major (all positives, then each hard-negative column) or pass docs as [C, P, D]"
+            )
+        columns = docs.size(0) // positives
+    if options.offset + rows > positives:
+        raise ValueError(
+            f"offset={options.offset} with {rows} queries needs {options.offset + rows} positives, docs have "
+            f"{positives}"
+        )
+    guided = guide_queries is not None or guide_docs is not None
+    if guided:
+        if guide_queries is None or guide_docs is None:
+            raise ValueError("guide_queries and guide_docs must be given together")
+        _check_tensor("guide_queries", guide_queries, (2,))
+        _check_tensor("guide_docs", guide_docs, (2, 3))
+        named.update(guide_queries=guide_queries, guide_docs=guide_docs)
+        if guide_queries.size(0) != rows:
+            raise ValueError(f"guide_queries has {guide_queries.size(0)} rows, queries have {rows}")
+        guide_layout = guide_docs.shape[:-1] if guide_docs.dim() == 3 else (guide_docs.size(0),)
+        doc_layout = docs.shape[:-1] if docs.dim() == 3 else (docs.size(0),)
+        if guide_layout != doc_layout or guide_docs.dim() != docs.dim():
+            raise ValueError(f"guide_docs must be laid out like docs: {tuple(docs.shape[:-1])}, got "
+                             f"{tuple(guide_docs.shape[:-1])}")
+        if guide_docs.size(-1) != guide_queries.size(1):
+            raise ValueError(f"guide_docs have {guide_docs.size(-1)} dims, guide_queries {guide_queries.size(1)}")
+        if "doc_to_query" in options.directions:
+            raise ValueError("directions: 'doc_to_query' has no guided (GIST) form; drop it or the guide")
+        if all_queries is not None:
+            raise ValueError("all_queries cannot be combined with a guide: the guided query_to_query block is "
+                             "anchor-anchor over the local queries, as in GISTEmbedLoss")
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+    dtypes = {name: t.dtype for name, t in named.items() if not name.startswith("guide")}
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(f"queries, docs and all_queries must share a dtype, got {dtypes}")
+    query_columns = all_queries.size(0) if all_queries is not None else rows
+    own_query_offset = options.offset if all_queries is not None else 0
+    return ContrastiveLayout(rows, positives, columns, dim, query_columns, own_query_offset)
+
+
+def _normalized(x: Tensor, dtype: torch.dtype, cosine: bool) -> tuple[Tensor, Tensor | None]:
+    """x in the compute dtype, L2-normalised per row when ``cosine`` (as F.normalize), and the row norms."""
+    x = x.to(dtype)
+    if not cosine:
+        return x.contiguous(), None
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / norm.clamp_min(NORMALIZE_EPS), norm
+
+
+def _normalized_backward(grad: Tensor, normalized: Tensor, norm: Tensor | None) -> Tensor:
+    """dL/dx from dL/dx̂ for x̂ = x / max(‖x‖, eps): (g - x̂·(x̂ᵀg)) / ‖x‖, or g / eps below eps."""
+    if norm is None:
+        return grad
+    radial = (normalized * grad).sum(dim=1, keepdim=True) * (norm > NORMALIZE_EPS)
+    return (grad - normalized * radial) / norm.clamp_min(NORMALIZE_EPS)
+
+
+def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, guided: bool, budget: int,
+               itemsize: int) -> int:
+    """Rows per chunk so that the slab workspace stays within ``budget`` bytes.
+
+    The fixed part holds the normalised copies and gradient accumulators (O((B + N + Mq)·D)); each chunk row
+    costs one compute-dtype value per block column, twice with a guide. At least one row.
+    """
+    n, mq = layout.candidates, layout.query_columns
+    width = {"query_to_doc": n, "query_to_query": mq, "doc_to_query": mq, "doc_to_doc": n}
+    if guided:
+        width.update(query_to_query=layout.rows, doc_to_doc=layout.positives)
+    per_row = sum(width[d] for d in options.directions) * itemsize * (2 if guided else 1)
+    fixed = 2 * (layout.rows + n + mq) * layout.dim * itemsize
+    return max(1, min(layout.rows, (budget - fixed) // per_row))
+
+
+def _slab(queries, docs, all_queries, guide_queries, guide_docs, options: ContrastiveOptions,
+          layout: ContrastiveLayout, epilogue, need_grad: bool, chunk: int, progress: bool):
+    """Loss (compute dtype, 0-d) and, when ``need_grad``, fp32/fp64 gradients w.r.t. queries, docs, all_queries."""
+    dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    cosine = options.similarity == "cos"
+    B, P, off = layout.rows, layout.positives, options.offset
+    q, q_norm = _normalized(queries, dtype, cosine)
+    d, d_norm = _normalized(docs.reshape(-1, layout.dim), dtype, cosine)
+    gathered = all_queries is not None
+    Q, Q_norm = _normalized(all_queries, dtype, cosine) if gathered else (q, q_norm)
+    guided = guide_queries is not None
+    if guided:
+        gq, _ = _normalized(guide_queries, dtype, True)
+        gd, _ = _normalized(guide_docs.reshape(-1, guide_docs.size(-1)), dtype, True)
+    dirs = options.directions
+    # doc_to_doc candidates: every document, or (guided, GISTEmbedLoss) the positives only
+    dd_cols = d[:P] if guided else d
+    widths = {"query_to_doc": d.size(0), "query_to_query": Q.size(0), "doc_to_query": Q.size(0),
+              "doc_to_doc": dd_cols.size(0)}
+    blocks = {k: torch.empty(chunk, widths[k], dtype=dtype, device=q.device) for k in dirs}
+    guide_dirs = [k for k in dirs if guided]
+    guides = {k: torch.empty(chunk, widths[k], dtype=dtype, device=q.device) for k in guide_dirs}
+    if need_grad:
+        grad_q = torch.zeros_like(q)
+        grad_d = torch.zeros_like(d)
+        grad_Q = torch.zeros_like(Q) if gathered else grad_q
+    loss = torch.zeros((), dtype=dtype, device=q.device)
+    for r0 in trange(0, B, chunk, desc="contrastive loss", disable=not progress, leave=False):
+        r1 = min(r0 + chunk, B)
+        qc, pc = q[r0:r1], d[off + r0:off + r1]
+        out = {k: v[:r1 - r0] for k, v in blocks.items()}
+        torch.mm(qc, d.T, out=out["query_to_doc"])
+        if "query_to_query" in dirs:
+            torch.mm(qc, Q.T, out=out["query_to_query"])
+        if "doc_to_query" in dirs:
+            torch.mm(pc, Q.T, out=out["doc_to_query"])
+        if "doc_to_doc" in dirs:
+            torch.mm(pc, dd_cols.T, out=out["doc_to_doc"])
+        gout = {k: v[:r1 - r0] for k, v in guides.items()}
+        if guided:
+            torch.mm(gq[r0:r1], gd.T, out=gout["query_to_doc"])
+            if "query_to_query" in dirs:
+                torch.mm(gq[r0:r1], gq.T, out=gout["query_to_query"])
+            if "doc_to_doc" in dirs:
+                torch.mm(gd[off + r0:off + r1], gd[:P].T, out=gout["doc_to_doc"])
+        loss += epilogue(out, gout, r0, layout, options, need_grad).sum()
+        if not need_grad:
+            continue
+        # out now holds dL/ds for each block; accumulate the similarity GEMMs' gradients
+        grad_q[r0:r1].addmm_(out["query_to_doc"], d)
+        grad_d.addmm_(out["query_to_doc"].T, qc)
+        if "query_to_query" in dirs:
+            grad_q[r0:r1].addmm_(out["query_to_query"], Q)
+            grad_Q.addmm_(out["query_to_query"].T, qc)
+        if "doc_to_query" in dirs:
+            grad_d[off + r0:off + r1].addmm_(out["doc_to_query"], Q)
+            grad_Q.addmm_(out["doc_to_query"].T, pc)
+        if "doc_to_doc" in dirs:
+            grad_d[off + r0:off + r1].addmm_(out["doc_to_doc"], dd_cols)
+            grad_d[:dd_cols.size(0)].addmm_(out["doc_to_doc"].T, pc)
+    loss = loss / B
+    if not need_grad:
+        return loss, None, None, None
+    grad_queries = _normalized_backward(grad_q, q, q_norm)
+    grad_docs = _normalized_backward(grad_d, d, d_norm).view(docs.shape)
+    grad_all = _normalized_backward(grad_Q, Q, Q_norm) if gathered else None
+    return loss, grad_queries, grad_docs, grad_all
+
+
+def _run(queries, docs, all_queries, guide_queries, guide_docs, options, need_grad, *, backend, memory_budget,
+         chunk_size, show_progress_bar):
+    layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options)
+    name = _backend.resolve_backend(queries.device, contrastive_epilogue.available(queries.device), backend)
+    itemsize = 8 if queries.dtype == torch.float64 else 4
+    if chunk_size is None:
+        budget = _backend.memory_budget(memory_budget)
+        chunk = chunk_rows(layout, options, guide_queries is not None, budget, itemsize)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    else:
+        chunk = min(chunk_size, layout.rows)
+    return _slab(queries, docs, all_queries, guide_queries, guide_docs, options, layout,
+                 contrastive_epilogue.EPILOGUES[name], need_grad, chunk, show_progress_bar)
+
+
+class _ContrastiveLossFunction(torch.autograd.Function):
+    """Forward computes the loss and (when any input needs it) the gradients in the same pass; backward scales
+    them by the incoming gradient. No gradient for the guide embeddings."""
+
+    @staticmethod
+    def forward(ctx, queries, docs, all_queries, guide_queries, guide_docs, options, settings):
+        need_grad = any(ctx.needs_input_grad[:3])
+        loss, gq, gd, gaq = _run(queries, docs, all_queries, guide_queries, guide_docs, options, need_grad,
+                                 **settings)
+        if need_grad:
+            ctx.save_for_backward(gq.to(queries.dtype), gd.to(docs.dtype),
+                                  None if gaq is None else gaq.to(all_queries.dtype))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        gq, gd, gaq = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (gq, gd, gaq)]
+        return (*scaled, None, None, None, None)
+
+
+_SETTINGS = ("backend", "memory_budget", "chunk_size", "show_progress_bar")
+
+
+def _parse(kwargs: dict) -> tuple[ContrastiveOptions, dict]:
+    """Split keyword arguments into validated options and run settings."""
+    settings = {k: kwargs.pop(k, None) for k in _SETTINGS}
+    settings["show_progress_bar"] = bool(settings["show_progress_bar"])
+    unknown = set(kwargs) - set(ContrastiveOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown argument(s) {sorted(unknown)}; options are "
+                        f"{list(ContrastiveOptions.__dataclass_fields__)} and settings {list(_SETTINGS)}")
+    return ContrastiveOptions(**kwargs), settings
+
+
+def contrastive_loss(
+    queries: Tensor,
+    docs: Tensor,
+    *,
+    all_queries: Tensor | None = None,
+    guide_queries: Tensor | None = None,
+    guide_docs: Tensor | None = None,
+    **options,
+) -> Tensor:
+    """The in-batch contrastive loss of sentence-transformers' MultipleNegativesRankingLoss (and GISTEmbedLoss
+    with ``guide_*``), differentiable w.r.t. ``queries``, ``docs`` and ``all_queries``.
+
+    Args:
+        queries: [B, D] the loss rows (this process's anchors).
+        docs: [N, D] candidates laid out column-major, N = C·P (all P positives, then each hard-negative
+            column), or [C, P, D]. The positive of row i is docs[offset + i].
+        all_queries: [P, D] every query of the gathered batch (``all_queries[offset + i]`` is ``queries[i]``);
+            the columns of query_to_query and doc_to_query. Default: the queries themselves (P = B).
+        guide_queries, guide_docs: guide-model embeddings laid out like ``queries`` and ``docs``: GIST
+            false-negative masking (see the module docstring). Never differentiated.
+
+    Options (keywords, see :class:`ContrastiveOptions`):
+        scale=20.0: logit = scale · similarity (1 / temperature).
+        similarity="cos": "cos" (cosine, as sentence-transformers' cos_sim) or "dot".
+        directions=("query_to_doc",): subset of query_to_doc (required), query_to_query, doc_to_query,
+            doc_to_doc.
+        partition_mode="joint": "joint" (one softmax over every direction) or "per_direction" (mean of the
+            per-direction log-partitions).
+        hardness_mode=None, hardness_strength=0.0: add hardness_strength · stopgrad(s) to the query_to_doc logits
+            of in-batch negatives ("in_batch_negatives"), own hard negatives ("hard_negatives") or every negative
+            ("all_negatives").
+        offset=0: column of row 0's positive among the positives (rank · B when gathered across devices).
+        margin=0.0, margin_strategy="absolute": the guide's false-negative margin, "absolute" or "relative".
+
+    Settings (keywords):
+        backend=None: "auto", "cpu", "torch", "cuda" or "triton"; None reads ``FASTCACHE_BACKEND`` (default auto).
+        memory_budget=None: workspace bytes (None reads ``FASTCACHE_MEMORY_BUDGET``, default 256 MiB); it sets
+            the rows per chunk.
+        chunk_size=None: rows per chunk, overriding the budget.
+        show_progress_bar=False: a tqdm bar over the chunks.
+
+    Returns: the mean loss, a 0-d float32 tensor (float64 for float64 inputs).
+    """
+    options, settings = _parse(options)
+    return _ContrastiveLossFunction.apply(queries, docs, all_queries, guide_queries, guide_docs, options, settings)
+
+
+def contrastive_loss_and_grad(
+    queries: Tensor,
+    docs: Tensor,
+    *,
+    all_queries: Tensor | None = None,
+    guide_queries: Tensor | None = None,
+    guide_docs: Tensor | None = None,
+    **options,
+) -> ContrastiveLossAndGrad:
+    """:func:`contrastive_loss` and its gradients w.r.t. the embeddings in one pass, without an autograd graph
+    (what gradient caching consumes). Same arguments; gradients come in the inputs' dtypes and shapes."""
+    options, settings = _parse(options)
+    inputs = [t.detach() if isinstance(t, Tensor) else t for t in (queries, docs, all_queries, guide_queries, guide_docs)]
+    with torch.no_grad():
+        loss, gq, gd, gaq = _run(*inputs, options, True, **settings)
+    return ContrastiveLossAndGrad(loss, gq.to(queries.dtype), gd.to(docs.dtype),
+                                  None if gaq is None else gaq.to(all_queries.dtype))

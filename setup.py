@@ -33,7 +33,7 @@ def _extensions():
     with_cuda = cuda_switch != "0" and cuda_possible and bool(cuda_sources)
 
     sources = ["csrc/binding.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] + os.environ.get("FASTCACHE_CXXFLAGS", "").split()
     if with_cuda:
         ext = CUDAExtension(
             "fastcache._C",

@@ -15,10 +15,20 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 namespace fastcache {
 namespace {
+
+#define FASTCACHE_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTCACHE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTCACHE_SIMD_CLONES
+#endif
 
 enum Kind { kQueryToDoc = 0, kQueryToQuery = 1, kDocToQuery = 2, kDocToDoc = 3 };
 enum Hardness { kNoHardness = 0, kInBatchNegatives = 1, kHardNegatives = 2, kAllNegatives = 3 };
@@ -38,98 +48,165 @@ struct Params {
   bool joint, compute_grad;
 };
 
-// Whether the hardness penalty applies to query_to_doc column j of a row whose positive is column pos.
-inline bool penalised(int64_t j, int64_t pos, int64_t P, int64_t mode) {
-  const bool own = (j % P) == pos;  // the row's own positive or one of its own hard negatives
-  switch (mode) {
-    case kInBatchNegatives: return !own;
-    case kHardNegatives: return own && j >= P;
-    case kAllNegatives: return j != pos;
-    default: return false;
-  }
+// exp for a vectorised loop: exp(x) = 2^k · e^r, r = x - k·ln2 in [-ln2/2, ln2/2], e^r by the Cephes
+// degree-5 polynomial (about 1 ulp); 0 below -87 (x <= 0 here: logits minus their maximum).
+FASTCACHE_INLINE float exp_le0(float x) {
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5·2^23 trick)
+  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float two_k = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  return x < -87.0f ? 0.0f : p * two_k;
+}
+FASTCACHE_INLINE double exp_le0(double x) { return std::exp(x); }
+
+// Sum and maximum of x[0..n) in 8 independent lanes, so that the compiler vectorises them without reassociating.
+template <typename T>
+FASTCACHE_INLINE double sum_lanes(const T* x, int64_t n) {
+  T lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lane[l] += x[j + l];
+  double sum = 0.0;
+  for (int l = 0; l < 8; ++l) sum += lane[l];
+  for (; j < n; ++j) sum += x[j];
+  return sum;
 }
 
-// Rewrites one block row into logits (scaled, penalised, masked) and returns its maximum.
 template <typename T>
-T block_logits(const Block<T>& b, int64_t r, int64_t pos, int64_t own_query, T threshold, const Params& p) {
+FASTCACHE_INLINE T max_lanes(const T* x, int64_t n) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  T lane[8] = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
+  T m = ninf;
+  for (int l = 0; l < 8; ++l) m = lane[l] > m ? lane[l] : m;
+  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// Rewrites one block row from similarities into logits (scaled, penalised, masked) and returns its maximum.
+template <typename T>
+FASTCACHE_INLINE T block_logits(const Block<T>& b, int64_t r, int64_t pos, int64_t own_query, T threshold, const Params& p,
+               std::vector<T>& own) {
   T* x = b.s + r * b.ld;
   const T* g = b.g ? b.g + r * b.ldg : nullptr;
   const T scale = static_cast<T>(p.scale), alpha = static_cast<T>(p.hardness_strength);
   const T ninf = -std::numeric_limits<T>::infinity();
-  const int64_t P = p.num_positives;
-  for (int64_t j = 0; j < b.n; ++j) {
-    const T s = x[j];
-    T l = s * scale;
-    switch (b.kind) {
-      case kQueryToDoc:
-        if (p.hardness_mode != kNoHardness && penalised(j, pos, P, p.hardness_mode)) l += alpha * s;
-        if (g && j != pos && g[j] > threshold) l = ninf;
-        break;
-      case kQueryToQuery:
-        if (g ? g[j] > threshold : j == own_query) l = ninf;
-        break;
-      case kDocToDoc:
-        if (g ? g[j] > threshold : (j % P) == pos) l = ninf;
-        break;
-      case kDocToQuery:
-        break;
+  const int64_t n = b.n, P = p.num_positives;
+  if (b.kind == kQueryToDoc && p.hardness_mode != kNoHardness) {
+    // own columns pos + c·P hold the positive (c = 0) and the row's own hard negatives (c >= 1)
+    own.clear();
+    for (int64_t j = pos; j < n; j += P) own.push_back(x[j]);
+    if (p.hardness_mode == kHardNegatives) {
+      for (int64_t j = 0; j < n; ++j) x[j] *= scale;
+    } else {
+      for (int64_t j = 0; j < n; ++j) x[j] = x[j] * scale + alpha * x[j];
     }
-    x[j] = l;
+    for (int64_t c = 0, j = pos; j < n; ++c, j += P) {
+      const bool penalised = p.hardness_mode != kInBatchNegatives && c > 0;
+      x[j] = penalised ? own[c] * scale + alpha * own[c] : own[c] * scale;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] *= scale;
   }
-  T m = ninf;
-  for (int64_t j = 0; j < b.n; ++j) m = x[j] > m ? x[j] : m;
+  if (g) {
+    const T keep = b.kind == kQueryToDoc ? x[pos] : T(0);  // the positive is never masked
+    for (int64_t j = 0; j < n; ++j) x[j] = g[j] > threshold ? ninf : x[j];
+    if (b.kind == kQueryToDoc) x[pos] = keep;
+  } else if (b.kind == kQueryToQuery) {
+    x[own_query] = ninf;
+  } else if (b.kind == kDocToDoc) {
+    for (int64_t j = pos; j < n; j += P) x[j] = ninf;
+  }
+  const T m = max_lanes(x, n);
   return m;
 }
 
-// log(sum_j exp(x_j)) of one block row of logits with maximum m (-inf when every column is masked).
+// Replaces one block row of logits with max m by exp(x - m) and returns log(sum_j exp(x_j)) (-inf if all masked).
 template <typename T>
-double block_logsumexp(const Block<T>& b, int64_t r, T m) {
+FASTCACHE_INLINE double block_logsumexp(const Block<T>& b, int64_t r, T m) {
   if (m == -std::numeric_limits<T>::infinity()) return -std::numeric_limits<double>::infinity();
-  const T* x = b.s + r * b.ld;
-  double sum = 0.0;
-  for (int64_t j = 0; j < b.n; ++j) sum += std::exp(x[j] - m);
+  T* x = b.s + r * b.ld;
+  for (int64_t j = 0; j < b.n; ++j) x[j] = exp_le0(x[j] - m);
+  const double sum = sum_lanes(x, b.n);
   return static_cast<double>(m) + std::log(sum);
+}
+
+// The epilogue of rows [begin, end): logits, log-partitions, losses and, in place, dL/ds.
+template <typename T>
+FASTCACHE_INLINE void epilogue_rows(Block<T>* blocks, int nblocks, int64_t begin, int64_t end, const Params& p,
+                                    T* loss) {
+  const double inv_b = 1.0 / static_cast<double>(p.batch_size);
+  double lse[4];
+  double pos_logit = 0.0;
+  std::vector<T> own;  // scratch: a row's own query_to_doc columns
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t i = p.row0 + r;
+    const int64_t pos = p.offset + i;
+    const int64_t own_query = p.own_query_offset + i;
+    T threshold = T(0);
+    if (blocks[0].g) {
+      const T guide_pos = blocks[0].g[r * blocks[0].ldg + pos];
+      threshold = p.margin_strategy == 0 ? guide_pos - static_cast<T>(p.margin)
+                                         : guide_pos - std::abs(guide_pos) * static_cast<T>(p.margin);
+    }
+    double joint_max = -std::numeric_limits<double>::infinity();
+    double block_max[4];
+    for (int k = 0; k < nblocks; ++k) {
+      const T m = block_logits(blocks[k], r, pos, own_query, threshold, p, own);
+      block_max[k] = m;
+      if (k == 0) pos_logit = blocks[0].s[r * blocks[0].ld + pos];
+      lse[k] = block_logsumexp(blocks[k], r, m);
+      joint_max = lse[k] > joint_max ? lse[k] : joint_max;
+    }
+    double joint_lse = 0.0, mean_lse = 0.0;
+    for (int k = 0; k < nblocks; ++k) {
+      joint_lse += std::exp(lse[k] - joint_max);
+      mean_lse += lse[k];
+    }
+    joint_lse = joint_max + std::log(joint_lse);
+    mean_lse /= nblocks;
+    loss[r] = static_cast<T>((p.joint ? joint_lse : mean_lse) - pos_logit);
+    if (!p.compute_grad) continue;
+    // the rows hold exp(logit - block max): dL/ds = scale · coef · exp(block max - log partition) · row
+    for (int k = 0; k < nblocks; ++k) {
+      const Block<T>& b = blocks[k];
+      const double coef = p.scale * inv_b / (p.joint ? 1 : nblocks);
+      const double log_partition = p.joint ? joint_lse : lse[k];
+      const T factor = static_cast<T>(block_max[k] == -std::numeric_limits<double>::infinity()
+                                          ? 0.0 : coef * std::exp(block_max[k] - log_partition));
+      T* x = b.s + r * b.ld;
+      for (int64_t j = 0; j < b.n; ++j) x[j] *= factor;
+    }
+    blocks[0].s[r * blocks[0].ld + pos] -= static_cast<T>(p.scale * inv_b);
+  }
+}
+
+// Compiled once per instruction set (AVX-512, AVX2, baseline) and picked at load time on x86-64.
+FASTCACHE_SIMD_CLONES void epilogue_rows_float(Block<float>* blocks, int nblocks, int64_t begin, int64_t end,
+                                               const Params& p, float* loss) {
+  epilogue_rows(blocks, nblocks, begin, end, p, loss);
+}
+
+void epilogue_rows_double(Block<double>* blocks, int nblocks, int64_t begin, int64_t end, const Params& p,
+                          double* loss) {
+  epilogue_rows(blocks, nblocks, begin, end, p, loss);
 }
 
 template <typename T>
 void epilogue(Block<T>* blocks, int nblocks, int64_t rows, const Params& p, T* loss) {
-  const double inv_b = 1.0 / static_cast<double>(p.batch_size);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    double lse[4];
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t i = p.row0 + r;
-      const int64_t pos = p.offset + i;
-      const int64_t own_query = p.own_query_offset + i;
-      T threshold = T(0);
-      if (blocks[0].g) {
-        const T guide_pos = blocks[0].g[r * blocks[0].ldg + pos];
-        threshold = p.margin_strategy == 0 ? guide_pos - static_cast<T>(p.margin)
-                                           : guide_pos - std::abs(guide_pos) * static_cast<T>(p.margin);
-      }
-      double joint_max = -std::numeric_limits<double>::infinity();
-      for (int k = 0; k < nblocks; ++k) {
-        const T m = block_logits(blocks[k], r, pos, own_query, threshold, p);
-        lse[k] = block_logsumexp(blocks[k], r, m);
-        joint_max = lse[k] > joint_max ? lse[k] : joint_max;
-      }
-      const double pos_logit = blocks[0].s[r * blocks[0].ld + pos];
-      double joint_lse = 0.0, mean_lse = 0.0;
-      for (int k = 0; k < nblocks; ++k) {
-        joint_lse += std::exp(lse[k] - joint_max);
-        mean_lse += lse[k];
-      }
-      joint_lse = joint_max + std::log(joint_lse);
-      mean_lse /= nblocks;
-      loss[r] = static_cast<T>((p.joint ? joint_lse : mean_lse) - pos_logit);
-      if (!p.compute_grad) continue;
-      for (int k = 0; k < nblocks; ++k) {
-        const Block<T>& b = blocks[k];
-        const T base = static_cast<T>(p.joint ? joint_lse : lse[k]);
-        const T coef = static_cast<T>(p.scale * inv_b / (p.joint ? 1 : nblocks));
-        T* x = b.s + r * b.ld;
-        for (int64_t j = 0; j < b.n; ++j) x[j] = coef * std::exp(x[j] - base);
-      }
-      blocks[0].s[r * blocks[0].ld + pos] -= static_cast<T>(p.scale * inv_b);
+    if constexpr (std::is_same_v<T, float>) {
+      epilogue_rows_float(blocks, nblocks, begin, end, p, loss);
+    } else {
+      epilogue_rows_double(blocks, nblocks, begin, end, p, loss);
     }
   });
 }

@@ -26,6 +26,7 @@ Memory O(chunk·(N + Mq)) on top of O((B + N + Mq)·D), the chunk chosen from a 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -224,20 +225,27 @@ def _normalized_backward(grad: Tensor, normalized: Tensor, norm: Tensor | None) 
     return (grad - normalized * radial) / norm.clamp_min(NORMALIZE_EPS)
 
 
-def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, guided: bool, budget: int,
+def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered: bool, guide_dim: int, budget: int,
                itemsize: int) -> int:
     """Rows per chunk so that the slab workspace stays within ``budget`` bytes.
 
-    The fixed part holds the normalised copies and gradient accumulators (O((B + N + Mq)·D)); each chunk row
-    costs one compute-dtype value per block column, twice with a guide. At least one row.
+    The fixed part holds the normalised copies and the gradient accumulators of queries, docs and (when
+    gathered) all_queries, plus the guide copies: O((B + N + Mq)·D). Each chunk row costs one value per block
+    column, twice with a guide. At least one row; a budget that leaves fewer than 16 rows warns (slow).
     """
-    n, mq = layout.candidates, layout.query_columns
+    n = layout.candidates
+    mq = layout.query_columns
     width = {"query_to_doc": n, "query_to_query": mq, "doc_to_query": mq, "doc_to_doc": n}
-    if guided:
+    if guide_dim:
         width.update(query_to_query=layout.rows, doc_to_doc=layout.positives)
-    per_row = sum(width[d] for d in options.directions) * itemsize * (2 if guided else 1)
-    fixed = 2 * (layout.rows + n + mq) * layout.dim * itemsize
-    return max(1, min(layout.rows, (budget - fixed) // per_row))
+    per_row = sum(width[d] for d in options.directions) * itemsize * (2 if guide_dim else 1)
+    fixed = (2 * (layout.rows + n + (mq if gathered else 0)) * layout.dim + (layout.rows + n) * guide_dim) * itemsize
+    rows = min(layout.rows, max(1, (budget - fixed) // per_row))
+    if rows < min(16, layout.rows):
+        warnings.warn(
+            f"fastcache: memory_budget={budget} bytes leaves {rows} row(s) per chunk (fixed workspace {fixed} bytes, "
+            f"{per_row} bytes per row); raise it (FASTCACHE_MEMORY_BUDGET) for speed", RuntimeWarning, stacklevel=4)
+    return rows
 
 
 def _slab(queries, docs, all_queries, guide_queries, guide_docs, options: ContrastiveOptions,
@@ -316,7 +324,8 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, options, need_gr
     itemsize = 8 if queries.dtype == torch.float64 else 4
     if chunk_size is None:
         budget = _backend.memory_budget(memory_budget)
-        chunk = chunk_rows(layout, options, guide_queries is not None, budget, itemsize)
+        guide_dim = 0 if guide_queries is None else guide_queries.size(1)
+        chunk = chunk_rows(layout, options, all_queries is not None, guide_dim, budget, itemsize)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     else:

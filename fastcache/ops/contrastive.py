@@ -209,20 +209,21 @@ def check_inputs(
 
 
 def _normalized(x: Tensor, dtype: torch.dtype, cosine: bool) -> tuple[Tensor, Tensor | None]:
-    """x in the compute dtype, L2-normalised per row when ``cosine`` (as F.normalize), and the row norms."""
-    x = x.to(dtype)
+    """x in the compute dtype, L2-normalised per row when ``cosine`` (as F.normalize), and the row norms.
+    At most one copy of x is made."""
     if not cosine:
-        return x.contiguous(), None
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    return x / norm.clamp_min(NORMALIZE_EPS), norm
+        return x.to(dtype).contiguous(), None
+    y = x.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+    return y.div_(norm.clamp_min(NORMALIZE_EPS)), norm
 
 
-def _normalized_backward(grad: Tensor, normalized: Tensor, norm: Tensor | None) -> Tensor:
-    """dL/dx from dL/dx̂ for x̂ = x / max(‖x‖, eps): (g - x̂·(x̂ᵀg)) / ‖x‖, or g / eps below eps."""
+def _normalized_backward_(grad: Tensor, normalized: Tensor, norm: Tensor | None) -> Tensor:
+    """dL/dx from dL/dx̂ (overwriting ``grad``) for x̂ = x / max(‖x‖, eps): (g - x̂·(x̂ᵀg)) / ‖x‖, g / eps below eps."""
     if norm is None:
         return grad
-    radial = (normalized * grad).sum(dim=1, keepdim=True) * (norm > NORMALIZE_EPS)
-    return (grad - normalized * radial) / norm.clamp_min(NORMALIZE_EPS)
+    radial = torch.linalg.vecdot(normalized, grad, dim=1).unsqueeze(1) * (norm > NORMALIZE_EPS)
+    return grad.addcmul_(normalized, radial, value=-1).div_(norm.clamp_min(NORMALIZE_EPS))
 
 
 def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered: bool, guide_dim: int, budget: int,
@@ -309,11 +310,12 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, options: Contra
             grad_d[off + r0:off + r1].addmm_(out["doc_to_doc"], dd_cols)
             grad_d[:dd_cols.size(0)].addmm_(out["doc_to_doc"].T, pc)
     loss = loss / B
+    del blocks, guides, out, gout  # free the slab before the normalisation backward
     if not need_grad:
         return loss, None, None, None
-    grad_queries = _normalized_backward(grad_q, q, q_norm)
-    grad_docs = _normalized_backward(grad_d, d, d_norm).view(docs.shape)
-    grad_all = _normalized_backward(grad_Q, Q, Q_norm) if gathered else None
+    grad_queries = _normalized_backward_(grad_q, q, q_norm)
+    grad_docs = _normalized_backward_(grad_d, d, d_norm).view(docs.shape)
+    grad_all = _normalized_backward_(grad_Q, Q, Q_norm) if gathered else None
     return loss, grad_queries, grad_docs, grad_all
 
 

@@ -1,0 +1,61 @@
+"""Session fixtures shared by the test suite: tiny SentenceTransformer models built offline.
+
+No Hugging Face Hub access anywhere: the models are random BERTs written to a temporary folder (the recipe of
+/work/shared/NOTES.md) and loaded back with ``SentenceTransformer(path)`` (Transformer + mean pooling).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / sentence-transformers are imported
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+_WORDS = ["the", "a", "query", "document", "cat", "dog", "sun", "car", "work", "weather", "nice", "today"]
+
+
+def build_tiny_bert(folder, seed: int, hidden_size: int = 32):
+    """Write a random 2-layer BERT and its tokenizer into ``folder``; return ``SentenceTransformer(folder)``
+    in eval mode (dropout off, so repeated encodings are identical)."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _SPECIAL_TOKENS + _LETTERS + [f"##{c}" for c in _LETTERS] + _WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        BertModel(config).save_pretrained(str(folder))
+    finally:
+        torch.random.set_rng_state(state)
+    tokenizer.save_pretrained(str(folder))
+    model = SentenceTransformer(str(folder), device="cpu")
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random SentenceTransformer (BERT, 32 dims, mean pooling), built offline, seed 0."""
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_guide_model(tmp_path_factory):
+    """A second tiny SentenceTransformer with the same tokenizer and a different seed (a GIST guide)."""
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny_guide_model"), seed=1)

@@ -1,0 +1,178 @@
+"""Shared test helpers: seeded embedding batches, NaN-padded strided views, the op and its dense reference run
+side by side, and the per-dtype tolerances of the low-precision comparisons.
+
+Low-precision tolerance (``assert_no_worse_than_reference``). The truth is the dense reference in float64 on the
+low-precision inputs cast to float64 (so the inputs are the same numbers). For each output (the loss and every
+gradient) the error is the largest absolute difference from the truth, and we require
+
+    error(ours) <= FACTOR * error(reference in the low dtype) + ATOL_ULPS[dtype] * eps(dtype) * max|truth|
+
+The reference computes everything (similarities, softmax, autograd) in the low dtype, as sentence-transformers
+does, so its error is what a user gets today; ours may be at most twice that, plus a few rounding units of the
+output dtype at the output's magnitude (ours rounds its float32 gradients to the input dtype once, which the
+reference's error does not always cover when the reference happens to be lucky on a small case).
+
+    dtype      eps(dtype)   ATOL_ULPS   absolute slack (x max|truth|)
+    float32    1.19e-07     4           4.8e-07
+    bfloat16   7.81e-03     1           7.8e-03
+    float16    9.77e-04     1           9.8e-04
+
+The loss of a low-precision call is float32 (eps 1.19e-07) whatever the input dtype, so its slack uses float32's
+eps with ATOL_ULPS[float32].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastcache import contrastive_loss, contrastive_loss_and_grad
+from fastcache.reference import contrastive_loss_reference
+
+DIFFERENTIABLE = ("queries", "docs", "all_queries")
+GUIDES = ("guide_queries", "guide_docs")
+FACTOR = 2.0
+ATOL_ULPS = {torch.float32: 4.0, torch.bfloat16: 1.0, torch.float16: 1.0}
+FLOAT64_TOL = {"rtol": 1e-10, "atol": 1e-10}
+
+
+def make_batch(
+    rows: int,
+    dim: int,
+    *,
+    columns: int = 1,
+    positives: int | None = None,
+    offset: int = 0,
+    gathered: bool = False,
+    docs_3d: bool = False,
+    guide_dim: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    noise: float = 0.7,
+    norm: float = 1.0,
+) -> dict[str, Tensor]:
+    """A seeded batch, keyed by the op's argument names.
+
+    ``positives`` (P, default ``rows``) queries Q exist globally; this process's ``rows`` queries are
+    Q[offset:offset+rows]. Candidates: the P positives (Q_k plus noise, so the positive is usually but not always
+    the best match), then ``columns - 1`` random hard-negative columns. ``gathered`` adds ``all_queries`` = Q;
+    ``docs_3d`` gives docs as [C, P, D] (else [C*P, D], column-major). ``guide_dim`` adds guide embeddings built
+    the same way (a second, correlated "model"). ``norm`` scales every vector (large-logit tests)."""
+    P = rows if positives is None else positives
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    Q = randn(P, dim)
+    cand = torch.cat([Q + noise * randn(P, dim)] + [randn(P, dim) for _ in range(columns - 1)])
+    Q, cand = Q * norm, cand * norm
+    batch = {"queries": Q[offset:offset + rows].clone(), "docs": cand.view(columns, P, dim) if docs_3d else cand}
+    if gathered:
+        batch["all_queries"] = Q.clone()
+    if guide_dim is not None:
+        gQ = Q[:, :1].expand(P, guide_dim) * 0.3 + randn(P, guide_dim)
+        gcand = torch.cat([gQ + noise * randn(P, guide_dim)] + [randn(P, guide_dim) for _ in range(columns - 1)])
+        batch["guide_queries"] = gQ[offset:offset + rows].clone()
+        batch["guide_docs"] = gcand.view(columns, P, guide_dim) if docs_3d else gcand
+    return {k: v.to(dtype).contiguous() for k, v in batch.items()}
+
+
+def cast(batch: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    return {k: v.to(dtype) for k, v in batch.items()}
+
+
+def nan_padded(t: Tensor, layout: str) -> Tensor:
+    """A non-contiguous view holding ``t``'s values inside a bigger NaN-filled buffer.
+
+    layout: "slice" (a window of a bigger buffer), "transposed" (last two dims stored transposed),
+    "every_other_row" (rows at stride 2 along dim -2, NaN between), "every_other_col" (stride 2 along the
+    last dim, NaN between)."""
+    nan = float("nan")
+    lead = t.shape[:-2]
+    n, d = t.shape[-2:]
+    if layout == "slice":
+        big = torch.full((*[s + 1 for s in lead], n + 3, d + 5), nan, dtype=t.dtype)
+        view = big[(*[slice(1, 1 + s) for s in lead], slice(2, 2 + n), slice(1, 1 + d))]
+    elif layout == "transposed":
+        big = torch.full((*lead, d + 2, n + 3), nan, dtype=t.dtype)
+        view = big[..., 1:1 + d, :n].transpose(-1, -2)
+    elif layout == "every_other_row":
+        big = torch.full((*lead, 2 * n, d), nan, dtype=t.dtype)
+        view = big[..., ::2, :]
+    elif layout == "every_other_col":
+        big = torch.full((*lead, n, 2 * d), nan, dtype=t.dtype)
+        view = big[..., 1::2]
+    else:
+        raise ValueError(layout)
+    view.copy_(t)
+    assert not view.is_contiguous() or t.numel() <= 1
+    assert torch.equal(view, t)
+    return view
+
+
+def _leaves(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: (v.detach().clone().requires_grad_() if k in DIFFERENTIABLE else v) for k, v in batch.items()}
+
+
+def _split(batch):
+    rest = {k: v for k, v in batch.items() if k not in ("queries", "docs")}
+    return batch["queries"], batch["docs"], rest
+
+
+def reference_loss_and_grads(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
+    """The dense reference's loss and its autograd gradients (in the batch's dtype)."""
+    leaves = _leaves(batch)
+    q, d, rest = _split(leaves)
+    loss = contrastive_loss_reference(q, d, **rest, **options)
+    loss.backward()
+    return loss.detach(), {k: leaves[k].grad for k in DIFFERENTIABLE if k in leaves}
+
+
+def op_autograd(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
+    """fastcache.contrastive_loss and the gradients autograd gives its inputs."""
+    leaves = _leaves(batch)
+    q, d, rest = _split(leaves)
+    loss = contrastive_loss(q, d, **rest, **options)
+    loss.backward()
+    return loss.detach(), {k: leaves[k].grad for k in DIFFERENTIABLE if k in leaves}
+
+
+def op_loss_and_grad(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
+    """fastcache.contrastive_loss_and_grad, its gradients keyed like the batch."""
+    q, d, rest = _split(batch)
+    out = contrastive_loss_and_grad(q, d, **rest, **options)
+    grads = {"queries": out.grad_queries, "docs": out.grad_docs}
+    if "all_queries" in batch:
+        grads["all_queries"] = out.grad_all_queries
+    else:
+        assert out.grad_all_queries is None
+    return out.loss, grads
+
+
+OP_PATHS = {"autograd": op_autograd, "loss_and_grad": op_loss_and_grad}
+
+
+def assert_matches(actual: tuple[Tensor, dict], expected: tuple[Tensor, dict], **tol) -> None:
+    """Loss and every gradient close (float64 tolerances by default); shapes and dtypes equal."""
+    tol = tol or FLOAT64_TOL
+    (loss, grads), (ref_loss, ref_grads) = actual, expected
+    torch.testing.assert_close(loss, ref_loss, **tol, msg=lambda m: f"loss: {m}")
+    assert grads.keys() == ref_grads.keys()
+    for k in ref_grads:
+        assert grads[k].shape == ref_grads[k].shape, k
+        torch.testing.assert_close(grads[k], ref_grads[k], **tol, msg=lambda m, k=k: f"grad {k}: {m}")
+
+
+def max_error(x: Tensor, truth: Tensor) -> float:
+    return (x.double() - truth.double()).abs().max().item()
+
+
+def assert_no_worse_than_reference(name: str, ours: Tensor, reference: Tensor, truth: Tensor,
+                                   dtype: torch.dtype) -> None:
+    """error(ours) <= FACTOR * error(reference) + ATOL_ULPS[dtype] * eps(dtype) * max|truth| (module docstring)."""
+    slack = ATOL_ULPS[dtype] * torch.finfo(dtype).eps * max(truth.abs().max().item(), 1e-30)
+    ours_error, ref_error = max_error(ours, truth), max_error(reference, truth)
+    assert ours_error <= FACTOR * ref_error + slack, (
+        f"{name}: error {ours_error:.3e} vs reference {ref_error:.3e} in {dtype} (allowed "
+        f"{FACTOR} x {ref_error:.3e} + {slack:.3e})")

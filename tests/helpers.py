@@ -3,22 +3,22 @@ side by side, and the per-dtype tolerances of the low-precision comparisons.
 
 Low-precision tolerance (``assert_no_worse_than_reference``). The truth is the dense reference in float64 on the
 low-precision inputs cast to float64 (so the inputs are the same numbers). For each output (the loss and every
-gradient) the error is the largest absolute difference from the truth, and we require
+gradient) the error of one batch is the largest absolute difference from the truth divided by the truth's largest
+magnitude; it is averaged over a few seeded batches (one batch's reference error is itself a random variable:
+the reference can be lucky by 5x on one seed, which made single-batch ratios flaky). We require
 
-    error(ours) <= FACTOR * error(reference in the low dtype) + ATOL_ULPS[dtype] * eps(dtype) * max|truth|
+    mean error(ours) <= FACTOR * mean error(reference in the low dtype) + ATOL_ULPS[dtype] * eps(dtype)
 
 The reference computes everything (similarities, softmax, autograd) in the low dtype, as sentence-transformers
 does, so its error is what a user gets today; ours may be at most twice that, plus a few rounding units of the
-output dtype at the output's magnitude (ours rounds its float32 gradients to the input dtype once, which the
-reference's error does not always cover when the reference happens to be lucky on a small case).
+output dtype (ours rounds its float32 gradients to the input dtype once).
 
-    dtype      eps(dtype)   ATOL_ULPS   absolute slack (x max|truth|)
+    dtype      eps(dtype)   ATOL_ULPS   relative slack
     float32    1.19e-07     4           4.8e-07
     bfloat16   7.81e-03     1           7.8e-03
     float16    9.77e-04     1           9.8e-04
 
-The loss of a low-precision call is float32 (eps 1.19e-07) whatever the input dtype, so its slack uses float32's
-eps with ATOL_ULPS[float32].
+The loss of a low-precision call is float32 whatever the input dtype, so the loss always gets float32's slack.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from fastcache import contrastive_loss, contrastive_loss_and_grad
 from fastcache.reference import contrastive_loss_reference
 
 DIFFERENTIABLE = ("queries", "docs", "all_queries")
-GUIDES = ("guide_queries", "guide_docs")
+SETTINGS = ("backend", "memory_budget", "chunk_size", "show_progress_bar")
 FACTOR = 2.0
 ATOL_ULPS = {torch.float32: 4.0, torch.bfloat16: 1.0, torch.float16: 1.0}
 FLOAT64_TOL = {"rtol": 1e-10, "atol": 1e-10}
@@ -48,16 +48,19 @@ def make_batch(
     guide_dim: int | None = None,
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
-    noise: float = 0.7,
+    noise: float = 2.0,
+    guide_noise: float = 0.7,
     norm: float = 1.0,
 ) -> dict[str, Tensor]:
     """A seeded batch, keyed by the op's argument names.
 
     ``positives`` (P, default ``rows``) queries Q exist globally; this process's ``rows`` queries are
     Q[offset:offset+rows]. Candidates: the P positives (Q_k plus noise, so the positive is usually but not always
-    the best match), then ``columns - 1`` random hard-negative columns. ``gathered`` adds ``all_queries`` = Q;
-    ``docs_3d`` gives docs as [C, P, D] (else [C*P, D], column-major). ``guide_dim`` adds guide embeddings built
-    the same way (a second, correlated "model"). ``norm`` scales every vector (large-logit tests)."""
+    the best match), then ``columns - 1`` random hard-negative columns. Sizes in the tests are small, so
+    ``noise`` = 2 keeps the positive from winning by so much that the loss and its gradients vanish.
+    ``gathered`` adds ``all_queries`` = Q; ``docs_3d`` gives docs as [C, P, D] (else [C*P, D], column-major).
+    ``guide_dim`` adds guide embeddings built the same way (a second "model"; ``guide_noise`` = 0.7 makes it a
+    stronger one, so that its masking is partial). ``norm`` scales every vector (large-logit tests)."""
     P = rows if positives is None else positives
     g = torch.Generator().manual_seed(seed)
 
@@ -72,7 +75,7 @@ def make_batch(
         batch["all_queries"] = Q.clone()
     if guide_dim is not None:
         gQ = Q[:, :1].expand(P, guide_dim) * 0.3 + randn(P, guide_dim)
-        gcand = torch.cat([gQ + noise * randn(P, guide_dim)] + [randn(P, guide_dim) for _ in range(columns - 1)])
+        gcand = torch.cat([gQ + guide_noise * randn(P, guide_dim)] + [randn(P, guide_dim) for _ in range(columns - 1)])
         batch["guide_queries"] = gQ[offset:offset + rows].clone()
         batch["guide_docs"] = gcand.view(columns, P, guide_dim) if docs_3d else gcand
     return {k: v.to(dtype).contiguous() for k, v in batch.items()}
@@ -121,7 +124,9 @@ def _split(batch):
 
 
 def reference_loss_and_grads(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
-    """The dense reference's loss and its autograd gradients (in the batch's dtype)."""
+    """The dense reference's loss and its autograd gradients (in the batch's dtype); the op's run settings
+    (backend, chunk_size, ...) are accepted and ignored, so one options dict serves both."""
+    options = {k: v for k, v in options.items() if k not in SETTINGS}
     leaves = _leaves(batch)
     q, d, rest = _split(leaves)
     loss = contrastive_loss_reference(q, d, **rest, **options)
@@ -160,6 +165,8 @@ def assert_matches(actual: tuple[Tensor, dict], expected: tuple[Tensor, dict], *
     torch.testing.assert_close(loss, ref_loss, **tol, msg=lambda m: f"loss: {m}")
     assert grads.keys() == ref_grads.keys()
     for k in ref_grads:
+        if ref_grads[k] is None:  # the reference never used this input (all_queries without qq/dq): zero
+            ref_grads = dict(ref_grads, **{k: torch.zeros_like(grads[k])})
         assert grads[k].shape == ref_grads[k].shape, k
         torch.testing.assert_close(grads[k], ref_grads[k], **tol, msg=lambda m, k=k: f"grad {k}: {m}")
 
@@ -168,11 +175,18 @@ def max_error(x: Tensor, truth: Tensor) -> float:
     return (x.double() - truth.double()).abs().max().item()
 
 
-def assert_no_worse_than_reference(name: str, ours: Tensor, reference: Tensor, truth: Tensor,
+def relative_error(x: Tensor, truth: Tensor) -> float:
+    """Largest absolute error over the truth's largest magnitude."""
+    return max_error(x, truth) / max(truth.abs().max().item(), 1e-30)
+
+
+def assert_no_worse_than_reference(name: str, ours: list[Tensor], reference: list[Tensor], truth: list[Tensor],
                                    dtype: torch.dtype) -> None:
-    """error(ours) <= FACTOR * error(reference) + ATOL_ULPS[dtype] * eps(dtype) * max|truth| (module docstring)."""
-    slack = ATOL_ULPS[dtype] * torch.finfo(dtype).eps * max(truth.abs().max().item(), 1e-30)
-    ours_error, ref_error = max_error(ours, truth), max_error(reference, truth)
+    """mean relative error(ours) <= FACTOR * mean relative error(reference) + ATOL_ULPS[dtype] * eps(dtype),
+    means over the batches given (module docstring)."""
+    ours_error = sum(map(relative_error, ours, truth)) / len(truth)
+    ref_error = sum(map(relative_error, reference, truth)) / len(truth)
+    slack = ATOL_ULPS[dtype] * torch.finfo(dtype).eps
     assert ours_error <= FACTOR * ref_error + slack, (
-        f"{name}: error {ours_error:.3e} vs reference {ref_error:.3e} in {dtype} (allowed "
+        f"{name}: mean relative error {ours_error:.3e} vs reference {ref_error:.3e} in {dtype} (allowed "
         f"{FACTOR} x {ref_error:.3e} + {slack:.3e})")

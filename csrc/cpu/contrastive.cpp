@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -132,8 +133,11 @@ FASTCACHE_INLINE T block_logits(const Block<T>& b, int64_t r, int64_t pos, int64
 // Replaces one block row of logits with max m by exp(x - m) and returns log(sum_j exp(x_j)) (-inf if all masked).
 template <typename T>
 FASTCACHE_INLINE double block_logsumexp(const Block<T>& b, int64_t r, T m) {
-  if (m == -std::numeric_limits<T>::infinity()) return -std::numeric_limits<double>::infinity();
   T* x = b.s + r * b.ld;
+  if (m == -std::numeric_limits<T>::infinity()) {  // every column masked: exp(-inf) = 0, no NaN from 0 * inf later
+    std::fill(x, x + b.n, T(0));
+    return -std::numeric_limits<double>::infinity();
+  }
   for (int64_t j = 0; j < b.n; ++j) x[j] = exp_le0(x[j] - m);
   const double sum = sum_lanes(x, b.n);
   return static_cast<double>(m) + std::log(sum);

@@ -416,7 +416,8 @@ def contrastive_loss(
     Returns: the mean loss, a 0-d float32 tensor (float64 for float64 inputs).
     """
     options, settings = _parse(options)
-    return _ContrastiveLossFunction.apply(queries, docs, all_queries, guide_queries, guide_docs, options, settings)
+    guides = [t.detach() if isinstance(t, Tensor) else t for t in (guide_queries, guide_docs)]
+    return _ContrastiveLossFunction.apply(queries, docs, all_queries, *guides, options, settings)
 
 
 def contrastive_loss_and_grad(

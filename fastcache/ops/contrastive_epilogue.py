@@ -65,18 +65,18 @@ def epilogue_torch(blocks: dict[str, Tensor], guides: dict[str, Tensor], row0: i
     own_query = layout.own_query_offset + rows
     threshold = _guide_threshold(guides["query_to_doc"], pos, options) if guides else None
     logits = {k: _logits(k, s, guides.get(k), threshold, pos, own_query, layout, options) for k, s in blocks.items()}
-    lse = {k: torch.logsumexp(x, dim=1) for k, x in logits.items()}
-    joint = options.partition_mode == "joint"
-    if joint:
-        base = torch.logsumexp(torch.stack(list(lse.values()), dim=1), dim=1)
-        log_partition = base
-    else:
-        log_partition = torch.stack(list(lse.values()), dim=1).mean(dim=1)
+    if options.partition_mode == "joint":  # one log-partition over every block, the same for each block
+        joint = torch.logsumexp(torch.cat(list(logits.values()), dim=1), dim=1)
+        base = {k: joint for k in logits}
+        log_partition = joint
+    else:  # each block's own log-partition, averaged
+        base = {k: torch.logsumexp(x, dim=1) for k, x in logits.items()}
+        log_partition = torch.stack(list(base.values()), dim=1).mean(dim=1)
     loss_rows = log_partition - logits["query_to_doc"].gather(1, pos[:, None]).squeeze(1)
     if compute_grad:
-        coef = options.scale / layout.rows / (1 if joint else len(blocks))
+        coef = options.scale / layout.rows / (1 if options.partition_mode == "joint" else len(blocks))
         for k, x in logits.items():
-            blocks[k].copy_(torch.exp(x - (base if joint else lse[k])[:, None]) * coef)
+            blocks[k].copy_(torch.exp(x - base[k][:, None]) * coef)
         qd[torch.arange(qd.size(0), device=qd.device), pos] -= options.scale / layout.rows
     return loss_rows
 

@@ -1,0 +1,245 @@
+"""Backend selection: FASTCACHE_BACKEND and backend=, the errors for backends that cannot run, info(), the
+`python -m fastcache info` command, and importing fastcache when the compiled extension cannot load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastcache
+from fastcache import _backend
+from fastcache.ops import contrastive_epilogue
+
+CPU = torch.device("cpu")
+INFO_KEYS = {"fastcache", "torch", "torch_cuda", "cuda_available", "triton", "extension", "cuda_kernels",
+             "FASTCACHE_BACKEND", "memory_budget_bytes", "contrastive_loss"}
+DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+
+
+def _inputs(dtype=torch.float64, rows=6, negatives=1, dim=8):
+    gen = torch.Generator().manual_seed(1234)
+    queries = torch.randn(rows, dim, generator=gen, dtype=dtype)
+    docs = torch.randn((1 + negatives) * rows, dim, generator=gen, dtype=dtype)
+    return queries, docs
+
+
+def _loss_and_grads(**settings):
+    queries, docs = (t.requires_grad_(True) for t in _inputs())
+    loss = fastcache.contrastive_loss(queries, docs, directions=DIRECTIONS, hardness_mode="all_negatives",
+                                      hardness_strength=2.0, **settings)
+    loss.backward()
+    return loss.detach(), queries.grad, docs.grad
+
+
+@pytest.fixture
+def epilogue_calls(monkeypatch):
+    """Counts the calls of each backend's epilogue (the one place where the backends differ)."""
+    calls = {name: 0 for name in contrastive_epilogue.EPILOGUES}
+    for name, function in list(contrastive_epilogue.EPILOGUES.items()):
+        def counting(*args, _name=name, _function=function, **kwargs):
+            calls[_name] += 1
+            return _function(*args, **kwargs)
+        monkeypatch.setitem(contrastive_epilogue.EPILOGUES, name, counting)
+    return calls
+
+
+@pytest.fixture
+def no_backend_env(monkeypatch):
+    """The defaults: neither FASTCACHE_BACKEND nor FASTCACHE_MEMORY_BUDGET set."""
+    monkeypatch.delenv("FASTCACHE_BACKEND", raising=False)
+    monkeypatch.delenv("FASTCACHE_MEMORY_BUDGET", raising=False)
+
+
+def test_extension_is_built():
+    assert _backend.EXTENSION is not None, f"fastcache._C did not load: {_backend.EXTENSION_ERROR}"
+    assert contrastive_epilogue.available(CPU)["cpu"] is None
+
+
+def test_auto_picks_cpu_when_the_extension_is_built(no_backend_env, epilogue_calls):
+    assert _backend.requested_backend() == "auto"
+    assert _backend.resolve_backend(CPU, contrastive_epilogue.available(CPU)) == "cpu"
+    _loss_and_grads()
+    assert epilogue_calls["cpu"] > 0 and epilogue_calls["torch"] == 0
+
+
+@pytest.mark.parametrize("name", ["torch", "cpu", "auto", " Torch ", "CPU"])
+def test_env_selects_the_backend(monkeypatch, epilogue_calls, name):
+    monkeypatch.setenv("FASTCACHE_BACKEND", name)
+    expected = {"auto": "cpu"}.get(name.strip().lower(), name.strip().lower())
+    _loss_and_grads()
+    assert epilogue_calls[expected] > 0
+    assert sum(epilogue_calls.values()) == epilogue_calls[expected]
+
+
+def test_argument_overrides_env(monkeypatch, epilogue_calls):
+    monkeypatch.setenv("FASTCACHE_BACKEND", "cpu")
+    _loss_and_grads(backend="torch")
+    assert epilogue_calls == {"cpu": 0, "torch": epilogue_calls["torch"]} and epilogue_calls["torch"] > 0
+    monkeypatch.setenv("FASTCACHE_BACKEND", "cuda")  # an env choice that cannot run is ignored under backend=
+    _loss_and_grads(backend="cpu")
+    assert epilogue_calls["cpu"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_torch_and_cpu_backends_agree(no_backend_env, monkeypatch, dtype):
+    results = {}
+    for name in ("torch", "cpu"):
+        queries, docs = _inputs(dtype)
+        by_arg = fastcache.contrastive_loss_and_grad(queries, docs, directions=DIRECTIONS, backend=name,
+                                                     hardness_mode="in_batch_negatives", hardness_strength=3.0)
+        monkeypatch.setenv("FASTCACHE_BACKEND", name)
+        by_env = fastcache.contrastive_loss_and_grad(queries, docs, directions=DIRECTIONS,
+                                                     hardness_mode="in_batch_negatives", hardness_strength=3.0)
+        monkeypatch.delenv("FASTCACHE_BACKEND")
+        for a, b in zip(by_arg[:3], by_env[:3]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same backend, selected two ways
+        results[name] = by_arg
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}[dtype]
+    for what, a, b in zip(("loss", "grad_queries", "grad_docs"), results["torch"][:3], results["cpu"][:3]):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, what=what: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_gpu_backends_cannot_run_in_this_build(monkeypatch, name):
+    queries, docs = _inputs()
+    message = rf"backend '{name}' cannot run here"
+    with pytest.raises(RuntimeError, match=message):
+        fastcache.contrastive_loss(queries, docs, backend=name)
+    with pytest.raises(RuntimeError, match=message):
+        fastcache.contrastive_loss_and_grad(queries, docs, backend=name)
+    monkeypatch.setenv("FASTCACHE_BACKEND", name)
+    with pytest.raises(RuntimeError, match=message):
+        fastcache.contrastive_loss(queries, docs)
+    reason = contrastive_epilogue.available(CPU)[name]
+    assert reason and "GPU kernels" in reason
+
+
+def test_unknown_backend_is_a_value_error(monkeypatch):
+    queries, docs = _inputs()
+    with pytest.raises(ValueError, match=r"^backend must be one of .*'bogus'"):
+        fastcache.contrastive_loss(queries, docs, backend="bogus")
+    monkeypatch.setenv("FASTCACHE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"^FASTCACHE_BACKEND must be one of .*'bogus'"):
+        fastcache.contrastive_loss(queries, docs)
+    with pytest.raises(ValueError, match="FASTCACHE_BACKEND"):
+        fastcache.contrastive_loss_and_grad(queries, docs)
+
+
+def test_info(no_backend_env):
+    info = fastcache.info()
+    assert set(info) == INFO_KEYS
+    assert info["fastcache"] == fastcache.__version__
+    assert info["torch"] == torch.__version__
+    assert info["torch_cuda"] == torch.version.cuda
+    assert info["cuda_available"] == torch.cuda.is_available()
+    assert info["extension"] == "built"
+    assert info["cuda_kernels"] is bool(getattr(_backend.EXTENSION, "has_cuda", False))
+    assert info["FASTCACHE_BACKEND"] == "auto"
+    assert info["memory_budget_bytes"] == _backend.memory_budget() > 0
+    cpu = info["contrastive_loss"]["cpu"]
+    assert cpu["runs"] == "cpu"
+    assert cpu["available"]["cpu"] == "yes" and cpu["available"]["torch"] == "yes"
+    for name in ("cuda", "triton"):
+        assert cpu["available"][name] == contrastive_epilogue.available(CPU)[name]
+    assert ("cuda" in info["contrastive_loss"]) == torch.cuda.is_available()
+    json.dumps(info)  # plain data, printable as JSON
+
+
+def test_info_reports_the_env_choice_and_errors(monkeypatch):
+    monkeypatch.setenv("FASTCACHE_BACKEND", "torch")
+    monkeypatch.setenv("FASTCACHE_MEMORY_BUDGET", "64MiB")
+    info = fastcache.info()
+    assert info["FASTCACHE_BACKEND"] == "torch"
+    assert info["memory_budget_bytes"] == 64 * 2**20
+    assert info["contrastive_loss"]["cpu"]["runs"] == "torch"
+    monkeypatch.setenv("FASTCACHE_BACKEND", "cuda")  # info() reports a choice that cannot run, never raises
+    assert info_runs_error(fastcache.info(), "cannot run here")
+    monkeypatch.setenv("FASTCACHE_BACKEND", "bogus")
+    assert info_runs_error(fastcache.info(), "FASTCACHE_BACKEND must be one of")
+
+
+def info_runs_error(info, text):
+    runs = info["contrastive_loss"]["cpu"]["runs"]
+    return runs.startswith("error: ") and text in runs
+
+
+def _subprocess_env():
+    """This environment without the fastcache settings (the child runs with the defaults)."""
+    return {k: v for k, v in os.environ.items() if k not in ("FASTCACHE_BACKEND", "FASTCACHE_MEMORY_BUDGET")}
+
+
+def test_python_m_fastcache_info(no_backend_env):
+    """`python -m fastcache info` prints info() as JSON and exits 0."""
+    done = subprocess.run([sys.executable, "-m", "fastcache", "info"], capture_output=True, text=True,
+                          timeout=120, env=_subprocess_env())
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed == json.loads(json.dumps(fastcache.info()))
+    assert printed["extension"] == "built"
+
+
+_WITHOUT_EXTENSION = textwrap.dedent("""
+    import importlib.abc
+    import sys
+    import warnings
+
+    class BlockExtension(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "fastcache._C":
+                raise ImportError("fastcache._C blocked by the test")
+            return None
+
+    sys.meta_path.insert(0, BlockExtension())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import fastcache
+    assert "fastcache._C" not in sys.modules
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("compiled extension is not available" in m and "blocked by the test" in m for m in messages), messages
+
+    import torch
+    from fastcache.reference import contrastive_loss_reference
+
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    docs = torch.randn(10, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    directions = ("query_to_doc", "doc_to_query")
+    loss = fastcache.contrastive_loss(queries, docs, directions=directions)  # auto -> torch
+    loss.backward()
+    explicit = fastcache.contrastive_loss_and_grad(queries, docs, directions=directions, backend="torch")
+    reference = contrastive_loss_reference(queries, docs, directions=directions)
+    grads = torch.autograd.grad(reference, (queries, docs))
+    torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(explicit.loss, reference.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(queries.grad, grads[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(docs.grad, grads[1], rtol=1e-10, atol=1e-12)
+
+    try:
+        fastcache.contrastive_loss(queries, docs, backend="cpu")
+    except RuntimeError as error:
+        assert "extension" in str(error), str(error)
+    else:
+        raise AssertionError("backend='cpu' ran without the extension")
+
+    info = fastcache.info()
+    assert info["extension"].startswith("missing"), info["extension"]
+    assert "blocked by the test" in info["extension"]
+    assert info["contrastive_loss"]["cpu"]["runs"] == "torch"
+    assert info["contrastive_loss"]["cpu"]["available"]["cpu"] != "yes"
+    print("OK")
+""")
+
+
+def test_import_without_the_extension_warns_and_falls_back_to_torch():
+    """With fastcache._C unloadable, `import fastcache` warns (RuntimeWarning), auto runs the torch backend with
+    correct results, and an explicit backend='cpu' is a RuntimeError that names the extension."""
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True, text=True, timeout=120,
+                          env=_subprocess_env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith("OK")

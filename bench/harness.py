@@ -10,6 +10,8 @@ minimum and the median in seconds.
 Memory (:func:`peak_memory`): each case runs once in a fresh Python subprocess (``python bench/harness.py
 --memory ...``), so no earlier case leaves memory or a higher peak behind. The child
 
+0. is started through ``/bin/sh`` (which forks it), so that its ``ru_maxrss`` does not start at the parent's
+   resident size (Linux keeps the high-water mark across exec);
 1. imports, builds the case at a tiny shape and runs it once (loads lazily-initialised libraries, thread pools,
    JIT kernels), then drops it;
 2. builds the case at the measured shape, touches every input (reads each tensor) and takes the baseline
@@ -37,6 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,7 +138,7 @@ def _measure_in_this_process(module_path: str, factory: str, kwargs: dict, warmu
         gc.collect()
     case = make(**kwargs)
     for t in case.inputs:
-        float(t.sum())  # touch every page of the inputs
+        float(t.detach().sum())  # touch every page of the inputs
     if case.reset is not None:
         case.reset()
     gc.collect()
@@ -155,26 +158,24 @@ def _measure_in_this_process(module_path: str, factory: str, kwargs: dict, warmu
     }
 
 
-def peak_memory(module_path: str | os.PathLike, factory: str, kwargs: dict, *, warmup_kwargs: dict | None = None,
-                timeout: float = 600.0) -> subprocess.Popen:
-    """Start the memory measurement of ``module.factory(**kwargs)`` in a fresh subprocess; collect the result
-    with :func:`memory_result`. Keyword arguments must be JSON-serialisable. ``warmup_kwargs`` build the tiny
-    warm-up case (step 1 of the module docstring); None skips the warm-up."""
+def _start(module_path, factory: str, kwargs: dict, warmup_kwargs: dict | None) -> subprocess.Popen:
     command = [sys.executable, os.path.abspath(__file__), "--memory", os.fspath(module_path), factory,
                json.dumps(kwargs), json.dumps(warmup_kwargs)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    process.timeout = timeout
-    return process
+    if os.path.exists("/bin/sh"):
+        # Linux carries a process's high-water mark across exec: a child exec'd straight from this (large)
+        # process starts with ru_maxrss = our resident size. A shell that forks the child (no exec: a command
+        # follows) gives it a fresh high-water mark that starts at the shell's few MiB.
+        command = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *command]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def memory_result(process: subprocess.Popen) -> dict:
-    """Wait for a :func:`peak_memory` child; its result dict, or ``{"error": ...}`` when it failed."""
+def _collect(process: subprocess.Popen, timeout: float | None) -> dict:
     try:
-        stdout, stderr = process.communicate(timeout=getattr(process, "timeout", None))
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()
-        return {"error": "timed out"}
+        return {"error": f"timed out after {timeout} s"}
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if process.returncode != 0 or not lines:
         tail = (stderr or stdout).strip().splitlines()[-5:]
@@ -182,18 +183,23 @@ def memory_result(process: subprocess.Popen) -> dict:
     return json.loads(lines[-1])
 
 
-def peak_memory_many(jobs: list[tuple[str, dict]], module_path, factory: str, *, parallel: int = 1,
-                     warmup_kwargs: dict | None = None) -> dict[str, dict]:
-    """Measure several cases, ``parallel`` subprocesses at a time (peak RSS is per process, so children running
-    side by side do not disturb each other's numbers, only their speed). ``jobs``: (key, kwargs) pairs."""
-    results, running, pending = {}, [], list(jobs)
-    while pending or running:
-        while pending and len(running) < max(1, parallel):
-            key, kwargs = pending.pop(0)
-            running.append((key, peak_memory(module_path, factory, kwargs, warmup_kwargs=warmup_kwargs)))
-        key, process = running.pop(0)
-        results[key] = memory_result(process)
-    return results
+def peak_memory(module_path: str | os.PathLike, factory: str, kwargs: dict, *, warmup_kwargs: dict | None = None,
+                timeout: float | None = 900.0) -> dict:
+    """Peak memory of one run of ``module.factory(**kwargs)`` (a :class:`Case`), measured in a fresh subprocess
+    as described in the module docstring. ``kwargs`` must be JSON-serialisable; ``warmup_kwargs`` build the tiny
+    warm-up case (None: no warm-up). Returns the child's dict (sizes in MiB), or ``{"error": ...}``."""
+    return _collect(_start(module_path, factory, kwargs, warmup_kwargs), timeout)
+
+
+def peak_memory_many(jobs: list[tuple[str, dict, dict | None]], module_path, factory: str, *, parallel: int = 1,
+                     timeout: float | None = 900.0) -> dict[str, dict]:
+    """:func:`peak_memory` of several cases, ``parallel`` subprocesses at a time (peak RSS is per process, so
+    children side by side do not change each other's numbers, only their speed). ``jobs``: (key, kwargs,
+    warmup_kwargs) triples; the result keeps their order."""
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        futures = {key: pool.submit(peak_memory, module_path, factory, kwargs, warmup_kwargs=warmup_kwargs,
+                                    timeout=timeout) for key, kwargs, warmup_kwargs in jobs}
+        return {key: future.result() for key, future in futures.items()}
 
 
 def _main() -> None:

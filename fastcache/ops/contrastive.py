@@ -43,6 +43,7 @@ HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 SIMILARITIES = ("cos", "dot")
 MARGIN_STRATEGIES = ("absolute", "relative")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MAX_SLAB_BYTES = 64 * 2**20  # similarity blocks per chunk at most (speed: larger chunks fall out of cache)
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, which sentence-transformers' cos_sim uses
 
 
@@ -227,21 +228,24 @@ def _normalized_backward_(grad: Tensor, normalized: Tensor, norm: Tensor | None)
 
 
 def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered: bool, guide_dim: int, budget: int,
-               itemsize: int) -> int:
+               itemsize: int, workspace_blocks: int = 1) -> int:
     """Rows per chunk so that the slab workspace stays within ``budget`` bytes.
 
     The fixed part holds the normalised copies and the gradient accumulators of queries, docs and (when
     gathered) all_queries, plus the guide copies: O((B + N + Mq)·D). Each chunk row costs one value per block
-    column, twice with a guide. At least one row; a budget that leaves fewer than 16 rows warns (slow).
+    column (``workspace_blocks`` times for an epilogue that needs temporaries), plus the guide's blocks. Blocks
+    are also kept under MAX_SLAB_BYTES, past which bigger chunks only fall out of cache. At least one row; a
+    budget that leaves fewer than 16 rows warns (slow).
     """
     n = layout.candidates
     mq = layout.query_columns
     width = {"query_to_doc": n, "query_to_query": mq, "doc_to_query": mq, "doc_to_doc": n}
     if guide_dim:
         width.update(query_to_query=layout.rows, doc_to_doc=layout.positives)
-    per_row = sum(width[d] for d in options.directions) * itemsize * (2 if guide_dim else 1)
+    block_row = sum(width[d] for d in options.directions) * itemsize
+    per_row = block_row * (workspace_blocks + (1 if guide_dim else 0))
     fixed = (2 * (layout.rows + n + (mq if gathered else 0)) * layout.dim + (layout.rows + n) * guide_dim) * itemsize
-    rows = min(layout.rows, max(1, (budget - fixed) // per_row))
+    rows = min(layout.rows, max(1, (budget - fixed) // per_row), max(16, MAX_SLAB_BYTES // block_row))
     if rows < min(16, layout.rows):
         warnings.warn(
             f"fastcache: memory_budget={budget} bytes leaves {rows} row(s) per chunk (fixed workspace {fixed} bytes, "
@@ -327,7 +331,8 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, options, need_gr
     if chunk_size is None:
         budget = _backend.memory_budget(memory_budget)
         guide_dim = 0 if guide_queries is None else guide_queries.size(1)
-        chunk = chunk_rows(layout, options, all_queries is not None, guide_dim, budget, itemsize)
+        chunk = chunk_rows(layout, options, all_queries is not None, guide_dim, budget, itemsize,
+                           contrastive_epilogue.WORKSPACE_BLOCKS[name])
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     else:

@@ -26,57 +26,73 @@ def _guide_threshold(guide_qd: Tensor, pos: Tensor, options) -> Tensor:
     return g - options.margin if options.margin_strategy == "absolute" else g - g.abs() * options.margin
 
 
-def _hardness_mask(columns: int, pos: Tensor, positives: int, mode: str) -> Tensor:
-    """[c, N] True where the hardness penalty applies: by column, relative to each row's positive ``pos``."""
-    j = torch.arange(columns, device=pos.device)[None, :]
-    own = (j % positives) == pos[:, None]
-    if mode == "in_batch_negatives":
-        return ~own
-    if mode == "hard_negatives":
-        return own & (j >= positives)
-    return j != pos[:, None]  # all_negatives
+def _own_columns(pos: Tensor, positives: int, columns: int) -> Tensor:
+    """[c, columns // P] the columns pos + k·P of each row: its positive (k = 0) and its own hard negatives."""
+    return pos[:, None] + positives * torch.arange(columns // positives, device=pos.device)[None, :]
 
 
-def _logits(kind: str, s: Tensor, g: Tensor | None, threshold: Tensor | None, pos: Tensor, own_query: Tensor,
-            layout, options) -> Tensor:
-    """One block's logits: scaled, hardness-penalised (query_to_doc), masked to -inf."""
-    logits = s * options.scale
-    j = torch.arange(s.size(1), device=s.device)[None, :]
-    if kind == "query_to_doc":
-        if options.hardness:
-            penalised = _hardness_mask(s.size(1), pos, layout.positives, options.hardness_mode)
-            logits = logits + options.hardness_strength * s * penalised
-        mask = (g > threshold) & (j != pos[:, None]) if g is not None else None
+def _logits_(kind: str, s: Tensor, g: Tensor | None, threshold: Tensor | None, pos: Tensor, own_query: Tensor,
+             layout, options) -> None:
+    """Turn one block of similarities into logits in place: scaled, hardness-penalised (query_to_doc), masked."""
+    ninf = float("-inf")
+    rows = torch.arange(s.size(0), device=s.device)
+    if kind == "query_to_doc" and options.hardness:
+        own = _own_columns(pos, layout.positives, s.size(1))
+        raw = s.gather(1, own)
+        plain, penalised = options.scale, options.scale + options.hardness_strength
+        own_factor = torch.full_like(raw, plain)
+        if options.hardness_mode == "hard_negatives":
+            s.mul_(plain)
+            own_factor[:, 1:] = penalised
+        else:  # in_batch_negatives penalise every other row's columns; all_negatives also the own hard negatives
+            s.mul_(penalised)
+            if options.hardness_mode == "all_negatives":
+                own_factor[:, 1:] = penalised
+        s.scatter_(1, own, raw * own_factor)
+    else:
+        s.mul_(options.scale)
+    if g is not None:
+        keep = s[rows, pos] if kind == "query_to_doc" else None
+        s.masked_fill_(g > threshold, ninf)
+        if keep is not None:  # the positive is never masked
+            s[rows, pos] = keep
     elif kind == "query_to_query":
-        mask = g > threshold if g is not None else j == own_query[:, None]
+        s[rows, own_query] = ninf
     elif kind == "doc_to_doc":
-        mask = g > threshold if g is not None else (j % layout.positives) == pos[:, None]
-    else:  # doc_to_query
-        mask = None
-    return logits if mask is None else logits.masked_fill(mask, float("-inf"))
+        s.scatter_(1, _own_columns(pos, layout.positives, s.size(1)), ninf)
+
+
+def _logsumexp(blocks: list[Tensor]) -> Tensor:
+    """Row log-sum-exp over several blocks jointly, one block-sized temporary at a time (-inf when all masked)."""
+    m = torch.stack([x.amax(dim=1) for x in blocks]).amax(dim=0)
+    shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    total = sum(torch.exp(x - shift[:, None]).sum(dim=1) for x in blocks)
+    return shift + torch.log(total)
 
 
 def epilogue_torch(blocks: dict[str, Tensor], guides: dict[str, Tensor], row0: int, layout, options,
                    compute_grad: bool) -> Tensor:
-    """Pure-PyTorch epilogue (any device, any float dtype)."""
+    """Pure-PyTorch epilogue (any device, any float dtype), in place but for one block-sized temporary."""
     qd = blocks["query_to_doc"]
     rows = torch.arange(row0, row0 + qd.size(0), device=qd.device)
     pos = options.offset + rows
     own_query = layout.own_query_offset + rows
     threshold = _guide_threshold(guides["query_to_doc"], pos, options) if guides else None
-    logits = {k: _logits(k, s, guides.get(k), threshold, pos, own_query, layout, options) for k, s in blocks.items()}
+    for k, s in blocks.items():
+        _logits_(k, s, guides.get(k), threshold, pos, own_query, layout, options)
     if options.partition_mode == "joint":  # one log-partition over every block, the same for each block
-        joint = torch.logsumexp(torch.cat(list(logits.values()), dim=1), dim=1)
-        base = {k: joint for k in logits}
+        joint = _logsumexp(list(blocks.values()))
+        base = {k: joint for k in blocks}
         log_partition = joint
     else:  # each block's own log-partition, averaged
-        base = {k: torch.logsumexp(x, dim=1) for k, x in logits.items()}
+        base = {k: _logsumexp([x]) for k, x in blocks.items()}
         log_partition = torch.stack(list(base.values()), dim=1).mean(dim=1)
-    loss_rows = log_partition - logits["query_to_doc"].gather(1, pos[:, None]).squeeze(1)
+    loss_rows = log_partition - qd.gather(1, pos[:, None]).squeeze(1)
     if compute_grad:
         coef = options.scale / layout.rows / (1 if options.partition_mode == "joint" else len(blocks))
-        for k, x in logits.items():
-            blocks[k].copy_(torch.exp(x - base[k][:, None]) * coef)
+        for k, x in blocks.items():  # a fully masked block has base -inf: its gradient is 0
+            finite_base = torch.where(torch.isinf(base[k]), torch.zeros_like(base[k]), base[k])
+            x.sub_(finite_base[:, None]).exp_().mul_(coef)
         qd[torch.arange(qd.size(0), device=qd.device), pos] -= options.scale / layout.rows
     return loss_rows
 
@@ -94,6 +110,8 @@ def epilogue_cpu(blocks: dict[str, Tensor], guides: dict[str, Tensor], row0: int
 
 
 EPILOGUES = {"cpu": epilogue_cpu, "torch": epilogue_torch}
+# Block-sized buffers each epilogue needs per chunk, the blocks themselves included (for the memory budget).
+WORKSPACE_BLOCKS = {"cpu": 1, "torch": 2}
 
 
 def available(device: torch.device) -> dict[str, str | None]:

@@ -833,7 +833,7 @@ def test_enough_budget_does_not_warn(backend):
     batch = make_batch(20, 6, columns=2, seed=35)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        op_loss_and_grad(batch, memory_budget=2**20, backend=backend)
+        op_loss_and_grad(batch, memory_budget=32 * 2**20, backend=backend)
 
 
 def test_chunk_size_overrides_budget():
@@ -850,7 +850,10 @@ def test_budget_sets_the_chunk(backend):
 
     batch = make_batch(64, 8, seed=36)
     rows = []
-    for budget in (1, 2**14, 17_000, 18_000, 20_000, 22_000, 2**15, 2**16):
+    from fastcache.ops.contrastive import GEMM_WORKSPACE_BYTES
+
+    # budgets above the fixed GEMM allowance, plus 1 byte for the one-row case
+    for budget in (1, *(GEMM_WORKSPACE_BYTES + b for b in (2**14, 17_000, 18_000, 20_000, 22_000, 2**15, 2**16))):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             op_loss_and_grad(batch, backend=backend, memory_budget=budget)

@@ -44,6 +44,7 @@ SIMILARITIES = ("cos", "dot")
 MARGIN_STRATEGIES = ("absolute", "relative")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_SLAB_BYTES = 64 * 2**20  # similarity blocks per chunk at most (speed: larger chunks fall out of cache)
+GEMM_WORKSPACE_BYTES = 16 * 2**20  # what the BLAS keeps for packing (measured: ~14 MiB for CPU torch.mm)
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, which sentence-transformers' cos_sim uses
 
 
@@ -232,7 +233,7 @@ def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered:
     """Rows per chunk so that the slab workspace stays within ``budget`` bytes.
 
     The fixed part holds the normalised copies and the gradient accumulators of queries, docs and (when
-    gathered) all_queries, plus the guide copies: O((B + N + Mq)·D). Each chunk row costs one value per block
+    gathered) all_queries, the guide copies (O((B + N + Mq)·D)) and the GEMM library's own buffers. Each chunk row costs one value per block
     column (``workspace_blocks`` times for an epilogue that needs temporaries), plus the guide's blocks. Blocks
     are also kept under MAX_SLAB_BYTES, past which bigger chunks only fall out of cache. At least one row; a
     budget that leaves fewer than 16 rows warns (slow).
@@ -245,6 +246,7 @@ def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered:
     block_row = sum(width[d] for d in options.directions) * itemsize
     per_row = block_row * (workspace_blocks + (1 if guide_dim else 0))
     fixed = (2 * (layout.rows + n + (mq if gathered else 0)) * layout.dim + (layout.rows + n) * guide_dim) * itemsize
+    fixed += GEMM_WORKSPACE_BYTES
     rows = min(layout.rows, max(1, (budget - fixed) // per_row), max(16, MAX_SLAB_BYTES // block_row))
     if rows < min(16, layout.rows):
         warnings.warn(

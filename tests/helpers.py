@@ -123,24 +123,25 @@ def _split(batch):
     return batch["queries"], batch["docs"], rest
 
 
+def _autograd_loss_and_grads(loss_fn, batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
+    """loss_fn(queries, docs, ...) on fresh leaves of the batch, and the gradients autograd gives them."""
+    leaves = _leaves(batch)
+    q, d, rest = _split(leaves)
+    loss = loss_fn(q, d, **rest, **options)
+    loss.backward()
+    return loss.detach(), {k: leaves[k].grad for k in DIFFERENTIABLE if k in leaves}
+
+
 def reference_loss_and_grads(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
     """The dense reference's loss and its autograd gradients (in the batch's dtype); the op's run settings
     (backend, chunk_size, ...) are accepted and ignored, so one options dict serves both."""
     options = {k: v for k, v in options.items() if k not in SETTINGS}
-    leaves = _leaves(batch)
-    q, d, rest = _split(leaves)
-    loss = contrastive_loss_reference(q, d, **rest, **options)
-    loss.backward()
-    return loss.detach(), {k: leaves[k].grad for k in DIFFERENTIABLE if k in leaves}
+    return _autograd_loss_and_grads(contrastive_loss_reference, batch, **options)
 
 
 def op_autograd(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
     """fastcache.contrastive_loss and the gradients autograd gives its inputs."""
-    leaves = _leaves(batch)
-    q, d, rest = _split(leaves)
-    loss = contrastive_loss(q, d, **rest, **options)
-    loss.backward()
-    return loss.detach(), {k: leaves[k].grad for k in DIFFERENTIABLE if k in leaves}
+    return _autograd_loss_and_grads(contrastive_loss, batch, **options)
 
 
 def op_loss_and_grad(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:

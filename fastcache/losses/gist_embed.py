@@ -1,0 +1,85 @@
+"""Drop-ins for sentence-transformers' GISTEmbedLoss and CachedGISTEmbedLoss, computed by fastcache's fused op.
+
+GIST (guided in-sample selection of negatives) is the contrastive op with guide embeddings: a candidate is
+masked when the guide finds it more similar to the anchor than the anchor's positive, minus a margin. The
+anchor-anchor and positive-positive blocks are the op's query_to_query and doc_to_doc directions in guided form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.sentence_transformer import losses as st_losses
+from sentence_transformers.util import all_gather_with_grad, get_rank
+from torch import Tensor
+
+from fastcache.losses.multiple_negatives_ranking import check_columns, gathering
+from fastcache.ops.contrastive import contrastive_loss
+
+
+def fused_gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tensor]) -> Tensor:
+    """The GISTEmbedLoss of anchors, positives and any negative columns (``loss`` holds temperature, margin,
+    margin_strategy, contrast_anchors, contrast_positives, gather_across_devices)."""
+    check_columns(embeddings)
+    if len(guide_embeddings) != len(embeddings):
+        raise ValueError(f"The guide gave {len(guide_embeddings)} columns of embeddings, the model {len(embeddings)}")
+    anchors, candidates = embeddings[0], embeddings[1:]
+    guide_anchors, guide_candidates = guide_embeddings[0], guide_embeddings[1:]
+    offset = 0
+    if gathering(loss.gather_across_devices):  # anchors stay local; candidates are gathered
+        candidates = [all_gather_with_grad(c) for c in candidates]
+        guide_candidates = [all_gather_with_grad(c) for c in guide_candidates]
+        offset = get_rank() * anchors.size(0)
+    directions = ("query_to_doc",) + ("query_to_query",) * loss.contrast_anchors + (
+        "doc_to_doc",) * loss.contrast_positives
+    return contrastive_loss(
+        anchors,
+        torch.stack(candidates),
+        guide_queries=guide_anchors,
+        guide_docs=torch.stack(guide_candidates),
+        scale=1.0 / loss.temperature,
+        similarity="cos",
+        directions=directions,
+        offset=offset,
+        margin=loss.margin,
+        margin_strategy=loss.margin_strategy,
+    )
+
+
+class GISTEmbedLoss(st_losses.GISTEmbedLoss):
+    """sentence-transformers' GISTEmbedLoss, loss stage fused by fastcache."""
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        sentence_features = list(sentence_features)
+        # the guide embeds shallow copies: it writes its outputs into the features it is given
+        guide_features = [dict(features) for features in sentence_features]
+        embeddings = embed_columns(self.model, sentence_features)
+        with torch.no_grad():
+            if self.must_retokenize:  # the guide has its own vocabulary or a shorter maximum length
+                texts = [self.tokenizer.batch_decode(f["input_ids"], skip_special_tokens=True)
+                         for f in sentence_features]
+                guide_features = [
+                    {k: v.to(self.guide.device) if isinstance(v, Tensor) else v
+                     for k, v in self.guide.preprocess(column).items()}
+                    for column in texts
+                ]
+            guide_embeddings = embed_columns(self.guide, guide_features)
+        if len(embeddings) not in (2, 3):
+            raise ValueError(f"Expected 2 or 3 embeddings, got {len(embeddings)}")
+        return fused_gist_loss(self, embeddings, guide_embeddings)
+
+
+class CachedGISTEmbedLoss(st_losses.CachedGISTEmbedLoss):
+    """sentence-transformers' CachedGISTEmbedLoss, loss stage fused by fastcache."""
+
+    def calculate_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *,
+                       with_backward: bool = False) -> Tensor:
+        if len(reps) != len(reps_guided):
+            raise ValueError("reps and reps_guided must have the same length")
+        loss = fused_gist_loss(self, [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided])
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss

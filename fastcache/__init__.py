@@ -1,6 +1,7 @@
 """fastcache: fused kernels for contrastive, Matryoshka and learning-to-rank losses (sentence-transformers drop-in).
 
-Public API: :func:`contrastive_loss`, :func:`contrastive_loss_and_grad`, :func:`info`.
+Public API: :func:`contrastive_loss`, :func:`contrastive_loss_and_grad`, :func:`info`, the drop-in losses in
+:mod:`fastcache.losses`, and :func:`patch_sentence_transformers` (with its undo).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import warnings
 
 from fastcache import _backend
+from fastcache.patch import patch_sentence_transformers, unpatch_sentence_transformers
 from fastcache.ops.contrastive import (
     ContrastiveLossAndGrad,
     ContrastiveOptions,
@@ -16,7 +18,15 @@ from fastcache.ops.contrastive import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["ContrastiveLossAndGrad", "ContrastiveOptions", "contrastive_loss", "contrastive_loss_and_grad", "info"]
+__all__ = [
+    "ContrastiveLossAndGrad",
+    "ContrastiveOptions",
+    "contrastive_loss",
+    "contrastive_loss_and_grad",
+    "info",
+    "patch_sentence_transformers",
+    "unpatch_sentence_transformers",
+]
 
 if _backend.EXTENSION is None:
     warnings.warn(

@@ -15,6 +15,7 @@ from sentence_transformers.sentence_transformer import losses as st_losses
 from sentence_transformers.util import all_gather_with_grad, get_rank
 from torch import Tensor
 
+from fastcache.gradcache import FusedGradCacheMixin
 from fastcache.losses.multiple_negatives_ranking import check_columns, gathering
 from fastcache.ops.contrastive import contrastive_loss
 
@@ -71,8 +72,11 @@ class GISTEmbedLoss(st_losses.GISTEmbedLoss):
         return fused_gist_loss(self, embeddings, guide_embeddings)
 
 
-class CachedGISTEmbedLoss(st_losses.CachedGISTEmbedLoss):
-    """sentence-transformers' CachedGISTEmbedLoss, loss stage fused by fastcache."""
+class CachedGISTEmbedLoss(FusedGradCacheMixin, st_losses.CachedGISTEmbedLoss):
+    """sentence-transformers' CachedGISTEmbedLoss, loss stage fused by fastcache, with fastcache's gradient cache."""
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        return self.forward_cached(sentence_features, labels)
 
     def calculate_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *,
                        with_backward: bool = False) -> Tensor:

@@ -16,6 +16,7 @@ from sentence_transformers.sentence_transformer import losses as st_losses
 from sentence_transformers.util import all_gather_with_grad, cos_sim, dot_score, get_rank, get_world_size
 from torch import Tensor
 
+from fastcache.gradcache import FusedGradCacheMixin
 from fastcache.ops.contrastive import contrastive_loss
 
 _FUSED_SIMILARITIES = {cos_sim: "cos", dot_score: "dot"}
@@ -78,7 +79,7 @@ class _FusedMNRL:
 
 class _FusedCachedMNRL:
     """calculate_loss of the cached (GradCache) MultipleNegativesRankingLoss family through the fused op: one
-    pass gives the loss and every embedding's gradient, which the gradient cache then replays."""
+    pass gives the loss and every embedding's gradient, which the gradient cache (fastcache.gradcache) replays."""
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
@@ -96,7 +97,8 @@ class MultipleNegativesRankingLoss(_FusedMNRL, st_losses.MultipleNegativesRankin
     """sentence-transformers' MultipleNegativesRankingLoss, loss stage fused by fastcache."""
 
 
-class CachedMultipleNegativesRankingLoss(_FusedCachedMNRL, st_losses.CachedMultipleNegativesRankingLoss):
+class CachedMultipleNegativesRankingLoss(_FusedCachedMNRL, FusedGradCacheMixin,
+                                         st_losses.CachedMultipleNegativesRankingLoss):
     """sentence-transformers' CachedMultipleNegativesRankingLoss, loss stage fused by fastcache."""
 
 
@@ -106,6 +108,6 @@ with warnings.catch_warnings():  # upstream deprecates these two; using them sti
     class MultipleNegativesSymmetricRankingLoss(_FusedMNRL, st_losses.MultipleNegativesSymmetricRankingLoss):
         """sentence-transformers' MultipleNegativesSymmetricRankingLoss, loss stage fused by fastcache."""
 
-    class CachedMultipleNegativesSymmetricRankingLoss(_FusedCachedMNRL,
+    class CachedMultipleNegativesSymmetricRankingLoss(_FusedCachedMNRL, FusedGradCacheMixin,
                                                       st_losses.CachedMultipleNegativesSymmetricRankingLoss):
         """sentence-transformers' CachedMultipleNegativesSymmetricRankingLoss, loss stage fused by fastcache."""

@@ -79,7 +79,8 @@ class FusedGradCacheMixin:
 
     Losses whose ``embed_minibatch_iter`` yields extra per-mini-batch outputs between the embeddings and the RNG
     state (CachedGISTEmbedLoss: the guide's embeddings) get them, concatenated per column, as the second argument
-    of ``calculate_loss`` instead of the labels.
+    of ``calculate_loss`` instead of the labels. With ``mask_duplicates`` (fastcache.losses), the candidates'
+    duplicate ids, computed from the token ids, reach ``calculate_loss`` as ``doc_ids``.
     """
 
     def forward_cached(self, sentence_features, labels: Tensor | None = None) -> Tensor:
@@ -102,9 +103,11 @@ class FusedGradCacheMixin:
         second = labels
         if extras and extras[0] and extras[0][0]:  # e.g. the guide's embeddings: one list of mini-batches a column
             second = [[mb[0] for mb in column] for column in extras]
+        doc_ids = self.duplicate_ids(sentence_features) if getattr(self, "mask_duplicates", False) else None
+        extra = {} if doc_ids is None else {"doc_ids": doc_ids}
         if not grad_enabled:  # evaluation: no gradients to cache, no backward to hook into
-            return self.calculate_loss(reps, second)
-        loss = self.calculate_loss(reps, second, with_backward=True).detach().requires_grad_()
+            return self.calculate_loss(reps, second, **extra)
+        loss = self.calculate_loss(reps, second, with_backward=True, **extra).detach().requires_grad_()
         cache = [[r.grad for r in column] for column in reps]
         unused = [str(i) for i, column in enumerate(cache) if any(g is None for g in column)]
         if unused:

@@ -25,11 +25,12 @@ def contrastive_loss_reference(
     all_queries: Tensor | None = None,
     guide_queries: Tensor | None = None,
     guide_docs: Tensor | None = None,
+    doc_ids: Tensor | None = None,
     **options,
 ) -> Tensor:
     """Dense :func:`fastcache.contrastive_loss`, computed in the inputs' dtype as sentence-transformers does."""
     opts = ContrastiveOptions(**options)
-    layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, opts)
+    layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, opts, doc_ids)
     B, P = layout.rows, layout.positives
     docs = docs.reshape(-1, layout.dim)
     rows = torch.arange(B, device=queries.device)
@@ -69,6 +70,14 @@ def contrastive_loss_reference(
         if "doc_to_doc" in sim:
             column_query = torch.arange(docs.size(0), device=docs.device) % P
             masks["doc_to_doc"] = column_query[None, :] == pos[:, None]
+
+    if doc_ids is not None:  # duplicates of the row's positive are no negatives (the positive itself stays)
+        doc_ids = doc_ids.reshape(-1)
+        duplicate = doc_ids[None, :] == doc_ids[pos][:, None]
+        masks["query_to_doc"] = masks["query_to_doc"] | duplicate
+        masks["query_to_doc"][rows, pos] = False
+        if "doc_to_doc" in sim:
+            masks["doc_to_doc"] = masks["doc_to_doc"] | duplicate[:, :sim["doc_to_doc"].size(1)]
 
     logits = {k: (s * opts.scale).masked_fill(masks[k], float("-inf")) for k, s in sim.items()}
     if opts.hardness:

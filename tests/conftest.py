@@ -28,7 +28,7 @@ def build_tiny_bert(folder, seed: int, hidden_size: int = 32):
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _SPECIAL_TOKENS + _LETTERS + [f"##{c}" for c in _LETTERS] + _WORDS
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"))  # transformers 5: `vocab`, not `vocab_file`
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=hidden_size,

@@ -4,6 +4,7 @@
 // directions: query_to_doc [c, N], query_to_query [c, Mq], doc_to_query [c, Mq], doc_to_doc [c, N or P].
 // Per row, in one pass over the blocks:
 //   logit = scale * s (+ hardness_strength * s on the penalised query_to_doc columns), masked columns -inf
+//   (self / same-query, guide, and duplicates: candidates whose doc id equals the positive's)
 //   joint:         loss_i = logsumexp(all logits) - logit_pos
 //   per_direction: loss_i = mean_b logsumexp(block b) - logit_pos
 // and then, in place, s <- dL/ds = scale * coef_b * softmax_b(logits) (- scale / B at the positive), where
@@ -38,6 +39,7 @@ template <typename T>
 struct Block {
   T* s = nullptr;         // row 0 of the block; row r at s + r * ld
   const T* g = nullptr;   // guide similarities (same shape) or nullptr
+  const int64_t* ids = nullptr;  // candidate ids of the block's columns (duplicate masking) or nullptr
   int64_t ld = 0, ldg = 0, n = 0;
   Kind kind = kQueryToDoc;
 };
@@ -125,6 +127,12 @@ FASTCACHE_INLINE T block_logits(const Block<T>& b, int64_t r, int64_t pos, int64
     x[own_query] = ninf;
   } else if (b.kind == kDocToDoc) {
     for (int64_t j = pos; j < n; j += P) x[j] = ninf;
+  }
+  if (b.ids) {  // duplicates of the row's positive (same id) are no negatives; the positive itself stays
+    const int64_t id = b.ids[pos];
+    const T keep = x[pos];
+    for (int64_t j = 0; j < n; ++j) x[j] = b.ids[j] == id ? ninf : x[j];
+    if (b.kind == kQueryToDoc) x[pos] = keep;
   }
   const T m = max_lanes(x, n);
   return m;
@@ -227,8 +235,9 @@ void check_block(const at::Tensor& t, const at::Tensor& like, const char* name) 
 at::Tensor contrastive_epilogue_cpu(
     at::Tensor query_to_doc, std::optional<at::Tensor> query_to_query, std::optional<at::Tensor> doc_to_query,
     std::optional<at::Tensor> doc_to_doc, std::optional<at::Tensor> guide_query_to_doc,
-    std::optional<at::Tensor> guide_query_to_query, std::optional<at::Tensor> guide_doc_to_doc, int64_t row0,
-    int64_t batch_size, int64_t num_positives, int64_t offset, int64_t own_query_offset, double scale,
+    std::optional<at::Tensor> guide_query_to_query, std::optional<at::Tensor> guide_doc_to_doc,
+    std::optional<at::Tensor> doc_ids, int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset,
+    int64_t own_query_offset, double scale,
     int64_t hardness_mode, double hardness_strength, bool joint, int64_t margin_strategy, double margin,
     bool compute_grad) {
   TORCH_CHECK(query_to_doc.scalar_type() == at::kFloat || query_to_doc.scalar_type() == at::kDouble,
@@ -240,6 +249,12 @@ at::Tensor contrastive_epilogue_cpu(
               " positives");
   TORCH_CHECK(query_to_doc.size(1) >= num_positives, "query_to_doc has fewer columns than positives");
   const bool guided = guide_query_to_doc.has_value();
+  if (doc_ids) {
+    TORCH_CHECK(doc_ids->device().is_cpu() && doc_ids->scalar_type() == at::kLong && doc_ids->dim() == 1 &&
+                    doc_ids->is_contiguous() && doc_ids->size(0) == query_to_doc.size(1),
+                "doc_ids must be a contiguous int64 CPU vector with one id per query_to_doc column");
+  }
+  const int64_t* ids = doc_ids ? doc_ids->data_ptr<int64_t>() : nullptr;
   Params p{row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_strength, margin,
            hardness_mode, margin_strategy, joint, compute_grad};
   at::Tensor loss = at::empty({rows}, query_to_doc.options());
@@ -262,6 +277,7 @@ at::Tensor contrastive_epilogue_cpu(
       }
     };
     add(query_to_doc, guide_query_to_doc, kQueryToDoc, "query_to_doc");
+    blocks[0].ids = ids;
     if (query_to_query) {
       TORCH_CHECK(guided == guide_query_to_query.has_value(), "guide blocks must match the enabled blocks");
       add(*query_to_query, guide_query_to_query, kQueryToQuery, "query_to_query");
@@ -273,6 +289,7 @@ at::Tensor contrastive_epilogue_cpu(
     if (doc_to_doc) {
       TORCH_CHECK(guided == guide_doc_to_doc.has_value(), "guide blocks must match the enabled blocks");
       add(*doc_to_doc, guide_doc_to_doc, kDocToDoc, "doc_to_doc");
+      blocks[nblocks - 1].ids = ids;  // its columns are the first doc_to_doc.size(1) candidates
     }
     epilogue(blocks, nblocks, rows, p, loss.data_ptr<scalar_t>());
   });

@@ -16,13 +16,15 @@ from sentence_transformers.util import all_gather_with_grad, get_rank
 from torch import Tensor
 
 from fastcache.gradcache import FusedGradCacheMixin
-from fastcache.losses.multiple_negatives_ranking import check_columns, gathering
+from fastcache.losses.multiple_negatives_ranking import DuplicateMasking, check_columns, gathering
 from fastcache.ops.contrastive import contrastive_loss
 
 
-def fused_gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tensor]) -> Tensor:
+def fused_gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tensor],
+                    doc_ids: Tensor | None = None) -> Tensor:
     """The GISTEmbedLoss of anchors, positives and any negative columns (``loss`` holds temperature, margin,
-    margin_strategy, contrast_anchors, contrast_positives, gather_across_devices)."""
+    margin_strategy, contrast_anchors, contrast_positives, gather_across_devices; ``doc_ids`` [C, P] masks
+    duplicates)."""
     check_columns(embeddings)
     if len(guide_embeddings) != len(embeddings):
         raise ValueError(f"The guide gave {len(guide_embeddings)} columns of embeddings, the model {len(embeddings)}")
@@ -46,14 +48,16 @@ def fused_gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tenso
         offset=offset,
         margin=loss.margin,
         margin_strategy=loss.margin_strategy,
+        doc_ids=None if doc_ids is None else doc_ids.to(anchors.device),
     )
 
 
-class GISTEmbedLoss(st_losses.GISTEmbedLoss):
+class GISTEmbedLoss(DuplicateMasking, st_losses.GISTEmbedLoss):
     """sentence-transformers' GISTEmbedLoss, loss stage fused by fastcache."""
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         sentence_features = list(sentence_features)
+        doc_ids = self.duplicate_ids(sentence_features)
         # the guide embeds shallow copies: it writes its outputs into the features it is given
         guide_features = [dict(features) for features in sentence_features]
         embeddings = embed_columns(self.model, sentence_features)
@@ -69,20 +73,20 @@ class GISTEmbedLoss(st_losses.GISTEmbedLoss):
             guide_embeddings = embed_columns(self.guide, guide_features)
         if len(embeddings) not in (2, 3):
             raise ValueError(f"Expected 2 or 3 embeddings, got {len(embeddings)}")
-        return fused_gist_loss(self, embeddings, guide_embeddings)
+        return fused_gist_loss(self, embeddings, guide_embeddings, doc_ids)
 
 
-class CachedGISTEmbedLoss(FusedGradCacheMixin, st_losses.CachedGISTEmbedLoss):
+class CachedGISTEmbedLoss(DuplicateMasking, FusedGradCacheMixin, st_losses.CachedGISTEmbedLoss):
     """sentence-transformers' CachedGISTEmbedLoss, loss stage fused by fastcache, with fastcache's gradient cache."""
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         return self.forward_cached(sentence_features, labels)
 
     def calculate_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *,
-                       with_backward: bool = False) -> Tensor:
+                       with_backward: bool = False, doc_ids: Tensor | None = None) -> Tensor:
         if len(reps) != len(reps_guided):
             raise ValueError("reps and reps_guided must have the same length")
-        loss = fused_gist_loss(self, [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided])
+        loss = fused_gist_loss(self, [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided], doc_ids)
         if with_backward:
             loss.backward()
             loss = loss.detach()

@@ -12,14 +12,18 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer import losses as st_losses
 from sentence_transformers.util import all_gather_with_grad, cos_sim, dot_score, get_rank, get_world_size
 from torch import Tensor
 
 from fastcache.gradcache import FusedGradCacheMixin
+from fastcache.losses.duplicates import candidate_ids
 from fastcache.ops.contrastive import contrastive_loss
 
 _FUSED_SIMILARITIES = {cos_sim: "cos", dot_score: "dot"}
+# the losses whose similarity_fct decides whether the fused op applies (GIST always uses cosine)
+_FUSED_FAMILY = (st_losses.MultipleNegativesRankingLoss, st_losses.CachedMultipleNegativesRankingLoss)
 
 
 def fused_similarity(similarity_fct: Callable) -> str | None:
@@ -43,10 +47,10 @@ def gathering(enabled: bool) -> bool:
     return enabled and get_world_size() > 1
 
 
-def fused_mnrl_loss(loss: st_losses.MultipleNegativesRankingLoss, embeddings: list[Tensor],
-                    similarity: str) -> Tensor:
+def fused_mnrl_loss(loss: st_losses.MultipleNegativesRankingLoss, embeddings: list[Tensor], similarity: str,
+                    doc_ids: Tensor | None = None) -> Tensor:
     """MultipleNegativesRankingLoss.compute_loss_from_embeddings through the fused op (``loss`` holds the options:
-    scale, directions, partition_mode, hardness, gather_across_devices)."""
+    scale, directions, partition_mode, hardness, gather_across_devices; ``doc_ids`` [C, P] masks duplicates)."""
     check_columns(embeddings)
     queries, docs = embeddings[0], embeddings[1:]
     all_queries = None
@@ -64,11 +68,48 @@ def fused_mnrl_loss(loss: st_losses.MultipleNegativesRankingLoss, embeddings: li
         partition_mode=loss.partition_mode,
         hardness_mode=loss.hardness_mode,
         hardness_strength=loss.hardness_strength,
+        doc_ids=None if doc_ids is None else doc_ids.reshape(-1).to(queries.device),
     )
 
 
-class _FusedMNRL:
+class DuplicateMasking:
+    """The keyword ``mask_duplicates`` (beyond upstream, default off): a candidate whose text is identical to a
+    row's positive (same non-padding token ids, see fastcache.losses.duplicates) is not that row's negative."""
+
+    def __init__(self, *args, mask_duplicates: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(mask_duplicates, bool):
+            raise ValueError(f"mask_duplicates must be True or False, got {mask_duplicates!r}")
+        similarity_fct = getattr(self, "similarity_fct", None)
+        if mask_duplicates and callable(similarity_fct) and isinstance(self, _FUSED_FAMILY) \
+                and fused_similarity(similarity_fct) is None:
+            raise ValueError("mask_duplicates needs similarity_fct=cos_sim or dot_score (the fused loss)")
+        self.mask_duplicates = mask_duplicates
+
+    def duplicate_ids(self, sentence_features: list[dict[str, Tensor]]) -> Tensor | None:
+        """[C, P] ids of the candidate columns (every rank's rows when gathering), None when not masking."""
+        if not self.mask_duplicates:
+            return None
+        device = sentence_features[0]["input_ids"].device if "input_ids" in sentence_features[0] else None
+        return candidate_ids(sentence_features[1:], gathering(self.gather_across_devices), device)
+
+    def get_config_dict(self) -> dict:
+        config = super().get_config_dict()
+        if self.mask_duplicates:
+            config["mask_duplicates"] = True
+        return config
+
+
+class _FusedMNRL(DuplicateMasking):
     """compute_loss_from_embeddings of the MultipleNegativesRankingLoss family through the fused op."""
+
+    def forward(self, sentence_features, labels: Tensor | None) -> Tensor:
+        if not self.mask_duplicates:
+            return super().forward(sentence_features, labels)
+        sentence_features = list(sentence_features)
+        doc_ids = self.duplicate_ids(sentence_features)
+        embeddings = embed_columns(self.model, sentence_features)
+        return fused_mnrl_loss(self, embeddings, fused_similarity(self.similarity_fct), doc_ids)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
         similarity = fused_similarity(self.similarity_fct)
@@ -77,16 +118,16 @@ class _FusedMNRL:
         return fused_mnrl_loss(self, embeddings, similarity)
 
 
-class _FusedCachedMNRL:
+class _FusedCachedMNRL(DuplicateMasking):
     """calculate_loss of the cached (GradCache) MultipleNegativesRankingLoss family through the fused op: one
     pass gives the loss and every embedding's gradient, which the gradient cache (fastcache.gradcache) replays."""
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
-                       with_backward: bool = False) -> Tensor:
+                       with_backward: bool = False, doc_ids: Tensor | None = None) -> Tensor:
         similarity = fused_similarity(self.similarity_fct)
         if similarity is None:
             return super().calculate_loss(reps, labels, with_backward=with_backward)
-        loss = fused_mnrl_loss(self, [torch.cat(column) for column in reps], similarity)
+        loss = fused_mnrl_loss(self, [torch.cat(column) for column in reps], similarity, doc_ids)
         if with_backward:
             loss.backward()
             loss = loss.detach()

@@ -18,6 +18,9 @@ positive similarity g_i,pos minus the margin (``absolute``: g - margin, ``relati
 positive never; query_to_query is then the anchor-anchor block (q_i against the B local queries) and doc_to_doc
 the positive-positive block (p_i against the P positives), both masked by the guide only.
 
+With ``doc_ids`` (an integer per candidate, e.g. a hash of its token ids), a candidate with the id of row i's
+positive is a duplicate of it: masked in query_to_doc (never the positive itself) and in doc_to_doc.
+
 The slab algorithm: rows in chunks; per chunk, GEMMs into chunk×columns blocks, one fused epilogue that turns the
 blocks into dL/ds in place (and gives the per-row losses), then GEMMs that accumulate dL/dq, dL/dd, dL/dQ.
 Memory O(chunk·(N + Mq)) on top of O((B + N + Mq)·D), the chunk chosen from a memory budget.
@@ -147,6 +150,7 @@ def check_inputs(
     guide_queries: Tensor | None,
     guide_docs: Tensor | None,
     options: ContrastiveOptions,
+    doc_ids: Tensor | None = None,
 ) -> ContrastiveLayout:
     """Validate the inputs against each other and the options; return the layout."""
     _check_tensor("queries", queries, (2,))
@@ -199,10 +203,18 @@ def check_inputs(
         if all_queries is not None:
             raise ValueError("all_queries cannot be combined with a guide: the guided query_to_query block is "
                              "anchor-anchor over the local queries, as in GISTEmbedLoss")
+    if doc_ids is not None:
+        if not isinstance(doc_ids, Tensor) or doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex \
+                or doc_ids.dtype == torch.bool:
+            raise ValueError(f"doc_ids must be an integer tensor, got {getattr(doc_ids, 'dtype', type(doc_ids))}")
+        if tuple(doc_ids.shape) != tuple(docs.shape[:-1]):
+            raise ValueError(f"doc_ids must have one id per candidate, shape {tuple(docs.shape[:-1])}; got "
+                             f"{tuple(doc_ids.shape)}")
+        named["doc_ids"] = doc_ids
     devices = {name: t.device for name, t in named.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all tensors must be on one device, got {devices}")
-    dtypes = {name: t.dtype for name, t in named.items() if not name.startswith("guide")}
+    dtypes = {name: t.dtype for name, t in named.items() if name in ("queries", "docs", "all_queries")}
     if len(set(dtypes.values())) > 1:
         raise ValueError(f"queries, docs and all_queries must share a dtype, got {dtypes}")
     query_columns = all_queries.size(0) if all_queries is not None else rows
@@ -255,7 +267,7 @@ def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered:
     return rows
 
 
-def _slab(queries, docs, all_queries, guide_queries, guide_docs, options: ContrastiveOptions,
+def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options: ContrastiveOptions,
           layout: ContrastiveLayout, epilogue, need_grad: bool, chunk: int, progress: bool):
     """Loss (compute dtype, 0-d) and, when ``need_grad``, fp32/fp64 gradients w.r.t. queries, docs, all_queries."""
     dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
@@ -269,6 +281,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, options: Contra
     if guided:
         gq, _ = _normalized(guide_queries, dtype, True)
         gd, _ = _normalized(guide_docs.reshape(-1, guide_docs.size(-1)), dtype, True)
+    ids = None if doc_ids is None else doc_ids.reshape(-1).to(torch.int64).contiguous()
     dirs = options.directions
     # doc_to_doc candidates: every document, or (guided, GISTEmbedLoss) the positives only
     dd_cols = d[:P] if guided else d
@@ -300,7 +313,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, options: Contra
                 torch.mm(gq[r0:r1], gq.T, out=gout["query_to_query"])
             if "doc_to_doc" in dirs:
                 torch.mm(gd[off + r0:off + r1], gd[:P].T, out=gout["doc_to_doc"])
-        loss += epilogue(out, gout, r0, layout, options, need_grad).sum()
+        loss += epilogue(out, gout, ids, r0, layout, options, need_grad).sum()
         if not need_grad:
             continue
         # out now holds dL/ds for each block; accumulate the similarity GEMMs' gradients
@@ -325,9 +338,9 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, options: Contra
     return loss, grad_queries, grad_docs, grad_all
 
 
-def _run(queries, docs, all_queries, guide_queries, guide_docs, options, need_grad, *, backend, memory_budget,
-         chunk_size, show_progress_bar):
-    layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options)
+def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, need_grad, *, backend,
+         memory_budget, chunk_size, show_progress_bar):
+    layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options, doc_ids)
     name = _backend.resolve_backend(queries.device, contrastive_epilogue.available(queries.device), backend)
     itemsize = 8 if queries.dtype == torch.float64 else 4
     if chunk_size is None:
@@ -339,7 +352,7 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, options, need_gr
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     else:
         chunk = min(chunk_size, layout.rows)
-    return _slab(queries, docs, all_queries, guide_queries, guide_docs, options, layout,
+    return _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
                  contrastive_epilogue.EPILOGUES[name], need_grad, chunk, show_progress_bar)
 
 
@@ -348,9 +361,9 @@ class _ContrastiveLossFunction(torch.autograd.Function):
     them by the incoming gradient. No gradient for the guide embeddings."""
 
     @staticmethod
-    def forward(ctx, queries, docs, all_queries, guide_queries, guide_docs, options, settings):
+    def forward(ctx, queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, settings):
         need_grad = any(ctx.needs_input_grad[:3])
-        loss, gq, gd, gaq = _run(queries, docs, all_queries, guide_queries, guide_docs, options, need_grad,
+        loss, gq, gd, gaq = _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, need_grad,
                                  **settings)
         if need_grad:
             ctx.save_for_backward(gq.to(queries.dtype), gd.to(docs.dtype),
@@ -362,7 +375,7 @@ class _ContrastiveLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         gq, gd, gaq = ctx.saved_tensors
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (gq, gd, gaq)]
-        return (*scaled, None, None, None, None)
+        return (*scaled, None, None, None, None, None)
 
 
 _SETTINGS = ("backend", "memory_budget", "chunk_size", "show_progress_bar")
@@ -386,6 +399,7 @@ def contrastive_loss(
     all_queries: Tensor | None = None,
     guide_queries: Tensor | None = None,
     guide_docs: Tensor | None = None,
+    doc_ids: Tensor | None = None,
     **options,
 ) -> Tensor:
     """The in-batch contrastive loss of sentence-transformers' MultipleNegativesRankingLoss (and GISTEmbedLoss
@@ -399,6 +413,8 @@ def contrastive_loss(
             the columns of query_to_query and doc_to_query. Default: the queries themselves (P = B).
         guide_queries, guide_docs: guide-model embeddings laid out like ``queries`` and ``docs``: GIST
             false-negative masking (see the module docstring). Never differentiated.
+        doc_ids: an integer per candidate, laid out like ``docs`` without the last dimension; candidates that
+            share the id of a row's positive (duplicates, e.g. the same text) are not its negatives.
 
     Options (keywords, see :class:`ContrastiveOptions`):
         scale=20.0: logit = scale · similarity (1 / temperature).
@@ -424,7 +440,7 @@ def contrastive_loss(
     """
     options, settings = _parse(options)
     guides = [t.detach() if isinstance(t, Tensor) else t for t in (guide_queries, guide_docs)]
-    return _ContrastiveLossFunction.apply(queries, docs, all_queries, *guides, options, settings)
+    return _ContrastiveLossFunction.apply(queries, docs, all_queries, *guides, doc_ids, options, settings)
 
 
 def contrastive_loss_and_grad(
@@ -434,12 +450,14 @@ def contrastive_loss_and_grad(
     all_queries: Tensor | None = None,
     guide_queries: Tensor | None = None,
     guide_docs: Tensor | None = None,
+    doc_ids: Tensor | None = None,
     **options,
 ) -> ContrastiveLossAndGrad:
     """:func:`contrastive_loss` and its gradients w.r.t. the embeddings in one pass, without an autograd graph
     (what gradient caching consumes). Same arguments; gradients come in the inputs' dtypes and shapes."""
     options, settings = _parse(options)
-    inputs = [t.detach() if isinstance(t, Tensor) else t for t in (queries, docs, all_queries, guide_queries, guide_docs)]
+    inputs = [t.detach() if isinstance(t, Tensor) else t
+              for t in (queries, docs, all_queries, guide_queries, guide_docs, doc_ids)]
     with torch.no_grad():
         loss, gq, gd, gaq = _run(*inputs, options, True, **settings)
     return ContrastiveLossAndGrad(loss, gq.to(queries.dtype), gd.to(docs.dtype),

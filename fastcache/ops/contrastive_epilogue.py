@@ -2,11 +2,12 @@
 
 Every backend implements the same contract (the maths is in fastcache/ops/contrastive.py's docstring):
 
-    epilogue(blocks, guides, row0, layout, options, compute_grad) -> loss_rows [c]
+    epilogue(blocks, guides, doc_ids, row0, layout, options, compute_grad) -> loss_rows [c]
 
 ``blocks`` maps each enabled direction to its raw similarity block [c, columns] of rows row0 .. row0+c-1 (compute
 dtype, overwritten with dL/ds = scale·dL/dlogit when ``compute_grad``); ``guides`` maps directions to the guide's
-similarity blocks (empty without a guide). L is the mean over the layout's B rows.
+similarity blocks (empty without a guide); ``doc_ids`` is None or an int64 id per candidate (duplicates of a
+row's positive are masked in query_to_doc and doc_to_doc). L is the mean over the layout's B rows.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def _own_columns(pos: Tensor, positives: int, columns: int) -> Tensor:
     return pos[:, None] + positives * torch.arange(columns // positives, device=pos.device)[None, :]
 
 
-def _logits_(kind: str, s: Tensor, g: Tensor | None, threshold: Tensor | None, pos: Tensor, own_query: Tensor,
-             layout, options) -> None:
+def _logits_(kind: str, s: Tensor, g: Tensor | None, threshold: Tensor | None, doc_ids: Tensor | None, pos: Tensor,
+             own_query: Tensor, layout, options) -> None:
     """Turn one block of similarities into logits in place: scaled, hardness-penalised (query_to_doc), masked."""
     ninf = float("-inf")
     rows = torch.arange(s.size(0), device=s.device)
@@ -60,6 +61,11 @@ def _logits_(kind: str, s: Tensor, g: Tensor | None, threshold: Tensor | None, p
         s[rows, own_query] = ninf
     elif kind == "doc_to_doc":
         s.scatter_(1, _own_columns(pos, layout.positives, s.size(1)), ninf)
+    if doc_ids is not None and kind in ("query_to_doc", "doc_to_doc"):
+        keep = s[rows, pos] if kind == "query_to_doc" else None
+        s.masked_fill_(doc_ids[None, :s.size(1)] == doc_ids[pos][:, None], ninf)
+        if keep is not None:  # the positive is no duplicate of itself
+            s[rows, pos] = keep
 
 
 def _logsumexp(blocks: list[Tensor]) -> Tensor:
@@ -70,8 +76,8 @@ def _logsumexp(blocks: list[Tensor]) -> Tensor:
     return shift + torch.log(total)
 
 
-def epilogue_torch(blocks: dict[str, Tensor], guides: dict[str, Tensor], row0: int, layout, options,
-                   compute_grad: bool) -> Tensor:
+def epilogue_torch(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int, layout,
+                   options, compute_grad: bool) -> Tensor:
     """Pure-PyTorch epilogue (any device, any float dtype), in place but for one block-sized temporary."""
     qd = blocks["query_to_doc"]
     rows = torch.arange(row0, row0 + qd.size(0), device=qd.device)
@@ -79,7 +85,7 @@ def epilogue_torch(blocks: dict[str, Tensor], guides: dict[str, Tensor], row0: i
     own_query = layout.own_query_offset + rows
     threshold = _guide_threshold(guides["query_to_doc"], pos, options) if guides else None
     for k, s in blocks.items():
-        _logits_(k, s, guides.get(k), threshold, pos, own_query, layout, options)
+        _logits_(k, s, guides.get(k), threshold, doc_ids, pos, own_query, layout, options)
     if options.partition_mode == "joint":  # one log-partition over every block, the same for each block
         joint = _logsumexp(list(blocks.values()))
         base = {k: joint for k in blocks}
@@ -97,12 +103,12 @@ def epilogue_torch(blocks: dict[str, Tensor], guides: dict[str, Tensor], row0: i
     return loss_rows
 
 
-def epilogue_cpu(blocks: dict[str, Tensor], guides: dict[str, Tensor], row0: int, layout, options,
-                 compute_grad: bool) -> Tensor:
+def epilogue_cpu(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int, layout,
+                 options, compute_grad: bool) -> Tensor:
     """The compiled C++ epilogue (csrc/cpu/contrastive.cpp); CPU float32/float64 blocks."""
     return _backend.EXTENSION.contrastive_epilogue_cpu(
         blocks["query_to_doc"], blocks.get("query_to_query"), blocks.get("doc_to_query"), blocks.get("doc_to_doc"),
-        guides.get("query_to_doc"), guides.get("query_to_query"), guides.get("doc_to_doc"),
+        guides.get("query_to_doc"), guides.get("query_to_query"), guides.get("doc_to_doc"), doc_ids,
         row0, layout.rows, layout.positives, options.offset, layout.own_query_offset, float(options.scale),
         _HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, float(options.hardness_strength),
         options.partition_mode == "joint", _MARGIN_CODES[options.margin_strategy], float(options.margin),

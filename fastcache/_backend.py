@@ -75,11 +75,11 @@ def cpu_kernel_status(device: torch.device) -> str | None:
     return None
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, name: str = "FASTCACHE_MEMORY_BUDGET") -> int:
     """'268435456', '256MiB', '256MB', '1.5GiB', '512k' -> bytes (binary units for K/M/G/T with or without 'i')."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
     if not match:
-        raise ValueError(f"FASTCACHE_MEMORY_BUDGET must be a size such as 268435456, 256MiB or 1GiB; got {text!r}")
+        raise ValueError(f"{name} must be a size such as 268435456, 256MiB or 1GiB; got {text!r}")
     number, unit = float(match.group(1)), match.group(2)
     return int(number * 1024 ** " kmgt".index(unit or " "))
 

@@ -6,21 +6,25 @@
         gradient, scaled by the incoming gradient (so gradient accumulation and AMP loss scaling reach it).
 
 Only one mini-batch of activations is alive at a time. This is sentence-transformers' engine (its mini-batch
-splitting, token budgets, RNG replay and model calls are reused) with one change for multi-GPU training: under
+splitting, token budgets, RNG replay and model calls are reused) with two additions: under
 DistributedDataParallel the replays run under ``no_sync`` and the accumulated gradients are all-reduced once
-per step, instead of once per mini-batch of every column.
+per step, instead of once per mini-batch of every column; and ``mini_batch_size="auto"`` sizes the mini-batches
+from a memory budget (``mini_batch_memory_budget=`` or ``FASTCACHE_MINI_BATCH_BUDGET``, default 2 GiB).
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from functools import partial
 
 import torch
 import torch.distributed as dist
-from sentence_transformers.base.losses.gradcache import _minibatch_ranges
+from sentence_transformers.base.losses.gradcache import _create_minibatch, _minibatch_ranges
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
+
+from fastcache._backend import parse_bytes
 
 _BUCKET_BYTES = 64 * 2**20  # gradients all-reduced together, like DDP's buckets
 
@@ -73,6 +77,56 @@ def replay_backward_hook(grad_output: Tensor, sentence_features, loss_obj, cache
         all_reduce_gradients(model)
 
 
+DEFAULT_MINI_BATCH_BUDGET = 2 * 2**30  # bytes of activations per mini-batch when mini_batch_size="auto"
+_PROBE_ROWS = 8
+_SAFETY = 2.0  # peak of a replay (forward + backward) over the activations autograd saves
+
+
+def saved_activation_bytes(model: torch.nn.Module, features: dict[str, Tensor]) -> int:
+    """Bytes that autograd saves for backward in one forward of ``features`` (distinct storages, parameters
+    excluded): the activation memory a mini-batch holds during its replay. The RNG is left as it was."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    devices = [features_tensor.device for features_tensor in features.values() if isinstance(features_tensor, Tensor)]
+    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), torch.enable_grad(), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(features)
+    return sum(saved.values())
+
+
+class AutoMiniBatch:
+    """``mini_batch_size="auto"``: the largest mini-batch whose replay fits ``budget`` bytes of activations.
+
+    The activations of a few rows are measured (autograd's saved tensors, times a safety factor for the backward's
+    transients) at the longest padded length seen so far, and re-measured when a batch is longer; a mini-batch of
+    L tokens per row is then assumed to cost that per-row measurement scaled by L / (measured length), an
+    overestimate for shorter rows (attention is quadratic in the length).
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.length = 0
+        self.bytes_per_row = 0.0
+
+    def size(self, model: torch.nn.Module, features: dict[str, Tensor]) -> int:
+        rows, length = features["input_ids"].shape[:2]
+        if length > self.length:
+            probe = _create_minibatch(features, 0, min(_PROBE_ROWS, rows))
+            probe_rows = probe["input_ids"].size(0)
+            self.bytes_per_row = _SAFETY * saved_activation_bytes(model, probe) / probe_rows
+            self.length = probe["input_ids"].size(1)
+        per_row = self.bytes_per_row * length / max(self.length, 1)
+        return int(min(rows, max(1, self.budget // max(per_row, 1.0))))
+
+
 class FusedGradCacheMixin:
     """``forward_cached`` for a loss built on sentence-transformers' CachedLossMixin (it provides
     ``embed_minibatch_iter``, ``mini_batch_size``, ``mini_batch_num_tokens``) whose ``calculate_loss`` is fused.
@@ -83,11 +137,35 @@ class FusedGradCacheMixin:
     duplicate ids, computed from the token ids, reach ``calculate_loss`` as ``doc_ids``.
     """
 
+    def __init__(self, *args, mini_batch_memory_budget: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        size = self.mini_batch_size
+        if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise ValueError(f"mini_batch_size must be a positive int or 'auto', got {size!r}")
+        if size == "auto" and not self.fused:
+            raise ValueError("mini_batch_size='auto' needs the fused loss (similarity_fct=cos_sim or dot_score)")
+        budget = mini_batch_memory_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise ValueError(f"mini_batch_memory_budget must be a positive number of bytes, got {budget!r}")
+        if budget is None and size == "auto":
+            env = os.environ.get("FASTCACHE_MINI_BATCH_BUDGET")
+            budget = parse_bytes(env, "FASTCACHE_MINI_BATCH_BUDGET") if env else DEFAULT_MINI_BATCH_BUDGET
+        self.auto_mini_batch = AutoMiniBatch(budget or DEFAULT_MINI_BATCH_BUDGET)
+
+    def _ranges(self, features: dict[str, Tensor]) -> list[tuple[int, int]]:
+        """The mini-batches of one column: upstream's (by size or token budget), or sized from the memory budget."""
+        if self.mini_batch_size != "auto" or self.mini_batch_num_tokens is not None:
+            return _minibatch_ranges(features, self.mini_batch_size, self.mini_batch_num_tokens)
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        size = self.auto_mini_batch.size(model, features)
+        rows = features["input_ids"].size(0)
+        return [(begin, min(begin + size, rows)) for begin in range(0, rows, size)]
+
     def forward_cached(self, sentence_features, labels: Tensor | None = None) -> Tensor:
         sentence_features = list(sentence_features)
         grad_enabled = torch.is_grad_enabled()
         # the replay must use step (1)'s boundaries: modules may edit the features in place while embedding
-        ranges = [_minibatch_ranges(f, self.mini_batch_size, self.mini_batch_num_tokens) for f in sentence_features]
+        ranges = [self._ranges(features) for features in sentence_features]
         reps, extras, random_states = [], [], []
         for features, column_ranges in zip(sentence_features, ranges):
             column_reps, column_extras, column_states = [], [], []

@@ -80,11 +80,15 @@ class DuplicateMasking:
         super().__init__(*args, **kwargs)
         if not isinstance(mask_duplicates, bool):
             raise ValueError(f"mask_duplicates must be True or False, got {mask_duplicates!r}")
-        similarity_fct = getattr(self, "similarity_fct", None)
-        if mask_duplicates and callable(similarity_fct) and isinstance(self, _FUSED_FAMILY) \
-                and fused_similarity(similarity_fct) is None:
+        if mask_duplicates and not self.fused:
             raise ValueError("mask_duplicates needs similarity_fct=cos_sim or dot_score (the fused loss)")
         self.mask_duplicates = mask_duplicates
+
+    @property
+    def fused(self) -> bool:
+        """Whether the loss stage runs through the fused op: always for GIST (cosine), for the
+        MultipleNegativesRankingLoss family with similarity_fct cos_sim or dot_score."""
+        return not isinstance(self, _FUSED_FAMILY) or fused_similarity(self.similarity_fct) is not None
 
     def duplicate_ids(self, sentence_features: list[dict[str, Tensor]]) -> Tensor | None:
         """[C, P] ids of the candidate columns (every rank's rows when gathering), None when not masking."""

@@ -8,8 +8,10 @@ anchor-anchor and positive-positive blocks are the op's query_to_query and doc_t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
+from sentence_transformers.base.losses.gradcache import RandContext, _create_minibatch
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer import losses as st_losses
 from sentence_transformers.util import all_gather_with_grad, get_rank
@@ -52,6 +54,13 @@ def fused_gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tenso
     )
 
 
+def retokenized_for_guide(loss, features: dict[str, Tensor]) -> dict:
+    """The guide's own inputs for the texts of ``features`` (the guide has another vocabulary or a shorter
+    maximum length): decoded with the model's tokenizer, preprocessed by the guide, tensors on its device."""
+    texts = loss.tokenizer.batch_decode(features["input_ids"], skip_special_tokens=True)
+    return {k: v.to(loss.guide.device) if isinstance(v, Tensor) else v for k, v in loss.guide.preprocess(texts).items()}
+
+
 class GISTEmbedLoss(DuplicateMasking, st_losses.GISTEmbedLoss):
     """sentence-transformers' GISTEmbedLoss, loss stage fused by fastcache."""
 
@@ -62,14 +71,8 @@ class GISTEmbedLoss(DuplicateMasking, st_losses.GISTEmbedLoss):
         guide_features = [dict(features) for features in sentence_features]
         embeddings = embed_columns(self.model, sentence_features)
         with torch.no_grad():
-            if self.must_retokenize:  # the guide has its own vocabulary or a shorter maximum length
-                texts = [self.tokenizer.batch_decode(f["input_ids"], skip_special_tokens=True)
-                         for f in sentence_features]
-                guide_features = [
-                    {k: v.to(self.guide.device) if isinstance(v, Tensor) else v
-                     for k, v in self.guide.preprocess(column).items()}
-                    for column in texts
-                ]
+            if self.must_retokenize:
+                guide_features = [retokenized_for_guide(self, features) for features in sentence_features]
             guide_embeddings = embed_columns(self.guide, guide_features)
         if len(embeddings) not in (2, 3):
             raise ValueError(f"Expected 2 or 3 embeddings, got {len(embeddings)}")
@@ -81,6 +84,19 @@ class CachedGISTEmbedLoss(DuplicateMasking, FusedGradCacheMixin, st_losses.Cache
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         return self.forward_cached(sentence_features, labels)
+
+    def embed_minibatch(self, sentence_feature: dict[str, Tensor], begin: int, end: int, with_grad: bool,
+                        copy_random_state: bool, random_state: RandContext | None = None):
+        """Upstream's, except that a retokenizing guide gets only its tensors moved to its device (upstream
+        calls .to() on every preprocess output, and sentence-transformers 6 adds the string 'modality')."""
+        if with_grad or not self.must_retokenize:
+            return super().embed_minibatch(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
+        minibatch = _create_minibatch(sentence_feature, begin, end)
+        with random_state or nullcontext(), torch.no_grad():
+            state = RandContext(*minibatch.values()) if copy_random_state else None
+            reps = self.model(minibatch)["sentence_embedding"]
+            guide_reps = self.guide(retokenized_for_guide(self, minibatch))["sentence_embedding"]
+        return reps, guide_reps, state
 
     def calculate_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *,
                        with_backward: bool = False, doc_ids: Tensor | None = None) -> Tensor:

@@ -80,7 +80,7 @@ def tiny_sentence_transformer():
                                 intermediate_size=64)
             BertModel(config).save_pretrained(folder)
             torch.random.set_rng_state(state)
-            BertTokenizerFast(vocab_file=vocab_file).save_pretrained(folder)
+            BertTokenizerFast(vocab=vocab_file).save_pretrained(folder)
             _TINY_MODEL = SentenceTransformer(folder, device="cpu")
     return _TINY_MODEL
 

@@ -5,7 +5,8 @@ forward and backward) and returns a :class:`RunOutput` (the loss and the gradien
 optional untimed ``reset()`` called before every run (e.g. to drop the ``.grad`` of leaf tensors).
 
 Timing (:func:`time_case`): ``warmup`` untimed runs, then ``repeats`` timed runs with ``time.perf_counter``; the
-minimum and the median in seconds.
+minimum and the median in seconds. :func:`time_cases` does the same for several cases, interleaving their timed
+runs (A B A B ...) so that cases compared with each other share the machine's drift.
 
 Memory (:func:`peak_memory`): each case runs once in a fresh Python subprocess (``python bench/harness.py
 --memory ...``), so no earlier case leaves memory or a higher peak behind. The child
@@ -14,16 +15,19 @@ Memory (:func:`peak_memory`): each case runs once in a fresh Python subprocess (
    resident size (Linux keeps the high-water mark across exec);
 1. imports, builds the case at a tiny shape and runs it once (loads lazily-initialised libraries, thread pools,
    JIT kernels), then drops it;
-2. builds the case at the measured shape, touches every input (reads each tensor) and takes the baseline
-   ``getrusage(RUSAGE_SELF).ru_maxrss``;
-3. runs the case once and takes ``ru_maxrss`` again.
+2. builds the case at the measured shape, touches every input (reads each tensor), resets the high-water mark to
+   the resident size (Linux: ``5`` written to ``/proc/self/clear_refs``) and takes the baseline: the high-water
+   mark ``VmHWM`` of ``/proc/self/status`` (``getrusage(RUSAGE_SELF).ru_maxrss`` where the reset is not possible);
+3. runs the case once and reads the high-water mark again.
 
 ``peak beyond inputs`` is the difference; ``peak beyond inputs and gradients`` subtracts the bytes of the gradient
 tensors the run returned (distinct storages counted once), which any implementation must hand back. The rest is
-the workspace: similarity blocks, normalised copies, accumulators, temporaries, allocator slack. ``ru_maxrss`` is a
-high-water mark of the whole process, so a case whose set-up had a transient peak above its steady state would
-hide part of its run: the child records that gap (``baseline_gap_mib``, the high-water mark minus the resident size
-at the baseline) so the number can be trusted when it is near zero.
+the workspace: similarity blocks, normalised copies, accumulators, temporaries, allocator slack. The high-water mark
+is one of the whole process, so without the reset of step 2 a case whose set-up or warm-up had a transient peak
+above its steady state (e.g. a training step, whose parameter-sized temporaries do not shrink with the warm-up's
+tiny shape) would hide part of its run. The child records whether it could reset (``peak_reset``) and the gap that
+is left (``baseline_gap_mib``, the high-water mark minus the resident size at the baseline; near zero after a
+reset), so the number can be trusted when the gap is near zero.
 """
 
 from __future__ import annotations
@@ -75,24 +79,34 @@ class Timing:
 def time_case(case: Case, *, warmup: int = 1, repeats: int = 3) -> tuple[Timing, RunOutput]:
     """Seconds per run: ``warmup`` untimed runs, then ``repeats`` timed ones. Returns the timing and the output
     of the last run (for a consistency check of the loss)."""
+    return time_cases([case], warmup=warmup, repeats=repeats)[0]
+
+
+def time_cases(cases: Sequence[Case], *, warmup: int = 1, repeats: int = 3) -> list[tuple[Timing, RunOutput]]:
+    """:func:`time_case` of several cases, interleaved: the warm-up runs of every case, then ``repeats`` rounds
+    that time each case once in turn (A B A B ...). Cases that do nearly the same work (e.g. two losses in one
+    training step) then see the same drift of the machine (clock, other processes), so their difference is not
+    a difference of when they ran. Returns (timing, output of the last run) per case, in order."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    out = None
-    for _ in range(warmup):
-        if case.reset is not None:
-            case.reset()
-        out = case.run()
-        del out
-    times = []
+    for case in cases:
+        for _ in range(warmup):
+            if case.reset is not None:
+                case.reset()
+            out = case.run()
+            del out
+    times: list[list[float]] = [[] for _ in cases]
+    outputs: list[RunOutput | None] = [None for _ in cases]
     for _ in range(repeats):
-        if case.reset is not None:
-            case.reset()
-        out = None
-        gc.collect()
-        start = time.perf_counter()
-        out = case.run()
-        times.append(time.perf_counter() - start)
-    return Timing(min(times), statistics.median(times), times), out
+        for index, case in enumerate(cases):
+            if case.reset is not None:
+                case.reset()
+            outputs[index] = None
+            gc.collect()
+            start = time.perf_counter()
+            outputs[index] = case.run()
+            times[index].append(time.perf_counter() - start)
+    return [(Timing(min(t), statistics.median(t), t), out) for t, out in zip(times, outputs)]
 
 
 def tensor_bytes(tensors) -> int:
@@ -111,6 +125,30 @@ def tensor_bytes(tensors) -> int:
 
 def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _hwm_bytes() -> int | None:
+    """The process's high-water mark of resident memory (``VmHWM``), None where /proc/self/status lacks it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the high-water mark to the resident size (Linux >= 4.0); False where that is not possible."""
+    if _hwm_bytes() is None:
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def _rss_bytes() -> int:
@@ -142,15 +180,18 @@ def _measure_in_this_process(module_path: str, factory: str, kwargs: dict, warmu
     if case.reset is not None:
         case.reset()
     gc.collect()
-    baseline = _maxrss_bytes()
+    reset = _reset_peak()
+    peak_bytes = _hwm_bytes if reset else _maxrss_bytes
+    baseline = peak_bytes()
     baseline_gap = baseline - _rss_bytes()
     out = case.run()
-    peak = _maxrss_bytes()
+    peak = peak_bytes()
     grads = tensor_bytes(out.grads)
     return {
         "case": case.name,
         "baseline_mib": baseline / MIB,
         "baseline_gap_mib": max(0, baseline_gap) / MIB,
+        "peak_reset": reset,
         "peak_beyond_inputs_mib": (peak - baseline) / MIB,
         "grad_mib": grads / MIB,
         "peak_beyond_inputs_and_grads_mib": (peak - baseline - grads) / MIB,
@@ -158,7 +199,8 @@ def _measure_in_this_process(module_path: str, factory: str, kwargs: dict, warmu
     }
 
 
-def _start(module_path, factory: str, kwargs: dict, warmup_kwargs: dict | None) -> subprocess.Popen:
+def _start(module_path, factory: str, kwargs: dict, warmup_kwargs: dict | None,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
     command = [sys.executable, os.path.abspath(__file__), "--memory", os.fspath(module_path), factory,
                json.dumps(kwargs), json.dumps(warmup_kwargs)]
     if os.path.exists("/bin/sh"):
@@ -166,7 +208,8 @@ def _start(module_path, factory: str, kwargs: dict, warmup_kwargs: dict | None) 
         # process starts with ru_maxrss = our resident size. A shell that forks the child (no exec: a command
         # follows) gives it a fresh high-water mark that starts at the shell's few MiB.
         command = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *command]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=None if env is None else {**os.environ, **env})
 
 
 def _collect(process: subprocess.Popen, timeout: float | None) -> dict:
@@ -184,21 +227,23 @@ def _collect(process: subprocess.Popen, timeout: float | None) -> dict:
 
 
 def peak_memory(module_path: str | os.PathLike, factory: str, kwargs: dict, *, warmup_kwargs: dict | None = None,
-                timeout: float | None = 900.0) -> dict:
+                timeout: float | None = 900.0, env: dict[str, str] | None = None) -> dict:
     """Peak memory of one run of ``module.factory(**kwargs)`` (a :class:`Case`), measured in a fresh subprocess
     as described in the module docstring. ``kwargs`` must be JSON-serialisable; ``warmup_kwargs`` build the tiny
-    warm-up case (None: no warm-up). Returns the child's dict (sizes in MiB), or ``{"error": ...}``."""
-    return _collect(_start(module_path, factory, kwargs, warmup_kwargs), timeout)
+    warm-up case (None: no warm-up); ``env``: variables added to the child's environment (e.g. allocator
+    settings, which a process reads when it starts). Returns the child's dict (sizes in MiB), or
+    ``{"error": ...}``."""
+    return _collect(_start(module_path, factory, kwargs, warmup_kwargs, env), timeout)
 
 
 def peak_memory_many(jobs: list[tuple[str, dict, dict | None]], module_path, factory: str, *, parallel: int = 1,
-                     timeout: float | None = 900.0) -> dict[str, dict]:
+                     timeout: float | None = 900.0, env: dict[str, str] | None = None) -> dict[str, dict]:
     """:func:`peak_memory` of several cases, ``parallel`` subprocesses at a time (peak RSS is per process, so
     children side by side do not change each other's numbers, only their speed). ``jobs``: (key, kwargs,
     warmup_kwargs) triples; the result keeps their order."""
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         futures = {key: pool.submit(peak_memory, module_path, factory, kwargs, warmup_kwargs=warmup_kwargs,
-                                    timeout=timeout) for key, kwargs, warmup_kwargs in jobs}
+                                    timeout=timeout, env=env) for key, kwargs, warmup_kwargs in jobs}
         return {key: future.result() for key, future in futures.items()}
 
 

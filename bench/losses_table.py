@@ -381,9 +381,15 @@ def targets(results: dict, settings: dict) -> list[dict]:
         if fc_r.get("min_s") and st_r.get("min_s"):
             ratio = fc_r["min_s"] / st_r["min_s"]
             spread = max((max(r["times_s"]) - min(r["times_s"])) / r["min_s"] for r in (fc_r, st_r))
+            value = (f"fastcache/upstream time {ratio:.4f}, difference {fc_r['min_s'] - st_r['min_s']:+.3f} s "
+                     f"(run-to-run spread of either up to {100 * spread:.1f}%)")
+            fc_loss, st_loss = (_t(results, "minilm_cached_loss", batch, impl) for impl in ("fastcache", "st"))
+            if fc_loss and st_loss:  # the only code of the step that differs between the two
+                value += f"; its loss stage alone: {1e3 * (fc_loss - st_loss):+.1f} ms"
+            # on 2 shared cores consecutive runs of the same step differ by up to ~20%: say whether the
+            # difference is smaller than that spread (then a single run cannot tell the two apart)
             found.append({"target": f"MiniLM CachedMNRL step at batch {batch}: never slower than upstream",
-                          "value": f"fastcache/upstream time {ratio:.4f} (run-to-run spread up to "
-                                   f"{100 * spread:.1f}%)", "met": ratio <= 1})
+                          "value": value, "met": ratio <= 1, "within_noise": abs(ratio - 1) < spread})
         fc_m, st_m = (_peak(results, "minilm_cached_step", batch, impl) for impl in ("fastcache", "st"))
         if fc_m is not None and st_m is not None:
             found.append({"target": f"MiniLM CachedMNRL step at batch {batch}: peak memory never higher than "
@@ -544,7 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     if found:
         print("\nTargets" + (" (quick settings: indicative only)" if args.quick else "") + ":")
         for item in found:
-            print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")
+            verdict = "met" if item["met"] else "NOT MET"
+            if item.get("within_noise"):
+                verdict += ", within the run-to-run spread"
+            print(f"- [{verdict}] {item['target']}: {item['value']}")
 
     if out_path is not None:
         anchors, positives, negatives = synthetic_triplets(max(settings["static_batches"]))

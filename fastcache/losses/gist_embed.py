@@ -18,7 +18,8 @@ from sentence_transformers.util import all_gather_with_grad, get_rank
 from torch import Tensor
 
 from fastcache.gradcache import FusedGradCacheMixin
-from fastcache.losses.multiple_negatives_ranking import DuplicateMasking, check_columns, gathering
+from fastcache.losses.multiple_negatives_ranking import (DuplicateMasking, check_columns,
+                                                        check_same_layout_on_every_rank, gathering)
 from fastcache.ops.contrastive import contrastive_loss
 
 
@@ -34,6 +35,8 @@ def fused_gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tenso
     guide_anchors, guide_candidates = guide_embeddings[0], guide_embeddings[1:]
     offset = 0
     if gathering(loss.gather_across_devices):  # anchors stay local; candidates are gathered
+        check_same_layout_on_every_rank(anchors.device, columns=len(embeddings), rows=anchors.size(0),
+                                        dim=anchors.size(1), guide_dim=guide_anchors.size(1))
         candidates = [all_gather_with_grad(c) for c in candidates]
         guide_candidates = [all_gather_with_grad(c) for c in guide_candidates]
         offset = get_rank() * anchors.size(0)

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer import losses as st_losses
 from sentence_transformers.util import all_gather_with_grad, cos_sim, dot_score, get_rank, get_world_size
@@ -47,6 +48,20 @@ def gathering(enabled: bool) -> bool:
     return enabled and get_world_size() > 1
 
 
+def check_same_layout_on_every_rank(device: torch.device, **sizes: int) -> None:
+    """Before gathering: every rank must bring the same sizes (all_gather needs equal shapes; unequal ones crash a
+    rank, hang the others or gather garbage). The sizes are exchanged first, so every rank raises the same error."""
+    local = torch.tensor(list(sizes.values()), dtype=torch.int64, device=device)
+    table = [torch.empty_like(local) for _ in range(get_world_size())]
+    dist.all_gather(table, local)
+    table = torch.stack(table).cpu()
+    if bool((table != table[0]).any()):
+        per_rank = "; ".join(f"rank {rank}: " + ", ".join(f"{name}={value}" for name, value in zip(sizes, row))
+                             for rank, row in enumerate(table.tolist()))
+        raise ValueError(f"gather_across_devices=True needs the same batch layout on every rank, got {per_rank}. "
+                         "Give every rank batches of the same size (e.g. drop_last=True) with the same columns.")
+
+
 def fused_mnrl_loss(loss: st_losses.MultipleNegativesRankingLoss, embeddings: list[Tensor], similarity: str,
                     doc_ids: Tensor | None = None) -> Tensor:
     """MultipleNegativesRankingLoss.compute_loss_from_embeddings through the fused op (``loss`` holds the options:
@@ -55,6 +70,8 @@ def fused_mnrl_loss(loss: st_losses.MultipleNegativesRankingLoss, embeddings: li
     queries, docs = embeddings[0], embeddings[1:]
     all_queries = None
     if gathering(loss.gather_across_devices):
+        check_same_layout_on_every_rank(queries.device, columns=len(embeddings), rows=queries.size(0),
+                                        dim=queries.size(1))
         all_queries = all_gather_with_grad(queries)
         docs = [all_gather_with_grad(doc) for doc in docs]
     return contrastive_loss(
@@ -95,7 +112,11 @@ class DuplicateMasking:
         if not self.mask_duplicates:
             return None
         device = sentence_features[0]["input_ids"].device if "input_ids" in sentence_features[0] else None
-        return candidate_ids(sentence_features[1:], gathering(self.gather_across_devices), device)
+        gathered = gathering(self.gather_across_devices)
+        if gathered and device is not None:
+            check_same_layout_on_every_rank(device, columns=len(sentence_features),
+                                            rows=sentence_features[0]["input_ids"].size(0))
+        return candidate_ids(sentence_features[1:], gathered, device)
 
     def get_config_dict(self) -> dict:
         config = super().get_config_dict()

@@ -1,9 +1,10 @@
 """What was built, and which backend runs an op.
 
 Backends: ``cpu`` (the compiled C++ kernels of ``fastcache._C``), ``torch`` (pure PyTorch, runs anywhere),
-``cuda`` and ``triton`` (GPU kernels). ``FASTCACHE_BACKEND`` (auto | torch | cpu | cuda | triton) or an op's
-``backend=`` argument overrides the automatic choice; a choice that cannot run is an error, never a silent
-fallback.
+``cuda`` (compiled CUDA kernels) and ``triton`` (Triton kernels: CUDA tensors, or CPU tensors through the Triton
+interpreter when ``TRITON_INTERPRET=1`` is set). ``FASTCACHE_BACKEND`` (auto | torch | cpu | cuda | triton) or an
+op's ``backend=`` argument overrides the automatic choice; a choice that cannot run is an error, never a silent
+fallback. ``FASTCACHE_STRATEGY`` (auto | slab | tiled) or an op's ``strategy=`` argument picks the algorithm.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import torch
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+STRATEGIES = ("auto", "slab", "tiled")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
@@ -36,13 +38,23 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
+def _requested(argument: str | None, variable: str, choices: tuple[str, ...], what: str) -> str:
+    """The argument, else the environment variable, else ``auto``; validated against ``choices``."""
+    name = (argument if argument is not None else os.environ.get(variable, "auto")).strip().lower()
+    if name not in choices:
+        source = what if argument is not None else variable
+        raise ValueError(f"{source} must be one of {', '.join(choices)}; got {name!r}")
+    return name
+
+
 def requested_backend(backend: str | None = None) -> str:
     """The backend asked for: the ``backend`` argument, else ``FASTCACHE_BACKEND``, else ``auto``."""
-    name = (backend if backend is not None else os.environ.get("FASTCACHE_BACKEND", "auto")).strip().lower()
-    if name not in BACKENDS:
-        source = "backend" if backend is not None else "FASTCACHE_BACKEND"
-        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
-    return name
+    return _requested(backend, "FASTCACHE_BACKEND", BACKENDS, "backend")
+
+
+def requested_strategy(strategy: str | None = None) -> str:
+    """The strategy asked for: the ``strategy`` argument, else ``FASTCACHE_STRATEGY``, else ``auto``."""
+    return _requested(strategy, "FASTCACHE_STRATEGY", STRATEGIES, "strategy")
 
 
 def resolve_backend(device: torch.device, available: dict[str, str | None], backend: str | None = None) -> str:
@@ -72,6 +84,31 @@ def cpu_kernel_status(device: torch.device) -> str | None:
         return f"the compiled extension fastcache._C is not available ({EXTENSION_ERROR})"
     if device.type != "cpu":
         return f"the compiled CPU kernels run CPU tensors, got tensors on {device}"
+    return None
+
+
+def triton_kernel_status(device: torch.device) -> str | None:
+    """None when Triton kernels can run tensors on ``device`` (CUDA, or CPU under ``TRITON_INTERPRET=1``),
+    else why not."""
+    if triton_version() is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "Triton kernels run CUDA tensors, or CPU tensors only through the interpreter (TRITON_INTERPRET=1)"
+    return f"Triton kernels run CUDA tensors, got tensors on {device}"
+
+
+def cuda_kernel_status(device: torch.device, function: str) -> str | None:
+    """None when the compiled CUDA kernel ``function`` of fastcache._C can run tensors on ``device``, else why not."""
+    if EXTENSION is None:
+        return f"the compiled extension fastcache._C is not available ({EXTENSION_ERROR})"
+    if not hasattr(EXTENSION, function):
+        return f"fastcache._C was built without CUDA kernels (no {function}; needs torch with CUDA and nvcc)"
+    if device.type != "cuda":
+        return f"the compiled CUDA kernels run CUDA tensors, got tensors on {device}"
     return None
 
 

@@ -30,7 +30,7 @@ from fastcache import contrastive_loss, contrastive_loss_and_grad
 from fastcache.reference import contrastive_loss_reference
 
 DIFFERENTIABLE = ("queries", "docs", "all_queries")
-SETTINGS = ("backend", "memory_budget", "chunk_size", "show_progress_bar")
+SETTINGS = ("backend", "strategy", "memory_budget", "chunk_size", "show_progress_bar")
 FACTOR = 2.0
 ATOL_ULPS = {torch.float32: 4.0, torch.bfloat16: 1.0, torch.float16: 1.0}
 FLOAT64_TOL = {"rtol": 1e-10, "atol": 1e-10}

@@ -48,6 +48,7 @@ MARGIN_STRATEGIES = ("absolute", "relative")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_SLAB_BYTES = 64 * 2**20  # similarity blocks per chunk at most (speed: larger chunks fall out of cache)
 GEMM_WORKSPACE_BYTES = 16 * 2**20  # what the BLAS keeps for packing (measured: ~14 MiB for CPU torch.mm)
+MIN_SLAB_ROWS = 256  # strategy auto on CUDA: a budget that holds fewer rows per chunk selects the tiled strategy
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, which sentence-transformers' cos_sim uses
 
 
@@ -338,22 +339,59 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     return loss, grad_queries, grad_docs, grad_all
 
 
-def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, need_grad, *, backend,
+def _strategy(layout, options, gathered: bool, guide_dim: int, device: torch.device, available: dict, backend,
+              strategy, memory_budget, chunk_size) -> tuple[str, str]:
+    """(strategy, backend) for this call.
+
+    ``tiled`` runs the Triton kernels: backend ``triton`` (``auto`` means triton here; anything else is an
+    error). ``auto``: ``slab`` on CPU; on CUDA, ``tiled`` when Triton can run, the backend allows it (auto or
+    triton), no ``chunk_size`` is given and the memory budget holds fewer than MIN_SLAB_ROWS rows per chunk (nor
+    the whole batch), else ``slab``."""
+    requested = _backend.requested_strategy(strategy)
+    asked = _backend.requested_backend(backend)
+    if requested == "tiled":
+        if asked not in ("auto", "triton"):
+            raise RuntimeError(f"strategy 'tiled' runs Triton kernels: it needs backend 'triton', got {asked!r}")
+        return "tiled", _backend.resolve_backend(device, available, "triton")
+    name = _backend.resolve_backend(device, available, backend)
+    if requested == "slab" or device.type == "cpu" or chunk_size is not None or asked not in ("auto", "triton") \
+            or available["triton"] is not None:
+        return "slab", name
+    with warnings.catch_warnings():  # a short chunk is no warning here: it selects the tiled strategy
+        warnings.simplefilter("ignore", RuntimeWarning)
+        chunk = chunk_rows(layout, options, gathered, guide_dim, _backend.memory_budget(memory_budget), 4, 1)
+    if chunk < min(layout.rows, MIN_SLAB_ROWS):
+        return "tiled", "triton"
+    return "slab", name
+
+
+def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, need_grad, *, backend, strategy,
          memory_budget, chunk_size, show_progress_bar):
     layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options, doc_ids)
-    name = _backend.resolve_backend(queries.device, contrastive_epilogue.available(queries.device), backend)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    available = contrastive_epilogue.available(queries.device)
+    guide_dim = 0 if guide_queries is None else guide_queries.size(1)
+    strategy, name = _strategy(layout, options, all_queries is not None, guide_dim, queries.device, available,
+                               backend, strategy, memory_budget, chunk_size)
+    if strategy == "tiled":
+        from fastcache.triton.contrastive import contrastive_tiled
+
+        return contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
+                                 need_grad)
+    epilogue = contrastive_epilogue.EPILOGUES[name]
+    if queries.device.type == "cuda" and _backend.requested_backend(backend) == "auto" and all(
+            available[k] is None for k in contrastive_epilogue.GPU_EPILOGUES):
+        epilogue = contrastive_epilogue.epilogue_fastest_gpu
     itemsize = 8 if queries.dtype == torch.float64 else 4
     if chunk_size is None:
         budget = _backend.memory_budget(memory_budget)
-        guide_dim = 0 if guide_queries is None else guide_queries.size(1)
         chunk = chunk_rows(layout, options, all_queries is not None, guide_dim, budget, itemsize,
                            contrastive_epilogue.WORKSPACE_BLOCKS[name])
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     else:
         chunk = min(chunk_size, layout.rows)
-    return _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
-                 contrastive_epilogue.EPILOGUES[name], need_grad, chunk, show_progress_bar)
+    return _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, epilogue,
+                 need_grad, chunk, show_progress_bar)
 
 
 class _ContrastiveLossFunction(torch.autograd.Function):
@@ -378,7 +416,7 @@ class _ContrastiveLossFunction(torch.autograd.Function):
         return (*scaled, None, None, None, None, None)
 
 
-_SETTINGS = ("backend", "memory_budget", "chunk_size", "show_progress_bar")
+_SETTINGS = ("backend", "strategy", "memory_budget", "chunk_size", "show_progress_bar")
 
 
 def _parse(kwargs: dict) -> tuple[ContrastiveOptions, dict]:
@@ -431,6 +469,12 @@ def contrastive_loss(
 
     Settings (keywords):
         backend=None: "auto", "cpu", "torch", "cuda" or "triton"; None reads ``FASTCACHE_BACKEND`` (default auto).
+            On CUDA, auto with the slab strategy times the cuda and triton epilogues once per shape bucket, dtype
+            and options, and keeps the faster. "triton" runs CPU tensors too under ``TRITON_INTERPRET=1``.
+        strategy=None: "auto", "slab" or "tiled"; None reads ``FASTCACHE_STRATEGY`` (default auto). slab: row
+            chunks of materialised similarity blocks (torch GEMMs + a fused epilogue); tiled: Triton kernels that
+            never hold more than a tile (needs backend triton). auto: slab on CPU; on CUDA tiled when the memory
+            budget holds fewer than MIN_SLAB_ROWS (256) rows per slab chunk (and fewer than B), else slab.
         memory_budget=None: workspace bytes (None reads ``FASTCACHE_MEMORY_BUDGET``, default 256 MiB); it sets
             the rows per chunk.
         chunk_size=None: rows per chunk, overriding the budget.

@@ -103,10 +103,10 @@ def epilogue_torch(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids
     return loss_rows
 
 
-def epilogue_cpu(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int, layout,
-                 options, compute_grad: bool) -> Tensor:
-    """The compiled C++ epilogue (csrc/cpu/contrastive.cpp); CPU float32/float64 blocks."""
-    return _backend.EXTENSION.contrastive_epilogue_cpu(
+def _compiled_arguments(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int,
+                        layout, options, compute_grad: bool) -> tuple:
+    """The arguments of the compiled epilogues (csrc: contrastive_epilogue_cpu, and _cuda plus a stream)."""
+    return (
         blocks["query_to_doc"], blocks.get("query_to_query"), blocks.get("doc_to_query"), blocks.get("doc_to_doc"),
         guides.get("query_to_doc"), guides.get("query_to_query"), guides.get("doc_to_doc"), doc_ids,
         row0, layout.rows, layout.positives, options.offset, layout.own_query_offset, float(options.scale),
@@ -115,17 +115,83 @@ def epilogue_cpu(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: 
         compute_grad)
 
 
-EPILOGUES = {"cpu": epilogue_cpu, "torch": epilogue_torch}
+def epilogue_cpu(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int, layout,
+                 options, compute_grad: bool) -> Tensor:
+    """The compiled C++ epilogue (csrc/cpu/contrastive.cpp); CPU float32/float64 blocks."""
+    return _backend.EXTENSION.contrastive_epilogue_cpu(
+        *_compiled_arguments(blocks, guides, doc_ids, row0, layout, options, compute_grad))
+
+
+def epilogue_cuda(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int, layout,
+                  options, compute_grad: bool) -> Tensor:
+    """The compiled CUDA epilogue (csrc/cuda), on the current stream of the blocks' device."""
+    stream = torch.cuda.current_stream(blocks["query_to_doc"].device).cuda_stream
+    return _backend.EXTENSION.contrastive_epilogue_cuda(
+        *_compiled_arguments(blocks, guides, doc_ids, row0, layout, options, compute_grad), stream)
+
+
+def epilogue_triton(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int, layout,
+                    options, compute_grad: bool) -> Tensor:
+    """The Triton epilogue (fastcache/triton/contrastive.py): CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
+    from fastcache.triton.contrastive import slab_epilogue
+
+    return slab_epilogue(blocks, guides, doc_ids, row0, layout, options, compute_grad)
+
+
+EPILOGUES = {"cpu": epilogue_cpu, "torch": epilogue_torch, "cuda": epilogue_cuda, "triton": epilogue_triton}
 # Block-sized buffers each epilogue needs per chunk, the blocks themselves included (for the memory budget).
-WORKSPACE_BLOCKS = {"cpu": 1, "torch": 2}
+WORKSPACE_BLOCKS = {"cpu": 1, "torch": 2, "cuda": 1, "triton": 1}
+# The GPU epilogues that backend "auto" times against each other (slab strategy on CUDA).
+GPU_EPILOGUES = ("cuda", "triton")
+_FASTEST: dict[tuple, str] = {}
 
 
 def available(device: torch.device) -> dict[str, str | None]:
     """Backends of this op and, for each, None when it can run on ``device`` or the reason it cannot."""
-    gpu_reason = "GPU kernels for the contrastive op are not part of this build yet"
     return {
         "cpu": _backend.cpu_kernel_status(device),
         "torch": None,
-        "cuda": gpu_reason,
-        "triton": gpu_reason,
+        "cuda": _backend.cuda_kernel_status(device, "contrastive_epilogue_cuda"),
+        "triton": _backend.triton_kernel_status(device),
     }
+
+
+def _pow2_bucket(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cuda_seconds(run) -> float:
+    """Seconds of one call of ``run`` on the current CUDA stream (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def fastest(names: tuple[str, ...], blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None,
+            row0: int, layout, options, compute_grad: bool, seconds=_cuda_seconds) -> str:
+    """The fastest of the epilogues ``names`` for blocks like these, cached per shape bucket (rows and columns of
+    each block rounded up to powers of two), dtype, guide / ids presence and options. On the first call of a
+    bucket each candidate runs once to warm up (and compile) and once timed by ``seconds``, on copies of the blocks
+    (the epilogues work in place)."""
+    key = (names, tuple((k, _pow2_bucket(v.size(0)), _pow2_bucket(v.size(1))) for k, v in blocks.items()),
+           blocks["query_to_doc"].dtype, bool(guides), doc_ids is not None, options, compute_grad)
+    if key not in _FASTEST:
+        timings = {}
+        for name in names:
+            def run(name=name):
+                copies = {k: v.clone() for k, v in blocks.items()}
+                EPILOGUES[name](copies, guides, doc_ids, row0, layout, options, compute_grad)
+            run()
+            timings[name] = seconds(run)
+        _FASTEST[key] = min(timings, key=timings.get)
+    return _FASTEST[key]
+
+
+def epilogue_fastest_gpu(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int,
+                         layout, options, compute_grad: bool) -> Tensor:
+    """Backend "auto" on CUDA: the faster of the CUDA and Triton epilogues for this shape (see ``fastest``)."""
+    name = fastest(GPU_EPILOGUES, blocks, guides, doc_ids, row0, layout, options, compute_grad)
+    return EPILOGUES[name](blocks, guides, doc_ids, row0, layout, options, compute_grad)

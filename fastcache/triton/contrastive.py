@@ -1,0 +1,538 @@
+"""Triton kernels of the contrastive loss (the maths: fastcache/ops/contrastive.py's docstring).
+
+One set of per-tile helpers (``_masked_logits``: scale, hardness penalty, self / own-column / guide / duplicate
+masks; ``_online_logsumexp``; ``_softmax_grad``) serves two strategies:
+
+- ``slab_epilogue``: the slab strategy's epilogue, with the contract of fastcache/ops/contrastive_epilogue.py: the
+  similarity blocks of a row chunk (computed by torch.matmul) become dL/ds in place; returns per-row losses.
+- ``contrastive_tiled``: the tiled strategy, which never holds more than a tile of any similarity block. For each
+  enabled direction b, with rows R_b and columns C_b (query_to_doc: R = q, C = d; query_to_query: q, Q;
+  doc_to_query: p = d[offset:offset+B], Q; doc_to_doc: p, d):
+
+      forward   a row-parallel kernel: per row, the online log-sum-exp lse_b of the block's logits (and, for
+                query_to_doc, the positive's logit); the log-partition (joint: logsumexp_b lse_b, per_direction:
+                mean_b lse_b) and the loss follow on O(B) vectors.
+      backward  G_b = dL/ds_b = coef_b·exp(logit - base_b) (- scale/B at the positive), recomputed tile by tile:
+                a row-parallel kernel accumulates dR_b += G_b·C_b, a column-parallel kernel dC_b += G_bᵀ·R_b.
+                Each program owns its output tile (no atomics): the gradients are deterministic.
+
+  The embeddings stay in their dtype and tl.dot accumulates in fp32 (fp64 for float64 inputs; fp32 inputs use
+  full-precision products, not TF32). A backward program's output tile spans BLOCK_DO of the D dims, so each
+  similarity tile is recomputed ceil(D / BLOCK_DO) times per backward kernel. Memory: the normalised copies, the
+  gradient accumulators and O(B) statistics, i.e. O((B + N + Mq)·D).
+
+Kernels are decorated at import: set TRITON_INTERPRET=1 before importing this module to run them on CPU tensors.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastcache.ops.contrastive import _normalized, _normalized_backward_
+
+QUERY_TO_DOC = tl.constexpr(0)
+QUERY_TO_QUERY = tl.constexpr(1)
+DOC_TO_QUERY = tl.constexpr(2)
+DOC_TO_DOC = tl.constexpr(3)
+IN_BATCH_NEGATIVES = tl.constexpr(1)
+HARD_NEGATIVES = tl.constexpr(2)
+ALL_NEGATIVES = tl.constexpr(3)
+
+KIND_CODES = {"query_to_doc": 0, "query_to_query": 1, "doc_to_query": 2, "doc_to_doc": 3}
+HARDNESS_CODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
+# Scalars travel in a small tensor of the compute dtype (Python floats would reach the kernel as fp32).
+SCALE, ALPHA, MARGIN, COEF, POS_COEF = range(5)
+
+EPILOGUE_BLOCK_M, EPILOGUE_BLOCK_N, EPILOGUE_WARPS = 8, 256, 4
+TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 4, 2
+MAX_BLOCK_DO, BACKWARD_WARPS = 256, 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-tile maths, shared by the slab epilogue and the tiled kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _masked_logits(s, g, cols, n_cols, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale, alpha,
+                   KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr):
+    """[M, N] similarities s of rows (positive column pos, own query column own_query, guide threshold, id of the
+    positive: [M] each) and columns cols [N] -> logits: scale·s (+ alpha·s on the penalised query_to_doc
+    columns), -inf where masked (own query / own columns, guide g > threshold, duplicates of the positive; never
+    the positive) and past n_cols."""
+    c = cols[None, :]
+    p = pos[:, None]
+    x = s * scale
+    if KIND == QUERY_TO_DOC:
+        if HARDNESS == IN_BATCH_NEGATIVES:
+            x = tl.where(c % num_positives != p, x + alpha * s, x)
+        elif HARDNESS == HARD_NEGATIVES:
+            x = tl.where((c % num_positives == p) & (c >= num_positives), x + alpha * s, x)
+        elif HARDNESS == ALL_NEGATIVES:
+            x = tl.where(c != p, x + alpha * s, x)
+    masked = c >= n_cols
+    if GUIDED:
+        by_guide = g > threshold[:, None]
+        if KIND == QUERY_TO_DOC:
+            by_guide = by_guide & (c != p)
+        masked = masked | by_guide
+    elif KIND == QUERY_TO_QUERY:
+        masked = masked | (c == own_query[:, None])
+    elif KIND == DOC_TO_DOC:
+        masked = masked | (c % num_positives == p)
+    if HAS_IDS:
+        if KIND == QUERY_TO_DOC or KIND == DOC_TO_DOC:
+            ids = tl.load(ids_ptr + cols, mask=cols < n_cols, other=0)
+            duplicate = ids[None, :] == pos_ids[:, None]
+            if KIND == QUERY_TO_DOC:
+                duplicate = duplicate & (c != p)
+            masked = masked | duplicate
+    return tl.where(masked, float("-inf"), x)
+
+
+@triton.jit
+def _positions(i, ok, offset, own_query_offset, ids_ptr, HAS_IDS: tl.constexpr):
+    """Rows i [M] (ok: inside the batch) -> positive column, own query column, id of the positive."""
+    pos = tl.where(ok, offset + i, offset)
+    own_query = own_query_offset + i
+    pos_ids = pos
+    if HAS_IDS:
+        pos_ids = tl.load(ids_ptr + pos, mask=ok, other=0)
+    return pos, own_query, pos_ids
+
+
+@triton.jit
+def _guide_threshold(guide_pos, margin, RELATIVE_MARGIN: tl.constexpr):
+    """The guide's positive similarity minus the margin (absolute, or relative to its magnitude)."""
+    if RELATIVE_MARGIN:
+        threshold = guide_pos - tl.abs(guide_pos) * margin
+    else:
+        threshold = guide_pos - margin
+    return threshold
+
+
+@triton.jit
+def _online_logsumexp(m, total, x):
+    """One [M, N] tile into the running row maximum m and sum total of exp(x - m) (all -inf rows stay 0)."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    total = total * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
+    return m_new, total
+
+
+@triton.jit
+def _finish_logsumexp(m, total):
+    empty = m == float("-inf")  # every column masked
+    return tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, total)))
+
+
+@triton.jit
+def _softmax_grad(x, base, coef, pos_coef, cols, pos, KIND: tl.constexpr):
+    """dL/ds of a logit tile: coef·exp(x - base) (0 where the whole block is masked), minus pos_coef = scale/B at
+    the positive (query_to_doc)."""
+    shift = tl.where(base == float("-inf"), 0.0, base)
+    grad = coef * tl.exp(x - shift[:, None])
+    if KIND == QUERY_TO_DOC:
+        grad = tl.where(cols[None, :] == pos[:, None], grad - pos_coef, grad)
+    return grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# slab epilogue
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _slab_tile_logits(s_ptr, ld, g_ptr, ldg, n_cols, c0, r, row_ok, pos, own_query, threshold, ids_ptr, pos_ids,
+                      num_positives, scale, alpha, KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr,
+                      HAS_IDS: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = c0 + tl.arange(0, BLOCK_N)
+    inside = row_ok[:, None] & (cols[None, :] < n_cols)
+    s = tl.load(s_ptr + r[:, None] * ld + cols[None, :], mask=inside, other=0.0)
+    g = s
+    if GUIDED:
+        g = tl.load(g_ptr + r[:, None] * ldg + cols[None, :], mask=inside, other=0.0)
+    x = _masked_logits(s, g, cols, n_cols, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale, alpha,
+                       KIND, HARDNESS, GUIDED, HAS_IDS)
+    return x, cols, inside
+
+
+@triton.jit
+def _slab_block_logsumexp(s_ptr, ld, g_ptr, ldg, n_cols, r, row_ok, pos, own_query, threshold, ids_ptr, pos_ids,
+                          num_positives, scale, alpha, KIND: tl.constexpr, HARDNESS: tl.constexpr,
+                          GUIDED: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          ACC: tl.constexpr):
+    m = tl.full([BLOCK_M], float("-inf"), ACC)
+    total = tl.zeros([BLOCK_M], ACC)
+    for c0 in range(0, n_cols, BLOCK_N):
+        x, cols, inside = _slab_tile_logits(s_ptr, ld, g_ptr, ldg, n_cols, c0, r, row_ok, pos, own_query, threshold,
+                                            ids_ptr, pos_ids, num_positives, scale, alpha, KIND, HARDNESS, GUIDED,
+                                            HAS_IDS, BLOCK_N)
+        m, total = _online_logsumexp(m, total, x)
+    return _finish_logsumexp(m, total)
+
+
+@triton.jit
+def _slab_block_grad(s_ptr, ld, g_ptr, ldg, n_cols, r, row_ok, pos, own_query, threshold, ids_ptr, pos_ids,
+                     num_positives, scale, alpha, base, coef, pos_coef, KIND: tl.constexpr, HARDNESS: tl.constexpr,
+                     GUIDED: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_N: tl.constexpr):
+    for c0 in range(0, n_cols, BLOCK_N):
+        x, cols, inside = _slab_tile_logits(s_ptr, ld, g_ptr, ldg, n_cols, c0, r, row_ok, pos, own_query, threshold,
+                                            ids_ptr, pos_ids, num_positives, scale, alpha, KIND, HARDNESS, GUIDED,
+                                            HAS_IDS, BLOCK_N)
+        grad = _softmax_grad(x, base, coef, pos_coef, cols, pos, KIND)
+        tl.store(s_ptr + r[:, None] * ld + cols[None, :], grad, mask=inside)
+
+
+@triton.jit
+def _slab_epilogue_kernel(qd_ptr, qq_ptr, dq_ptr, dd_ptr, gqd_ptr, gqq_ptr, gdd_ptr, ids_ptr, params_ptr, loss_ptr,
+                          ld_qd, ld_qq, ld_dq, ld_dd, ldg_qd, ldg_qq, ldg_dd, n_qd, n_qq, n_dq, n_dd,
+                          rows, row0, num_positives, offset, own_query_offset,
+                          HAS_QQ: tl.constexpr, HAS_DQ: tl.constexpr, HAS_DD: tl.constexpr, GUIDED: tl.constexpr,
+                          HAS_IDS: tl.constexpr, HARDNESS: tl.constexpr, RELATIVE_MARGIN: tl.constexpr,
+                          JOINT: tl.constexpr, NUM_BLOCKS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """Rows r of the chunk (global rows row0 + r): losses, and the blocks overwritten with dL/ds."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < rows
+    pos, own_query, pos_ids = _positions(row0 + r, row_ok, offset, own_query_offset, ids_ptr, HAS_IDS)
+    scale = tl.load(params_ptr + SCALE)
+    alpha = tl.load(params_ptr + ALPHA)
+    threshold = tl.zeros([BLOCK_M], ACC)
+    if GUIDED:
+        guide_pos = tl.load(gqd_ptr + r * ldg_qd + pos, mask=row_ok, other=0.0)
+        threshold = _guide_threshold(guide_pos, tl.load(params_ptr + MARGIN), RELATIVE_MARGIN)
+    pos_logit = scale * tl.load(qd_ptr + r * ld_qd + pos, mask=row_ok, other=0.0)
+    lse_qd = _slab_block_logsumexp(qd_ptr, ld_qd, gqd_ptr, ldg_qd, n_qd, r, row_ok, pos, own_query, threshold,
+                                   ids_ptr, pos_ids, num_positives, scale, alpha, QUERY_TO_DOC, HARDNESS, GUIDED,
+                                   HAS_IDS, BLOCK_M, BLOCK_N, ACC)
+    lse_qq = lse_qd
+    lse_dq = lse_qd
+    lse_dd = lse_qd
+    m = lse_qd
+    if HAS_QQ:
+        lse_qq = _slab_block_logsumexp(qq_ptr, ld_qq, gqq_ptr, ldg_qq, n_qq, r, row_ok, pos, own_query, threshold,
+                                       ids_ptr, pos_ids, num_positives, scale, alpha, QUERY_TO_QUERY, HARDNESS, GUIDED,
+                                       HAS_IDS, BLOCK_M, BLOCK_N, ACC)
+        m = tl.maximum(m, lse_qq)
+    if HAS_DQ:
+        lse_dq = _slab_block_logsumexp(dq_ptr, ld_dq, qd_ptr, 0, n_dq, r, row_ok, pos, own_query, threshold,
+                                       ids_ptr, pos_ids, num_positives, scale, alpha, DOC_TO_QUERY, HARDNESS, False,
+                                       HAS_IDS, BLOCK_M, BLOCK_N, ACC)
+        m = tl.maximum(m, lse_dq)
+    if HAS_DD:
+        lse_dd = _slab_block_logsumexp(dd_ptr, ld_dd, gdd_ptr, ldg_dd, n_dd, r, row_ok, pos, own_query, threshold,
+                                       ids_ptr, pos_ids, num_positives, scale, alpha, DOC_TO_DOC, HARDNESS, GUIDED,
+                                       HAS_IDS, BLOCK_M, BLOCK_N, ACC)
+        m = tl.maximum(m, lse_dd)
+    if JOINT:  # one log-partition over every block (m is finite: the positive is never masked)
+        total = tl.exp(lse_qd - m)
+        if HAS_QQ:
+            total += tl.exp(lse_qq - m)
+        if HAS_DQ:
+            total += tl.exp(lse_dq - m)
+        if HAS_DD:
+            total += tl.exp(lse_dd - m)
+        log_partition = m + tl.log(total)
+        lse_qd = log_partition
+        lse_qq = log_partition
+        lse_dq = log_partition
+        lse_dd = log_partition
+    else:  # per_direction: query_to_doc and doc_to_query only (validated by the options)
+        log_partition = lse_qd
+        if HAS_DQ:
+            log_partition = (lse_qd + lse_dq) / NUM_BLOCKS
+    tl.store(loss_ptr + r, log_partition - pos_logit, mask=row_ok)
+    if COMPUTE_GRAD:
+        coef = tl.load(params_ptr + COEF)
+        pos_coef = tl.load(params_ptr + POS_COEF)
+        _slab_block_grad(qd_ptr, ld_qd, gqd_ptr, ldg_qd, n_qd, r, row_ok, pos, own_query, threshold, ids_ptr,
+                         pos_ids, num_positives, scale, alpha, lse_qd, coef, pos_coef, QUERY_TO_DOC, HARDNESS, GUIDED,
+                         HAS_IDS, BLOCK_N)
+        if HAS_QQ:
+            _slab_block_grad(qq_ptr, ld_qq, gqq_ptr, ldg_qq, n_qq, r, row_ok, pos, own_query, threshold, ids_ptr,
+                             pos_ids, num_positives, scale, alpha, lse_qq, coef, pos_coef, QUERY_TO_QUERY, HARDNESS,
+                             GUIDED, HAS_IDS, BLOCK_N)
+        if HAS_DQ:
+            _slab_block_grad(dq_ptr, ld_dq, qd_ptr, 0, n_dq, r, row_ok, pos, own_query, threshold, ids_ptr,
+                             pos_ids, num_positives, scale, alpha, lse_dq, coef, pos_coef, DOC_TO_QUERY, HARDNESS,
+                             False, HAS_IDS, BLOCK_N)
+        if HAS_DD:
+            _slab_block_grad(dd_ptr, ld_dd, gdd_ptr, ldg_dd, n_dd, r, row_ok, pos, own_query, threshold, ids_ptr,
+                             pos_ids, num_positives, scale, alpha, lse_dd, coef, pos_coef, DOC_TO_DOC, HARDNESS,
+                             GUIDED, HAS_IDS, BLOCK_N)
+
+
+def _scalars(dtype: torch.dtype, device: torch.device, options, coef: float, pos_coef: float) -> Tensor:
+    """The kernels' floating-point scalars (indexed by SCALE, ALPHA, MARGIN, COEF, POS_COEF)."""
+    values = [options.scale, options.hardness_strength if options.hardness else 0.0, options.margin, coef, pos_coef]
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def _acc_type(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def slab_epilogue(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int, layout,
+                  options, compute_grad: bool) -> Tensor:
+    """The Triton slab epilogue (contract: fastcache/ops/contrastive_epilogue.py); float32/float64 blocks."""
+    qd = blocks["query_to_doc"]
+    for name, t in [*blocks.items(), *guides.items()]:
+        if t.dtype != qd.dtype or t.size(0) != qd.size(0) or t.stride(1) != 1:
+            raise ValueError(f"block {name} must be [{qd.size(0)}, columns] {qd.dtype}, contiguous along columns")
+    rows = qd.size(0)
+    joint = options.partition_mode == "joint"
+    coef = options.scale / layout.rows / (1 if joint else len(blocks))
+    params = _scalars(qd.dtype, qd.device, options, coef, options.scale / layout.rows)
+    loss = torch.empty(rows, dtype=qd.dtype, device=qd.device)
+    ordered = [blocks.get(k, qd) for k in KIND_CODES]
+    guide_blocks = [guides.get(k, qd) for k in ("query_to_doc", "query_to_query", "doc_to_doc")]
+    ids = doc_ids if doc_ids is not None else qd
+    _slab_epilogue_kernel[(triton.cdiv(rows, EPILOGUE_BLOCK_M),)](
+        *ordered, *guide_blocks, ids, params, loss,
+        *(t.stride(0) for t in ordered), *(t.stride(0) for t in guide_blocks), *(t.size(1) for t in ordered),
+        rows, row0, layout.positives, options.offset, layout.own_query_offset,
+        HAS_QQ="query_to_query" in blocks, HAS_DQ="doc_to_query" in blocks, HAS_DD="doc_to_doc" in blocks,
+        GUIDED=bool(guides), HAS_IDS=doc_ids is not None, HARDNESS=HARDNESS_CODES[options.hardness_mode]
+        if options.hardness else 0, RELATIVE_MARGIN=options.margin_strategy == "relative", JOINT=joint,
+        NUM_BLOCKS=len(blocks), COMPUTE_GRAD=compute_grad, BLOCK_M=EPILOGUE_BLOCK_M, BLOCK_N=EPILOGUE_BLOCK_N,
+        ACC=_acc_type(qd.dtype), num_warps=EPILOGUE_WARPS)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiled strategy
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _similarity_tile(a_ptr, b_ptr, stride_a, stride_b, rows, cols, n_rows, n_cols, dim, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """[M, N] tile of a·bᵀ (rows of a, rows of b), accumulated over dim in ACC."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for k0 in range(0, dim, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rows[:, None] * stride_a + k[None, :], mask=(rows[:, None] < n_rows) & (k[None, :] < dim),
+                    other=0.0)
+        b = tl.load(b_ptr + cols[None, :] * stride_b + k[:, None], mask=(cols[None, :] < n_cols) & (k[:, None] < dim),
+                    other=0.0)
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows, n_cols,
+                 dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale, alpha,
+                 KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """The logits of one [M, N] tile of a block, recomputed from the embeddings (and the guide's)."""
+    s = _similarity_tile(r_ptr, c_ptr, stride_r, stride_c, rows, cols, n_rows, n_cols, dim, BLOCK_M, BLOCK_N,
+                         BLOCK_K, ACC)
+    g = s
+    if GUIDED:
+        g = _similarity_tile(gr_ptr, gc_ptr, stride_gr, stride_gc, rows, cols, n_rows, n_cols, guide_dim, BLOCK_M,
+                             BLOCK_N, BLOCK_K, ACC)
+    return _masked_logits(s, g, cols, n_cols, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
+                          alpha, KIND, HARDNESS, GUIDED, HAS_IDS)
+
+
+@triton.jit
+def _tile_rows(r0, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS: tl.constexpr,
+               GUIDED: tl.constexpr, RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr):
+    """Rows r0 .. r0+BLOCK_M-1: indices, inside-the-batch mask, positive and own query columns, ids, threshold."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    ok = rows < n_rows
+    pos, own_query, pos_ids = _positions(rows, ok, offset, own_query_offset, ids_ptr, HAS_IDS)
+    threshold = tl.zeros([BLOCK_M], ACC)
+    if GUIDED:
+        threshold = _guide_threshold(tl.load(gpos_ptr + rows, mask=ok, other=0.0), margin, RELATIVE_MARGIN)
+    return rows, ok, pos, own_query, pos_ids, threshold
+
+
+@triton.jit
+def _tiled_logsumexp_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c,
+                            stride_gr, stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset,
+                            own_query_offset, lse_ptr, pos_logit_ptr,
+                            KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
+                            RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """Forward, row-parallel: per row, the log-sum-exp of one block's logits and (query_to_doc) the positive's."""
+    scale = tl.load(params_ptr + SCALE)
+    alpha = tl.load(params_ptr + ALPHA)
+    rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
+        tl.program_id(0) * BLOCK_M, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr,
+        tl.load(params_ptr + MARGIN), HAS_IDS, GUIDED, RELATIVE_MARGIN, BLOCK_M, ACC)
+    m = tl.full([BLOCK_M], float("-inf"), ACC)
+    total = tl.zeros([BLOCK_M], ACC)
+    pos_logit = tl.zeros([BLOCK_M], ACC)
+    for c0 in range(0, n_cols, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows,
+                         n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
+                         alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC)
+        m, total = _online_logsumexp(m, total, x)
+        if KIND == QUERY_TO_DOC:
+            pos_logit += tl.sum(tl.where(cols[None, :] == pos[:, None], x, 0.0), 1)
+    tl.store(lse_ptr + rows, _finish_logsumexp(m, total), mask=ok)
+    if KIND == QUERY_TO_DOC:
+        tl.store(pos_logit_ptr + rows, pos_logit, mask=ok)
+
+
+@triton.jit
+def _tiled_rows_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c,
+                            stride_gr, stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset,
+                            own_query_offset, base_ptr, out_ptr, stride_out,
+                            KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
+                            RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, ACC: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Backward, row-parallel: out[rows, dims] += G·C[:, dims] over every column tile of the block."""
+    scale = tl.load(params_ptr + SCALE)
+    alpha = tl.load(params_ptr + ALPHA)
+    coef = tl.load(params_ptr + COEF)
+    pos_coef = tl.load(params_ptr + POS_COEF)
+    rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
+        tl.program_id(0) * BLOCK_M, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr,
+        tl.load(params_ptr + MARGIN), HAS_IDS, GUIDED, RELATIVE_MARGIN, BLOCK_M, ACC)
+    base = tl.load(base_ptr + rows, mask=ok, other=0.0)
+    dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], ACC)
+    for c0 in range(0, n_cols, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows,
+                         n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
+                         alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC)
+        grad = _softmax_grad(x, base, coef, pos_coef, cols, pos, KIND)
+        c = tl.load(c_ptr + cols[:, None] * stride_c + dims[None, :],
+                    mask=(cols[:, None] < n_cols) & (dims[None, :] < dim), other=0.0)
+        acc = tl.dot(grad.to(c.dtype), c, acc, input_precision="ieee", out_dtype=ACC)
+    out = out_ptr + rows[:, None] * stride_out + dims[None, :]
+    inside = ok[:, None] & (dims[None, :] < dim)
+    tl.store(out, tl.load(out, mask=inside, other=0.0) + acc, mask=inside)
+
+
+@triton.jit
+def _tiled_cols_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c,
+                            stride_gr, stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset,
+                            own_query_offset, base_ptr, out_ptr, stride_out,
+                            KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
+                            RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, ACC: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Backward, column-parallel: out[cols, dims] += Gᵀ·R[:, dims] over every row tile of the block."""
+    scale = tl.load(params_ptr + SCALE)
+    alpha = tl.load(params_ptr + ALPHA)
+    margin = tl.load(params_ptr + MARGIN)
+    coef = tl.load(params_ptr + COEF)
+    pos_coef = tl.load(params_ptr + POS_COEF)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    acc = tl.zeros([BLOCK_N, BLOCK_DO], ACC)
+    for r0 in range(0, n_rows, BLOCK_M):
+        rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
+            r0, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS, GUIDED, RELATIVE_MARGIN,
+            BLOCK_M, ACC)
+        base = tl.load(base_ptr + rows, mask=ok, other=0.0)
+        x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows,
+                         n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
+                         alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC)
+        grad = tl.where(ok[:, None], _softmax_grad(x, base, coef, pos_coef, cols, pos, KIND), 0.0)
+        r = tl.load(r_ptr + rows[:, None] * stride_r + dims[None, :], mask=ok[:, None] & (dims[None, :] < dim),
+                    other=0.0)
+        acc = tl.dot(tl.trans(grad.to(r.dtype)), r, acc, input_precision="ieee", out_dtype=ACC)
+    out = out_ptr + cols[:, None] * stride_out + dims[None, :]
+    inside = (cols[:, None] < n_cols) & (dims[None, :] < dim)
+    tl.store(out, tl.load(out, mask=inside, other=0.0) + acc, mask=inside)
+
+
+class _Block(NamedTuple):
+    """One direction of the tiled computation: its rows and columns (and the guide's), where their gradients go."""
+
+    kind: str
+    rows: Tensor
+    cols: Tensor
+    guide_rows: Tensor | None
+    guide_cols: Tensor | None
+    grad_rows: Tensor | None
+    grad_cols: Tensor | None
+
+
+def _kernel_copy(x: Tensor, acc: torch.dtype, cosine: bool) -> tuple[Tensor, Tensor | None]:
+    """x normalised (in ``acc``, as the slab does) and stored back in its own dtype for the kernels, its norms."""
+    y, norm = _normalized(x, acc, cosine)
+    return y.to(x.dtype), norm
+
+
+def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
+                      need_grad: bool):
+    """The tiled strategy; returns what ``_slab`` returns: the loss (0-d, fp32 or fp64) and, when ``need_grad``,
+    the gradients w.r.t. queries, docs and all_queries (fp32 or fp64; None where not needed)."""
+    acc = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    cosine = options.similarity == "cos"
+    B, P, off = layout.rows, layout.positives, options.offset
+    q, q_norm = _kernel_copy(queries, acc, cosine)
+    d, d_norm = _kernel_copy(docs.reshape(-1, layout.dim), acc, cosine)
+    gathered = all_queries is not None
+    Q, Q_norm = _kernel_copy(all_queries, acc, cosine) if gathered else (q, q_norm)
+    p = d[off:off + B]
+    guided = guide_queries is not None
+    gq = gd = gpos = None
+    if guided:
+        gq, _ = _normalized(guide_queries, acc, True)
+        gd, _ = _normalized(guide_docs.reshape(-1, guide_docs.size(-1)), acc, True)
+        gpos = torch.linalg.vecdot(gq, gd[off:off + B])
+    ids = None if doc_ids is None else doc_ids.reshape(-1).to(torch.int64).contiguous()
+    grad_q = grad_d = grad_Q = None
+    if need_grad:
+        grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
+        grad_d = torch.zeros(d.shape, dtype=acc, device=q.device)
+        grad_Q = torch.zeros(Q.shape, dtype=acc, device=q.device) if gathered else grad_q
+    grad_p = None if grad_d is None else grad_d[off:off + B]
+    make = {
+        "query_to_doc": lambda: _Block("query_to_doc", q, d, gq, gd, grad_q, grad_d),
+        "query_to_query": lambda: _Block("query_to_query", q, q if guided else Q, gq, gq, grad_q,
+                                         grad_q if guided else grad_Q),
+        "doc_to_query": lambda: _Block("doc_to_query", p, Q, None, None, grad_p, grad_Q),
+        "doc_to_doc": lambda: _Block("doc_to_doc", p, d[:P] if guided else d, gd[off:off + B] if guided else None,
+                                     gd[:P] if guided else None, grad_p,
+                                     None if grad_d is None else grad_d[:P] if guided else grad_d),
+    }
+    blocks = [make[k]() for k in options.directions]
+    joint = options.partition_mode == "joint"
+    coef = options.scale / B / (1 if joint else len(blocks))
+    params = _scalars(acc, q.device, options, coef, options.scale / B)
+    constants = dict(HARDNESS=HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, GUIDED=guided,
+                     HAS_IDS=ids is not None, RELATIVE_MARGIN=options.margin_strategy == "relative",
+                     BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K, ACC=_acc_type(acc))
+
+    def arguments(block: _Block) -> tuple:
+        guide_rows = block.guide_rows if guided else block.rows
+        guide_cols = block.guide_cols if guided else block.cols
+        return (block.rows, block.cols, guide_rows, guide_cols, block.rows if ids is None else ids,
+                guide_rows if gpos is None else gpos, params, block.rows.stride(0), block.cols.stride(0),
+                guide_rows.stride(0), guide_cols.stride(0), B, block.cols.size(0), layout.dim, guide_rows.size(1),
+                P, off, layout.own_query_offset)
+
+    lse, pos_logit = [], torch.empty(B, dtype=acc, device=q.device)
+    for block in blocks:
+        lse.append(torch.empty(B, dtype=acc, device=q.device))
+        _tiled_logsumexp_kernel[(triton.cdiv(B, TILE_M),)](
+            *arguments(block), lse[-1], pos_logit, KIND=KIND_CODES[block.kind], **constants,
+            num_warps=TILE_WARPS, num_stages=TILE_STAGES)
+    lse = torch.stack(lse)
+    log_partition = torch.logsumexp(lse, dim=0) if joint else lse.mean(dim=0)
+    loss = (log_partition - pos_logit).sum() / B
+    if not need_grad:
+        return loss, None, None, None
+    block_do = min(MAX_BLOCK_DO, max(16, triton.next_power_of_2(layout.dim)))
+    for block, block_lse in zip(blocks, lse):
+        base = log_partition if joint else block_lse
+        for kernel, out, count, tile in ((_tiled_rows_grad_kernel, block.grad_rows, B, TILE_M),
+                                         (_tiled_cols_grad_kernel, block.grad_cols, block.cols.size(0), TILE_N)):
+            kernel[(triton.cdiv(count, tile), triton.cdiv(layout.dim, block_do))](
+                *arguments(block), base, out, out.stride(0), KIND=KIND_CODES[block.kind], **constants,
+                BLOCK_DO=block_do, num_warps=BACKWARD_WARPS, num_stages=TILE_STAGES)
+    grad_queries = _normalized_backward_(grad_q, q.to(acc), q_norm)
+    grad_docs = _normalized_backward_(grad_d, d.to(acc), d_norm).view(docs.shape)
+    grad_all = _normalized_backward_(grad_Q, Q.to(acc), Q_norm) if gathered else None
+    return loss, grad_queries, grad_docs, grad_all

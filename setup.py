@@ -37,7 +37,7 @@ def _extensions():
     if with_cuda:
         ext = CUDAExtension(
             "fastcache._C",
-            sources + cuda_sources,
+            sources + cuda_sources + sorted(glob.glob("csrc/cuda/*.cpp")),
             define_macros=[("FASTCACHE_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
             extra_link_args=["-fopenmp"],

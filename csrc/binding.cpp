@@ -2,9 +2,22 @@
 #include <torch/extension.h>
 
 #include "cpu/contrastive.h"
+#include "cpu/ranking.h"
+#ifdef FASTCACHE_WITH_CUDA
+#include "cuda/contrastive_epilogue_torch.h"
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcache compiled kernels";
   m.def("contrastive_epilogue_cpu", &fastcache::contrastive_epilogue_cpu,
         "Fused contrastive softmax-gradient epilogue on CPU (in place, returns per-row losses)");
+  m.def("lambda_loss_cpu", &fastcache::lambda_loss_cpu,
+        "LambdaLoss on CPU: per-query pair-loss sums, pair counts and d(sum)/dlogits");
+  m.def("plistmle_cpu", &fastcache::plistmle_cpu, "Position-aware ListMLE on CPU: per-query losses and gradients");
+  m.def("listnet_cpu", &fastcache::listnet_cpu, "ListNet on CPU: per-query losses and gradients");
+#ifdef FASTCACHE_WITH_CUDA
+  m.def("contrastive_epilogue_cuda", &fastcache::contrastive_epilogue_cuda,
+        "Fused contrastive softmax-gradient epilogue on CUDA (in place, returns per-row losses; last argument: the "
+        "raw cudaStream_t as an integer)");
+#endif
 }

@@ -97,3 +97,13 @@ def contrastive_loss_reference(
     else:
         log_partition = torch.stack([torch.logsumexp(x, dim=1) for x in logits.values()]).mean(dim=0)
     return (log_partition - positive).mean()
+
+
+def matryoshka_contrastive_loss_reference(queries: Tensor, docs: Tensor, *, dims, weights=None,
+                                          all_queries: Tensor | None = None, **kwargs) -> Tensor:
+    """Dense :func:`fastcache.ops.matryoshka.matryoshka_contrastive_loss`: the weighted sum over the dims of
+    :func:`contrastive_loss_reference` on the embeddings truncated to each dim (guides untouched)."""
+    weights = [1.0] * len(dims) if weights is None else weights
+    return sum(w * contrastive_loss_reference(
+        queries[:, :d], docs[..., :d], all_queries=None if all_queries is None else all_queries[:, :d], **kwargs)
+        for d, w in zip(dims, weights))

@@ -1,0 +1,285 @@
+"""The contrastive loss at several embedding dimensions at once (Matryoshka), in one sweep over D.
+
+For dims d_1 > d_2 > ... > d_K (each at most D) and weights w_k:
+
+    loss = Σ_k w_k · L(every embedding truncated to its first d_k dims)
+
+with L the contrastive loss of :mod:`fastcache.ops.contrastive` (same options, same settings). With
+similarity="cos" every truncated embedding is L2-normalised on its own prefix, as sentence-transformers'
+MatryoshkaLoss does (``shrink``); the guide embeddings (GIST) are never truncated.
+
+Algorithm, per row chunk and enabled direction (rows X against columns Y, e.g. queries against docs): D is cut
+into segments S_k = [d_{k+1}, d_k) (d_{K+1} = 0). The raw prefix products R_k = X[:, :d_k]·Y[:, :d_k]ᵀ are
+accumulated from the smallest dim up, one GEMM per segment (together the flops of one full-D GEMM), and
+s_k = a_k ⊙ R_k ⊙ b_kᵀ with the prefix-norm reciprocals a_k(i) = 1/max(‖X_i[:d_k]‖, eps), b_k(j) likewise for Y
+(a = b = 1 for "dot"). The chosen backend's epilogue turns s_k into g_k = w_k·∂L_k/∂s_k. Backward: segment j lies
+in every dim k ≤ j, so its GEMMs take the sum of those dims' gradients, A_j = Σ_{k≤j} a_k ⊙ g_k ⊙ b_kᵀ (a running
+sum from the largest dim): dX[:, S_j] += A_j·Y[:, S_j] and dY[:, S_j] += A_jᵀ·X[:, S_j]; the normalisation adds,
+with t_k(i) = Σ_j g_k s_k (and the column sums for Y), dX_i[:d_k] -= t_k(i)·X_i[:d_k] / ‖X_i[:d_k]‖².
+Exact: the loss and gradients of summing :func:`fastcache.contrastive_loss` over the dims, up to rounding.
+Memory per chunk: K + 2 blocks per direction (the running R, each dim's gradient block, one product temporary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from fastcache import _backend
+from fastcache.ops import contrastive_epilogue
+from fastcache.ops.contrastive import (
+    NORMALIZE_EPS,
+    ContrastiveLossAndGrad,
+    ContrastiveOptions,
+    _normalized,
+    _parse,
+    check_inputs,
+    chunk_rows,
+)
+
+
+def check_dims(dims, weights, dim: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Validate the Matryoshka dims (distinct positive ints, at most ``dim``) and weights (one finite number per
+    dim, default 1); return both sorted by dim, descending."""
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or len(dims) == 0:
+        raise ValueError(f"dims must be a non-empty sequence of ints, got {dims!r}")
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
+            raise ValueError(f"dims must be positive ints, got {list(dims)}")
+        if d > dim:
+            raise ValueError(f"dims: {d} exceeds the embeddings' {dim} dimensions")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"dims must not repeat a dimension, got {list(dims)}")
+    if weights is None:
+        weights = [1.0] * len(dims)
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != len(dims):
+        raise ValueError(f"weights must be a sequence of {len(dims)} numbers (one per dim), got {weights!r}")
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not float(w) == float(w) or abs(w) == float("inf")
+           for w in weights):
+        raise ValueError(f"weights must be finite numbers, got {list(weights)}")
+    ordered = sorted(zip(dims, weights), key=lambda dw: dw[0], reverse=True)
+    return tuple(d for d, _ in ordered), tuple(float(w) for _, w in ordered)
+
+
+def _prefix_reciprocal_norms(x: Tensor, dims: tuple[int, ...], cosine: bool) -> tuple[Tensor, Tensor] | None:
+    """[K, rows] the prefix norms ‖x[:, :d_k]‖ and their reciprocals 1/max(norm, eps); None for "dot"."""
+    if not cosine:
+        return None
+    norms = torch.stack([torch.linalg.vector_norm(x[:, :d], dim=1) for d in dims])
+    return norms, norms.clamp_min(NORMALIZE_EPS).reciprocal()
+
+
+def _prefix_norm_backward_(grad: Tensor, x: Tensor, dims: tuple[int, ...], norms: tuple[Tensor, Tensor] | None,
+                           radial: Tensor) -> Tensor:
+    """Add to ``grad`` the gradient through the prefix norms: -Σ_{k: segment in d_k} t_k/‖x[:d_k]‖² · x[segment]
+    (nothing below eps, where F.normalize divides by the constant eps)."""
+    if norms is None:
+        return grad
+    norm, reciprocal = norms
+    coefficient = (radial * reciprocal.square() * (norm > NORMALIZE_EPS)).cumsum(0)  # [k] = Σ over dims ≥ d_k
+    for k, (hi, lo) in enumerate(zip(dims, dims[1:] + (0,))):
+        grad[:, lo:hi].addcmul_(x[:, lo:hi], coefficient[k][:, None], value=-1)
+    return grad
+
+
+def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options: ContrastiveOptions, layout,
+          dims: tuple[int, ...], weights: tuple[float, ...], epilogue, need_grad: bool, chunk: int, progress: bool):
+    """Weighted loss over the dims (compute dtype, 0-d) and, when ``need_grad``, fp32/fp64 gradients w.r.t.
+    queries, docs and all_queries (see the module docstring)."""
+    dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    cosine = options.similarity == "cos"
+    B, P, off, K = layout.rows, layout.positives, options.offset, len(dims)
+    segments = list(zip(dims[1:] + (0,), dims))  # S_k = [d_{k+1}, d_k), k = 0 the largest dim's
+    q = queries.to(dtype).contiguous()
+    d = docs.reshape(-1, layout.dim).to(dtype).contiguous()
+    gathered = all_queries is not None
+    Q = all_queries.to(dtype).contiguous() if gathered else q
+    norms = {"q": _prefix_reciprocal_norms(q, dims, cosine), "d": _prefix_reciprocal_norms(d, dims, cosine)}
+    norms["Q"] = _prefix_reciprocal_norms(Q, dims, cosine) if gathered else norms["q"]
+    guided = guide_queries is not None
+    if guided:
+        gq, _ = _normalized(guide_queries, dtype, True)
+        gd, _ = _normalized(guide_docs.reshape(-1, guide_docs.size(-1)), dtype, True)
+    ids = None if doc_ids is None else doc_ids.reshape(-1).to(torch.int64).contiguous()
+    dirs = options.directions
+    tensors = {"q": q, "d": d, "Q": Q}
+    # each direction: (row operand, row start relative to the chunk's first row, column operand, column count)
+    dd_width = P if guided else d.size(0)
+    operands = {"query_to_doc": ("q", 0, "d", d.size(0)), "query_to_query": ("q", 0, "Q", Q.size(0)),
+                "doc_to_query": ("d", off, "Q", Q.size(0)), "doc_to_doc": ("d", off, "d", dd_width)}
+    raw = {k: torch.empty(chunk, operands[k][3], dtype=dtype, device=q.device) for k in dirs}
+    grads = [{k: torch.empty_like(raw[k]) for k in dirs} for _ in range(K)]
+    product = torch.empty(chunk, max(operands[k][3] for k in dirs), dtype=dtype, device=q.device) \
+        if need_grad and cosine else None
+    guides = {k: torch.empty_like(raw[k]) for k in dirs} if guided else {}
+    if need_grad:
+        grad = {"q": torch.zeros_like(q), "d": torch.zeros_like(d)}
+        grad["Q"] = torch.zeros_like(Q) if gathered else grad["q"]
+        radial = {"q": q.new_zeros(K, B), "d": d.new_zeros(K, d.size(0))}
+        radial["Q"] = Q.new_zeros(K, Q.size(0)) if gathered else radial["q"]
+    loss = torch.zeros((), dtype=dtype, device=q.device)
+    for r0 in trange(0, B, chunk, desc="matryoshka loss", disable=not progress, leave=False):
+        r1 = min(r0 + chunk, B)
+        c = r1 - r0
+        rows = {k: slice(operands[k][1] + r0, operands[k][1] + r1) for k in dirs}
+        gout = {k: v[:c] for k, v in guides.items()}
+        if guided:
+            torch.mm(gq[r0:r1], gd.T, out=gout["query_to_doc"])
+            if "query_to_query" in dirs:
+                torch.mm(gq[r0:r1], gq.T, out=gout["query_to_query"])
+            if "doc_to_doc" in dirs:
+                torch.mm(gd[off + r0:off + r1], gd[:P].T, out=gout["doc_to_doc"])
+        for k in reversed(range(K)):  # the smallest dim first: its prefix is part of every larger one
+            lo, hi = segments[k]
+            out = {}
+            for name in dirs:
+                x, _, y, width = operands[name]
+                xc, yc, block = tensors[x][rows[name]], tensors[y][:width], raw[name][:c]
+                if k == K - 1:
+                    torch.mm(xc[:, :hi], yc[:, :hi].T, out=block)
+                else:
+                    block.addmm_(xc[:, lo:hi], yc[:, lo:hi].T)
+                out[name] = grads[k][name][:c]
+                if cosine:  # s_k = a_k ⊙ R_k ⊙ b_k
+                    torch.mul(block, norms[x][1][k, rows[name], None], out=out[name])
+                    out[name].mul_(norms[y][1][k, None, :width])
+                else:
+                    out[name].copy_(block)
+            loss += weights[k] * epilogue(out, gout, ids, r0, layout, options, need_grad).sum()
+            if not need_grad:
+                continue
+            for name in dirs:  # g' = w·a ⊙ g, and the radial sums of g ⊙ s = g' ⊙ R ⊙ b
+                x, _, y, width = operands[name]
+                if cosine:
+                    out[name].mul_(norms[x][1][k, rows[name], None] * weights[k])
+                    t = torch.mul(out[name], raw[name][:c], out=product[:c, :width])
+                    b = norms[y][1][k, :width]
+                    radial[x][k, rows[name]] += t @ b
+                    radial[y][k, :width] += t.sum(0).mul_(b)
+                elif weights[k] != 1.0:
+                    out[name].mul_(weights[k])
+        if not need_grad:
+            continue
+        for k, (lo, hi) in enumerate(segments):  # from the largest dim: A_k = Σ_{k' ≤ k} dL/dR_k' in grads[0]
+            for name in dirs:
+                x, _, y, width = operands[name]
+                total = grads[0][name][:c]
+                scale_columns = norms[y][1][k, None, :width] if cosine else None
+                if k == 0:
+                    if cosine:
+                        total.mul_(scale_columns)
+                elif cosine:
+                    total.addcmul_(grads[k][name][:c], scale_columns)
+                else:
+                    total.add_(grads[k][name][:c])
+                xc, yc = tensors[x][rows[name]], tensors[y][:width]
+                grad[x][rows[name], lo:hi].addmm_(total, yc[:, lo:hi])
+                grad[y][:width, lo:hi].addmm_(total.T, xc[:, lo:hi])
+    loss = loss / B
+    del raw, grads, guides, product  # free the slab before the normalisation backward
+    if not need_grad:
+        return loss, None, None, None
+    for name in ("q", "d", "Q") if gathered else ("q", "d"):
+        _prefix_norm_backward_(grad[name], tensors[name], dims, norms[name], radial[name])
+    return loss, grad["q"], grad["d"].view(docs.shape), grad["Q"] if gathered else None
+
+
+def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, weights, options, need_grad, *,
+         backend, memory_budget, chunk_size, show_progress_bar, strategy=None):
+    layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options, doc_ids)
+    dims, weights = check_dims(dims, weights, layout.dim)
+    if strategy not in (None, "auto", "slab"):
+        raise ValueError(f"strategy: the Matryoshka op runs the slab strategy only, got {strategy!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    name = _backend.resolve_backend(queries.device, contrastive_epilogue.available(queries.device), backend)
+    if chunk_size is None:
+        guide_dim = 0 if guide_queries is None else guide_queries.size(1)
+        itemsize = 8 if queries.dtype == torch.float64 else 4
+        # per direction: the running prefix product, one gradient block per dim, the radial product temporary
+        blocks = len(dims) + 1 + contrastive_epilogue.WORKSPACE_BLOCKS[name]
+        chunk = chunk_rows(layout, options, all_queries is not None, guide_dim,
+                           _backend.memory_budget(memory_budget), itemsize, blocks)
+    else:
+        chunk = min(chunk_size, layout.rows)
+    return _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, dims, weights,
+                 contrastive_epilogue.EPILOGUES[name], need_grad, chunk, show_progress_bar)
+
+
+class _MatryoshkaLossFunction(torch.autograd.Function):
+    """Forward computes the loss and (when any input needs it) the gradients in the same pass; backward scales
+    them by the incoming gradient. No gradient for the guide embeddings."""
+
+    @staticmethod
+    def forward(ctx, queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, weights, options,
+                settings):
+        need_grad = any(ctx.needs_input_grad[:3])
+        loss, gq, gd, gaq = _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, weights,
+                                 options, need_grad, **settings)
+        if need_grad:
+            ctx.save_for_backward(gq.to(queries.dtype), gd.to(docs.dtype),
+                                  None if gaq is None else gaq.to(all_queries.dtype))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return (*scaled, None, None, None, None, None, None, None)
+
+
+def matryoshka_contrastive_loss(
+    queries: Tensor,
+    docs: Tensor,
+    *,
+    dims: Sequence[int],
+    weights: Sequence[float] | None = None,
+    all_queries: Tensor | None = None,
+    guide_queries: Tensor | None = None,
+    guide_docs: Tensor | None = None,
+    doc_ids: Tensor | None = None,
+    **options,
+) -> Tensor:
+    """Σ_k weights[k] · :func:`fastcache.contrastive_loss` of the embeddings truncated to their first dims[k]
+    dimensions (each truncation normalised on its own for similarity="cos"), computed in one sweep over D;
+    differentiable w.r.t. ``queries``, ``docs`` and ``all_queries``.
+
+    Args:
+        dims: distinct positive ints, each at most D, in any order (e.g. [384, 256, 128, 64, 32]).
+        weights: one finite number per dim (default 1 each).
+        queries, docs, all_queries, guide_queries, guide_docs, doc_ids, and every option and setting: as
+            :func:`fastcache.contrastive_loss` (the guide embeddings are never truncated). Setting
+            strategy="tiled" is not supported here (slab only).
+
+    Returns: the weighted sum of the per-dim mean losses, a 0-d float32 tensor (float64 for float64 inputs).
+    """
+    options, settings = _parse(options)
+    guides = [t.detach() if isinstance(t, Tensor) else t for t in (guide_queries, guide_docs)]
+    return _MatryoshkaLossFunction.apply(queries, docs, all_queries, *guides, doc_ids, dims, weights, options,
+                                         settings)
+
+
+def matryoshka_contrastive_loss_and_grad(
+    queries: Tensor,
+    docs: Tensor,
+    *,
+    dims: Sequence[int],
+    weights: Sequence[float] | None = None,
+    all_queries: Tensor | None = None,
+    guide_queries: Tensor | None = None,
+    guide_docs: Tensor | None = None,
+    doc_ids: Tensor | None = None,
+    **options,
+) -> ContrastiveLossAndGrad:
+    """:func:`matryoshka_contrastive_loss` and its gradients w.r.t. the embeddings in one pass, without an autograd
+    graph (what gradient caching consumes). Same arguments; gradients come in the inputs' dtypes and shapes."""
+    options, settings = _parse(options)
+    inputs = [t.detach() if isinstance(t, Tensor) else t
+              for t in (queries, docs, all_queries, guide_queries, guide_docs, doc_ids)]
+    with torch.no_grad():
+        loss, gq, gd, gaq = _run(*inputs, dims, weights, options, True, **settings)
+    return ContrastiveLossAndGrad(loss, gq.to(queries.dtype), gd.to(docs.dtype),
+                                  None if gaq is None else gaq.to(all_queries.dtype))

@@ -51,6 +51,7 @@ SCALE, ALPHA, MARGIN, COEF, POS_COEF = range(5)
 EPILOGUE_BLOCK_M, EPILOGUE_BLOCK_N, EPILOGUE_WARPS = 8, 256, 4
 TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 4, 2
 MAX_BLOCK_DO, BACKWARD_WARPS = 256, 8
+PARTITION_BLOCK = 1024
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,17 +126,40 @@ def _online_logsumexp(m, total, x):
 
 
 @triton.jit
-def _finish_logsumexp(m, total):
-    empty = m == float("-inf")  # every column masked
-    return tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, total)))
+def _partition(m_qd, t_qd, m_qq, t_qq, m_dq, t_dq, m_dd, t_dd, pos_logit, coef, JOINT: tl.constexpr,
+               NUM_BLOCKS: tl.constexpr):
+    """Per row, from each block's maximum m_b and sum t_b of exp(logit - m_b) (an absent or fully masked block:
+    -inf, 0): the loss and the factors f_b with dL/ds_b = f_b·exp(logit - m_b) (+ the positive's term).
+    joint: log Z = M + log Σ_b t_b·exp(m_b - M), f_b = coef·exp(m_b - log Z); per_direction (query_to_doc and
+    doc_to_query): log Z = mean_b (m_b + log t_b), f_b = coef / t_b. Kept as shift + small logarithm, so that
+    log Z - logit_pos and exp(m_b - log Z) keep their precision when the logits are large."""
+    if JOINT:
+        top = tl.maximum(tl.maximum(m_qd, m_qq), tl.maximum(m_dq, m_dd))  # finite: the positive is never masked
+        log_total = tl.log(t_qd * tl.exp(m_qd - top) + t_qq * tl.exp(m_qq - top) + t_dq * tl.exp(m_dq - top)
+                           + t_dd * tl.exp(m_dd - top))
+        loss = (top - pos_logit) + log_total
+        f_qd = coef * tl.exp((m_qd - top) - log_total)
+        f_qq = coef * tl.exp((m_qq - top) - log_total)
+        f_dq = coef * tl.exp((m_dq - top) - log_total)
+        f_dd = coef * tl.exp((m_dd - top) - log_total)
+    else:
+        loss = (m_qd - pos_logit) + tl.log(t_qd)
+        f_qd = coef / t_qd
+        f_qq = tl.zeros_like(f_qd)
+        f_dq = tl.zeros_like(f_qd)
+        f_dd = tl.zeros_like(f_qd)
+        if NUM_BLOCKS == 2:
+            loss = (loss + (m_dq - pos_logit) + tl.log(t_dq)) / 2
+            f_dq = coef / t_dq
+    return loss, f_qd, f_qq, f_dq, f_dd
 
 
 @triton.jit
-def _softmax_grad(x, base, coef, pos_coef, cols, pos, KIND: tl.constexpr):
-    """dL/ds of a logit tile: coef·exp(x - base) (0 where the whole block is masked), minus pos_coef = scale/B at
-    the positive (query_to_doc)."""
-    shift = tl.where(base == float("-inf"), 0.0, base)
-    grad = coef * tl.exp(x - shift[:, None])
+def _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND: tl.constexpr):
+    """dL/ds of a logit tile: factor·exp(x - m) (m: the block's row maximum; 0 where the whole block is masked),
+    minus pos_coef = scale/B at the positive (query_to_doc)."""
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    grad = factor[:, None] * tl.exp(x - shift[:, None])
     if KIND == QUERY_TO_DOC:
         grad = tl.where(cols[None, :] == pos[:, None], grad - pos_coef, grad)
     return grad
@@ -172,18 +196,18 @@ def _slab_block_logsumexp(s_ptr, ld, g_ptr, ldg, n_cols, r, row_ok, pos, own_que
                                             ids_ptr, pos_ids, num_positives, scale, alpha, KIND, HARDNESS, GUIDED,
                                             HAS_IDS, BLOCK_N)
         m, total = _online_logsumexp(m, total, x)
-    return _finish_logsumexp(m, total)
+    return m, total
 
 
 @triton.jit
 def _slab_block_grad(s_ptr, ld, g_ptr, ldg, n_cols, r, row_ok, pos, own_query, threshold, ids_ptr, pos_ids,
-                     num_positives, scale, alpha, base, coef, pos_coef, KIND: tl.constexpr, HARDNESS: tl.constexpr,
+                     num_positives, scale, alpha, m, factor, pos_coef, KIND: tl.constexpr, HARDNESS: tl.constexpr,
                      GUIDED: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_N: tl.constexpr):
     for c0 in range(0, n_cols, BLOCK_N):
         x, cols, inside = _slab_tile_logits(s_ptr, ld, g_ptr, ldg, n_cols, c0, r, row_ok, pos, own_query, threshold,
                                             ids_ptr, pos_ids, num_positives, scale, alpha, KIND, HARDNESS, GUIDED,
                                             HAS_IDS, BLOCK_N)
-        grad = _softmax_grad(x, base, coef, pos_coef, cols, pos, KIND)
+        grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
         tl.store(s_ptr + r[:, None] * ld + cols[None, :], grad, mask=inside)
 
 
@@ -206,63 +230,42 @@ def _slab_epilogue_kernel(qd_ptr, qq_ptr, dq_ptr, dd_ptr, gqd_ptr, gqq_ptr, gdd_
         guide_pos = tl.load(gqd_ptr + r * ldg_qd + pos, mask=row_ok, other=0.0)
         threshold = _guide_threshold(guide_pos, tl.load(params_ptr + MARGIN), RELATIVE_MARGIN)
     pos_logit = scale * tl.load(qd_ptr + r * ld_qd + pos, mask=row_ok, other=0.0)
-    lse_qd = _slab_block_logsumexp(qd_ptr, ld_qd, gqd_ptr, ldg_qd, n_qd, r, row_ok, pos, own_query, threshold,
-                                   ids_ptr, pos_ids, num_positives, scale, alpha, QUERY_TO_DOC, HARDNESS, GUIDED,
-                                   HAS_IDS, BLOCK_M, BLOCK_N, ACC)
-    lse_qq = lse_qd
-    lse_dq = lse_qd
-    lse_dd = lse_qd
-    m = lse_qd
+    m_qd, t_qd = _slab_block_logsumexp(qd_ptr, ld_qd, gqd_ptr, ldg_qd, n_qd, r, row_ok, pos, own_query, threshold,
+                                       ids_ptr, pos_ids, num_positives, scale, alpha, QUERY_TO_DOC, HARDNESS, GUIDED,
+                                       HAS_IDS, BLOCK_M, BLOCK_N, ACC)
+    absent = tl.full([BLOCK_M], float("-inf"), ACC)
+    m_qq, t_qq, m_dq, t_dq, m_dd, t_dd = absent, t_qd * 0, absent, t_qd * 0, absent, t_qd * 0
     if HAS_QQ:
-        lse_qq = _slab_block_logsumexp(qq_ptr, ld_qq, gqq_ptr, ldg_qq, n_qq, r, row_ok, pos, own_query, threshold,
-                                       ids_ptr, pos_ids, num_positives, scale, alpha, QUERY_TO_QUERY, HARDNESS, GUIDED,
-                                       HAS_IDS, BLOCK_M, BLOCK_N, ACC)
-        m = tl.maximum(m, lse_qq)
+        m_qq, t_qq = _slab_block_logsumexp(qq_ptr, ld_qq, gqq_ptr, ldg_qq, n_qq, r, row_ok, pos, own_query,
+                                           threshold, ids_ptr, pos_ids, num_positives, scale, alpha, QUERY_TO_QUERY,
+                                           HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, ACC)
     if HAS_DQ:
-        lse_dq = _slab_block_logsumexp(dq_ptr, ld_dq, qd_ptr, 0, n_dq, r, row_ok, pos, own_query, threshold,
-                                       ids_ptr, pos_ids, num_positives, scale, alpha, DOC_TO_QUERY, HARDNESS, False,
-                                       HAS_IDS, BLOCK_M, BLOCK_N, ACC)
-        m = tl.maximum(m, lse_dq)
+        m_dq, t_dq = _slab_block_logsumexp(dq_ptr, ld_dq, qd_ptr, 0, n_dq, r, row_ok, pos, own_query, threshold,
+                                           ids_ptr, pos_ids, num_positives, scale, alpha, DOC_TO_QUERY, HARDNESS,
+                                           False, HAS_IDS, BLOCK_M, BLOCK_N, ACC)
     if HAS_DD:
-        lse_dd = _slab_block_logsumexp(dd_ptr, ld_dd, gdd_ptr, ldg_dd, n_dd, r, row_ok, pos, own_query, threshold,
-                                       ids_ptr, pos_ids, num_positives, scale, alpha, DOC_TO_DOC, HARDNESS, GUIDED,
-                                       HAS_IDS, BLOCK_M, BLOCK_N, ACC)
-        m = tl.maximum(m, lse_dd)
-    if JOINT:  # one log-partition over every block (m is finite: the positive is never masked)
-        total = tl.exp(lse_qd - m)
-        if HAS_QQ:
-            total += tl.exp(lse_qq - m)
-        if HAS_DQ:
-            total += tl.exp(lse_dq - m)
-        if HAS_DD:
-            total += tl.exp(lse_dd - m)
-        log_partition = m + tl.log(total)
-        lse_qd = log_partition
-        lse_qq = log_partition
-        lse_dq = log_partition
-        lse_dd = log_partition
-    else:  # per_direction: query_to_doc and doc_to_query only (validated by the options)
-        log_partition = lse_qd
-        if HAS_DQ:
-            log_partition = (lse_qd + lse_dq) / NUM_BLOCKS
-    tl.store(loss_ptr + r, log_partition - pos_logit, mask=row_ok)
+        m_dd, t_dd = _slab_block_logsumexp(dd_ptr, ld_dd, gdd_ptr, ldg_dd, n_dd, r, row_ok, pos, own_query,
+                                           threshold, ids_ptr, pos_ids, num_positives, scale, alpha, DOC_TO_DOC,
+                                           HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, ACC)
+    loss, f_qd, f_qq, f_dq, f_dd = _partition(m_qd, t_qd, m_qq, t_qq, m_dq, t_dq, m_dd, t_dd, pos_logit,
+                                              tl.load(params_ptr + COEF), JOINT, NUM_BLOCKS)
+    tl.store(loss_ptr + r, loss, mask=row_ok)
     if COMPUTE_GRAD:
-        coef = tl.load(params_ptr + COEF)
         pos_coef = tl.load(params_ptr + POS_COEF)
         _slab_block_grad(qd_ptr, ld_qd, gqd_ptr, ldg_qd, n_qd, r, row_ok, pos, own_query, threshold, ids_ptr,
-                         pos_ids, num_positives, scale, alpha, lse_qd, coef, pos_coef, QUERY_TO_DOC, HARDNESS, GUIDED,
+                         pos_ids, num_positives, scale, alpha, m_qd, f_qd, pos_coef, QUERY_TO_DOC, HARDNESS, GUIDED,
                          HAS_IDS, BLOCK_N)
         if HAS_QQ:
             _slab_block_grad(qq_ptr, ld_qq, gqq_ptr, ldg_qq, n_qq, r, row_ok, pos, own_query, threshold, ids_ptr,
-                             pos_ids, num_positives, scale, alpha, lse_qq, coef, pos_coef, QUERY_TO_QUERY, HARDNESS,
+                             pos_ids, num_positives, scale, alpha, m_qq, f_qq, pos_coef, QUERY_TO_QUERY, HARDNESS,
                              GUIDED, HAS_IDS, BLOCK_N)
         if HAS_DQ:
             _slab_block_grad(dq_ptr, ld_dq, qd_ptr, 0, n_dq, r, row_ok, pos, own_query, threshold, ids_ptr,
-                             pos_ids, num_positives, scale, alpha, lse_dq, coef, pos_coef, DOC_TO_QUERY, HARDNESS,
+                             pos_ids, num_positives, scale, alpha, m_dq, f_dq, pos_coef, DOC_TO_QUERY, HARDNESS,
                              False, HAS_IDS, BLOCK_N)
         if HAS_DD:
             _slab_block_grad(dd_ptr, ld_dd, gdd_ptr, ldg_dd, n_dd, r, row_ok, pos, own_query, threshold, ids_ptr,
-                             pos_ids, num_positives, scale, alpha, lse_dd, coef, pos_coef, DOC_TO_DOC, HARDNESS,
+                             pos_ids, num_positives, scale, alpha, m_dd, f_dd, pos_coef, DOC_TO_DOC, HARDNESS,
                              GUIDED, HAS_IDS, BLOCK_N)
 
 
@@ -308,8 +311,19 @@ def slab_epilogue(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids:
 # ---------------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _dot(a, b, acc, WIDEN: tl.constexpr, ACC: tl.constexpr):
+    """acc + a·b with full-precision fp32 products (no TF32). WIDEN: bfloat16 operands go through fp32, for the
+    Triton interpreter, whose tl.dot multiplies bfloat16 bit patterns as integers (bf16 products are exact in
+    fp32, so the result is the GPU's bf16 product with fp32 accumulation)."""
+    if WIDEN:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
+
+
+@triton.jit
 def _similarity_tile(a_ptr, b_ptr, stride_a, stride_b, rows, cols, n_rows, n_cols, dim, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr):
     """[M, N] tile of a·bᵀ (rows of a, rows of b), accumulated over dim in ACC."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for k0 in range(0, dim, BLOCK_K):
@@ -318,7 +332,7 @@ def _similarity_tile(a_ptr, b_ptr, stride_a, stride_b, rows, cols, n_rows, n_col
                     other=0.0)
         b = tl.load(b_ptr + cols[None, :] * stride_b + k[:, None], mask=(cols[None, :] < n_cols) & (k[:, None] < dim),
                     other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
+        acc = _dot(a, b, acc, WIDEN, ACC)
     return acc
 
 
@@ -326,14 +340,15 @@ def _similarity_tile(a_ptr, b_ptr, stride_a, stride_b, rows, cols, n_rows, n_col
 def _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows, n_cols,
                  dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale, alpha,
                  KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+                 WIDEN: tl.constexpr):
     """The logits of one [M, N] tile of a block, recomputed from the embeddings (and the guide's)."""
     s = _similarity_tile(r_ptr, c_ptr, stride_r, stride_c, rows, cols, n_rows, n_cols, dim, BLOCK_M, BLOCK_N,
-                         BLOCK_K, ACC)
+                         BLOCK_K, ACC, WIDEN)
     g = s
     if GUIDED:
         g = _similarity_tile(gr_ptr, gc_ptr, stride_gr, stride_gc, rows, cols, n_rows, n_cols, guide_dim, BLOCK_M,
-                             BLOCK_N, BLOCK_K, ACC)
+                             BLOCK_N, BLOCK_K, ACC, False)
     return _masked_logits(s, g, cols, n_cols, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
                           alpha, KIND, HARDNESS, GUIDED, HAS_IDS)
 
@@ -354,11 +369,12 @@ def _tile_rows(r0, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, 
 @triton.jit
 def _tiled_logsumexp_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c,
                             stride_gr, stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset,
-                            own_query_offset, lse_ptr, pos_logit_ptr,
+                            own_query_offset, max_ptr, total_ptr, pos_logit_ptr,
                             KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
                             RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, ACC: tl.constexpr):
-    """Forward, row-parallel: per row, the log-sum-exp of one block's logits and (query_to_doc) the positive's."""
+                            BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr):
+    """Forward, row-parallel: per row, the maximum and the sum of exp(logit - maximum) of one block's logits, and
+    (query_to_doc) the positive's logit."""
     scale = tl.load(params_ptr + SCALE)
     alpha = tl.load(params_ptr + ALPHA)
     rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
@@ -371,42 +387,68 @@ def _tiled_logsumexp_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, par
         cols = c0 + tl.arange(0, BLOCK_N)
         x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows,
                          n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
-                         alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC)
+                         alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC, WIDEN)
         m, total = _online_logsumexp(m, total, x)
         if KIND == QUERY_TO_DOC:
             pos_logit += tl.sum(tl.where(cols[None, :] == pos[:, None], x, 0.0), 1)
-    tl.store(lse_ptr + rows, _finish_logsumexp(m, total), mask=ok)
+    tl.store(max_ptr + rows, m, mask=ok)
+    tl.store(total_ptr + rows, total, mask=ok)
     if KIND == QUERY_TO_DOC:
         tl.store(pos_logit_ptr + rows, pos_logit, mask=ok)
 
 
 @triton.jit
+def _tiled_partition_kernel(max_ptr, total_ptr, pos_logit_ptr, params_ptr, loss_ptr, factor_ptr, n_rows,
+                            JOINT: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row, from the [4, B] block statistics (rows in KIND_CODES order): the loss and the [4, B] factors."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < n_rows
+    m_qd = tl.load(max_ptr + rows, mask=ok, other=0.0)
+    t_qd = tl.load(total_ptr + rows, mask=ok, other=1.0)
+    m_qq = tl.load(max_ptr + n_rows + rows, mask=ok, other=0.0)
+    t_qq = tl.load(total_ptr + n_rows + rows, mask=ok, other=1.0)
+    m_dq = tl.load(max_ptr + 2 * n_rows + rows, mask=ok, other=0.0)
+    t_dq = tl.load(total_ptr + 2 * n_rows + rows, mask=ok, other=1.0)
+    m_dd = tl.load(max_ptr + 3 * n_rows + rows, mask=ok, other=0.0)
+    t_dd = tl.load(total_ptr + 3 * n_rows + rows, mask=ok, other=1.0)
+    pos_logit = tl.load(pos_logit_ptr + rows, mask=ok, other=0.0)
+    loss, f_qd, f_qq, f_dq, f_dd = _partition(m_qd, t_qd, m_qq, t_qq, m_dq, t_dq, m_dd, t_dd, pos_logit,
+                                              tl.load(params_ptr + COEF), JOINT, NUM_BLOCKS)
+    tl.store(loss_ptr + rows, loss, mask=ok)
+    tl.store(factor_ptr + rows, f_qd, mask=ok)
+    tl.store(factor_ptr + n_rows + rows, f_qq, mask=ok)
+    tl.store(factor_ptr + 2 * n_rows + rows, f_dq, mask=ok)
+    tl.store(factor_ptr + 3 * n_rows + rows, f_dd, mask=ok)
+
+
+@triton.jit
 def _tiled_rows_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c,
                             stride_gr, stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset,
-                            own_query_offset, base_ptr, out_ptr, stride_out,
+                            own_query_offset, max_ptr, factor_ptr, out_ptr, stride_out,
                             KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
                             RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, ACC: tl.constexpr, BLOCK_DO: tl.constexpr):
+                            BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr,
+                            BLOCK_DO: tl.constexpr):
     """Backward, row-parallel: out[rows, dims] += G·C[:, dims] over every column tile of the block."""
     scale = tl.load(params_ptr + SCALE)
     alpha = tl.load(params_ptr + ALPHA)
-    coef = tl.load(params_ptr + COEF)
     pos_coef = tl.load(params_ptr + POS_COEF)
     rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
         tl.program_id(0) * BLOCK_M, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr,
         tl.load(params_ptr + MARGIN), HAS_IDS, GUIDED, RELATIVE_MARGIN, BLOCK_M, ACC)
-    base = tl.load(base_ptr + rows, mask=ok, other=0.0)
+    m = tl.load(max_ptr + rows, mask=ok, other=0.0)
+    factor = tl.load(factor_ptr + rows, mask=ok, other=0.0)
     dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], ACC)
     for c0 in range(0, n_cols, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows,
                          n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
-                         alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC)
-        grad = _softmax_grad(x, base, coef, pos_coef, cols, pos, KIND)
+                         alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC, WIDEN)
+        grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
         c = tl.load(c_ptr + cols[:, None] * stride_c + dims[None, :],
                     mask=(cols[:, None] < n_cols) & (dims[None, :] < dim), other=0.0)
-        acc = tl.dot(grad.to(c.dtype), c, acc, input_precision="ieee", out_dtype=ACC)
+        acc = _dot(grad.to(c.dtype), c, acc, WIDEN, ACC)
     out = out_ptr + rows[:, None] * stride_out + dims[None, :]
     inside = ok[:, None] & (dims[None, :] < dim)
     tl.store(out, tl.load(out, mask=inside, other=0.0) + acc, mask=inside)
@@ -415,15 +457,15 @@ def _tiled_rows_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, par
 @triton.jit
 def _tiled_cols_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c,
                             stride_gr, stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset,
-                            own_query_offset, base_ptr, out_ptr, stride_out,
+                            own_query_offset, max_ptr, factor_ptr, out_ptr, stride_out,
                             KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
                             RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, ACC: tl.constexpr, BLOCK_DO: tl.constexpr):
+                            BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr,
+                            BLOCK_DO: tl.constexpr):
     """Backward, column-parallel: out[cols, dims] += Gᵀ·R[:, dims] over every row tile of the block."""
     scale = tl.load(params_ptr + SCALE)
     alpha = tl.load(params_ptr + ALPHA)
     margin = tl.load(params_ptr + MARGIN)
-    coef = tl.load(params_ptr + COEF)
     pos_coef = tl.load(params_ptr + POS_COEF)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -432,14 +474,15 @@ def _tiled_cols_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, par
         rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
             r0, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS, GUIDED, RELATIVE_MARGIN,
             BLOCK_M, ACC)
-        base = tl.load(base_ptr + rows, mask=ok, other=0.0)
+        m = tl.load(max_ptr + rows, mask=ok, other=0.0)
+        factor = tl.load(factor_ptr + rows, mask=ok, other=0.0)
         x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows,
                          n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
-                         alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC)
-        grad = tl.where(ok[:, None], _softmax_grad(x, base, coef, pos_coef, cols, pos, KIND), 0.0)
+                         alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC, WIDEN)
+        grad = tl.where(ok[:, None], _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND), 0.0)
         r = tl.load(r_ptr + rows[:, None] * stride_r + dims[None, :], mask=ok[:, None] & (dims[None, :] < dim),
                     other=0.0)
-        acc = tl.dot(tl.trans(grad.to(r.dtype)), r, acc, input_precision="ieee", out_dtype=ACC)
+        acc = _dot(tl.trans(grad.to(r.dtype)), r, acc, WIDEN, ACC)
     out = out_ptr + cols[:, None] * stride_out + dims[None, :]
     inside = (cols[:, None] < n_cols) & (dims[None, :] < dim)
     tl.store(out, tl.load(out, mask=inside, other=0.0) + acc, mask=inside)
@@ -503,7 +546,8 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     params = _scalars(acc, q.device, options, coef, options.scale / B)
     constants = dict(HARDNESS=HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, GUIDED=guided,
                      HAS_IDS=ids is not None, RELATIVE_MARGIN=options.margin_strategy == "relative",
-                     BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K, ACC=_acc_type(acc))
+                     BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K, ACC=_acc_type(acc),
+                     WIDEN=q.device.type == "cpu" and q.dtype == torch.bfloat16)
 
     def arguments(block: _Block) -> tuple:
         guide_rows = block.guide_rows if guided else block.rows
@@ -513,24 +557,29 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
                 guide_rows.stride(0), guide_cols.stride(0), B, block.cols.size(0), layout.dim, guide_rows.size(1),
                 P, off, layout.own_query_offset)
 
-    lse, pos_logit = [], torch.empty(B, dtype=acc, device=q.device)
+    # per block (KIND_CODES order) and row: maximum logit and sum of exp(logit - maximum); absent blocks -inf, 0
+    maxima = torch.full((4, B), float("-inf"), dtype=acc, device=q.device)
+    totals = torch.zeros((4, B), dtype=acc, device=q.device)
+    pos_logit = torch.empty(B, dtype=acc, device=q.device)
     for block in blocks:
-        lse.append(torch.empty(B, dtype=acc, device=q.device))
+        kind = KIND_CODES[block.kind]
         _tiled_logsumexp_kernel[(triton.cdiv(B, TILE_M),)](
-            *arguments(block), lse[-1], pos_logit, KIND=KIND_CODES[block.kind], **constants,
+            *arguments(block), maxima[kind], totals[kind], pos_logit, KIND=kind, **constants,
             num_warps=TILE_WARPS, num_stages=TILE_STAGES)
-    lse = torch.stack(lse)
-    log_partition = torch.logsumexp(lse, dim=0) if joint else lse.mean(dim=0)
-    loss = (log_partition - pos_logit).sum() / B
+    loss_rows, factors = torch.empty(B, dtype=acc, device=q.device), torch.empty_like(totals)
+    _tiled_partition_kernel[(triton.cdiv(B, PARTITION_BLOCK),)](
+        maxima, totals, pos_logit, params, loss_rows, factors, B, JOINT=joint, NUM_BLOCKS=len(blocks),
+        BLOCK=PARTITION_BLOCK)
+    loss = loss_rows.sum() / B
     if not need_grad:
         return loss, None, None, None
     block_do = min(MAX_BLOCK_DO, max(16, triton.next_power_of_2(layout.dim)))
-    for block, block_lse in zip(blocks, lse):
-        base = log_partition if joint else block_lse
+    for block in blocks:
+        kind = KIND_CODES[block.kind]
         for kernel, out, count, tile in ((_tiled_rows_grad_kernel, block.grad_rows, B, TILE_M),
                                          (_tiled_cols_grad_kernel, block.grad_cols, block.cols.size(0), TILE_N)):
             kernel[(triton.cdiv(count, tile), triton.cdiv(layout.dim, block_do))](
-                *arguments(block), base, out, out.stride(0), KIND=KIND_CODES[block.kind], **constants,
+                *arguments(block), maxima[kind], factors[kind], out, out.stride(0), KIND=kind, **constants,
                 BLOCK_DO=block_do, num_warps=BACKWARD_WARPS, num_stages=TILE_STAGES)
     grad_queries = _normalized_backward_(grad_q, q.to(acc), q_norm)
     grad_docs = _normalized_backward_(grad_d, d.to(acc), d_norm).view(docs.shape)

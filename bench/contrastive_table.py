@@ -6,24 +6,21 @@
 Every case runs the loss stage forward and backward (the loss and dL/d(embeddings)) on random fp32 embeddings:
 B queries, N = C·B candidates laid out column-major (the B positives, then C-1 hard-negative columns), D dims,
 cosine similarity, scale 20. It times every case in this process (warm-up, then the minimum of the repeats),
-measures each case's peak memory in a fresh subprocess (bench/harness.py), prints a markdown table and whether
+measures each case's peak memory in a fresh subprocess (fastcache/harness.py), prints a markdown table and whether
 the targets are met, and writes a JSON file with the machine's details (the full run writes
 bench/results/contrastive_cpu.json unless --out says otherwise; --quick writes only with --out).
 
-This module also defines the cases (:data:`CASES`, :func:`make_case`) for bench/bench_contrastive.py.
+The cases (:data:`CASES`, :func:`make_case`) are fastcache.benchmark's, shared with ``fastcache bench`` and
+bench/bench_contrastive.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no Hub: the sentence-transformers model is built locally
@@ -33,7 +30,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import MIB, Case, RunOutput, peak_memory_many, time_case  # noqa: E402
+from harness import peak_memory_many, time_case  # noqa: E402
+
+# the cases live in the package (``fastcache bench`` runs them across batch sizes); re-exported for bench/ scripts
+from fastcache.benchmark import BUDGETS_MIB, CASES, machine_info, make_case  # noqa: E402, F401
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -41,178 +41,6 @@ FULL = {"B": 4096, "N": 8192, "D": 384}
 QUICK = {"B": 256, "N": 512, "D": 64}
 WARMUP_SHAPE = {"B": 64, "N": 128, "D": 32}  # the memory child's warm-up run (loads libraries before the baseline)
 DEFAULT_OUT = BENCH_DIR / "results" / "contrastive_cpu.json"
-
-CASES = {
-    "gemms": "bare GEMMs S=Q·Dᵀ, S·D, Sᵀ·Q (the limit)",
-    "fastcache_cpu": "fastcache fused, backend=cpu, budget 256 MiB",
-    "fastcache_cpu_64mib": "fastcache fused, backend=cpu, budget 64 MiB",
-    "fastcache_torch": "fastcache fused, backend=torch, budget 256 MiB",
-    "reference": "dense reference (fastcache.reference) + backward",
-    "st_cached_mbs32": "sentence-transformers CachedMNRL.calculate_loss, mini_batch_size=32",
-    "st_cached_mbs256": "sentence-transformers CachedMNRL.calculate_loss, mini_batch_size=256",
-    "st_mnrl": "sentence-transformers MNRL.compute_loss_from_embeddings + backward",
-}
-BUDGETS_MIB = {"fastcache_cpu": 256, "fastcache_cpu_64mib": 64, "fastcache_torch": 256}
-BACKENDS = {"fastcache_cpu": "cpu", "fastcache_cpu_64mib": "cpu", "fastcache_torch": "torch"}
-ST_MINI_BATCH = {"st_cached_mbs32": 32, "st_cached_mbs256": 256}
-
-_TINY_MODEL = None
-
-
-def tiny_sentence_transformer():
-    """A tiny random BERT SentenceTransformer built offline (the losses' constructors need a model; the loss
-    stage never calls it). Built once per process in a temporary folder, which is removed after loading."""
-    global _TINY_MODEL
-    if _TINY_MODEL is None:
-        import transformers
-        from sentence_transformers import SentenceTransformer
-        from transformers import BertConfig, BertModel, BertTokenizerFast
-
-        transformers.utils.logging.disable_progress_bar()
-        letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *("##" + c for c in letters), "the", "a"]
-        with tempfile.TemporaryDirectory() as folder:
-            vocab_file = os.path.join(folder, "vocab.txt")
-            Path(vocab_file).write_text("\n".join(vocab) + "\n")
-            state = torch.random.get_rng_state()
-            torch.manual_seed(0)
-            config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64)
-            BertModel(config).save_pretrained(folder)
-            torch.random.set_rng_state(state)
-            BertTokenizerFast(vocab=vocab_file).save_pretrained(folder)
-            _TINY_MODEL = SentenceTransformer(folder, device="cpu")
-    return _TINY_MODEL
-
-
-def _leaf(t: torch.Tensor) -> torch.Tensor:
-    """A leaf requiring grad that shares ``t``'s memory (a copy would free the original before the memory
-    baseline, leaving the high-water mark above the resident size)."""
-    return t.detach().requires_grad_()
-
-
-def _clear_grads(tensors):
-    def reset():
-        for t in tensors:
-            t.grad = None
-
-    return reset
-
-
-def make_case(name: str, B: int, N: int, D: int, seed: int = 0) -> Case:
-    """Case ``name`` (a key of :data:`CASES`) at B queries, N = C·B candidates, D dims, fp32."""
-    if name not in CASES:
-        raise ValueError(f"unknown case {name!r}; cases: {', '.join(CASES)}")
-    if N % B:
-        raise ValueError(f"N={N} must be a multiple of B={B} (positives, then hard-negative columns)")
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, D, generator=generator)
-    d = torch.randn(N, D, generator=generator)
-    info = {"label": CASES[name], "B": B, "N": N, "D": D}
-
-    if name == "gemms":
-        def run():
-            s = q @ d.T
-            return RunOutput(None, (s @ d, s.T @ q))
-
-        return Case(name, run, (q, d), info=info)
-
-    if name in BACKENDS:
-        import fastcache
-
-        budget = BUDGETS_MIB[name] * MIB
-        info.update(backend=BACKENDS[name], memory_budget_mib=BUDGETS_MIB[name])
-
-        def run():
-            out = fastcache.contrastive_loss_and_grad(q, d, backend=BACKENDS[name], memory_budget=budget)
-            return RunOutput(out.loss, (out.grad_queries, out.grad_docs))
-
-        return Case(name, run, (q, d), info=info)
-
-    if name == "reference":
-        from fastcache.reference import contrastive_loss_reference
-
-        lq, ld = _leaf(q), _leaf(d)
-        del q, d
-
-        def run():
-            loss = contrastive_loss_reference(lq, ld)
-            loss.backward()
-            return RunOutput(loss.detach(), (lq.grad, ld.grad))
-
-        return Case(name, run, (lq, ld), reset=_clear_grads((lq, ld)), info=info)
-
-    columns = [q, *d.split(B)]  # sentence-transformers' input columns: anchors, positives, each hard negative
-    del q, d
-    model = tiny_sentence_transformer()
-    if name == "st_mnrl":
-        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-
-        loss_fn = MultipleNegativesRankingLoss(model)
-        leaves = [_leaf(c) for c in columns]
-        del columns
-
-        def run():
-            loss = loss_fn.compute_loss_from_embeddings(leaves, None)
-            loss.backward()
-            return RunOutput(loss.detach(), tuple(t.grad for t in leaves))
-
-        return Case(name, run, leaves, reset=_clear_grads(leaves), info=info)
-
-    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
-
-    mbs = ST_MINI_BATCH[name]
-    info.update(mini_batch_size=mbs)
-    loss_fn = CachedMultipleNegativesRankingLoss(model, mini_batch_size=mbs)
-    # as forward_cached hands them over: per column, the mini-batch embeddings as leaves requiring grad
-    reps = [[_leaf(mb) for mb in c.split(mbs)] for c in columns]
-    del columns
-    leaves = [t for column in reps for t in column]
-
-    def run():
-        loss = loss_fn.calculate_loss(reps, with_backward=True)
-        return RunOutput(loss.detach(), tuple(t.grad for t in leaves))
-
-    return Case(name, run, leaves, reset=_clear_grads(leaves), info=info)
-
-
-# ---------------------------------------------------------------------------------------------------- the table
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def machine_info() -> dict:
-    cpu_model = platform.processor() or None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_model)
-    except OSError:
-        pass
-    versions = {}
-    for package in ("fastcache", "sentence_transformers", "transformers"):
-        try:
-            versions[package] = __import__(package).__version__
-        except Exception as error:  # noqa: BLE001 - report, do not fail the benchmark
-            versions[package] = f"unavailable ({type(error).__name__})"
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "cpu_model": cpu_model,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        **versions,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "commit": _git("rev-parse", "HEAD"),
-        "tracked_changes": bool(status) if status is not None else None,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def _fmt(x: float | None, spec: str) -> str:

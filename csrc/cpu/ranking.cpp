@@ -1,0 +1,370 @@
+// Fused learning-to-rank losses on CPU: forward and backward in one pass per query, parallel over queries,
+// memory O(n) per query (no [n, n] pair tensor).
+//
+// Inputs are padded logits s [Q, n], labels y [Q, n] and a validity mask [Q, n]; padding is never read into
+// the maths (it may hold NaN). The maths of each loss is in fastcache/ops/ranking.py; here:
+//
+// LambdaLoss (sentence-transformers' formulation). Per query, the valid documents sorted by logit (descending,
+// ties by position): s_p, y_p at rank p. G_p = (2^max(y_p,0) - 1) / max(maxDCG@k, eps), 1/D_p = 1/log2(p + 2).
+// A pair (p, q), both ranks < k and both labels finite, counts when y_p > y_q (NDCGLoss1: every pair, p = q too):
+//     loss_pq = -c · max(w_pq · max(log sigmoid(sigma · clamp(s_p - s_q, ±1e8)), log eps), log eps)
+// c = 1 (natural) or 1/ln 2 (binary). Each unordered pair p < q is visited once and both of its directions
+// share one exp and one log1p: log sigmoid(-x) = log sigmoid(x) - x. Returned: the per-query sum of the pair
+// losses, the number of pairs and d(sum)/ds (the op divides by the batch's pair count).
+//
+// PListMLE: per query, the valid documents in input order or sorted by label (descending, ties by position):
+//     loss = -sum_r w_r (s_r - Lhat_r),  Lhat_r = log(sum_{t >= r} exp(s_t) + eps)  (a running log-sum-exp)
+//     dloss/ds_t = -w_t + exp(s_t - Lhat_t) · A_t,  A_t = sum_{r <= t} w_r exp(Lhat_t - Lhat_r)
+// with A_t = A_{t-1} · exp(Lhat_t - Lhat_{t-1}) + w_t: every exponent <= 0, nothing overflows.
+//
+// ListNet: per query, p = softmax(y), loss = logsumexp(s) - sum_j p_j s_j, dloss/ds = softmax(s) - p.
+#include "ranking.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace fastcache {
+namespace {
+
+#define FASTCACHE_RANKING_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTCACHE_RANKING_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTCACHE_RANKING_CLONES
+#endif
+
+enum Weighting { kNone = 0, kNDCGLoss1 = 1, kNDCGLoss2 = 2, kLambdaRank = 3, kNDCGLoss2PP = 4 };
+
+// e^x for x <= 0 in a form the compiler vectorises: x = k·ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor
+// polynomial (relative error < 3e-8 on that range), 2^k from the exponent bits; 0 below -87.
+FASTCACHE_RANKING_INLINE float exp_nonpositive(float x) {
+  const float k = std::nearbyint(x * 1.4426950408889634f);
+  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+  const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f +
+                  r * (8.3333338e-3f + r * 1.3888889e-3f)))));
+  const int32_t biased = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &biased, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+FASTCACHE_RANKING_INLINE double exp_nonpositive(double x) { return std::exp(x); }
+
+// log(1 + e) for e in [0, 1]: 2·atanh(z) with z = e / (2 + e) <= 1/3, odd series to z^13 (relative error < 2e-8).
+FASTCACHE_RANKING_INLINE float log1p_unit(float e) {
+  const float z = e / (2.0f + e), z2 = z * z;
+  const float series = 1.0f + z2 * (1.0f / 3 + z2 * (1.0f / 5 + z2 * (1.0f / 7 + z2 * (1.0f / 9 +
+                       z2 * (1.0f / 11 + z2 * (1.0f / 13))))));
+  return 2.0f * z * series;
+}
+FASTCACHE_RANKING_INLINE double log1p_unit(double e) { return std::log1p(e); }
+
+template <typename T>
+struct LambdaParams {
+  int weighting;
+  T mu, sigma, log_eps, c;  // c: 1 (natural log) or 1 / ln 2 (binary)
+  int64_t k;                // <= 0: every document
+  double eps;
+  bool compute_grad;
+};
+
+// The pairs (p, q) of one query for q in (p, kk): per q, the contribution to dsum/ds_p (q gets its negative),
+// the loss of the pair's valid directions and how many directions are valid. Arrays are indexed by rank.
+template <typename T>
+FASTCACHE_RANKING_INLINE void pair_row(const T* s, const T* y, const T* gain, const T* inv_d, const T* finite,
+                                       const T* delta, int64_t p, int64_t kk, const LambdaParams<T>& prm,
+                                       T* grad_out, T* loss_out, T* count_out) {
+  const bool ndcg1 = prm.weighting == kNDCGLoss1;
+  const T w_one = prm.weighting == kNone ? T(1) : T(0);
+  const T w_ndcg2 = prm.weighting == kNDCGLoss2 ? T(1) : prm.weighting == kNDCGLoss2PP ? prm.mu : T(0);
+  const T w_rank = (prm.weighting == kLambdaRank || prm.weighting == kNDCGLoss2PP) ? T(1) : T(0);
+  const T sp = s[p], yp = y[p], gp = gain[p], dp = inv_d[p], fp = finite[p];
+  const T wa_ndcg1 = gp * dp, log_eps = prm.log_eps, sigma = prm.sigma, c = prm.c;
+  const T limit = T(1e8);
+  for (int64_t q = p + 1; q < kk; ++q) {
+    const int64_t j = q - p - 1;
+    const T raw = sp - s[q];
+    const T in_range = std::abs(raw) <= limit ? T(1) : T(0);
+    const T x = sigma * std::min(std::max(raw, -limit), limit);
+    const T e = exp_nonpositive(-std::abs(x));
+    const T l1p = log1p_unit(e);
+    const T inv = T(1) / (T(1) + e);
+    const T ls_pos = std::min(x, T(0)) - l1p;   // log sigmoid(x): p above q
+    const T ls_neg = std::min(-x, T(0)) - l1p;  // log sigmoid(-x): q above p
+    const T sig_pos = x >= T(0) ? inv : e * inv;
+    const T sig_neg = x >= T(0) ? e * inv : inv;
+    const T gain_diff = std::abs(gp - gain[q]);
+    const T w_sym = w_one + w_ndcg2 * delta[q - p] * gain_diff + w_rank * std::abs(dp - inv_d[q]) * gain_diff;
+    const T wa = ndcg1 ? wa_ndcg1 : w_sym;
+    const T wb = ndcg1 ? gain[q] * inv_d[q] : w_sym;
+    const T both = fp * finite[q];
+    const T valid_a = (ndcg1 || yp > y[q]) ? both : T(0);
+    const T valid_b = (ndcg1 || y[q] > yp) ? both : T(0);
+    const T ta = wa * std::max(ls_pos, log_eps), tb = wb * std::max(ls_neg, log_eps);
+    const T ga = (ls_pos > log_eps && ta > log_eps) ? wa * sig_neg : T(0);
+    const T gb = (ls_neg > log_eps && tb > log_eps) ? wb * sig_pos : T(0);
+    grad_out[j] = -c * sigma * in_range * (valid_a * ga - valid_b * gb);
+    loss_out[j] = -c * (valid_a * std::max(ta, log_eps) + valid_b * std::max(tb, log_eps));
+    count_out[j] = valid_a + valid_b;
+  }
+}
+
+FASTCACHE_RANKING_CLONES void pair_row_float(const float* s, const float* y, const float* gain, const float* inv_d,
+                                             const float* finite, const float* delta, int64_t p, int64_t kk,
+                                             const LambdaParams<float>& prm, float* g, float* l, float* c) {
+  pair_row<float>(s, y, gain, inv_d, finite, delta, p, kk, prm, g, l, c);
+}
+void pair_row_double(const double* s, const double* y, const double* gain, const double* inv_d,
+                     const double* finite, const double* delta, int64_t p, int64_t kk,
+                     const LambdaParams<double>& prm, double* g, double* l, double* c) {
+  pair_row<double>(s, y, gain, inv_d, finite, delta, p, kk, prm, g, l, c);
+}
+FASTCACHE_RANKING_INLINE void pair_row_any(const float* s, const float* y, const float* gain, const float* inv_d,
+                                           const float* finite, const float* delta, int64_t p, int64_t kk,
+                                           const LambdaParams<float>& prm, float* g, float* l, float* c) {
+  pair_row_float(s, y, gain, inv_d, finite, delta, p, kk, prm, g, l, c);
+}
+FASTCACHE_RANKING_INLINE void pair_row_any(const double* s, const double* y, const double* gain, const double* inv_d,
+                                           const double* finite, const double* delta, int64_t p, int64_t kk,
+                                           const LambdaParams<double>& prm, double* g, double* l, double* c) {
+  pair_row_double(s, y, gain, inv_d, finite, delta, p, kk, prm, g, l, c);
+}
+
+// Sum of x[0..n) in 8 independent lanes (vectorised without reassociation), accumulated in double.
+template <typename T>
+FASTCACHE_RANKING_INLINE double lane_sum(const T* x, int64_t n) {
+  T lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lane[l] += x[j + l];
+  double sum = 0.0;
+  for (int l = 0; l < 8; ++l) sum += lane[l];
+  for (; j < n; ++j) sum += x[j];
+  return sum;
+}
+
+// The valid positions of one row: in input order, or stably sorted descending by key (padding excluded).
+template <typename T>
+void valid_positions(const bool* mask, int64_t n, const T* key, std::vector<int64_t>& idx) {
+  idx.clear();
+  for (int64_t j = 0; j < n; ++j)
+    if (mask[j]) idx.push_back(j);
+  if (key) std::stable_sort(idx.begin(), idx.end(), [key](int64_t a, int64_t b) { return key[a] > key[b]; });
+}
+
+template <typename T>
+struct LambdaScratch {
+  std::vector<int64_t> idx;
+  std::vector<T> s, y, gain, inv_d, finite, delta, grad, g, l, c;
+  std::vector<double> ideal;
+};
+
+template <typename T>
+void lambda_query(const T* logits, const T* labels, const bool* mask, int64_t n, const LambdaParams<T>& prm,
+                  T* grad, double* loss_sum, double* pair_count, LambdaScratch<T>& w) {
+  valid_positions(mask, n, logits, w.idx);
+  const int64_t m = static_cast<int64_t>(w.idx.size());
+  const int64_t kk = prm.k > 0 ? std::min(prm.k, m) : m;
+  *loss_sum = 0.0;
+  *pair_count = 0.0;
+  if (m == 0) return;
+  for (auto* v : {&w.s, &w.y, &w.gain, &w.inv_d, &w.finite, &w.grad, &w.g, &w.l, &w.c}) v->assign(m, T(0));
+  w.delta.assign(m + 1, T(0));
+  w.ideal.resize(m);
+  for (int64_t p = 0; p < m; ++p) {
+    const int64_t j = w.idx[p];
+    w.s[p] = logits[j];
+    w.y[p] = labels[j];
+    w.finite[p] = std::isfinite(labels[j]) ? T(1) : T(0);
+    w.inv_d[p] = static_cast<T>(1.0 / std::log2(p + 2.0));
+    w.ideal[p] = std::max(static_cast<double>(labels[j]), 0.0);  // -inf (irrelevant) counts as 0
+  }
+  for (int64_t r = 1; r <= m; ++r) w.delta[r] = static_cast<T>(std::abs(1.0 / std::log2(r + 1.0) - 1.0 / std::log2(r + 2.0)));
+  std::partial_sort(w.ideal.begin(), w.ideal.begin() + kk, w.ideal.end(), std::greater<double>());
+  double max_dcg = 0.0;
+  for (int64_t r = 0; r < kk; ++r) max_dcg += (std::exp2(w.ideal[r]) - 1.0) / std::log2(r + 2.0);
+  max_dcg = std::max(max_dcg, prm.eps);
+  for (int64_t p = 0; p < m; ++p)
+    w.gain[p] = static_cast<T>((std::exp2(std::max(static_cast<double>(w.y[p]), 0.0)) - 1.0) / max_dcg);
+  double total = 0.0, count = 0.0;
+  for (int64_t p = 0; p + 1 < kk; ++p) {
+    const int64_t len = kk - p - 1;
+    pair_row_any(w.s.data(), w.y.data(), w.gain.data(), w.inv_d.data(), w.finite.data(), w.delta.data(), p, kk,
+                 prm, w.g.data(), w.l.data(), w.c.data());
+    total += lane_sum(w.l.data(), len);
+    count += lane_sum(w.c.data(), len);
+    if (prm.compute_grad) {
+      w.grad[p] += static_cast<T>(lane_sum(w.g.data(), len));
+      T* gq = w.grad.data() + p + 1;
+      const T* gpq = w.g.data();
+      for (int64_t j = 0; j < len; ++j) gq[j] -= gpq[j];
+    }
+  }
+  if (prm.weighting == kNDCGLoss1) {  // the pairs (p, p): sigmoid(0) = 1/2, no gradient
+    for (int64_t p = 0; p < kk; ++p) {
+      if (w.finite[p] == T(0)) continue;
+      const double weight = static_cast<double>(w.gain[p]) * static_cast<double>(w.inv_d[p]);
+      const double log_eps = static_cast<double>(prm.log_eps);
+      total -= static_cast<double>(prm.c) * std::max(weight * std::max(std::log(0.5), log_eps), log_eps);
+      count += 1.0;
+    }
+  }
+  *loss_sum = total;
+  *pair_count = count;
+  if (prm.compute_grad)
+    for (int64_t p = 0; p < m; ++p) grad[w.idx[p]] = w.grad[p];
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& mask) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "logits must be a contiguous [Q, n] tensor");
+  TORCH_CHECK(labels.sizes() == logits.sizes() && labels.is_contiguous() && labels.scalar_type() == logits.scalar_type(),
+              "labels must be contiguous, of the logits' shape and dtype");
+  TORCH_CHECK(mask.sizes() == logits.sizes() && mask.is_contiguous() && mask.scalar_type() == at::kBool,
+              "mask must be a contiguous bool tensor of the logits' shape");
+  TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu() && mask.device().is_cpu(),
+              "the CPU ranking kernels take CPU tensors");
+}
+
+template <typename T>
+void plistmle_query(const T* logits, const T* labels, const bool* mask, const T* weights, int64_t n,
+                    bool respect_input_order, double log_eps, bool compute_grad, T* grad, T* loss,
+                    std::vector<int64_t>& idx, std::vector<double>& lhat) {
+  valid_positions(mask, n, respect_input_order ? static_cast<const T*>(nullptr) : labels, idx);
+  const int64_t m = static_cast<int64_t>(idx.size());
+  lhat.resize(m);
+  double running = -std::numeric_limits<double>::infinity();  // log sum_{t >= r} exp(s_t)
+  for (int64_t r = m - 1; r >= 0; --r) {
+    const double s = logits[idx[r]];
+    const double hi = std::max(running, s), lo = std::min(running, s);
+    running = hi + std::log1p(std::exp(lo - hi));
+    const double hi_eps = std::max(running, log_eps), lo_eps = std::min(running, log_eps);
+    lhat[r] = hi_eps + std::log1p(std::exp(lo_eps - hi_eps));
+  }
+  double total = 0.0, acc = 0.0;
+  for (int64_t r = 0; r < m; ++r) {
+    const double s = logits[idx[r]];
+    const double w = weights ? static_cast<double>(weights[r]) : 1.0;
+    total -= w * (s - lhat[r]);
+    if (compute_grad) {
+      acc = (r == 0 ? 0.0 : acc * std::exp(lhat[r] - lhat[r - 1])) + w;
+      grad[idx[r]] = static_cast<T>(-w + std::exp(s - lhat[r]) * acc);
+    }
+  }
+  *loss = static_cast<T>(total);
+}
+
+template <typename T>
+void listnet_query(const T* logits, const T* labels, const bool* mask, int64_t n, bool compute_grad, T* grad,
+                   T* loss) {
+  double s_max = -std::numeric_limits<double>::infinity(), y_max = s_max;
+  for (int64_t j = 0; j < n; ++j) {
+    if (!mask[j]) continue;
+    s_max = std::max(s_max, static_cast<double>(logits[j]));
+    y_max = std::max(y_max, static_cast<double>(labels[j]));
+  }
+  *loss = T(0);
+  if (y_max == -std::numeric_limits<double>::infinity()) return;  // no valid document (or no finite label)
+  double s_sum = 0.0, y_sum = 0.0, dot = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (!mask[j]) continue;
+    s_sum += std::exp(logits[j] - s_max);
+    const double p = std::exp(labels[j] - y_max);
+    y_sum += p;
+    dot += p * logits[j];
+  }
+  const double lse = s_max + std::log(s_sum);
+  *loss = static_cast<T>(lse - dot / y_sum);
+  if (!compute_grad) return;
+  for (int64_t j = 0; j < n; ++j)
+    if (mask[j]) grad[j] = static_cast<T>(std::exp(logits[j] - lse) - std::exp(labels[j] - y_max) / y_sum);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lambda_loss_cpu(
+    at::Tensor logits, at::Tensor labels, at::Tensor mask, int64_t weighting, double mu, int64_t k, double sigma,
+    double eps, bool binary_log, bool compute_grad) {
+  check_inputs(logits, labels, mask);
+  TORCH_CHECK(weighting >= kNone && weighting <= kNDCGLoss2PP, "weighting code must be 0..4");
+  TORCH_CHECK(eps > 0, "eps must be positive");
+  const int64_t Q = logits.size(0), n = logits.size(1);
+  auto opts = logits.options().dtype(at::kDouble);
+  at::Tensor loss_sum = at::zeros({Q}, opts), pair_count = at::zeros({Q}, opts);
+  at::Tensor grad = at::zeros_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lambda_loss_cpu", [&] {
+    LambdaParams<scalar_t> prm{static_cast<int>(weighting), static_cast<scalar_t>(mu), static_cast<scalar_t>(sigma),
+                               static_cast<scalar_t>(std::log(eps)),
+                               static_cast<scalar_t>(binary_log ? 1.0 / std::log(2.0) : 1.0), k, eps, compute_grad};
+    const scalar_t* s = logits.data_ptr<scalar_t>();
+    const scalar_t* y = labels.data_ptr<scalar_t>();
+    const bool* valid = mask.data_ptr<bool>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    double* ls = loss_sum.data_ptr<double>();
+    double* pc = pair_count.data_ptr<double>();
+    at::parallel_for(0, Q, 1, [&](int64_t begin, int64_t end) {
+      LambdaScratch<scalar_t> scratch;
+      for (int64_t q = begin; q < end; ++q)
+        lambda_query(s + q * n, y + q * n, valid + q * n, n, prm, g + q * n, ls + q, pc + q, scratch);
+    });
+  });
+  return {loss_sum, pair_count, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> plistmle_cpu(
+    at::Tensor logits, at::Tensor labels, at::Tensor mask, std::optional<at::Tensor> position_weights,
+    bool respect_input_order, double eps, bool compute_grad) {
+  check_inputs(logits, labels, mask);
+  TORCH_CHECK(eps > 0, "eps must be positive");
+  if (position_weights) {
+    TORCH_CHECK(position_weights->sizes() == logits.sizes() && position_weights->is_contiguous() &&
+                    position_weights->scalar_type() == logits.scalar_type(),
+                "position_weights must be contiguous, of the logits' shape and dtype");
+  }
+  const int64_t Q = logits.size(0), n = logits.size(1);
+  at::Tensor loss = at::zeros({Q}, logits.options());
+  at::Tensor grad = at::zeros_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "plistmle_cpu", [&] {
+    const scalar_t* s = logits.data_ptr<scalar_t>();
+    const scalar_t* y = labels.data_ptr<scalar_t>();
+    const bool* valid = mask.data_ptr<bool>();
+    const scalar_t* w = position_weights ? position_weights->data_ptr<scalar_t>() : nullptr;
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* l = loss.data_ptr<scalar_t>();
+    at::parallel_for(0, Q, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> idx;
+      std::vector<double> lhat;
+      for (int64_t q = begin; q < end; ++q)
+        plistmle_query(s + q * n, y + q * n, valid + q * n, w ? w + q * n : nullptr, n, respect_input_order,
+                       std::log(eps), compute_grad, g + q * n, l + q, idx, lhat);
+    });
+  });
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> listnet_cpu(at::Tensor logits, at::Tensor labels, at::Tensor mask,
+                                               bool compute_grad) {
+  check_inputs(logits, labels, mask);
+  const int64_t Q = logits.size(0), n = logits.size(1);
+  at::Tensor loss = at::zeros({Q}, logits.options());
+  at::Tensor grad = at::zeros_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "listnet_cpu", [&] {
+    const scalar_t* s = logits.data_ptr<scalar_t>();
+    const scalar_t* y = labels.data_ptr<scalar_t>();
+    const bool* valid = mask.data_ptr<bool>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* l = loss.data_ptr<scalar_t>();
+    at::parallel_for(0, Q, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q)
+        listnet_query(s + q * n, y + q * n, valid + q * n, n, compute_grad, g + q * n, l + q);
+    });
+  });
+  return {loss, grad};
+}
+
+}  // namespace fastcache

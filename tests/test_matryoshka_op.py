@@ -1,0 +1,232 @@
+"""fastcache.ops.matryoshka (the contrastive loss at several dims in one sweep over D) against the dense reference
+(fastcache/reference.py: the contrastive reference once per dim) and against the single-dim op run dim by dim.
+
+Both CPU backends' epilogues ("cpu", "torch"), both op paths (autograd, loss_and_grad): float64 with tight
+tolerances for every option that changes the maths, dims that divide nothing (D=19 with 19/7/3, D=1000 with
+1000/384/100/37), weights, low-precision dtypes against the reference's own error, strided NaN-padded inputs,
+prefixes of norm zero, and every bad-input error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastcache import _backend, contrastive_loss_and_grad
+from fastcache.ops.matryoshka import matryoshka_contrastive_loss, matryoshka_contrastive_loss_and_grad
+from fastcache.reference import matryoshka_contrastive_loss_reference
+from helpers import (
+    SETTINGS,
+    _autograd_loss_and_grads,
+    assert_matches,
+    assert_no_worse_than_reference,
+    cast,
+    make_batch,
+    nan_padded,
+)
+
+QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
+ALL = (QD, QQ, DQ, DD)
+
+
+@pytest.fixture(params=("cpu", "torch"))
+def backend(request):
+    if request.param == "cpu" and _backend.EXTENSION is None:
+        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
+    return request.param
+
+
+def reference(batch, **options):
+    options = {k: v for k, v in options.items() if k not in SETTINGS}
+    return _autograd_loss_and_grads(matryoshka_contrastive_loss_reference, batch, **options)
+
+
+def op_autograd(batch, **options):
+    return _autograd_loss_and_grads(matryoshka_contrastive_loss, batch, **options)
+
+
+def op_loss_and_grad(batch, **options):
+    rest = {k: v for k, v in batch.items() if k not in ("queries", "docs")}
+    out = matryoshka_contrastive_loss_and_grad(batch["queries"], batch["docs"], **rest, **options)
+    grads = {"queries": out.grad_queries, "docs": out.grad_docs}
+    if "all_queries" in batch:
+        grads["all_queries"] = out.grad_all_queries
+    return out.loss, grads
+
+
+PATHS = {"autograd": op_autograd, "loss_and_grad": op_loss_and_grad}
+
+
+def check(batch, **options):
+    """Both paths against the reference, float64."""
+    expected = reference(batch, **options)
+    for path in PATHS.values():
+        assert_matches(path(batch, **options), expected)
+
+
+# every option that changes the maths, on dims that are multiples of nothing
+VARIANTS = {
+    "plain": {},
+    "dot": dict(similarity="dot", scale=2.0),
+    "all_dirs_joint": dict(directions=ALL),
+    "qd_dq_per_direction": dict(directions=(QD, DQ), partition_mode="per_direction"),
+    "qd_qq": dict(directions=(QD, QQ)),
+    "qd_dd_dot": dict(directions=(QD, DD), similarity="dot", scale=1.0),
+    "in_batch_hardness": dict(hardness_mode="in_batch_negatives", hardness_strength=5.0),
+    "hard_negatives_all_dirs": dict(directions=ALL, hardness_mode="hard_negatives", hardness_strength=2.0),
+    "all_negatives_per_direction": dict(directions=(QD, DQ), partition_mode="per_direction",
+                                        hardness_mode="all_negatives", hardness_strength=3.0),
+    "scale_50": dict(scale=50.0),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_options_match_reference(backend, variant):
+    batch = make_batch(7, 19, columns=3, seed=1)
+    check(batch, dims=[19, 7, 3], weights=[1.0, 0.5, 2.0], backend=backend, chunk_size=3, **VARIANTS[variant])
+
+
+DIM_SETS = [
+    ((19,), None),  # one dim: the plain contrastive loss (truncation to the full width)
+    ((19, 7, 3), None),
+    ((3, 19, 11), [2.0, 1.0, 0.25]),  # any order; weights follow their dims
+    ((17, 1), [1.0, -0.5]),  # a one-dim prefix; not the full width
+    ((12, 6, 5, 4, 2), [1, 0, 3, 1, 1]),  # ints, a zero weight
+]
+
+
+@pytest.mark.parametrize(("dims", "weights"), DIM_SETS, ids=[str(d) for d, _ in DIM_SETS])
+def test_dims_and_weights(backend, dims, weights):
+    batch = make_batch(5, 19, columns=2, seed=2)
+    check(batch, dims=list(dims), weights=weights, backend=backend, chunk_size=2)
+
+
+def test_large_odd_dims():
+    """D = 1000 with 1000/384/100/37 (no block size divides them), B = 1."""
+    batch = make_batch(1, 1000, columns=3, positives=2, seed=3, noise=6.0)
+    check(batch, dims=[1000, 384, 100, 37], scale=30.0, directions=(QD, DQ), backend="torch")
+
+
+@pytest.mark.parametrize("directions", [(QD,), ALL, (QD, QQ, DQ)], ids=["qd", "all", "qd+qq+dq"])
+def test_gathered_offset(backend, directions):
+    batch = make_batch(3, 11, columns=2, positives=8, offset=4, gathered=True, docs_3d=True, seed=4)
+    check(batch, dims=[11, 6, 2], offset=4, directions=directions, backend=backend, chunk_size=2)
+
+
+@pytest.mark.parametrize("margin_strategy", ["absolute", "relative"])
+@pytest.mark.parametrize("directions", [(QD,), (QD, QQ, DD)], ids=["qd", "qd+qq+dd"])
+def test_guide_is_not_truncated(backend, margin_strategy, directions):
+    """GIST: the guide's full embeddings mask candidates at every dim."""
+    batch = make_batch(4, 13, columns=2, positives=6, offset=2, docs_3d=True, guide_dim=5, seed=5)
+    check(batch, dims=[13, 9, 4], offset=2, directions=directions, margin=0.05, margin_strategy=margin_strategy,
+          backend=backend, chunk_size=3)
+
+
+def test_doc_ids_mask_duplicates(backend):
+    batch = make_batch(5, 10, columns=2, seed=6)
+    doc_ids = torch.arange(10)
+    doc_ids[7] = doc_ids[1]  # a hard negative duplicates row 1's positive
+    check(dict(batch, doc_ids=doc_ids), dims=[10, 4], directions=(QD, DD), backend=backend, chunk_size=2)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 50, None])
+def test_chunk_size_does_not_change_the_result(backend, chunk_size):
+    batch = make_batch(5, 9, columns=2, seed=7)
+    expected = op_loss_and_grad(batch, dims=[9, 5, 2], directions=ALL, backend=backend, chunk_size=5)
+    actual = op_loss_and_grad(batch, dims=[9, 5, 2], directions=ALL, backend=backend, chunk_size=chunk_size)
+    assert_matches(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_zero_prefix_norm(backend):
+    """A row whose first dims are all zero: F.normalize divides by eps there, the gradient stays finite."""
+    batch = make_batch(4, 8, columns=2, seed=8)
+    batch["queries"][1, :3] = 0.0
+    batch["docs"][5, :3] = 0.0
+    check(batch, dims=[8, 3], backend=backend, chunk_size=3)
+
+
+def test_equals_the_single_dim_op_dim_by_dim(backend):
+    """The definition: Σ_k w_k · contrastive_loss(truncated to d_k), float32, gradients summed over the dims."""
+    batch = make_batch(6, 24, columns=2, dtype=torch.float32, seed=9)
+    dims, weights = [24, 12, 5], [1.0, 0.5, 0.25]
+    options = dict(directions=(QD, DQ), hardness_mode="all_negatives", hardness_strength=1.0, backend=backend)
+    loss = torch.zeros(())
+    grads = {k: torch.zeros_like(batch[k]) for k in ("queries", "docs")}
+    for d, w in zip(dims, weights):
+        out = contrastive_loss_and_grad(batch["queries"][:, :d], batch["docs"][:, :d], **options)
+        loss += w * out.loss
+        grads["queries"][:, :d] += w * out.grad_queries
+        grads["docs"][:, :d] += w * out.grad_docs
+    actual = op_loss_and_grad(batch, dims=dims, weights=weights, chunk_size=4, **options)
+    assert_matches(actual, (loss, grads), rtol=1e-5, atol=1e-6)
+
+
+LOW_PRECISION_CASES = {
+    "plain": (dict(rows=6, dim=32, columns=2), dict(dims=[32, 17, 5])),
+    "all_dirs_hardness": (dict(rows=6, dim=32, columns=2),
+                          dict(dims=[32, 16, 8], weights=[1.0, 0.5, 0.5], directions=ALL,
+                               hardness_mode="all_negatives", hardness_strength=2.0)),
+    "gathered_dot": (dict(rows=4, dim=24, columns=2, positives=8, offset=4, gathered=True, norm=0.3),
+                     dict(dims=[24, 7], offset=4, directions=(QD, QQ, DQ), similarity="dot", scale=5.0)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(LOW_PRECISION_CASES))
+def test_low_precision_no_worse_than_reference(backend, dtype, case):
+    shape, options = LOW_PRECISION_CASES[case]
+    runs = {}
+    for path in PATHS.values():
+        for seed in (13, 14, 15):
+            batch = make_batch(**shape, dtype=dtype, seed=seed)
+            outputs = [reference(cast(batch, torch.float64), **options), reference(batch, **options),
+                       path(batch, backend=backend, chunk_size=4, **options)]
+            loss, grads = outputs[2]
+            assert loss.dtype == torch.float32 and all(g.dtype == dtype for g in grads.values())
+            for k in ["loss", *grads]:
+                values = [o[0] if k == "loss" else o[1][k] for o in outputs]
+                for lst, value in zip(runs.setdefault(k, ([], [], [])), values):
+                    lst.append(value)
+    for k, (truth, ref, ours) in runs.items():
+        assert_no_worse_than_reference(k, ours, ref, truth, torch.float32 if k == "loss" else dtype)
+
+
+@pytest.mark.parametrize("layout", ["slice", "transposed", "every_other_col"])
+def test_strided_nan_padded_inputs(backend, layout):
+    batch = make_batch(3, 7, columns=2, positives=6, offset=2, gathered=True, seed=10)
+    options = dict(dims=[7, 4, 1], offset=2, directions=ALL, backend=backend, chunk_size=2)
+    expected = op_loss_and_grad(batch, **options)
+    strided = {k: nan_padded(v, layout) for k, v in batch.items()}
+    assert_matches(op_loss_and_grad(strided, **options), expected, rtol=1e-12, atol=1e-12)
+
+
+BAD = [
+    (dict(dims=[]), "dims must be a non-empty"),
+    (dict(dims=8), "dims must be a non-empty"),
+    (dict(dims=[8, 0]), "positive ints"),
+    (dict(dims=[8, -2]), "positive ints"),
+    (dict(dims=[8, 4.0]), "positive ints"),
+    (dict(dims=[8, True]), "positive ints"),
+    (dict(dims=[9, 4]), "9 exceeds the embeddings' 8 dimensions"),
+    (dict(dims=[8, 4, 4]), "must not repeat"),
+    (dict(dims=[8, 4], weights=[1.0]), "weights must be a sequence of 2"),
+    (dict(dims=[8, 4], weights=[1.0, float("nan")]), "finite"),
+    (dict(dims=[8, 4], strategy="tiled"), "slab strategy only"),
+    (dict(dims=[8, 4], chunk_size=0), "chunk_size"),
+    (dict(dims=[8, 4], scale=-1.0), "scale"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), BAD, ids=[m for _, m in BAD])
+def test_bad_input(kwargs, match):
+    batch = make_batch(3, 8, columns=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match=match):
+        op_loss_and_grad(batch, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        op_autograd(batch, **kwargs)
+
+
+def test_missing_dims_is_a_type_error():
+    batch = make_batch(3, 8, columns=2, dtype=torch.float32)
+    with pytest.raises(TypeError, match="dims"):
+        matryoshka_contrastive_loss(batch["queries"], batch["docs"])

@@ -80,7 +80,7 @@ def test_env_selects_the_backend(monkeypatch, epilogue_calls, name):
 def test_argument_overrides_env(monkeypatch, epilogue_calls):
     monkeypatch.setenv("FASTCACHE_BACKEND", "cpu")
     _loss_and_grads(backend="torch")
-    assert epilogue_calls == {"cpu": 0, "torch": epilogue_calls["torch"]} and epilogue_calls["torch"] > 0
+    assert sum(epilogue_calls.values()) == epilogue_calls["torch"] > 0
     monkeypatch.setenv("FASTCACHE_BACKEND", "cuda")  # an env choice that cannot run is ignored under backend=
     _loss_and_grads(backend="cpu")
     assert epilogue_calls["cpu"] > 0
@@ -105,10 +105,12 @@ def test_torch_and_cpu_backends_agree(no_backend_env, monkeypatch, dtype):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, what=what: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("name", ["cuda", "triton"])
-def test_gpu_backends_cannot_run_in_this_build(monkeypatch, name):
+@pytest.mark.parametrize("name,reason", [("cuda", "CUDA"), ("triton", "TRITON_INTERPRET=1")])
+def test_gpu_backends_cannot_run_cpu_tensors(monkeypatch, name, reason):
+    """cuda never runs CPU tensors; triton only through the interpreter (tests/test_contrastive_triton.py)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     queries, docs = _inputs()
-    message = rf"backend '{name}' cannot run here"
+    message = rf"backend '{name}' cannot run here: .*{reason}"
     with pytest.raises(RuntimeError, match=message):
         fastcache.contrastive_loss(queries, docs, backend=name)
     with pytest.raises(RuntimeError, match=message):
@@ -116,8 +118,26 @@ def test_gpu_backends_cannot_run_in_this_build(monkeypatch, name):
     monkeypatch.setenv("FASTCACHE_BACKEND", name)
     with pytest.raises(RuntimeError, match=message):
         fastcache.contrastive_loss(queries, docs)
-    reason = contrastive_epilogue.available(CPU)[name]
-    assert reason and "GPU kernels" in reason
+
+
+def test_auto_strategy_and_backend_on_cpu_ignore_triton(no_backend_env, monkeypatch, epilogue_calls):
+    """Even with the Triton interpreter on, auto keeps the compiled CPU epilogue and the slab strategy."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("FASTCACHE_STRATEGY", raising=False)
+    _loss_and_grads()
+    assert sum(epilogue_calls.values()) == epilogue_calls["cpu"] > 0
+
+
+def test_cuda_status_names_the_missing_kernel(monkeypatch):
+    class WithoutCuda:
+        pass
+
+    monkeypatch.setattr(_backend, "EXTENSION", WithoutCuda())
+    assert "contrastive_epilogue_cuda" in _backend.cuda_kernel_status(torch.device("cuda"), "contrastive_epilogue_cuda")
+    with_cuda = type("WithCuda", (), {"contrastive_epilogue_cuda": staticmethod(lambda *a: None)})()
+    monkeypatch.setattr(_backend, "EXTENSION", with_cuda)
+    assert _backend.cuda_kernel_status(torch.device("cuda"), "contrastive_epilogue_cuda") is None
+    assert "CUDA tensors" in _backend.cuda_kernel_status(CPU, "contrastive_epilogue_cuda")
 
 
 def test_unknown_backend_is_a_value_error(monkeypatch):
@@ -146,7 +166,7 @@ def test_info(no_backend_env):
     assert cpu["runs"] == "cpu"
     assert cpu["available"]["cpu"] == "yes" and cpu["available"]["torch"] == "yes"
     for name in ("cuda", "triton"):
-        assert cpu["available"][name] == contrastive_epilogue.available(CPU)[name]
+        assert cpu["available"][name] == (contrastive_epilogue.available(CPU)[name] or "yes")
     assert ("cuda" in info["contrastive_loss"]) == torch.cuda.is_available()
     json.dumps(info)  # plain data, printable as JSON
 

@@ -4,6 +4,7 @@ Swap ``from sentence_transformers.sentence_transformer import losses`` for ``fro
 """
 
 from fastcache.losses.gist_embed import CachedGISTEmbedLoss, GISTEmbedLoss
+from fastcache.losses.matryoshka import Matryoshka2dLoss, MatryoshkaLoss
 from fastcache.losses.multiple_negatives_ranking import (
     CachedMultipleNegativesRankingLoss,
     CachedMultipleNegativesSymmetricRankingLoss,
@@ -16,6 +17,8 @@ __all__ = [
     "CachedMultipleNegativesRankingLoss",
     "CachedMultipleNegativesSymmetricRankingLoss",
     "GISTEmbedLoss",
+    "Matryoshka2dLoss",
+    "MatryoshkaLoss",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
 ]

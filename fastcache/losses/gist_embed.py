@@ -19,8 +19,7 @@ from torch import Tensor
 
 from fastcache.gradcache import FusedGradCacheMixin
 from fastcache.losses.multiple_negatives_ranking import (DuplicateMasking, check_columns,
-                                                        check_same_layout_on_every_rank, gathering)
-from fastcache.ops.contrastive import contrastive_loss
+                                                        check_same_layout_on_every_rank, gathering, loss_op)
 
 
 def fused_gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tensor],
@@ -42,7 +41,7 @@ def fused_gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tenso
         offset = get_rank() * anchors.size(0)
     directions = ("query_to_doc",) + ("query_to_query",) * loss.contrast_anchors + (
         "doc_to_doc",) * loss.contrast_positives
-    return contrastive_loss(
+    return loss_op(loss)(
         anchors,
         torch.stack(candidates),
         guide_queries=guide_anchors,

@@ -62,6 +62,12 @@ def check_same_layout_on_every_rank(device: torch.device, **sizes: int) -> None:
                          "Give every rank batches of the same size (e.g. drop_last=True) with the same columns.")
 
 
+def loss_op(loss) -> Callable[..., Tensor]:
+    """The op that computes ``loss``'s loss stage: contrastive_loss, or one that a wrapper installed as
+    ``loss.fused_op`` with the same arguments (fastcache's MatryoshkaLoss: every dimension in one call)."""
+    return getattr(loss, "fused_op", None) or contrastive_loss
+
+
 def fused_mnrl_loss(loss: st_losses.MultipleNegativesRankingLoss, embeddings: list[Tensor], similarity: str,
                     doc_ids: Tensor | None = None) -> Tensor:
     """MultipleNegativesRankingLoss.compute_loss_from_embeddings through the fused op (``loss`` holds the options:
@@ -74,7 +80,7 @@ def fused_mnrl_loss(loss: st_losses.MultipleNegativesRankingLoss, embeddings: li
                                         dim=queries.size(1))
         all_queries = all_gather_with_grad(queries)
         docs = [all_gather_with_grad(doc) for doc in docs]
-    return contrastive_loss(
+    return loss_op(loss)(
         queries,
         torch.cat(docs) if len(docs) > 1 else docs[0],
         all_queries=all_queries,

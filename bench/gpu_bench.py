@@ -1,0 +1,556 @@
+"""GPU benchmark of the contrastive loss stage, forward + backward: fastcache (tiled, and slab with the CUDA and the
+Triton epilogue) against the dense PyTorch reference, sentence-transformers' cached loss stage and the fused
+cross-entropy peers (Inf-CL, Cut Cross-Entropy, Liger), next to torch.mm's bf16 rate measured in the same run.
+
+    python bench/gpu_bench.py --out OUTDIR                  # the full grid (bench/gpu_suite.sh runs this)
+    python bench/gpu_bench.py --out OUTDIR --budget-s 120   # the same, stopping after ~2 minutes
+    python bench/gpu_bench.py --dry-run --out OUTDIR        # tiny shapes on the CPU: every code path, no GPU
+
+The grid: B = N = 16384 and B = 65536, N = 131072 (the positives and one hard-negative column), D = 384 and 768,
+bfloat16 and float32, random embeddings (positive i = query i plus noise), cosine similarity, scale 20, one
+direction (query_to_doc), no masks: the default loss of MultipleNegativesRankingLoss, the one every peer computes.
+
+How each implementation computes that loss, L = mean_i [ logsumexp_j 20·cos(q_i, d_j) - 20·cos(q_i, d_i) ]:
+  fastcache_*      ``fastcache.contrastive_loss(q, d)`` + backward (it normalises internally);
+  reference        ``fastcache.reference.contrastive_loss_reference`` + backward: the dense B×N matrix, only where
+                   it fits in GPU memory (estimate: 4 B×N float32 matrices), else recorded as skipped;
+  st_cached_mbs32  ``CachedMultipleNegativesRankingLoss(model, mini_batch_size=32).calculate_loss(reps,
+                   with_backward=True)`` on precomputed embeddings (its default mini-batch size; reps: per column,
+                   the mini-batches as leaves, as forward_cached hands them over);
+  inf_cl           ``inf_cl.cal_inf_loss(20·q̂, d̂, head_dim=h)`` (labels default to arange(B)); q̂, d̂ = F.normalize;
+                   h the largest of 256, 128, ... dividing D (its kernels sum over the heads: the full dot product);
+  cut_cross_entropy ``cut_cross_entropy.linear_cross_entropy(20·q̂, d̂, arange(B))``: the docs are the classifier,
+                   defaults otherwise (filter_eps="high": gradient entries below bf16's resolution are skipped);
+  liger_flce       ``LigerFusedLinearCrossEntropyFunction.apply(20·q̂, d̂, arange(B))`` (its loss is element 0).
+
+Each (shape, dim, dtype) group runs in a fresh subprocess with a timeout; the whole run has a time budget
+(``--budget-s``): groups are ordered by importance (the target shape B=65536, N=131072, D=768, bf16 first) and a
+group that the budget no longer allows is recorded as skipped, as is a case whose group timed out. Per case: warm-up
+runs (Triton compiles and autotunes there), then timed runs (CUDA events around each run, after synchronising),
+as many as fit in ``--case-seconds`` (at least 1, at most 5). The peak memory of the last timed run:
+``torch.cuda.max_memory_allocated()`` minus the memory allocated before it (the inputs), and that minus the
+gradients it returns. Effective TFLOP/s counts 6·B·N·D (the three GEMMs S = Q·Dᵀ, dS·D, dSᵀ·Q) per run.
+
+Writes OUTDIR/gpu_bench.json (machine, GPU, versions, commit, settings, every row, targets) and OUTDIR/gpu_bench.csv
+(one row per case), and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import importlib.metadata
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no Hub: the sentence-transformers model is built locally
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+BENCH_DIR = Path(__file__).resolve().parent
+SCALE = 20.0
+MIB = 2**20
+SLAB_BUDGET = 4 * 2**30  # memory_budget of the slab cases (the default, 256 MiB, is a CPU cache-sized workspace)
+CEILING_SIZE = 8192  # torch.mm bf16 CEILING_SIZE³, CEILING_PRODUCTS of them per timed run (clocks ramp up)
+CEILING_PRODUCTS = 10
+PEERS = {"inf_cl": "inf-cl", "cut_cross_entropy": "cut-cross-entropy", "liger_flce": "liger-kernel"}
+CASES = {
+    "fastcache_tiled": "fastcache, strategy tiled (Triton)",
+    "fastcache_slab_cuda": "fastcache, strategy slab, CUDA epilogue",
+    "fastcache_slab_triton": "fastcache, strategy slab, Triton epilogue",
+    "inf_cl": "Inf-CL cal_inf_loss",
+    "cut_cross_entropy": "Cut Cross-Entropy linear_cross_entropy",
+    "liger_flce": "Liger fused linear cross-entropy",
+    "reference": "dense PyTorch reference",
+    "st_cached_mbs32": "sentence-transformers CachedMNRL.calculate_loss, mini_batch_size=32",
+}
+FASTCACHE = {"fastcache_tiled": ("triton", "tiled"), "fastcache_slab_cuda": ("cuda", "slab"),
+             "fastcache_slab_triton": ("triton", "slab")}
+# (B, N, D, dtype), most important first; the first is the issue's target shape
+GRID = [(65536, 131072, 768, "bfloat16"), (16384, 16384, 384, "bfloat16"), (16384, 16384, 768, "bfloat16"),
+        (16384, 16384, 384, "float32"), (16384, 16384, 768, "float32"), (65536, 131072, 384, "bfloat16"),
+        (65536, 131072, 768, "float32"), (65536, 131072, 384, "float32")]
+DRY_GRID = [(8, 16, 32, "float32"), (8, 16, 32, "bfloat16")]
+DRY_CEILING_SIZE = 64
+GROUP_TIMEOUT_S = {"small": 75.0, "large": 150.0}
+CSV_FIELDS = ["B", "N", "D", "dtype", "case", "label", "min_ms", "median_ms", "repeats", "tflops", "ratio_to_mm",
+              "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss", "status"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cases (run in the group's child process)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _leaves(B: int, N: int, D: int, dtype, device, seed: int = 0):
+    """Random queries [B, D] and docs [N, D] (positive i = query i + noise), as leaves requiring grad."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, D, generator=g, device=device)
+    d = torch.randn(N, D, generator=g, device=device)
+    d[:B] += 0.5 * q  # positives: closer to their query than the rest, not identical (a loss of a few nats)
+    return q.to(dtype).requires_grad_(), d.to(dtype).requires_grad_()
+
+
+def _normalized_inputs(lq, ld):
+    """The peers' inputs: 20·q̂ (the logit scale folded into the queries) and d̂, inside the autograd graph."""
+    import torch.nn.functional as F
+
+    return F.normalize(lq, dim=-1) * SCALE, F.normalize(ld, dim=-1)
+
+
+def _free_gpu_bytes() -> int | None:
+    import torch
+
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+
+
+def make_case(name: str, B: int, N: int, D: int, dtype_name: str, device: str, dry_run: bool):
+    """(run, reset, info) of case ``name``: ``run()`` does the forward and backward and returns (loss, grads)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    info: dict = {}
+    if name == "mm_ceiling":
+        n = DRY_CEILING_SIZE if dry_run else CEILING_SIZE
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(n, n, generator=g, device=device).to(torch.bfloat16)
+        b = torch.randn(n, n, generator=g, device=device).to(torch.bfloat16)
+        info.update(size=n, products=CEILING_PRODUCTS, flop=CEILING_PRODUCTS * 2 * n**3)
+
+        def products():
+            for _ in range(CEILING_PRODUCTS):
+                c = torch.mm(a, b)
+            return None, (c,)
+
+        return products, None, info
+
+    lq, ld = _leaves(B, N, D, dtype, device)
+
+    def reset():
+        lq.grad = ld.grad = None
+
+    def backward_of(loss):
+        loss.backward()
+        return loss.detach(), (lq.grad, ld.grad)
+
+    if name in FASTCACHE:
+        import fastcache
+
+        backend, strategy = FASTCACHE[name]
+        if dry_run:  # no GPU: the same call on the pure-PyTorch backend
+            backend, strategy = "torch", "slab"
+        settings = {"backend": backend, "strategy": strategy}
+        if strategy == "slab":
+            settings["memory_budget"] = SLAB_BUDGET
+        info.update(settings)
+        return (lambda: backward_of(fastcache.contrastive_loss(lq, ld, scale=SCALE, **settings))), reset, info
+
+    if name == "reference":
+        from fastcache.reference import contrastive_loss_reference
+
+        need, free = 4 * B * N * 4, _free_gpu_bytes()
+        info.update(estimated_bytes=need)
+        if free is not None and need > 0.9 * free:
+            raise MemoryError(f"skipped: the dense matrices need ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free")
+        return (lambda: backward_of(contrastive_loss_reference(lq, ld, scale=SCALE))), reset, info
+
+    if name == "st_cached_mbs32":
+        from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+        from fastcache.benchmark import tiny_sentence_transformer
+
+        model = tiny_sentence_transformer().to(device)
+        mbs = 32
+        loss_fn = CachedMultipleNegativesRankingLoss(model, scale=SCALE, mini_batch_size=mbs)
+        columns = [lq.detach(), *ld.detach().split(B)]  # anchors, positives, each hard-negative column
+        reps = [[mb.detach().requires_grad_() for mb in column.split(mbs)] for column in columns]
+        leaves = [t for column in reps for t in column]
+        info.update(mini_batch_size=mbs)
+
+        def reset_reps():
+            for t in leaves:
+                t.grad = None
+
+        def run_st():
+            loss = loss_fn.calculate_loss(reps, with_backward=True)
+            return loss.detach(), tuple(t.grad for t in leaves)
+
+        return run_st, reset_reps, info
+
+    targets = torch.arange(B, device=device)
+    if name == "inf_cl":
+        from inf_cl import cal_inf_loss
+
+        head_dim = next((h for h in (256, 128, 64, 32, 16) if D % h == 0), None)
+        if head_dim is None:
+            raise ValueError(f"inf-cl needs D divisible by 16, 32, 64, 128 or 256; D={D}")
+        info.update(head_dim=head_dim)
+        return (lambda: backward_of(cal_inf_loss(*_normalized_inputs(lq, ld), head_dim=head_dim))), reset, info
+    if name == "cut_cross_entropy":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return (lambda: backward_of(linear_cross_entropy(*_normalized_inputs(lq, ld), targets))), reset, info
+    if name == "liger_flce":
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        def run_liger():
+            out = LigerFusedLinearCrossEntropyFunction.apply(*_normalized_inputs(lq, ld), targets)
+            return backward_of(out[0] if isinstance(out, tuple) else out)
+
+        return run_liger, reset, info
+    raise ValueError(f"unknown case {name!r}")
+
+
+def _tensor_bytes(tensors) -> int:
+    from fastcache.harness import tensor_bytes
+
+    return tensor_bytes([t for t in tensors if t is not None])
+
+
+def measure(run, reset, case_seconds: float, max_repeats: int = 5) -> dict:
+    """Warm-up, timed runs (CUDA events; perf_counter on CPU) and the peak memory of the last timed run."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+
+    def once(track_memory: bool):
+        if reset is not None:
+            reset()
+        gc.collect()
+        memory = None
+        if cuda:
+            torch.cuda.synchronize()
+            if track_memory:
+                torch.cuda.reset_peak_memory_stats()
+                memory = torch.cuda.memory_allocated()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = run()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+            if track_memory:
+                memory = torch.cuda.max_memory_allocated() - memory
+        else:
+            begin = time.perf_counter()
+            out = run()
+            seconds = time.perf_counter() - begin
+        return seconds, out, memory
+
+    warm, _, _ = once(False)
+    if warm < 1.0:  # a second warm-up for fast cases (caches, autotuned configs settle)
+        warm, _, _ = once(False)
+    repeats = max(1, min(max_repeats, int(case_seconds / max(warm, 1e-9))))
+    times = []
+    for index in range(repeats):
+        seconds, out, peak = once(track_memory=index == repeats - 1)
+        times.append(seconds)
+    loss, grads = out
+    result = {"min_s": min(times), "median_s": statistics.median(times), "times_s": times, "repeats": repeats,
+              "warmup_s": warm, "loss": None if loss is None else float(loss)}
+    if peak is not None:
+        grad_bytes = _tensor_bytes(grads) if loss is not None else 0
+        result.update(peak_beyond_inputs_mib=peak / MIB, grad_mib=grad_bytes / MIB,
+                      peak_beyond_inputs_and_grads_mib=(peak - grad_bytes) / MIB)
+    return result
+
+
+def gpu_info() -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30, sms=props.multi_processor_count,
+                    capability=f"{props.major}.{props.minor}")
+    else:
+        info["gpu"] = None
+    return info
+
+
+def run_group(group: dict, results_path: Path, case_seconds: float, dry_run: bool) -> None:
+    """The child: every case of one group, one JSON line each (a "started" line before it, so that the parent
+    knows which case a timeout interrupted)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not dry_run:
+        raise SystemExit("no CUDA device (use --dry-run for the CPU code paths)")
+    with results_path.open("a") as out:
+        def emit(row):
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+
+        if group.get("ceiling"):
+            emit({"gpu_info": gpu_info()})
+        for name in group["cases"]:
+            key = {k: group.get(k) for k in ("B", "N", "D", "dtype")}
+            emit({**key, "case": name, "status": "started"})
+            row = {**key, "case": name}
+            try:
+                run, reset, info = make_case(name, group.get("B"), group.get("N"), group.get("D"),
+                                             group.get("dtype") or "bfloat16", device, dry_run)
+                row.update(info)
+                row.update(measure(run, reset, case_seconds))
+                row["status"] = "ok"
+            except MemoryError as error:  # our own "does not fit" estimate
+                row.update(status="skipped", reason=str(error))
+            except Exception as error:  # noqa: BLE001 - a peer that cannot run is recorded with its reason
+                oom = isinstance(error, torch.cuda.OutOfMemoryError)
+                row.update(status="skipped" if oom else "error", reason=f"{type(error).__name__}: {error}"[:800])
+            emit(row)
+            run = reset = None
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the parent: groups in subprocesses, budget, report
+# ---------------------------------------------------------------------------------------------------------------
+
+def _groups(dry_run: bool, cases: list[str], dtypes: list[str]) -> list[dict]:
+    groups = [{"ceiling": True, "cases": ["mm_ceiling"], "size": "small"}]
+    for B, N, D, dtype in DRY_GRID if dry_run else GRID:
+        if dtype in dtypes:
+            groups.append({"B": B, "N": N, "D": D, "dtype": dtype, "cases": cases,
+                           "size": "large" if B * N > 2**30 else "small"})
+    return groups
+
+
+def _read_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_all(out_dir: Path, *, dry_run: bool, budget_s: float, case_seconds: float, cases: list[str],
+            dtypes: list[str]) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + budget_s
+    rows: list[dict] = []
+    info: dict = {}
+    for index, group in enumerate(_groups(dry_run, cases, dtypes)):
+        key = {k: group.get(k) for k in ("B", "N", "D", "dtype")}
+        left = deadline - time.monotonic()
+        timeout = min(GROUP_TIMEOUT_S[group["size"]], left)
+        if timeout < 10:
+            rows += [{**key, "case": c, "status": "skipped", "reason": f"time budget of {budget_s:.0f} s spent"}
+                     for c in group["cases"]]
+            continue
+        lines_path = out_dir / f"group_{index}.jsonl"
+        lines_path.unlink(missing_ok=True)
+        command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(group), "--results",
+                   str(lines_path), "--case-seconds", str(case_seconds)] + (["--dry-run"] if dry_run else [])
+        print(f"group {index}: {key} cases {group['cases']} (timeout {timeout:.0f} s)", file=sys.stderr, flush=True)
+        begin = time.monotonic()
+        try:
+            child = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            failure = None if child.returncode == 0 else \
+                f"group process exited {child.returncode}: " + " | ".join(child.stderr.strip().splitlines()[-3:])
+        except subprocess.TimeoutExpired:
+            failure = f"group timed out after {timeout:.0f} s"
+        done = {}
+        running = None
+        for line in _read_lines(lines_path):
+            if "gpu_info" in line:
+                info.update(line["gpu_info"])
+            elif line.get("status") == "started":
+                running = line["case"]
+            else:
+                done[line["case"]] = line
+                running = None
+        for case in group["cases"]:
+            if case in done:
+                rows.append(done[case])
+            else:
+                why = failure or "no result"
+                rows.append({**key, "case": case, "status": "skipped",
+                             "reason": f"{why} (while running this case)" if case == running else
+                             f"{why} (before this case started)"})
+        lines_path.unlink(missing_ok=True)
+        print(f"  {time.monotonic() - begin:.1f} s" + (f"; {failure}" if failure else ""), file=sys.stderr,
+              flush=True)
+    return {"rows": rows, "gpu": info}
+
+
+def _peer_versions() -> dict:
+    versions = {}
+    for case, package in PEERS.items():
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def add_rates(rows: list[dict]) -> float | None:
+    """Effective TFLOP/s (6·B·N·D per run) and the ratio to the same run's torch.mm bf16 rate, in place; returns the
+    mm rate (TFLOP/s)."""
+    ceiling = next((r for r in rows if r["case"] == "mm_ceiling" and r.get("status") == "ok"), None)
+    mm_rate = ceiling["flop"] / ceiling["min_s"] / 1e12 if ceiling else None
+    if ceiling:
+        ceiling["tflops"] = mm_rate
+        ceiling["ratio_to_mm"] = 1.0
+    for r in rows:
+        if r["case"] != "mm_ceiling" and r.get("status") == "ok":
+            r["flop"] = 6 * r["B"] * r["N"] * r["D"]
+            r["tflops"] = r["flop"] / r["min_s"] / 1e12
+            r["ratio_to_mm"] = r["tflops"] / mm_rate if mm_rate else None
+    return mm_rate
+
+
+def targets(rows: list[dict], B=65536, N=131072, D=768, dtype="bfloat16") -> list[dict]:
+    """The issue's GPU targets, at the target shape (bf16), from the rows that ran."""
+    at = {r["case"]: r for r in rows if (r.get("B"), r.get("N"), r.get("D"), r.get("dtype")) == (B, N, D, dtype)
+          and r.get("status") == "ok"}
+    found = []
+    slab = min((at[k] for k in ("fastcache_slab_cuda", "fastcache_slab_triton") if k in at),
+               key=lambda r: r["min_s"], default=None)
+    tiled = at.get("fastcache_tiled")
+    best = min((r for r in (slab, tiled) if r), key=lambda r: r["min_s"], default=None)
+    if slab and slab.get("ratio_to_mm") is not None:
+        found.append({"target": "slab >= 60% of the same-run torch.mm bf16 rate",
+                      "value": f"{slab['ratio_to_mm']:.0%} ({slab['case']})", "met": slab["ratio_to_mm"] >= 0.6})
+    if slab and tiled:
+        ratio = tiled["min_s"] / slab["min_s"]
+        found.append({"target": "tiled within 1.5x of slab time", "value": f"{ratio:.2f}x", "met": ratio <= 1.5})
+    if tiled and "peak_beyond_inputs_and_grads_mib" in tiled:
+        peak = tiled["peak_beyond_inputs_and_grads_mib"]
+        found.append({"target": "tiled peak memory beyond inputs and gradients < 1 GB", "value": f"{peak:.0f} MiB",
+                      "met": peak * MIB < 1e9})
+    if best and "st_cached_mbs32" in at:
+        speedup = at["st_cached_mbs32"]["min_s"] / best["min_s"]
+        found.append({"target": ">= 3x faster than sentence-transformers' loss stage (mini_batch_size=32)",
+                      "value": f"{speedup:.1f}x", "met": speedup >= 3})
+    peers = [at[k] for k in PEERS if k in at]
+    if best and peers:
+        slowest_ratio = max(best["min_s"] / p["min_s"] for p in peers)
+        found.append({"target": "faster than each of Inf-CL, Cut Cross-Entropy, Liger (those that ran: "
+                                f"{', '.join(p['case'] for p in peers)})",
+                      "value": f"time / fastest peer's time = {slowest_ratio:.2f}", "met": slowest_ratio < 1})
+        lean = [p["peak_beyond_inputs_and_grads_mib"] for p in peers if "peak_beyond_inputs_and_grads_mib" in p]
+        if lean and "peak_beyond_inputs_and_grads_mib" in best:
+            found.append({"target": "no more memory than the leanest peer",
+                          "value": f"{best['peak_beyond_inputs_and_grads_mib']:.0f} MiB vs {min(lean):.0f} MiB",
+                          "met": best["peak_beyond_inputs_and_grads_mib"] <= min(lean)})
+    return found
+
+
+def loss_spread(rows: list[dict]) -> dict[str, float]:
+    """Per (B, N, D, dtype): the largest relative difference between the losses of the cases that ran (they all
+    compute the same loss on the same inputs: a mapping error shows here)."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("loss") is not None:
+            groups.setdefault(f"B={r['B']} N={r['N']} D={r['D']} {r['dtype']}", []).append(r["loss"])
+    return {k: (max(v) - min(v)) / max(abs(statistics.mean(v)), 1e-30) for k, v in groups.items() if len(v) > 1}
+
+
+def _fmt(x, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def markdown_table(rows: list[dict], mm_rate: float | None) -> str:
+    lines = [f"torch.mm bf16 {CEILING_SIZE}³ in this run: {_fmt(mm_rate, '.0f')} TFLOP/s", "",
+             "| B | N | D | dtype | case | ms (min) | TFLOP/s (6·B·N·D) | ÷ mm rate | peak beyond inputs+grads (MiB) "
+             "| loss |", "| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["case"] == "mm_ceiling":
+            continue
+        head = f"| {r['B']} | {r['N']} | {r['D']} | {r['dtype']} | {r['case']} |"
+        if r.get("status") != "ok":
+            lines.append(f"{head} {r.get('status')}: {r.get('reason', '')[:120]} | | | | |")
+            continue
+        lines.append(f"{head} {r['min_s'] * 1e3:.1f} | {_fmt(r.get('tflops'), '.0f')} | "
+                     f"{_fmt(r.get('ratio_to_mm'), '.2f')} | {_fmt(r.get('peak_beyond_inputs_and_grads_mib'), '.0f')}"
+                     f" | {_fmt(r.get('loss'), '.5g')} |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({
+                **{k: r.get(k) for k in ("B", "N", "D", "dtype", "case", "repeats", "tflops", "ratio_to_mm",
+                                         "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss")},
+                "label": CASES.get(r["case"], "torch.mm bf16 (ceiling)"),
+                "min_ms": None if r.get("min_s") is None else r["min_s"] * 1e3,
+                "median_ms": None if r.get("median_s") is None else r["median_s"] * 1e3,
+                "status": r.get("status") if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason')}",
+            })
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="folder for gpu_bench.json and gpu_bench.csv")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on the CPU (fastcache on its torch backend): exercises every code path")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="time budget of the whole run (default 330)")
+    parser.add_argument("--case-seconds", type=float, default=3.0,
+                        help="timed runs per case: as many as fit in this many seconds, 1 to 5 (default 3)")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="a subset of cases")
+    parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16", "float32"],
+                        help="a subset of the dtypes")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--results", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        run_group(json.loads(args.child), args.results, args.case_seconds, args.dry_run)
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
+
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    measured = run_all(args.out, dry_run=args.dry_run, budget_s=args.budget_s, case_seconds=args.case_seconds,
+                       cases=args.cases, dtypes=args.dtypes)
+    rows = measured["rows"]
+    mm_rate = add_rates(rows)
+    found = targets(rows)
+    spreads = loss_spread(rows)
+    from fastcache.benchmark import machine_info
+
+    report = {
+        "machine": {**machine_info(), **measured["gpu"], "peers": _peer_versions()},
+        # the device machine gets a copy of the tree without .git: gpu_suite.sh passes the commit in FASTCACHE_COMMIT
+        "commit": os.environ.get("FASTCACHE_COMMIT") or machine_info().get("commit"),
+        "started_utc": started,
+        "dry_run": args.dry_run,
+        "settings": {"scale": SCALE, "similarity": "cos", "directions": ["query_to_doc"], "budget_s": args.budget_s,
+                     "case_seconds": args.case_seconds, "slab_memory_budget": SLAB_BUDGET,
+                     "flop_per_run": "6*B*N*D", "ceiling": f"torch.mm bf16 {CEILING_SIZE}^3"},
+        "mm_tflops": mm_rate,
+        "cases": CASES,
+        "rows": rows,
+        "loss_spread": spreads,
+        "targets": found,
+    }
+    (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_csv(rows, args.out / "gpu_bench.csv")
+    print(markdown_table(rows, mm_rate))
+    for group, spread in spreads.items():
+        print(f"losses at {group} agree to {spread:.1e} (relative)")
+    for item in found:
+        print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")
+    print(f"\nwrote {args.out / 'gpu_bench.json'} and {args.out / 'gpu_bench.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

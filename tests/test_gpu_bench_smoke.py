@@ -1,0 +1,120 @@
+"""bench/gpu_bench.py without a GPU: its --dry-run on tiny CPU shapes, its budget and timeout bookkeeping, its
+targets; and bench/gpu_suite.sh's bash syntax. The real run is bench/gpu_suite.sh on a GPU machine."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH / "gpu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_suite_scripts_are_valid_bash():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    for script in ("gpu_suite.sh", "fetch_peer_wheels.sh"):
+        result = subprocess.run([bash, "-n", str(BENCH / script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+
+
+def test_dry_run_records_every_case(gpu_bench, tmp_path):
+    """One dry-run group (bf16) and the ceiling: every case has a timing or a reason; the cases that ran compute the
+    same loss; the JSON and the CSV agree."""
+    command = [sys.executable, str(BENCH / "gpu_bench.py"), "--dry-run", "--dtypes", "bfloat16", "--out",
+               str(tmp_path), "--case-seconds", "0.01"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    rows = report["rows"]
+    B, N, D, dtype = gpu_bench.DRY_GRID[1]
+    assert {r["case"] for r in rows} == {"mm_ceiling", *gpu_bench.CASES}
+    assert report["mm_tflops"] > 0 and report["dry_run"] and report["commit"]
+    for r in rows:
+        if r["case"] == "mm_ceiling":
+            continue
+        assert (r["B"], r["N"], r["D"], r["dtype"]) == (B, N, D, dtype)
+        if r["status"] == "ok":
+            assert r["min_s"] > 0 and r["repeats"] >= 1 and r["tflops"] > 0 and math.isfinite(r["loss"])
+        else:  # a peer that is not installed (or cannot run on a CPU) is recorded with its reason
+            assert r["case"] in gpu_bench.PEERS and r["status"] == "error" and r["reason"], r
+    ran = {r["case"] for r in rows if r["status"] == "ok"}
+    assert {*gpu_bench.FASTCACHE, "reference", "st_cached_mbs32"} <= ran
+    losses = [r["loss"] for r in rows if r["status"] == "ok" and r["loss"] is not None]
+    assert max(losses) - min(losses) <= 2e-2 * abs(losses[0])  # bf16 reference vs fp32-accumulating cases
+    with (tmp_path / "gpu_bench.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == gpu_bench.CSV_FIELDS and len(table) == len(rows)
+    assert not list(tmp_path.glob("group_*.jsonl"))  # the children's line files are cleaned up
+
+
+def test_spent_budget_skips_groups_with_the_reason(gpu_bench, tmp_path):
+    measured = gpu_bench.run_all(tmp_path, dry_run=True, budget_s=0, case_seconds=0.01, cases=["reference"],
+                                 dtypes=["float32"])
+    assert [r["case"] for r in measured["rows"]] == ["mm_ceiling", "reference"]
+    assert all(r["status"] == "skipped" and "time budget" in r["reason"] for r in measured["rows"])
+
+
+def test_timed_out_group_names_the_interrupted_case(gpu_bench, tmp_path, monkeypatch):
+    """A group whose process times out: its finished cases are kept, the running one and the rest are skipped."""
+    def fake_run(command, **kwargs):
+        results = Path(command[command.index("--results") + 1])
+        group = json.loads(command[command.index("--child") + 1])
+        key = {k: group.get(k) for k in ("B", "N", "D", "dtype")}
+        if group.get("ceiling"):  # the ceiling group finishes
+            results.write_text(json.dumps({**key, "case": "mm_ceiling", "status": "ok", "min_s": 1.0}) + "\n")
+            return subprocess.CompletedProcess(command, 0, "", "")
+        results.write_text(json.dumps({**key, "case": group["cases"][0], "status": "started"}) + "\n"
+                           + json.dumps({**key, "case": group["cases"][0], "status": "ok", "min_s": 1.0}) + "\n"
+                           + json.dumps({**key, "case": group["cases"][1], "status": "started"}) + "\n")
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(gpu_bench.subprocess, "run", fake_run)
+    measured = gpu_bench.run_all(tmp_path, dry_run=True, budget_s=100, case_seconds=0.01,
+                                 cases=["reference", "fastcache_tiled", "inf_cl"], dtypes=["float32"])
+    rows = {r["case"]: r for r in measured["rows"] if r.get("dtype") == "float32"}
+    assert rows["reference"]["status"] == "ok"
+    assert rows["fastcache_tiled"]["status"] == "skipped"
+    assert "timed out" in rows["fastcache_tiled"]["reason"] and "while running" in rows["fastcache_tiled"]["reason"]
+    assert "before this case started" in rows["inf_cl"]["reason"]
+
+
+def test_rates_and_targets(gpu_bench):
+    """TFLOP/s from 6·B·N·D and the same-run mm rate; each target computed from the target-shape rows."""
+    shape = {"B": 65536, "N": 131072, "D": 768, "dtype": "bfloat16"}
+    flop = 6 * 65536 * 131072 * 768
+    rows = [{"case": "mm_ceiling", "status": "ok", "flop": 1e15, "min_s": 1.25},  # 800 TFLOP/s
+            {**shape, "case": "fastcache_slab_cuda", "status": "ok", "min_s": flop / 560e12,
+             "peak_beyond_inputs_and_grads_mib": 3000.0},
+            {**shape, "case": "fastcache_slab_triton", "status": "ok", "min_s": flop / 400e12},
+            {**shape, "case": "fastcache_tiled", "status": "ok", "min_s": flop / 500e12,
+             "peak_beyond_inputs_and_grads_mib": 100.0},
+            {**shape, "case": "st_cached_mbs32", "status": "ok", "min_s": 10 * flop / 560e12},
+            {**shape, "case": "inf_cl", "status": "ok", "min_s": flop / 300e12, "peak_beyond_inputs_and_grads_mib": 50.0},
+            {**shape, "case": "liger_flce", "status": "error", "reason": "x"},
+            {**shape, "dtype": "float32", "case": "fastcache_tiled", "status": "ok", "min_s": 1e9}]
+    assert gpu_bench.add_rates(rows) == pytest.approx(800)
+    assert rows[1]["tflops"] == pytest.approx(560) and rows[1]["ratio_to_mm"] == pytest.approx(0.7)
+    found = {t["target"].split(" (")[0]: t for t in gpu_bench.targets(rows)}
+    assert found["slab >= 60% of the same-run torch.mm bf16 rate"]["met"]  # the faster slab: cuda, 70%
+    assert found["tiled within 1.5x of slab time"]["met"]  # 1.12x
+    assert found["tiled peak memory beyond inputs and gradients < 1 GB"]["met"]
+    assert found[">= 3x faster than sentence-transformers' loss stage"]["met"]  # 10x
+    assert found["faster than each of Inf-CL, Cut Cross-Entropy, Liger"]["met"]  # only inf_cl ran
+    assert not found["no more memory than the leanest peer"]["met"]  # 3000 MiB (slab, the fastest) vs 50 MiB

@@ -77,8 +77,9 @@ class MatryoshkaLoss(st_losses.MatryoshkaLoss):
         return [self.matryoshka_dims[i] for i in indices], [self.matryoshka_weights[i] for i in indices]
 
     @contextmanager
-    def _fused_op(self):
-        """The inner loss computes every dim of this step in one op call while inside."""
+    def fused_step(self):
+        """Inside, the inner loss computes every dim of this step (step_dims) in one op call: what forward does
+        around the inner loss; exposed to run the loss stage alone (e.g. ``loss.loss.calculate_loss(reps)``)."""
         self.loss.fused_op = matryoshka_op(*self.step_dims())
         try:
             yield
@@ -88,7 +89,7 @@ class MatryoshkaLoss(st_losses.MatryoshkaLoss):
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         if not self.fused:
             return super().forward(sentence_features, labels)
-        with self._fused_op():
+        with self.fused_step():
             return self.loss(sentence_features, labels)
 
 

@@ -68,7 +68,9 @@ def _prefix_reciprocal_norms(x: Tensor, dims: tuple[int, ...], cosine: bool) -> 
     """[K, rows] the prefix norms ‖x[:, :d_k]‖ and their reciprocals 1/max(norm, eps); None for "dot"."""
     if not cosine:
         return None
-    norms = torch.stack([torch.linalg.vector_norm(x[:, :d], dim=1) for d in dims])
+    bounds = dims[::-1]  # ascending: squared norms of the segments, summed from the first dims up
+    squares = torch.stack([x[:, lo:hi].square().sum(dim=1) for lo, hi in zip((0,) + bounds, bounds)])
+    norms = squares.cumsum(0).flip(0).sqrt()
     return norms, norms.clamp_min(NORMALIZE_EPS).reciprocal()
 
 

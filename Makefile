@@ -1,9 +1,9 @@
-# The two commands of README.md: `make demo` (the main job on built-in defaults) and `make test`.
+# The two commands of README.md: `make train` (the main job, `fastcache train` on built-in defaults) and `make test`.
 PYTHON ?= python
 STAMP := .install-stamp
 SOURCES := requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
 
-.PHONY: setup demo test bench info
+.PHONY: setup train test bench info
 
 # Installs the pinned environment (CPU torch from the wheel on disk) and builds the extension in place; redone
 # when a source changes (the stamp is not committed, so a fresh clone always installs).
@@ -14,8 +14,8 @@ $(STAMP): $(SOURCES)
 
 setup: $(STAMP)
 
-demo: setup
-	$(PYTHON) -m fastcache demo
+train: setup
+	$(PYTHON) -m fastcache train --overwrite
 
 test: setup
 	$(PYTHON) -m pytest -q

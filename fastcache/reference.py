@@ -107,3 +107,95 @@ def matryoshka_contrastive_loss_reference(queries: Tensor, docs: Tensor, *, dims
     return sum(w * contrastive_loss_reference(
         queries[:, :d], docs[..., :d], all_queries=None if all_queries is None else all_queries[:, :d], **kwargs)
         for d, w in zip(dims, weights))
+
+
+# ---- learning-to-rank (fastcache.ops.ranking): dense, may build [Q, n, n]; padding (mask False) ignored ----
+
+def _ranking_inputs(logits: Tensor, labels: Tensor, mask: Tensor | None):
+    """Float copies of the inputs with padding neutralised (NaN-filled padding must not reach the maths)."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    mask = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask
+    logits = logits.to(dtype).masked_fill(~mask, 0.0)
+    labels = labels.to(dtype).masked_fill(~mask, float("-inf"))
+    return logits, labels, mask
+
+
+def _sorted_by(key: Tensor, mask: Tensor) -> Tensor:
+    """Per row, the indices that sort valid entries by ``key`` descending (ties by position), padding last."""
+    order = key.masked_fill(~mask, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+    return order.gather(1, mask.gather(1, order).to(torch.int8).sort(dim=1, descending=True, stable=True).indices)
+
+
+def lambda_loss_reference(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, weighting="ndcg_loss2pp",
+                          mu: float = 10.0, k: int | None = None, sigma: float = 1.0, eps: float = 1e-10,
+                          reduction_log: str = "binary") -> Tensor:
+    """LambdaLoss as sentence-transformers writes it (pair tensors [Q, n, n]); no valid pair gives 0."""
+    logits, labels, mask = _ranking_inputs(logits, labels, mask)
+    Q, n = logits.shape
+    order = _sorted_by(logits.detach(), mask)
+    s = logits.gather(1, order)
+    y = labels.gather(1, order)
+    valid_sorted = mask.gather(1, order)
+    kk = n if k is None else min(k, n)
+    position = torch.arange(n, device=logits.device)
+    discount = torch.log2(position.to(s.dtype) + 2.0)
+    ideal = labels.sort(dim=1, descending=True).values.clamp(min=0.0)
+    max_dcg = ((2.0 ** ideal - 1.0) / discount)[:, :kk].sum(dim=1).clamp(min=eps)
+    gain = (2.0 ** y.clamp(min=0.0) - 1.0) / max_dcg[:, None]
+    gain_diff = (gain[:, :, None] - gain[:, None, :]).abs()
+    rank_diff = (position[:, None] - position[None, :]).abs()
+    delta = (1.0 / torch.log2(rank_diff.to(s.dtype) + 1.0) - 1.0 / torch.log2(rank_diff.to(s.dtype) + 2.0)).abs()
+    delta = delta.masked_fill(rank_diff == 0, 0.0)
+    lambdarank = (1.0 / discount[:, None] - 1.0 / discount[None, :]).abs() * gain_diff
+    weights = {
+        "none": torch.ones_like(gain_diff),
+        "ndcg_loss1": (gain / discount)[:, :, None].expand(Q, n, n),
+        "ndcg_loss2": delta * gain_diff,
+        "lambdarank": lambdarank,
+        "ndcg_loss2pp": mu * delta * gain_diff + lambdarank,
+    }[weighting or "none"]
+    finite = torch.isfinite(y) & valid_sorted
+    pairs = finite[:, :, None] & finite[:, None, :]
+    if weighting != "ndcg_loss1":
+        pairs = pairs & (y[:, :, None] > y[:, None, :])
+    pairs = pairs & (position[:, None] < kk) & (position[None, :] < kk)
+    diffs = (s[:, :, None] - s[:, None, :]).clamp(min=-1e8, max=1e8)
+    probas = (torch.sigmoid(sigma * diffs).clamp(min=eps) ** weights).clamp(min=eps)
+    losses = torch.log(probas) if reduction_log == "natural" else torch.log2(probas)
+    if not pairs.any():
+        return (logits * 0.0).sum()
+    return -losses[pairs].mean()
+
+
+def plistmle_reference(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *,
+                       position_weights: Tensor | None = None, respect_input_order: bool = True,
+                       eps: float = 1e-10) -> Tensor:
+    """Position-aware ListMLE: mean over rows of -sum_r w_r (s_r - log(sum_{t>=r} exp(s_t) + eps)), documents in
+    input order or sorted by label (descending, ties by position); w_r weighs rank r among the row's valid ones."""
+    logits, labels, mask = _ranking_inputs(logits, labels, mask)
+    Q, n = logits.shape
+    if respect_input_order:  # valid documents first, in input order
+        order = mask.to(torch.int8).sort(dim=1, descending=True, stable=True).indices
+    else:
+        order = _sorted_by(labels, mask)
+    s = logits.gather(1, order)
+    valid = mask.gather(1, order)
+    scores = torch.where(valid, s.exp(), torch.zeros_like(s))
+    suffix = scores.flip(1).cumsum(1).flip(1)
+    log_probs = s - torch.log(suffix + eps)
+    if position_weights is not None:
+        w = position_weights.to(s.dtype).expand(Q, n)
+        log_probs = log_probs * w
+    log_probs = torch.where(valid, log_probs, torch.zeros_like(log_probs))
+    return -log_probs.sum(dim=1).mean()
+
+
+def listnet_reference(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
+    """ListNet: mean over rows of the cross-entropy between softmax(labels) and softmax(logits) over valid
+    documents (a -inf label has probability 0; an all-padding row contributes 0)."""
+    logits, labels, mask = _ranking_inputs(logits, labels, mask)
+    s = logits.masked_fill(~mask, float("-inf"))
+    s = torch.where(mask.any(dim=1, keepdim=True), s, torch.zeros_like(s))  # all-padding rows: no NaN softmax
+    target = torch.softmax(labels, dim=1).nan_to_num(nan=0.0)
+    log_p = torch.log_softmax(s, dim=1)
+    return -torch.where(target > 0, target * log_p, torch.zeros_like(log_p)).sum(dim=1).mean()

@@ -227,3 +227,20 @@ def test_dim_beyond_an_unknown_model_width_is_upstreams_error(model, guide, monk
         loss = _wrapped(impl, "MultipleNegativesRankingLoss", model, guide, [40, 16])
         with pytest.raises(ValueError, match="Dimension 40 in matryoshka_dims cannot be greater"):
             loss(tl._features(model, tl._texts(2)), None)
+
+
+@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss",
+                                  "CachedGISTEmbedLoss"])
+def test_fused_equals_dim_by_dim_with_duplicate_masking(model, guide, name):
+    """fastcache's extras hold across the dims: mask_duplicates (texts that repeat a positive), fused in one call,
+    equals upstream's MatryoshkaLoss looping over the dims around the same fastcache loss."""
+    anchors = ["the cat", "a dog", "sun today", "nice weather", "car at work", "the query"]
+    positives = ["cat", "dog", "sun", "weather", "car", "query"]
+    negatives = ["dog", "the sun", "cat", "weather", "a car", "cat"]
+    kwargs = dict(tl.MAIN_KWARGS[name], mask_duplicates=True)
+    runs = {}
+    for wrapper in (STMatryoshkaLoss, fc_losses.MatryoshkaLoss):
+        inner = tl._make(name, "fc", model, guide, **kwargs)
+        loss = wrapper(model, inner, [32, 20, 7], matryoshka_weights=[1.0, 0.5, 0.5])
+        runs[wrapper] = tl._run(loss, model, (anchors, positives, negatives))
+    tl._assert_same(runs[fc_losses.MatryoshkaLoss], runs[STMatryoshkaLoss], what=f"{name} mask_duplicates")

@@ -230,3 +230,13 @@ def test_missing_dims_is_a_type_error():
     batch = make_batch(3, 8, columns=2, dtype=torch.float32)
     with pytest.raises(TypeError, match="dims"):
         matryoshka_contrastive_loss(batch["queries"], batch["docs"])
+
+
+def test_memory_budget_sets_the_chunk(backend):
+    """The budget counts a block per dim: a tiny one leaves one row per chunk (with the slow-chunk warning) and
+    the same result."""
+    batch = make_batch(5, 9, columns=2, seed=11)
+    expected = op_loss_and_grad(batch, dims=[9, 5, 2], backend=backend, chunk_size=5)
+    with pytest.warns(RuntimeWarning, match="row"):
+        actual = op_loss_and_grad(batch, dims=[9, 5, 2], backend=backend, memory_budget=1)
+    assert_matches(actual, expected, rtol=1e-12, atol=1e-12)

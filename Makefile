@@ -1,7 +1,7 @@
 # The two commands of README.md: `make train` (the main job, `fastcache train` on built-in defaults) and `make test`.
 PYTHON ?= python
 STAMP := .install-stamp
-SOURCES := requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
+SOURCES := requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
 .PHONY: setup train test bench info
 

@@ -65,33 +65,34 @@ def _padded(values: torch.Tensor, pad: bool) -> torch.Tensor:
     return view
 
 
-def _case(chunk, row0, rows, positives, columns, options, *, guided, ids, gathered, seed):
+def _case(chunk, row0, rows, positives, columns, options, *, guided, ids, gathered, seed, device="cuda"):
     """Random raw similarity blocks (and guide blocks, doc ids) of rows row0 .. row0+chunk of one call, float64 on
-    the GPU, with the layout: what the slab driver hands an epilogue."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    ``device``, with the layout: what the slab driver hands an epilogue."""
+    g = torch.Generator(device=device).manual_seed(seed)
     n = columns * positives
     query_columns = positives if gathered else rows
     widths = {QD: n, QQ: rows if guided else query_columns, DQ: query_columns, DD: positives if guided else n}
 
     def uniform(width):
-        return torch.rand(chunk, width, generator=g, device="cuda", dtype=torch.float64) * 2 - 1
+        return torch.rand(chunk, width, generator=g, device=device, dtype=torch.float64) * 2 - 1
 
     blocks = {k: uniform(widths[k]) for k in options.directions}
-    pos = options.offset + row0 + torch.arange(chunk, device="cuda")
-    blocks[QD][torch.arange(chunk, device="cuda"), pos] += 0.5  # positives a little more similar
+    pos = options.offset + row0 + torch.arange(chunk, device=device)
+    blocks[QD][torch.arange(chunk, device=device), pos] += 0.5  # positives a little more similar
     guides = {}
     if guided:
         guides = {k: uniform(widths[k]) for k in options.directions}
-        guides[QD][torch.arange(chunk, device="cuda"), pos] = 0.6  # a guide that masks some columns, not all
-    doc_ids = torch.randint(0, max(1, n // 2), (n,), generator=g, device="cuda") if ids else None
+        guides[QD][torch.arange(chunk, device=device), pos] = 0.6  # a guide that masks some columns, not all
+    doc_ids = torch.randint(0, max(1, n // 2), (n,), generator=g, device=device) if ids else None
     layout = ContrastiveLayout(rows, positives, columns, 8, query_columns, options.offset if gathered else 0)
     return blocks, guides, doc_ids, layout
 
 
-def _compare(blocks, guides, doc_ids, row0, layout, options, dtype, pad, compute_grad, tol=None):
-    """EPILOGUES["cuda"] on ``dtype`` (optionally NaN-padded) copies against epilogue_torch in float64 on the same
-    values (rounded to ``dtype`` first)."""
+def _compare(blocks, guides, doc_ids, row0, layout, options, dtype, pad, compute_grad, tol=None, epilogue=None):
+    """``epilogue`` (default EPILOGUES["cuda"]) on ``dtype`` (optionally NaN-padded) copies against epilogue_torch in
+    float64 on the same values (rounded to ``dtype`` first)."""
     tol = tol or TOL[dtype]
+    epilogue = epilogue or _epilogue_cuda()
     blocks = {k: v.to(dtype).double() for k, v in blocks.items()}
     guides = {k: v.to(dtype).double() for k, v in guides.items()}
     expected_blocks = {k: v.clone() for k, v in blocks.items()}
@@ -99,8 +100,9 @@ def _compare(blocks, guides, doc_ids, row0, layout, options, dtype, pad, compute
                                                    compute_grad)
     ours_blocks = {k: _padded(v.to(dtype), pad) for k, v in blocks.items()}
     ours_guides = {k: _padded(v.to(dtype), pad) for k, v in guides.items()}
-    loss = _epilogue_cuda()(ours_blocks, ours_guides, doc_ids, row0, layout, options, compute_grad)
-    torch.cuda.synchronize()
+    loss = epilogue(ours_blocks, ours_guides, doc_ids, row0, layout, options, compute_grad)
+    if loss.is_cuda:
+        torch.cuda.synchronize()
     assert loss.dtype == dtype and loss.shape == expected.shape
     torch.testing.assert_close(loss.double(), expected, **tol)
     for k, v in ours_blocks.items():

@@ -42,28 +42,72 @@ namespace {
 
 enum Weighting { kNone = 0, kNDCGLoss1 = 1, kNDCGLoss2 = 2, kLambdaRank = 3, kNDCGLoss2PP = 4 };
 
-// e^x for x <= 0 in a form the compiler vectorises: x = k·ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor
-// polynomial (relative error < 3e-8 on that range), 2^k from the exponent bits; 0 below -87.
-FASTCACHE_RANKING_INLINE float exp_nonpositive(float x) {
-  const float k = std::nearbyint(x * 1.4426950408889634f);
-  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
-  const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f +
-                  r * (8.3333338e-3f + r * 1.3888889e-3f)))));
-  const int32_t biased = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  __builtin_memcpy(&scale, &biased, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+// The pair loop works on explicit vectors (GCC vector extensions): the compiler does not vectorise its selects
+// on its own. 8 floats or 4 doubles a step; each clone (AVX-512 / AVX2 / baseline) lowers them to its registers.
+typedef float Float8 __attribute__((vector_size(32)));
+typedef int32_t Int8 __attribute__((vector_size(32)));
+typedef double Double4 __attribute__((vector_size(32)));
+
+template <typename V>
+struct Lanes;
+template <>
+struct Lanes<Float8> {
+  using Scalar = float;
+  static constexpr int count = 8;
+};
+template <>
+struct Lanes<Double4> {
+  using Scalar = double;
+  static constexpr int count = 4;
+};
+constexpr int64_t kMaxLanes = 8;  // scratch arrays are padded by this many zeros for the last vector
+
+template <typename V>
+FASTCACHE_RANKING_INLINE V load(const typename Lanes<V>::Scalar* x) {
+  V v;
+  __builtin_memcpy(&v, x, sizeof(V));
+  return v;
 }
-FASTCACHE_RANKING_INLINE double exp_nonpositive(double x) { return std::exp(x); }
+template <typename V>
+FASTCACHE_RANKING_INLINE void store(typename Lanes<V>::Scalar* x, V v) { __builtin_memcpy(x, &v, sizeof(V)); }
+template <typename V>
+FASTCACHE_RANKING_INLINE V splat(typename Lanes<V>::Scalar x) { return V{} + x; }
+template <typename V>
+FASTCACHE_RANKING_INLINE V vmin(V a, V b) { return a < b ? a : b; }
+template <typename V>
+FASTCACHE_RANKING_INLINE V vmax(V a, V b) { return a > b ? a : b; }
+template <typename V>
+FASTCACHE_RANKING_INLINE V vabs(V a) { return a < V{} ? -a : a; }
+
+// e^x for x <= 0: x = k·ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error < 3e-8
+// there), 2^k from the exponent bits (k by the round-to-nearest trick: + 1.5·2^23); 0 below -87.
+FASTCACHE_RANKING_INLINE Float8 exp_nonpositive(Float8 x) {
+  const Float8 floor_x = splat<Float8>(-87.0f);
+  const Float8 xc = vmax(x, floor_x);
+  const Float8 shifted = xc * 1.4426950408889634f + 12582912.0f;
+  const Float8 k = shifted - 12582912.0f;
+  const Float8 r = (xc - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+  const Float8 p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f +
+                   r * (8.3333338e-3f + r * 1.3888889e-3f)))));
+  const Int8 bits = (((Int8)shifted - 0x4B400000) + 127) << 23;
+  return x > floor_x ? p * (Float8)bits : Float8{};
+}
+FASTCACHE_RANKING_INLINE Double4 exp_nonpositive(Double4 x) {
+  for (int l = 0; l < 4; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
 
 // log(1 + e) for e in [0, 1]: 2·atanh(z) with z = e / (2 + e) <= 1/3, odd series to z^13 (relative error < 2e-8).
-FASTCACHE_RANKING_INLINE float log1p_unit(float e) {
-  const float z = e / (2.0f + e), z2 = z * z;
-  const float series = 1.0f + z2 * (1.0f / 3 + z2 * (1.0f / 5 + z2 * (1.0f / 7 + z2 * (1.0f / 9 +
-                       z2 * (1.0f / 11 + z2 * (1.0f / 13))))));
+FASTCACHE_RANKING_INLINE Float8 log1p_unit(Float8 e) {
+  const Float8 z = e / (2.0f + e), z2 = z * z;
+  const Float8 series = 1.0f + z2 * (1.0f / 3 + z2 * (1.0f / 5 + z2 * (1.0f / 7 + z2 * (1.0f / 9 +
+                        z2 * (1.0f / 11 + z2 * (1.0f / 13))))));
   return 2.0f * z * series;
 }
-FASTCACHE_RANKING_INLINE double log1p_unit(double e) { return std::log1p(e); }
+FASTCACHE_RANKING_INLINE Double4 log1p_unit(Double4 e) {
+  for (int l = 0; l < 4; ++l) e[l] = std::log1p(e[l]);
+  return e;
+}
 
 template <typename T>
 struct LambdaParams {
@@ -75,65 +119,63 @@ struct LambdaParams {
 };
 
 // The pairs (p, q) of one query for q in (p, kk): per q, the contribution to dsum/ds_p (q gets its negative),
-// the loss of the pair's valid directions and how many directions are valid. Arrays are indexed by rank.
-template <typename T>
-FASTCACHE_RANKING_INLINE void pair_row(const T* s, const T* y, const T* gain, const T* inv_d, const T* finite,
-                                       const T* delta, int64_t p, int64_t kk, const LambdaParams<T>& prm,
-                                       T* grad_out, T* loss_out, T* count_out) {
+// the loss of the pair's valid directions and how many directions are valid. Arrays are indexed by rank and
+// zero-padded past kk by kMaxLanes (a zero "finite" flag makes a lane invalid); outputs are written in whole
+// vectors, past kk - p - 1 too.
+template <typename V>
+FASTCACHE_RANKING_INLINE void pair_row(const typename Lanes<V>::Scalar* s, const typename Lanes<V>::Scalar* y,
+                                       const typename Lanes<V>::Scalar* gain, const typename Lanes<V>::Scalar* inv_d,
+                                       const typename Lanes<V>::Scalar* finite, const typename Lanes<V>::Scalar* delta,
+                                       int64_t p, int64_t kk, const LambdaParams<typename Lanes<V>::Scalar>& prm,
+                                       typename Lanes<V>::Scalar* grad_out, typename Lanes<V>::Scalar* loss_out,
+                                       typename Lanes<V>::Scalar* count_out) {
+  using T = typename Lanes<V>::Scalar;
   const bool ndcg1 = prm.weighting == kNDCGLoss1;
   const T w_one = prm.weighting == kNone ? T(1) : T(0);
   const T w_ndcg2 = prm.weighting == kNDCGLoss2 ? T(1) : prm.weighting == kNDCGLoss2PP ? prm.mu : T(0);
   const T w_rank = (prm.weighting == kLambdaRank || prm.weighting == kNDCGLoss2PP) ? T(1) : T(0);
-  const T sp = s[p], yp = y[p], gp = gain[p], dp = inv_d[p], fp = finite[p];
-  const T wa_ndcg1 = gp * dp, log_eps = prm.log_eps, sigma = prm.sigma, c = prm.c;
-  const T limit = T(1e8);
-  for (int64_t q = p + 1; q < kk; ++q) {
+  const V zero{}, one = splat<V>(1), limit = splat<V>(T(1e8)), log_eps = splat<V>(prm.log_eps);
+  const V sp = splat<V>(s[p]), yp = splat<V>(y[p]), gp = splat<V>(gain[p]), dp = splat<V>(inv_d[p]);
+  const V fp = splat<V>(finite[p]), wa_ndcg1 = gp * dp;
+  const T sigma = prm.sigma, c = prm.c;
+  for (int64_t q = p + 1; q < kk; q += Lanes<V>::count) {
     const int64_t j = q - p - 1;
-    const T raw = sp - s[q];
-    const T in_range = std::abs(raw) <= limit ? T(1) : T(0);
-    const T x = sigma * std::min(std::max(raw, -limit), limit);
-    const T e = exp_nonpositive(-std::abs(x));
-    const T l1p = log1p_unit(e);
-    const T inv = T(1) / (T(1) + e);
-    const T ls_pos = std::min(x, T(0)) - l1p;   // log sigmoid(x): p above q
-    const T ls_neg = std::min(-x, T(0)) - l1p;  // log sigmoid(-x): q above p
-    const T sig_pos = x >= T(0) ? inv : e * inv;
-    const T sig_neg = x >= T(0) ? e * inv : inv;
-    const T gain_diff = std::abs(gp - gain[q]);
-    const T w_sym = w_one + w_ndcg2 * delta[q - p] * gain_diff + w_rank * std::abs(dp - inv_d[q]) * gain_diff;
-    const T wa = ndcg1 ? wa_ndcg1 : w_sym;
-    const T wb = ndcg1 ? gain[q] * inv_d[q] : w_sym;
-    const T both = fp * finite[q];
-    const T valid_a = (ndcg1 || yp > y[q]) ? both : T(0);
-    const T valid_b = (ndcg1 || y[q] > yp) ? both : T(0);
-    const T ta = wa * std::max(ls_pos, log_eps), tb = wb * std::max(ls_neg, log_eps);
-    const T ga = (ls_pos > log_eps && ta > log_eps) ? wa * sig_neg : T(0);
-    const T gb = (ls_neg > log_eps && tb > log_eps) ? wb * sig_pos : T(0);
-    grad_out[j] = -c * sigma * in_range * (valid_a * ga - valid_b * gb);
-    loss_out[j] = -c * (valid_a * std::max(ta, log_eps) + valid_b * std::max(tb, log_eps));
-    count_out[j] = valid_a + valid_b;
+    const V sq = load<V>(s + q), yq = load<V>(y + q), gq = load<V>(gain + q), dq = load<V>(inv_d + q);
+    const V raw = sp - sq;
+    const V in_range = vabs(raw) <= limit ? one : zero;
+    const V x = sigma * vmin(vmax(raw, -limit), limit);
+    const V e = exp_nonpositive(-vabs(x));
+    const V l1p = log1p_unit(e);
+    const V inv = one / (one + e);
+    const V ls_pos = vmin(x, zero) - l1p;   // log sigmoid(x): p above q
+    const V ls_neg = vmin(-x, zero) - l1p;  // log sigmoid(-x): q above p
+    const V sig_pos = x >= zero ? inv : e * inv;
+    const V sig_neg = x >= zero ? e * inv : inv;
+    const V gain_diff = vabs(gp - gq);
+    const V w_sym = w_one + w_ndcg2 * load<V>(delta + (q - p)) * gain_diff + w_rank * vabs(dp - dq) * gain_diff;
+    const V wa = ndcg1 ? wa_ndcg1 : w_sym;
+    const V wb = ndcg1 ? gq * dq : w_sym;
+    const V both = fp * load<V>(finite + q);
+    const V valid_a = ndcg1 ? both : (yp > yq ? both : zero);
+    const V valid_b = ndcg1 ? both : (yq > yp ? both : zero);
+    const V ta = wa * vmax(ls_pos, log_eps), tb = wb * vmax(ls_neg, log_eps);
+    const V ga = (ls_pos > log_eps) & (ta > log_eps) ? wa * sig_neg : zero;
+    const V gb = (ls_neg > log_eps) & (tb > log_eps) ? wb * sig_pos : zero;
+    store(grad_out + j, -c * sigma * in_range * (valid_a * ga - valid_b * gb));
+    store(loss_out + j, -c * (valid_a * vmax(ta, log_eps) + valid_b * vmax(tb, log_eps)));
+    store(count_out + j, valid_a + valid_b);
   }
 }
 
-FASTCACHE_RANKING_CLONES void pair_row_float(const float* s, const float* y, const float* gain, const float* inv_d,
-                                             const float* finite, const float* delta, int64_t p, int64_t kk,
-                                             const LambdaParams<float>& prm, float* g, float* l, float* c) {
-  pair_row<float>(s, y, gain, inv_d, finite, delta, p, kk, prm, g, l, c);
-}
-void pair_row_double(const double* s, const double* y, const double* gain, const double* inv_d,
-                     const double* finite, const double* delta, int64_t p, int64_t kk,
-                     const LambdaParams<double>& prm, double* g, double* l, double* c) {
-  pair_row<double>(s, y, gain, inv_d, finite, delta, p, kk, prm, g, l, c);
-}
-FASTCACHE_RANKING_INLINE void pair_row_any(const float* s, const float* y, const float* gain, const float* inv_d,
+FASTCACHE_RANKING_CLONES void pair_row_any(const float* s, const float* y, const float* gain, const float* inv_d,
                                            const float* finite, const float* delta, int64_t p, int64_t kk,
                                            const LambdaParams<float>& prm, float* g, float* l, float* c) {
-  pair_row_float(s, y, gain, inv_d, finite, delta, p, kk, prm, g, l, c);
+  pair_row<Float8>(s, y, gain, inv_d, finite, delta, p, kk, prm, g, l, c);
 }
-FASTCACHE_RANKING_INLINE void pair_row_any(const double* s, const double* y, const double* gain, const double* inv_d,
-                                           const double* finite, const double* delta, int64_t p, int64_t kk,
-                                           const LambdaParams<double>& prm, double* g, double* l, double* c) {
-  pair_row_double(s, y, gain, inv_d, finite, delta, p, kk, prm, g, l, c);
+void pair_row_any(const double* s, const double* y, const double* gain, const double* inv_d, const double* finite,
+                  const double* delta, int64_t p, int64_t kk, const LambdaParams<double>& prm, double* g, double* l,
+                  double* c) {
+  pair_row<Double4>(s, y, gain, inv_d, finite, delta, p, kk, prm, g, l, c);
 }
 
 // Sum of x[0..n) in 8 independent lanes (vectorised without reassociation), accumulated in double.
@@ -174,8 +216,8 @@ void lambda_query(const T* logits, const T* labels, const bool* mask, int64_t n,
   *loss_sum = 0.0;
   *pair_count = 0.0;
   if (m == 0) return;
-  for (auto* v : {&w.s, &w.y, &w.gain, &w.inv_d, &w.finite, &w.grad, &w.g, &w.l, &w.c}) v->assign(m, T(0));
-  w.delta.assign(m + 1, T(0));
+  for (auto* v : {&w.s, &w.y, &w.gain, &w.inv_d, &w.finite, &w.grad, &w.g, &w.l, &w.c}) v->assign(m + kMaxLanes, T(0));
+  w.delta.assign(m + 1 + kMaxLanes, T(0));
   w.ideal.resize(m);
   for (int64_t p = 0; p < m; ++p) {
     const int64_t j = w.idx[p];

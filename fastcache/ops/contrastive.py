@@ -145,10 +145,10 @@ def _check_tensor(name: str, t, ndims: tuple[int, ...]) -> None:
 
 
 def all_finite(t: Tensor) -> bool:
-    """Whether every element of ``t`` is finite, from its min and max (which propagate NaN; ±Inf shows in their
-    float64 difference): one pass, ~5x cheaper than torch.isfinite(t).all() on CPU, one device sync."""
+    """Whether every element of ``t`` is finite, from its min and max (which propagate NaN; ±Inf shows in
+    max/2 - min/2, which cannot overflow): one pass, ~5x cheaper than torch.isfinite(t).all() on CPU, one sync."""
     lo, hi = torch.aminmax(t)
-    return math.isfinite((hi.double() - lo.double()).item())
+    return math.isfinite((hi.double() / 2 - lo.double() / 2).item())
 
 
 def check_inputs(

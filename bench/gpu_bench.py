@@ -31,6 +31,9 @@ as many as fit in ``--case-seconds`` (at least 1, at most 5). The peak memory of
 ``torch.cuda.max_memory_allocated()`` minus the memory allocated before it (the inputs), and that minus the
 gradients it returns. Effective TFLOP/s counts 6·B·N·D (the three GEMMs S = Q·Dᵀ, dS·D, dSᵀ·Q) per run.
 
+Besides: the slab epilogue alone (CUDA, Triton, PyTorch) in place on float32 blocks of 128 × 131072 and 1024 × 16384
+(the slab's chunks at the two N), next to a device-to-device copy of the same block: GB/s at 8 bytes per element.
+
 Writes OUTDIR/gpu_bench.json (machine, GPU, versions, commit, settings, every row, targets) and OUTDIR/gpu_bench.csv
 (one row per case), and prints a markdown table.
 """
@@ -78,10 +81,17 @@ GRID = [(65536, 131072, 768, "bfloat16"), (16384, 16384, 384, "bfloat16"), (1638
         (16384, 16384, 384, "float32"), (16384, 16384, 768, "float32"), (65536, 131072, 384, "bfloat16"),
         (65536, 131072, 768, "float32"), (65536, 131072, 384, "float32")]
 DRY_GRID = [(8, 16, 32, "float32"), (8, 16, 32, "bfloat16")]
+# The slab epilogue alone, in place on a float32 block of rows × columns (default options): each implementation and a
+# device-to-device copy of the same block (the bandwidth ceiling); GB/s count 8 bytes per element (one read and one
+# write, the least any in-place epilogue moves).
+EPILOGUE_CASES = {"epilogue_copy": "copy of the block (bandwidth ceiling)", "epilogue_cuda": "CUDA epilogue",
+                  "epilogue_triton": "Triton epilogue", "epilogue_torch": "PyTorch epilogue"}
+EPILOGUE_SHAPES = [(128, 131072), (1024, 16384)]  # the slab's chunk rows at N = 131072 (64 MiB blocks), N = 16384
+DRY_EPILOGUE_SHAPES = [(4, 64)]
 DRY_CEILING_SIZE = 64
 GROUP_TIMEOUT_S = {"small": 75.0, "large": 150.0}
 CSV_FIELDS = ["B", "N", "D", "dtype", "case", "label", "min_ms", "median_ms", "repeats", "tflops", "ratio_to_mm",
-              "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss", "status"]
+              "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss", "gbps", "ratio_to_copy", "status"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,6 +219,30 @@ def make_case(name: str, B: int, N: int, D: int, dtype_name: str, device: str, d
     raise ValueError(f"unknown case {name!r}")
 
 
+def make_epilogue_case(name: str, rows: int, columns: int, device: str):
+    """(run, None, info) of an EPILOGUE_CASES case: the epilogue in place on a random float32 block of similarities
+    (its output, the gradient, is the next run's input: the same traffic and work, no reset to time)."""
+    import torch
+
+    from fastcache.ops import contrastive_epilogue
+    from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions
+
+    g = torch.Generator(device=device).manual_seed(0)
+    block = torch.rand(rows, columns, generator=g, device=device) * 2 - 1
+    info = {"bytes_per_run": 8 * rows * columns}
+    if name == "epilogue_copy":
+        target = torch.empty_like(block)
+        return (lambda: (None, (target.copy_(block),))), None, info
+    epilogue = contrastive_epilogue.EPILOGUES[name.removeprefix("epilogue_")]
+    layout = ContrastiveLayout(rows, rows, columns // rows, 1, rows, 0)  # P = rows positives, N // P columns
+    options = ContrastiveOptions()
+    def run():
+        epilogue({"query_to_doc": block}, {}, None, 0, layout, options, True)
+        return None, ()
+
+    return run, None, info
+
+
 def _tensor_bytes(tensors) -> int:
     from fastcache.harness import tensor_bytes
 
@@ -302,8 +336,11 @@ def run_group(group: dict, results_path: Path, case_seconds: float, dry_run: boo
             emit({**key, "case": name, "status": "started"})
             row = {**key, "case": name}
             try:
-                run, reset, info = make_case(name, group.get("B"), group.get("N"), group.get("D"),
-                                             group.get("dtype") or "bfloat16", device, dry_run)
+                if group.get("epilogue"):
+                    run, reset, info = make_epilogue_case(name, group["B"], group["N"], device)
+                else:
+                    run, reset, info = make_case(name, group.get("B"), group.get("N"), group.get("D"),
+                                                 group.get("dtype") or "bfloat16", device, dry_run)
                 row.update(info)
                 row.update(measure(run, reset, case_seconds))
                 row["status"] = "ok"
@@ -329,7 +366,11 @@ def _groups(dry_run: bool, cases: list[str], dtypes: list[str]) -> list[dict]:
         if dtype in dtypes:
             groups.append({"B": B, "N": N, "D": D, "dtype": dtype, "cases": cases,
                            "size": "large" if B * N > 2**30 else "small"})
-    return groups
+    # the epilogues alone: right after the target shape (they are quick)
+    epilogues = [{"epilogue": True, "B": rows, "N": columns, "D": None, "dtype": "float32",
+                  "cases": list(EPILOGUE_CASES), "size": "small"}
+                 for rows, columns in (DRY_EPILOGUE_SHAPES if dry_run else EPILOGUE_SHAPES)]
+    return groups[:2] + epilogues + groups[2:]
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -406,8 +447,13 @@ def add_rates(rows: list[dict]) -> float | None:
     if ceiling:
         ceiling["tflops"] = mm_rate
         ceiling["ratio_to_mm"] = 1.0
+    copies = {(r["B"], r["N"]): r for r in rows if r["case"] == "epilogue_copy" and r.get("status") == "ok"}
     for r in rows:
-        if r["case"] != "mm_ceiling" and r.get("status") == "ok":
+        if r["case"] in EPILOGUE_CASES and r.get("status") == "ok":
+            r["gbps"] = r["bytes_per_run"] / r["min_s"] / 1e9
+            copy = copies.get((r["B"], r["N"]))
+            r["ratio_to_copy"] = copy["min_s"] / r["min_s"] if copy else None
+        elif r["case"] != "mm_ceiling" and r.get("status") == "ok":
             r["flop"] = 6 * r["B"] * r["N"] * r["D"]
             r["tflops"] = r["flop"] / r["min_s"] / 1e12
             r["ratio_to_mm"] = r["tflops"] / mm_rate if mm_rate else None
@@ -470,7 +516,7 @@ def markdown_table(rows: list[dict], mm_rate: float | None) -> str:
              "| B | N | D | dtype | case | ms (min) | TFLOP/s (6·B·N·D) | ÷ mm rate | peak beyond inputs+grads (MiB) "
              "| loss |", "| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        if r["case"] == "mm_ceiling":
+        if r["case"] == "mm_ceiling" or r["case"] in EPILOGUE_CASES:
             continue
         head = f"| {r['B']} | {r['N']} | {r['D']} | {r['dtype']} | {r['case']} |"
         if r.get("status") != "ok":
@@ -479,6 +525,17 @@ def markdown_table(rows: list[dict], mm_rate: float | None) -> str:
         lines.append(f"{head} {r['min_s'] * 1e3:.1f} | {_fmt(r.get('tflops'), '.0f')} | "
                      f"{_fmt(r.get('ratio_to_mm'), '.2f')} | {_fmt(r.get('peak_beyond_inputs_and_grads_mib'), '.0f')}"
                      f" | {_fmt(r.get('loss'), '.5g')} |")
+    lines += ["", "The slab epilogue alone (float32 block, in place; GB/s at 8 bytes per element):", "",
+              "| rows | columns | case | ms (min) | GB/s | ÷ copy time |", "| ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["case"] not in EPILOGUE_CASES:
+            continue
+        head = f"| {r['B']} | {r['N']} | {r['case']} |"
+        if r.get("status") != "ok":
+            lines.append(f"{head} {r.get('status')}: {r.get('reason', '')[:120]} | | |")
+            continue
+        lines.append(f"{head} {r['min_s'] * 1e3:.3f} | {_fmt(r.get('gbps'), '.0f')} | "
+                     f"{_fmt(r.get('ratio_to_copy'), '.2f')} |")
     return "\n".join(lines)
 
 
@@ -489,8 +546,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
         for r in rows:
             writer.writerow({
                 **{k: r.get(k) for k in ("B", "N", "D", "dtype", "case", "repeats", "tflops", "ratio_to_mm",
-                                         "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss")},
-                "label": CASES.get(r["case"], "torch.mm bf16 (ceiling)"),
+                                         "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss", "gbps",
+                                         "ratio_to_copy")},
+                "label": {**CASES, **EPILOGUE_CASES}.get(r["case"], "torch.mm bf16 (ceiling)"),
                 "min_ms": None if r.get("min_s") is None else r["min_s"] * 1e3,
                 "median_ms": None if r.get("median_s") is None else r["median_s"] * 1e3,
                 "status": r.get("status") if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason')}",
@@ -536,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                      "case_seconds": args.case_seconds, "slab_memory_budget": SLAB_BUDGET,
                      "flop_per_run": "6*B*N*D", "ceiling": f"torch.mm bf16 {CEILING_SIZE}^3"},
         "mm_tflops": mm_rate,
-        "cases": CASES,
+        "cases": {**CASES, **EPILOGUE_CASES},
         "rows": rows,
         "loss_spread": spreads,
         "targets": found,

@@ -44,10 +44,15 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     rows = report["rows"]
     B, N, D, dtype = gpu_bench.DRY_GRID[1]
-    assert {r["case"] for r in rows} == {"mm_ceiling", *gpu_bench.CASES}
+    assert {r["case"] for r in rows} == {"mm_ceiling", *gpu_bench.CASES, *gpu_bench.EPILOGUE_CASES}
     assert report["mm_tflops"] > 0 and report["dry_run"] and report["commit"]
+    epilogues = {r["case"]: r for r in rows if r["case"] in gpu_bench.EPILOGUE_CASES}
+    for name in ("epilogue_copy", "epilogue_torch"):  # the CUDA and Triton ones need a GPU: an error with its reason
+        assert epilogues[name]["status"] == "ok" and epilogues[name]["gbps"] > 0, epilogues[name]
+    assert all(r["status"] == "ok" or r["reason"] for r in epilogues.values())
+    assert epilogues["epilogue_copy"]["ratio_to_copy"] == 1
     for r in rows:
-        if r["case"] == "mm_ceiling":
+        if r["case"] == "mm_ceiling" or r["case"] in epilogues:
             continue
         assert (r["B"], r["N"], r["D"], r["dtype"]) == (B, N, D, dtype)
         if r["status"] == "ok":
@@ -67,7 +72,7 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
 def test_spent_budget_skips_groups_with_the_reason(gpu_bench, tmp_path):
     measured = gpu_bench.run_all(tmp_path, dry_run=True, budget_s=0, case_seconds=0.01, cases=["reference"],
                                  dtypes=["float32"])
-    assert [r["case"] for r in measured["rows"]] == ["mm_ceiling", "reference"]
+    assert [r["case"] for r in measured["rows"]] == ["mm_ceiling", "reference", *gpu_bench.EPILOGUE_CASES]
     assert all(r["status"] == "skipped" and "time budget" in r["reason"] for r in measured["rows"])
 
 

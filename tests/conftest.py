@@ -13,6 +13,16 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Hypothesis budgets (tests/test_properties_contrastive.py): "ci", the default, runs a fixed derandomised set of
+# examples per test (the same on every run: reproducible, bounded time); "thorough" runs 20 times as many, random.
+# Choose with FASTCACHE_HYPOTHESIS_PROFILE=ci|thorough.
+_HYPOTHESIS = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow,
+                                                                           HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=25, derandomize=True, **_HYPOTHESIS)
+settings.register_profile("thorough", max_examples=500, **_HYPOTHESIS)
+settings.load_profile(os.environ.get("FASTCACHE_HYPOTHESIS_PROFILE", "ci"))
 
 _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]

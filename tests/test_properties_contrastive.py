@@ -1,0 +1,260 @@
+"""Property-based tests (hypothesis) of fastcache.contrastive_loss / contrastive_loss_and_grad against the dense
+reference, on every backend that can run on CPU (``fastcache.ops.contrastive_epilogue.available``).
+
+Each example draws a shape (B rows 1..200, D dims 1..1100, 1..3 candidate columns, extra positives and an offset,
+docs as [N, D] or [C, P, D]), every option (directions, partition mode, hardness, similarity, scale, gathered
+``all_queries``, a guide with margin and strategy, duplicate ``doc_ids``, chunk size) and one stress input:
+
+    ties          rows copied onto other rows (tied logits)
+    expanded      queries / docs / all_queries as stride-0 expanded views of one row (every row identical)
+    zero_rows     some rows are zero vectors (cosine: similarity 0, F.normalize's gradient)
+    ids_mask_all  one doc id for every candidate: every candidate but the positive is masked
+    guide_mask_all  a guide margin that masks every candidate but the positive
+    strided       every tensor a non-contiguous view inside a NaN-filled buffer (which must stay untouched)
+    large_logits  dot similarity of long vectors at scale 100 (logits of order 1e4..1e6, far past exp's range)
+
+Properties: in float64 both op paths equal the reference (rtol = atol = 1e-10) and each other bitwise; in float32,
+bfloat16 and float16 the loss and gradients are within the documented bound of the float64 truth on the same
+(cast) inputs (``LOW_PRECISION_BOUND``), and finite.
+
+Budget: the hypothesis profile (tests/conftest.py) — "ci" (default: a fixed, derandomised set of examples, the
+same on every run) or "thorough" (many more, random): ``FASTCACHE_HYPOTHESIS_PROFILE=thorough pytest
+tests/test_properties_contrastive.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, note
+from hypothesis import strategies as st
+
+from fastcache import _backend
+from fastcache.ops import contrastive_epilogue
+from helpers import (
+    DIFFERENTIABLE,
+    FLOAT64_TOL,
+    OP_PATHS,
+    assert_matches,
+    make_batch,
+    nan_padded,
+    max_error,
+    reference_loss_and_grads,
+)
+
+QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
+HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+STRESSES = ("none", "ties", "expanded", "zero_rows", "ids_mask_all", "guide_mask_all", "strided", "large_logits")
+STRIDED_LAYOUTS = ("slice", "transposed", "every_other_row", "every_other_col")
+# Backends runnable on CPU tensors, with the largest rows / dims their examples draw (the Triton interpreter is
+# slow: it proves semantics on small shapes).
+BACKENDS = [name for name, reason in contrastive_epilogue.available(torch.device("cpu")).items() if reason is None]
+MAX_SHAPE = {"cpu": (200, 1100), "torch": (200, 1100)}
+SMALL_SHAPE = (24, 48)
+
+
+def _size(draw, small: int, large: int) -> int:
+    """Mostly small sizes (where off-by-one bugs live), sometimes up to ``large``."""
+    return draw(st.one_of(st.integers(1, min(small, large)), st.integers(1, large)))
+
+
+@st.composite
+def contrastive_cases(draw, backend: str, stresses=STRESSES):
+    """(batch shape kwargs for make_batch, op options, stress name, doc_ids spec)."""
+    max_rows, max_dim = MAX_SHAPE.get(backend, SMALL_SHAPE)
+    rows, dim = _size(draw, 8, max_rows), _size(draw, 16, max_dim)
+    columns = draw(st.integers(1, 3))
+    stress = draw(st.sampled_from(stresses))
+    guided = stress == "guide_mask_all" or draw(st.booleans())
+    gathered = not guided and draw(st.booleans())
+    docs_3d = draw(st.booleans())
+    # more positives than rows (row 0's positive at ``offset``): gathered, or docs as [C, P, D] that say P
+    extra = draw(st.integers(0, 4)) if gathered or docs_3d else 0
+    offset = draw(st.integers(0, extra))
+    directions = [QD] + [d for d in (QQ, DQ, DD) if (d != DQ or not guided) and draw(st.booleans())]
+    partition = "joint" if {QQ, DD} & set(directions) else draw(st.sampled_from(["joint", "per_direction"]))
+    hardness = draw(st.sampled_from(HARDNESS_MODES))
+    similarity = "dot" if stress == "large_logits" else draw(st.sampled_from(["cos", "dot"]))
+    scale = 100.0 if stress == "large_logits" else draw(st.sampled_from([1.0, 20.0, 100.0, 0.05]))
+    options = dict(
+        directions=tuple(directions), partition_mode=partition, similarity=similarity, scale=scale,
+        hardness_mode=hardness, hardness_strength=draw(st.sampled_from([0.0, 0.5, 5.0])) if hardness else 0.0,
+        offset=offset, chunk_size=draw(st.one_of(st.none(), st.integers(1, rows))), backend=backend)
+    if guided:
+        options.update(margin_strategy=draw(st.sampled_from(["absolute", "relative"])),
+                       margin=10.0 if stress == "guide_mask_all" else draw(st.sampled_from([0.0, 0.05, 0.3, -0.1])))
+        if stress == "guide_mask_all":
+            options["margin_strategy"] = "absolute"  # threshold = g_pos - 10 < -1: every cosine exceeds it
+    # dot products of random vectors grow like D: scale them to unit length unless the example stresses that
+    norm = 30.0 if stress == "large_logits" else (dim ** -0.5 if similarity == "dot" else 1.0)
+    shape = dict(rows=rows, dim=dim, columns=columns, positives=rows + extra, offset=offset, gathered=gathered,
+                 docs_3d=docs_3d, guide_dim=_size(draw, 8, 64) if guided else None, norm=norm,
+                 seed=draw(st.integers(0, 2**31 - 1)))
+    ids = "all_same" if stress == "ids_mask_all" else draw(st.sampled_from([None, 2, 5]))
+    return shape, options, stress, ids
+
+
+def _strided_copy(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``t`` as a non-contiguous NaN-padded view, in a random layout among those that are non-contiguous for its
+    shape (a single row is contiguous as a row slice, for one)."""
+    for i in torch.randperm(len(STRIDED_LAYOUTS), generator=gen).tolist():
+        try:
+            return nan_padded(t, STRIDED_LAYOUTS[i])
+        except AssertionError:  # this layout of this shape is contiguous
+            continue
+    raise AssertionError(f"no non-contiguous layout for shape {tuple(t.shape)}")
+
+
+def _with_stress(batch: dict, stress: str, ids, seed: int) -> dict:
+    """Apply one stress input (module docstring) and the doc_ids spec to a batch built by make_batch."""
+    gen = torch.Generator().manual_seed(seed)
+    docs_shape = batch["docs"].shape[:-1]
+    if ids == "all_same":
+        batch["doc_ids"] = torch.zeros(docs_shape, dtype=torch.int64)
+    elif ids is not None:
+        batch["doc_ids"] = torch.randint(0, ids, docs_shape, generator=gen)
+    embeddings = [k for k in ("queries", "docs", "all_queries") if k in batch]
+    if stress == "ties":
+        for k in embeddings:
+            flat = batch[k].reshape(-1, batch[k].size(-1))
+            n = flat.size(0)
+            src, dst = torch.randint(0, n, (2, max(1, n // 2)), generator=gen)
+            flat[dst] = flat[src]
+    elif stress == "expanded":
+        for k in embeddings:
+            t = batch[k]
+            batch[k] = t[..., :1, :].expand(t.shape)
+    elif stress == "zero_rows":
+        for k in embeddings:
+            flat = batch[k].view(-1, batch[k].size(-1))
+            flat[torch.rand(flat.size(0), generator=gen) < 0.3] = 0
+    elif stress == "strided":
+        for k, t in list(batch.items()):
+            if t.is_floating_point():
+                batch[k] = _strided_copy(t, gen)
+    return batch
+
+
+def _buffers(batch: dict) -> dict:
+    """Copies of the whole storage behind each strided view (NaN padding included), NaN as a sentinel."""
+    return {k: v._base.nan_to_num(-7.0) for k, v in batch.items() if v._base is not None}
+
+
+def _build(case, dtype=torch.float64):
+    shape, options, stress, ids = case
+    batch = make_batch(**shape, dtype=torch.float64)
+    batch = _with_stress(batch, stress, ids, shape["seed"])
+    return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in batch.items()}, options
+
+
+def _describe(case) -> None:
+    shape, options, stress, ids = case
+    note(f"stress={stress} doc_ids={ids} shape={shape} options={options}")
+
+
+def needs_backend(backend: str) -> None:
+    if backend == "cpu" and _backend.EXTENSION is None:
+        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_float64_equals_reference(backend, data):
+    """Both op paths equal the dense reference in float64 and each other bitwise; inputs are not modified."""
+    needs_backend(backend)
+    case = data.draw(contrastive_cases(backend))
+    _describe(case)
+    batch, options = _build(case)
+    before = _buffers(batch)
+    expected = reference_loss_and_grads(batch, **options)
+    results = [path(batch, **options) for path in OP_PATHS.values()]
+    for result in results:
+        assert_matches(result, expected, **FLOAT64_TOL)
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    if case[2] == "guide_mask_all" or case[2] == "ids_mask_all" and set(options["directions"]) <= {QD, DD}:
+        # only the positive is left: in query_to_doc, and the guided (or id-masked doc_to_doc) blocks are empty
+        assert loss_a == 0 and all((g == 0).all() for g in grads_a.values())
+    for k, buffer in before.items():
+        assert torch.equal(batch[k]._base.nan_to_num(-7.0), buffer), f"{k}'s buffer was written to"
+
+
+# The bound of the low-precision outputs against the float64 truth on the same inputs (the inputs are cast to
+# float64, so the difference is the op's own rounding). With L = max |logit| (scale · max |similarity|):
+#     |loss - truth| <= (LOSS_ULPS + L) · LOSS_RTOL_PER_LOGIT · max(1, |truth|)      (the loss is float32)
+#     max |grad - truth| <= (GRAD_ULPS[dtype] · eps(dtype) + (1 + L) · GRAD_RTOL_PER_LOGIT) · max(max |truth|, u)
+#                           + SUBNORMAL[dtype]
+# (u: ``_gradient_unit``, the floor for gradients that vanish in exact arithmetic); entries whose truth is past
+# the dtype's range (float16, zero rows under cosine) must be the infinity of the same sign.
+# float32 arithmetic inside (eps 1.2e-7) makes every similarity good to ~D·eps relative, and a logit error
+# grows with the logit's size; the gradients are then rounded once to the input dtype.
+LOSS_RTOL_PER_LOGIT = 2e-6
+LOSS_ULPS = 4
+GRAD_RTOL_PER_LOGIT = 2e-6
+GRAD_ULPS = {torch.float32: 8.0, torch.bfloat16: 1.0, torch.float16: 1.0}
+# the spacing of the subnormal numbers: float16 gradients below 6.1e-5 are only that exact (absolute)
+SUBNORMAL = {dtype: torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+             for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+LOW_PRECISION_STRESSES = ("none", "ties", "zero_rows", "ids_mask_all", "guide_mask_all", "strided")
+
+
+def _max_logit(batch: dict, options: dict) -> float:
+    """(scale + hardness_strength) · the largest |similarity| between any two embeddings."""
+    factor = options["scale"] + options["hardness_strength"]
+    if options["similarity"] == "cos":
+        return factor
+    rows = torch.cat([batch[k].reshape(-1, batch[k].size(-1)).double() for k in ("queries", "docs", "all_queries")
+                      if k in batch])
+    return float((rows @ rows.T).abs().max()) * factor
+
+
+def _gradient_unit(batch: dict, options: dict) -> float:
+    """The size of one similarity's contribution to a gradient, (scale + hardness_strength) / B times dL/ds's
+    factor from the embedding (1 / the smallest non-zero row norm under cosine, the largest norm under dot): the
+    floor of the gradients' scale, so that gradients that vanish in exact arithmetic compare in absolute terms."""
+    norms = torch.cat([batch[k].reshape(-1, batch[k].size(-1)).double().norm(dim=1)
+                       for k in ("queries", "docs", "all_queries") if k in batch])
+    nonzero = norms[norms > 0]
+    if options["similarity"] == "dot":
+        factor = float(norms.max())
+    else:
+        factor = 1 / float(nonzero.min()) if nonzero.numel() else 1.0
+    return (options["scale"] + options["hardness_strength"]) / batch["queries"].size(0) * factor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_low_precision_within_bound_of_float64(backend, dtype, data):
+    needs_backend(backend)
+    case = data.draw(contrastive_cases(backend, LOW_PRECISION_STRESSES))
+    _describe(case)
+    batch, options = _build(case, dtype)
+    truth_loss, truth_grads = reference_loss_and_grads(
+        {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}, **options)
+    logit, unit = _max_logit(batch, options), _gradient_unit(batch, options)
+    path = data.draw(st.sampled_from(list(OP_PATHS)))
+    loss, grads = OP_PATHS[path](batch, **options)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss_error = abs(float(loss) - float(truth_loss))
+    loss_bound = (LOSS_ULPS + logit) * LOSS_RTOL_PER_LOGIT * max(1.0, abs(float(truth_loss)))
+    note(f"path={path} max logit {logit:.3g}; loss error {loss_error:.3e} (bound {loss_bound:.3e})")
+    assert loss_error <= loss_bound
+    for k in DIFFERENTIABLE:
+        if k not in grads:
+            continue
+        assert grads[k].dtype == dtype and grads[k].shape == batch[k].shape, k
+        truth = truth_grads[k] if truth_grads[k] is not None else torch.zeros_like(grads[k], dtype=torch.float64)
+        info = torch.finfo(dtype)
+        # F.normalize's gradient at a zero row is g / 1e-12: past float16's range it is ±inf, as in float16 maths
+        fits = truth.abs() <= info.max
+        assert torch.equal(grads[k][~fits].double(), truth[~fits].sign() * float("inf")), k
+        grad, truth = grads[k][fits], truth[fits]
+        assert torch.isfinite(grad).all(), k
+        if not grad.numel():
+            continue
+        magnitude = max(float(truth.abs().max()), unit)
+        bound = (GRAD_ULPS[dtype] * info.eps + (1.0 + logit) * GRAD_RTOL_PER_LOGIT) * magnitude + SUBNORMAL[dtype]
+        error = max_error(grad, truth)
+        note(f"grad {k}: error {error:.3e} (bound {bound:.3e}, magnitude {magnitude:.3e})")
+        assert error <= bound, k

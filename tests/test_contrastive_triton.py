@@ -346,3 +346,67 @@ def test_available_reports_the_cuda_epilogue_reason():
         assert "CUDA tensors" in reason
     else:
         assert "contrastive_epilogue_cuda" in reason or "not available" in reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. the same kernels compiled for the GPU (no GPU needed): what the interpreter does not check
+# ---------------------------------------------------------------------------------------------------------------
+
+_COMPILE_FOR_SM90 = r'''
+import subprocess, tempfile
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+import fastcache.triton.contrastive as k
+
+TARGET = GPUTarget("cuda", 90, 32)
+POINTERS = {"ids_ptr": "*i64", "gr_ptr": "*fp32", "gc_ptr": "*fp32", "gpos_ptr": "*fp32", "params_ptr": "*fp32",
+            "max_ptr": "*fp32", "total_ptr": "*fp32", "pos_logit_ptr": "*fp32", "factor_ptr": "*fp32",
+            "out_ptr": "*fp32", "loss_ptr": "*fp32"}
+
+def compile_kernel(fn, constexprs, element, num_warps, num_stages):
+    """The kernel compiled for sm_90 (embeddings of type element); ptxas -v's line on spills."""
+    signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, f"*{element}") if n.endswith("_ptr")
+                 else "i32" for n in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+    compiled = triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        done = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx.name, "-o", "/dev/null"],
+                              capture_output=True, text=True, check=True)
+    return [line.strip() for line in done.stderr.splitlines() if "spill" in line][-1]
+
+tiles = dict(BLOCK_M=k.TILE_M, BLOCK_N=k.TILE_N, BLOCK_K=k.TILE_K, ACC=tl.float32, WIDEN=False,
+             HARDNESS=3, GUIDED=True, HAS_IDS=True, RELATIVE_MARGIN=True)
+print("epilogue", compile_kernel(k._slab_epilogue_kernel, dict(
+    HAS_QQ=True, HAS_DQ=False, HAS_DD=True, GUIDED=True, HAS_IDS=True, HARDNESS=3, RELATIVE_MARGIN=True, JOINT=True,
+    NUM_BLOCKS=3, COMPUTE_GRAD=True, BLOCK_M=k.EPILOGUE_BLOCK_M, BLOCK_N=k.EPILOGUE_BLOCK_N, ACC=tl.float32),
+    "fp32", k.EPILOGUE_WARPS, 1))
+print("logsumexp", compile_kernel(k._tiled_logsumexp_kernel, dict(tiles, KIND=0), "bf16", k.TILE_WARPS,
+                                  k.TILE_STAGES))
+for by_columns in (False, True):
+    print("grad", compile_kernel(k._tiled_grad_kernel, dict(tiles, KIND=3, BY_COLUMNS=by_columns,
+                                 BLOCK_DO=k.MAX_BLOCK_DO), "bf16", k.BACKWARD_WARPS, k.TILE_STAGES))
+print("partition", compile_kernel(k._tiled_partition_kernel, dict(JOINT=True, NUM_BLOCKS=4, BLOCK=k.PARTITION_BLOCK),
+                                  "fp32", 4, 1))
+'''
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """Every kernel (its most demanding options) compiled by Triton for sm_90 in a process without the
+    interpreter: GPU-only rules hold (constexpr globals, dot shapes and types), and ptxas reports no register
+    spills for the chosen tile sizes."""
+    import subprocess
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 5, done.stdout
+    for line in lines:
+        assert "0 bytes spill stores, 0 bytes spill loads" in line, line

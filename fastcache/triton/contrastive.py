@@ -46,11 +46,11 @@ ALL_NEGATIVES = tl.constexpr(3)
 KIND_CODES = {"query_to_doc": 0, "query_to_query": 1, "doc_to_query": 2, "doc_to_doc": 3}
 HARDNESS_CODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
 # Scalars travel in a small tensor of the compute dtype (Python floats would reach the kernel as fp32).
-SCALE, ALPHA, MARGIN, COEF, POS_COEF = range(5)
+SCALE, ALPHA, MARGIN, COEF, POS_COEF = (tl.constexpr(k) for k in range(5))
 
 EPILOGUE_BLOCK_M, EPILOGUE_BLOCK_N, EPILOGUE_WARPS = 8, 256, 4
-TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 4, 2
-MAX_BLOCK_DO, BACKWARD_WARPS = 256, 8
+TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 8, 2
+MAX_BLOCK_DO, BACKWARD_WARPS = 128, 8  # sm_90: 128-wide fp32 output tiles with 8 warps compile without spills
 PARTITION_BLOCK = 1024
 
 
@@ -175,10 +175,11 @@ def _slab_tile_logits(s_ptr, ld, g_ptr, ldg, n_cols, c0, r, row_ok, pos, own_que
                       HAS_IDS: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = c0 + tl.arange(0, BLOCK_N)
     inside = row_ok[:, None] & (cols[None, :] < n_cols)
-    s = tl.load(s_ptr + r[:, None] * ld + cols[None, :], mask=inside, other=0.0)
+    row = r[:, None].to(tl.int64)  # a slab block may hold more than 2^31 values
+    s = tl.load(s_ptr + row * ld + cols[None, :], mask=inside, other=0.0)
     g = s
     if GUIDED:
-        g = tl.load(g_ptr + r[:, None] * ldg + cols[None, :], mask=inside, other=0.0)
+        g = tl.load(g_ptr + row * ldg + cols[None, :], mask=inside, other=0.0)
     x = _masked_logits(s, g, cols, n_cols, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale, alpha,
                        KIND, HARDNESS, GUIDED, HAS_IDS)
     return x, cols, inside
@@ -208,7 +209,7 @@ def _slab_block_grad(s_ptr, ld, g_ptr, ldg, n_cols, r, row_ok, pos, own_query, t
                                             ids_ptr, pos_ids, num_positives, scale, alpha, KIND, HARDNESS, GUIDED,
                                             HAS_IDS, BLOCK_N)
         grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
-        tl.store(s_ptr + r[:, None] * ld + cols[None, :], grad, mask=inside)
+        tl.store(s_ptr + r[:, None].to(tl.int64) * ld + cols[None, :], grad, mask=inside)
 
 
 @triton.jit
@@ -422,69 +423,59 @@ def _tiled_partition_kernel(max_ptr, total_ptr, pos_logit_ptr, params_ptr, loss_
 
 
 @triton.jit
-def _tiled_rows_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c,
-                            stride_gr, stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset,
-                            own_query_offset, max_ptr, factor_ptr, out_ptr, stride_out,
-                            KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
-                            RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr,
-                            BLOCK_DO: tl.constexpr):
-    """Backward, row-parallel: out[rows, dims] += G·C[:, dims] over every column tile of the block."""
-    scale = tl.load(params_ptr + SCALE)
-    alpha = tl.load(params_ptr + ALPHA)
-    pos_coef = tl.load(params_ptr + POS_COEF)
-    rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
-        tl.program_id(0) * BLOCK_M, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr,
-        tl.load(params_ptr + MARGIN), HAS_IDS, GUIDED, RELATIVE_MARGIN, BLOCK_M, ACC)
-    m = tl.load(max_ptr + rows, mask=ok, other=0.0)
-    factor = tl.load(factor_ptr + rows, mask=ok, other=0.0)
-    dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    acc = tl.zeros([BLOCK_M, BLOCK_DO], ACC)
-    for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows,
-                         n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
-                         alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC, WIDEN)
-        grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
-        c = tl.load(c_ptr + cols[:, None] * stride_c + dims[None, :],
-                    mask=(cols[:, None] < n_cols) & (dims[None, :] < dim), other=0.0)
-        acc = _dot(grad.to(c.dtype), c, acc, WIDEN, ACC)
-    out = out_ptr + rows[:, None] * stride_out + dims[None, :]
-    inside = ok[:, None] & (dims[None, :] < dim)
-    tl.store(out, tl.load(out, mask=inside, other=0.0) + acc, mask=inside)
-
-
-@triton.jit
-def _tiled_cols_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c,
-                            stride_gr, stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset,
-                            own_query_offset, max_ptr, factor_ptr, out_ptr, stride_out,
-                            KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
-                            RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr,
-                            BLOCK_DO: tl.constexpr):
-    """Backward, column-parallel: out[cols, dims] += Gᵀ·R[:, dims] over every row tile of the block."""
+def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c, stride_gr,
+                       stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset, own_query_offset, max_ptr,
+                       factor_ptr, out_ptr, stride_out,
+                       KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
+                       RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr, BY_COLUMNS: tl.constexpr,
+                       BLOCK_DO: tl.constexpr):
+    """Backward of one block, G = dL/ds recomputed tile by tile. Row-parallel: out[rows, dims] += G·C[:, dims]
+    over every column tile; BY_COLUMNS, column-parallel: out[cols, dims] += Gᵀ·R[:, dims] over every row tile."""
     scale = tl.load(params_ptr + SCALE)
     alpha = tl.load(params_ptr + ALPHA)
     margin = tl.load(params_ptr + MARGIN)
     pos_coef = tl.load(params_ptr + POS_COEF)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    acc = tl.zeros([BLOCK_N, BLOCK_DO], ACC)
-    for r0 in range(0, n_rows, BLOCK_M):
+    if BY_COLUMNS:
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_N, BLOCK_DO], ACC)
+        n_inner = n_rows
+        STEP: tl.constexpr = BLOCK_M
+    else:
         rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
-            r0, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS, GUIDED, RELATIVE_MARGIN,
-            BLOCK_M, ACC)
-        m = tl.load(max_ptr + rows, mask=ok, other=0.0)
-        factor = tl.load(factor_ptr + rows, mask=ok, other=0.0)
+            tl.program_id(0) * BLOCK_M, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS,
+            GUIDED, RELATIVE_MARGIN, BLOCK_M, ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_DO], ACC)
+        n_inner = n_cols
+        STEP: tl.constexpr = BLOCK_N
+    for start in range(0, n_inner, STEP):
+        if BY_COLUMNS:
+            rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
+                start, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS, GUIDED,
+                RELATIVE_MARGIN, BLOCK_M, ACC)
+        else:
+            cols = start + tl.arange(0, BLOCK_N)
         x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows,
                          n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
                          alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC, WIDEN)
-        grad = tl.where(ok[:, None], _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND), 0.0)
-        r = tl.load(r_ptr + rows[:, None] * stride_r + dims[None, :], mask=ok[:, None] & (dims[None, :] < dim),
-                    other=0.0)
-        acc = _dot(tl.trans(grad.to(r.dtype)), r, acc, WIDEN, ACC)
-    out = out_ptr + cols[:, None] * stride_out + dims[None, :]
-    inside = (cols[:, None] < n_cols) & (dims[None, :] < dim)
+        m = tl.load(max_ptr + rows, mask=ok, other=0.0)
+        factor = tl.load(factor_ptr + rows, mask=ok, other=0.0)  # rows past the batch: R = 0 and never stored
+        grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
+        if BY_COLUMNS:
+            r = tl.load(r_ptr + rows[:, None] * stride_r + dims[None, :], mask=ok[:, None] & (dims[None, :] < dim),
+                        other=0.0)
+            acc = _dot(tl.trans(grad.to(r.dtype)), r, acc, WIDEN, ACC)
+        else:
+            c = tl.load(c_ptr + cols[:, None] * stride_c + dims[None, :],
+                        mask=(cols[:, None] < n_cols) & (dims[None, :] < dim), other=0.0)
+            acc = _dot(grad.to(c.dtype), c, acc, WIDEN, ACC)
+    if BY_COLUMNS:
+        out = out_ptr + cols[:, None] * stride_out + dims[None, :]
+        inside = (cols[:, None] < n_cols) & (dims[None, :] < dim)
+    else:
+        out = out_ptr + rows[:, None] * stride_out + dims[None, :]
+        inside = ok[:, None] & (dims[None, :] < dim)
     tl.store(out, tl.load(out, mask=inside, other=0.0) + acc, mask=inside)
 
 
@@ -576,11 +567,11 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     block_do = min(MAX_BLOCK_DO, max(16, triton.next_power_of_2(layout.dim)))
     for block in blocks:
         kind = KIND_CODES[block.kind]
-        for kernel, out, count, tile in ((_tiled_rows_grad_kernel, block.grad_rows, B, TILE_M),
-                                         (_tiled_cols_grad_kernel, block.grad_cols, block.cols.size(0), TILE_N)):
-            kernel[(triton.cdiv(count, tile), triton.cdiv(layout.dim, block_do))](
+        for by_columns, out, count, tile in ((False, block.grad_rows, B, TILE_M),
+                                             (True, block.grad_cols, block.cols.size(0), TILE_N)):
+            _tiled_grad_kernel[(triton.cdiv(count, tile), triton.cdiv(layout.dim, block_do))](
                 *arguments(block), maxima[kind], factors[kind], out, out.stride(0), KIND=kind, **constants,
-                BLOCK_DO=block_do, num_warps=BACKWARD_WARPS, num_stages=TILE_STAGES)
+                BY_COLUMNS=by_columns, BLOCK_DO=block_do, num_warps=BACKWARD_WARPS, num_stages=TILE_STAGES)
     grad_queries = _normalized_backward_(grad_q, q.to(acc), q_norm)
     grad_docs = _normalized_backward_(grad_d, d.to(acc), d_norm).view(docs.shape)
     grad_all = _normalized_backward_(grad_Q, Q.to(acc), Q_norm) if gathered else None

@@ -24,7 +24,8 @@ How each implementation computes that loss, L = mean_i [ logsumexp_j 20·cos(q_i
   liger_flce       ``LigerFusedLinearCrossEntropyFunction.apply(20·q̂, d̂, arange(B))`` (its loss is element 0).
 
 Each (shape, dim, dtype) group runs in a fresh subprocess with a timeout; the whole run has a time budget
-(``--budget-s``): groups are ordered by importance (the target shape B=65536, N=131072, D=768, bf16 first) and a
+(``--budget-s``): groups are ordered by importance (after the ceiling and the quick epilogue groups, the target
+shape B=65536, N=131072, D=768, bf16) and a
 group that the budget no longer allows is recorded as skipped, as is a case whose group timed out. Per case: warm-up
 runs (Triton compiles and autotunes there), then timed runs (CUDA events around each run, after synchronising),
 as many as fit in ``--case-seconds`` (at least 1, at most 5). The peak memory of the last timed run:
@@ -366,11 +367,11 @@ def _groups(dry_run: bool, cases: list[str], dtypes: list[str]) -> list[dict]:
         if dtype in dtypes:
             groups.append({"B": B, "N": N, "D": D, "dtype": dtype, "cases": cases,
                            "size": "large" if B * N > 2**30 else "small"})
-    # the epilogues alone: right after the target shape (they are quick)
+    # the epilogues alone: right after the ceiling (they are quick)
     epilogues = [{"epilogue": True, "B": rows, "N": columns, "D": None, "dtype": "float32",
                   "cases": list(EPILOGUE_CASES), "size": "small"}
                  for rows, columns in (DRY_EPILOGUE_SHAPES if dry_run else EPILOGUE_SHAPES)]
-    return groups[:2] + epilogues + groups[2:]
+    return groups[:1] + epilogues + groups[1:]
 
 
 def _read_lines(path: Path) -> list[dict]:

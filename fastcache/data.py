@@ -72,16 +72,17 @@ class Columns:
 
 def _load_rows(source: str, split: str):
     """A ``datasets.Dataset`` from a local jsonl/json/csv/parquet path or a Hugging Face dataset name."""
-    import datasets
-
     path = Path(source)
     if path.suffix.lower() in LOCAL_FORMATS or path.exists():
         if not path.is_file():
-            raise DataError(f"--dataset {source!r}: no such file")
+            raise DataError(f"--dataset {source!r}: " + ("not a file" if path.exists() else "no such file"))
         kind = LOCAL_FORMATS.get(path.suffix.lower())
         if kind is None:
             raise DataError(f"--dataset {source!r}: unknown file type {path.suffix!r}; expected one of "
                             f"{', '.join(LOCAL_FORMATS)}")
+    import datasets
+
+    if path.is_file():
         try:
             return datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as error:  # noqa: BLE001 - a parser error of any kind is one message

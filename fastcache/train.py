@@ -238,14 +238,15 @@ def _say(message: str) -> None:
 def run_training(config: TrainConfig) -> dict:
     """Train as described in the module docstring; returns the run summary (also written next to the model)."""
     config.check()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not _names_hub_repository(config):  # before huggingface_hub is imported: it reads this once
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    rows, source = load_pairs(config.dataset, columns=config.columns, split=config.split, limit=config.limit)
+    split = split_for_retrieval(rows, config.eval_size, seed=config.seed)
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
 
-    started = time.perf_counter()
-    rows, source = load_pairs(config.dataset, columns=config.columns, split=config.split, limit=config.limit)
-    split = split_for_retrieval(rows, config.eval_size, seed=config.seed)
     model = _load_model(config.model)
     if config.max_seq_length is not None:
         model.max_seq_length = config.max_seq_length
@@ -300,6 +301,12 @@ def run_training(config: TrainConfig) -> dict:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
+
+
+def _names_hub_repository(config: TrainConfig) -> bool:
+    """Whether a model or the dataset is named by something that is not on this machine (a Hub name)."""
+    names = [config.model, config.guide_model, None if config.dataset == BUILTIN else config.dataset]
+    return any(name is not None and not Path(name).exists() for name in names)
 
 
 def _cuda() -> bool:

@@ -168,6 +168,15 @@ def test_nan_padded_inputs(strategy, layout):
     check(strided, strategy, offset=2, directions=ALL)
 
 
+def test_tiled_normalises_in_row_chunks(monkeypatch):
+    """The tiled driver normalises (and back-propagates the normalisation) NORMALIZE_ROWS rows at a time."""
+    from fastcache.triton import contrastive as triton_contrastive
+
+    monkeypatch.setattr(triton_contrastive, "NORMALIZE_ROWS", 3)
+    batch = make_batch(7, 5, columns=2, positives=8, offset=1, gathered=True, seed=13)
+    check(batch, "tiled", offset=1, directions=ALL)
+
+
 def test_tiled_is_deterministic():
     batch = make_batch(70, 8, columns=2, seed=15, dtype=torch.float32)
     first = op_loss_and_grad(batch, backend="triton", strategy="tiled", directions=ALL)

@@ -18,8 +18,10 @@ masks; ``_online_logsumexp``; ``_softmax_grad``) serves two strategies:
 
   The embeddings stay in their dtype and tl.dot accumulates in fp32 (fp64 for float64 inputs; fp32 inputs use
   full-precision products, not TF32). A backward program's output tile spans BLOCK_DO of the D dims, so each
-  similarity tile is recomputed ceil(D / BLOCK_DO) times per backward kernel. Memory: the normalised copies, the
-  gradient accumulators and O(B) statistics, i.e. O((B + N + Mq)·D).
+  similarity tile is recomputed ceil(D / BLOCK_DO) times per backward kernel: about (6 + 4·ceil(D / 128))·B·N·D
+  FLOPs per direction against the 6·B·N·D of the slab (which keeps whole row chunks of the blocks instead).
+  Memory: the normalised copies (input dtype), the fp32 gradient accumulators, O(B) statistics and temporaries
+  of NORMALIZE_ROWS rows, i.e. O((B + N + Mq)·D).
 
 Kernels are decorated at import: set TRITON_INTERPRET=1 before importing this module to run them on CPU tensors.
 """
@@ -52,6 +54,7 @@ EPILOGUE_BLOCK_M, EPILOGUE_BLOCK_N, EPILOGUE_WARPS = 8, 256, 4
 TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 8, 2
 MAX_BLOCK_DO, BACKWARD_WARPS = 128, 8  # sm_90: 128-wide fp32 output tiles with 8 warps compile without spills
 PARTITION_BLOCK = 1024
+NORMALIZE_ROWS = 8192  # rows normalised (and their normalisation backward) per step of the tiled driver
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -492,9 +495,27 @@ class _Block(NamedTuple):
 
 
 def _kernel_copy(x: Tensor, acc: torch.dtype, cosine: bool) -> tuple[Tensor, Tensor | None]:
-    """x normalised (in ``acc``, as the slab does) and stored back in its own dtype for the kernels, its norms."""
-    y, norm = _normalized(x, acc, cosine)
-    return y.to(x.dtype), norm
+    """x for the kernels: contiguous, in its own dtype, L2-normalised per row when ``cosine`` (in ``acc``, as the
+    slab does, NORMALIZE_ROWS rows at a time so that the ``acc`` temporary stays small); and the row norms."""
+    if not cosine:
+        return x.contiguous(), None
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    norms = torch.empty(x.size(0), 1, dtype=acc, device=x.device)
+    for r0 in range(0, x.size(0), NORMALIZE_ROWS):
+        y, norm = _normalized(x[r0:r0 + NORMALIZE_ROWS], acc, True)
+        out[r0:r0 + NORMALIZE_ROWS] = y
+        norms[r0:r0 + NORMALIZE_ROWS] = norm
+    return out, norms
+
+
+def _normalized_backward_in_chunks_(grad: Tensor, normalized: Tensor, norm: Tensor | None) -> Tensor:
+    """``_normalized_backward_`` (in place on the ``acc`` gradient) NORMALIZE_ROWS rows at a time, the normalised
+    rows widened to the gradient's dtype one chunk at a time."""
+    if norm is not None:
+        for r0 in range(0, grad.size(0), NORMALIZE_ROWS):
+            rows = slice(r0, r0 + NORMALIZE_ROWS)
+            _normalized_backward_(grad[rows], normalized[rows].to(grad.dtype), norm[rows])
+    return grad
 
 
 def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
@@ -572,7 +593,7 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
             _tiled_grad_kernel[(triton.cdiv(count, tile), triton.cdiv(layout.dim, block_do))](
                 *arguments(block), maxima[kind], factors[kind], out, out.stride(0), KIND=kind, **constants,
                 BY_COLUMNS=by_columns, BLOCK_DO=block_do, num_warps=BACKWARD_WARPS, num_stages=TILE_STAGES)
-    grad_queries = _normalized_backward_(grad_q, q.to(acc), q_norm)
-    grad_docs = _normalized_backward_(grad_d, d.to(acc), d_norm).view(docs.shape)
-    grad_all = _normalized_backward_(grad_Q, Q.to(acc), Q_norm) if gathered else None
+    grad_queries = _normalized_backward_in_chunks_(grad_q, q, q_norm)
+    grad_docs = _normalized_backward_in_chunks_(grad_d, d, d_norm).view(docs.shape)
+    grad_all = _normalized_backward_in_chunks_(grad_Q, Q, Q_norm) if gathered else None
     return loss, grad_queries, grad_docs, grad_all

@@ -1,7 +1,7 @@
 """fastcache.ops.matryoshka (the contrastive loss at several dims in one sweep over D) against the dense reference
 (fastcache/reference.py: the contrastive reference once per dim) and against the single-dim op run dim by dim.
 
-Both CPU backends' epilogues ("cpu", "torch"), both op paths (autograd, loss_and_grad): float64 with tight
+Both CPU backends' epilogues ("cpu", "torch"; "triton" through its interpreter on a few cases), both op paths (autograd, loss_and_grad): float64 with tight
 tolerances for every option that changes the maths, dims that divide nothing (D=19 with 19/7/3, D=1000 with
 1000/384/100/37), weights, low-precision dtypes against the reference's own error, strided NaN-padded inputs,
 prefixes of norm zero, and every bad-input error.
@@ -9,8 +9,16 @@ prefixes of norm zero, and every bad-input error.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
+
+# the Triton epilogue runs on CPU tensors through the interpreter, which must be on before triton is imported
+# (as in tests/test_contrastive_triton.py)
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from fastcache import _backend, contrastive_loss_and_grad
 from fastcache.ops.matryoshka import matryoshka_contrastive_loss, matryoshka_contrastive_loss_and_grad
@@ -240,3 +248,14 @@ def test_memory_budget_sets_the_chunk(backend):
     with pytest.warns(RuntimeWarning, match="row"):
         actual = op_loss_and_grad(batch, dims=[9, 5, 2], backend=backend, memory_budget=1)
     assert_matches(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["plain", "all_dirs_joint", "qd_dq_per_direction", "in_batch_hardness"])
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
+def test_triton_epilogue_in_the_interpreter(variant):
+    """The op drives whatever epilogue the backend names: Triton's, on CPU tensors under TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter is off (set TRITON_INTERPRET=1 before importing triton)")
+    batch = make_batch(5, 9, columns=2, seed=12)
+    check(batch, dims=[9, 5, 2], weights=[1.0, 0.5, 2.0], backend="triton", chunk_size=3, **VARIANTS[variant])

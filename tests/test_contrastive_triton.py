@@ -372,7 +372,7 @@ import fastcache.triton.contrastive as k
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"ids_ptr": "*i64", "gr_ptr": "*fp32", "gc_ptr": "*fp32", "gpos_ptr": "*fp32", "params_ptr": "*fp32",
             "max_ptr": "*fp32", "total_ptr": "*fp32", "pos_logit_ptr": "*fp32", "factor_ptr": "*fp32",
-            "out_ptr": "*fp32", "loss_ptr": "*fp32"}
+            "out_ptr": "*fp32", "loss_ptr": "*fp32", "dq_max_ptr": "*fp32", "dq_factor_ptr": "*fp32"}
 
 def compile_kernel(fn, constexprs, element, num_warps, num_stages):
     """The kernel compiled for sm_90 (embeddings of type element); ptxas -v's line on spills."""
@@ -396,9 +396,10 @@ print("epilogue", compile_kernel(k._slab_epilogue_kernel, dict(
     "fp32", k.EPILOGUE_WARPS, 1))
 print("logsumexp", compile_kernel(k._tiled_logsumexp_kernel, dict(tiles, KIND=0), "bf16", k.TILE_WARPS,
                                   k.TILE_STAGES))
-for by_columns in (False, True):
-    print("grad", compile_kernel(k._tiled_grad_kernel, dict(tiles, KIND=3, BY_COLUMNS=by_columns,
-                                 BLOCK_DO=k.MAX_BLOCK_DO), "bf16", k.BACKWARD_WARPS, k.TILE_STAGES))
+for by_columns in (False, True):  # guided doc_to_doc; query_to_doc with doc_to_query fused (never guided)
+    for options in (dict(KIND=3, WITH_DOC_TO_QUERY=False), dict(KIND=0, WITH_DOC_TO_QUERY=True, GUIDED=False)):
+        print("grad", compile_kernel(k._tiled_grad_kernel, dict(tiles, **options, BY_COLUMNS=by_columns,
+                                     BLOCK_DO=k.MAX_BLOCK_DO), "bf16", k.BACKWARD_WARPS, k.TILE_STAGES))
 print("partition", compile_kernel(k._tiled_partition_kernel, dict(JOINT=True, NUM_BLOCKS=4, BLOCK=k.PARTITION_BLOCK),
                                   "fp32", 4, 1))
 '''
@@ -416,6 +417,6 @@ def test_kernels_compile_for_sm90_without_spills():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
-    assert len(lines) == 5, done.stdout
+    assert len(lines) == 7, done.stdout
     for line in lines:
         assert "0 bytes spill stores, 0 bytes spill loads" in line, line

@@ -346,15 +346,16 @@ def _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, st
                  KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
                  WIDEN: tl.constexpr):
-    """The logits of one [M, N] tile of a block, recomputed from the embeddings (and the guide's)."""
+    """The similarities and the logits of one [M, N] tile of a block, recomputed from the embeddings (and the
+    guide's)."""
     s = _similarity_tile(r_ptr, c_ptr, stride_r, stride_c, rows, cols, n_rows, n_cols, dim, BLOCK_M, BLOCK_N,
                          BLOCK_K, ACC, WIDEN)
     g = s
     if GUIDED:
         g = _similarity_tile(gr_ptr, gc_ptr, stride_gr, stride_gc, rows, cols, n_rows, n_cols, guide_dim, BLOCK_M,
                              BLOCK_N, BLOCK_K, ACC, False)
-    return _masked_logits(s, g, cols, n_cols, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
-                          alpha, KIND, HARDNESS, GUIDED, HAS_IDS)
+    return s, _masked_logits(s, g, cols, n_cols, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
+                             alpha, KIND, HARDNESS, GUIDED, HAS_IDS)
 
 
 @triton.jit
@@ -389,9 +390,10 @@ def _tiled_logsumexp_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, par
     pos_logit = tl.zeros([BLOCK_M], ACC)
     for c0 in range(0, n_cols, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows,
-                         n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
-                         alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC, WIDEN)
+        s, x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols,
+                            n_rows, n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids,
+                            num_positives, scale, alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K,
+                            ACC, WIDEN)
         m, total = _online_logsumexp(m, total, x)
         if KIND == QUERY_TO_DOC:
             pos_logit += tl.sum(tl.where(cols[None, :] == pos[:, None], x, 0.0), 1)
@@ -428,13 +430,18 @@ def _tiled_partition_kernel(max_ptr, total_ptr, pos_logit_ptr, params_ptr, loss_
 @triton.jit
 def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c, stride_gr,
                        stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset, own_query_offset, max_ptr,
-                       factor_ptr, out_ptr, stride_out,
+                       factor_ptr, out_ptr, stride_out, dq_max_ptr, dq_factor_ptr,
                        KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
                        RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr, BY_COLUMNS: tl.constexpr,
-                       BLOCK_DO: tl.constexpr):
+                       WITH_DOC_TO_QUERY: tl.constexpr, BLOCK_DO: tl.constexpr):
     """Backward of one block, G = dL/ds recomputed tile by tile. Row-parallel: out[rows, dims] += G·C[:, dims]
-    over every column tile; BY_COLUMNS, column-parallel: out[cols, dims] += Gᵀ·R[:, dims] over every row tile."""
+    over every column tile; BY_COLUMNS, column-parallel: out[cols, dims] += Gᵀ·R[:, dims] over every row tile.
+
+    WITH_DOC_TO_QUERY (query_to_doc when the query columns are the queries themselves): doc_to_query's block is
+    the transpose of query_to_doc's positive columns, s_dq[i, k] = s_qd[k, offset + i], so its gradient is added
+    here as G_qd[k, j] += G_dq[j - offset, k] (from its statistics at dq_max_ptr, dq_factor_ptr), which gives both
+    of doc_to_query's gradients (dp = G_dq·q, dq = G_dqᵀ·p) in the same pass."""
     scale = tl.load(params_ptr + SCALE)
     alpha = tl.load(params_ptr + ALPHA)
     margin = tl.load(params_ptr + MARGIN)
@@ -459,12 +466,20 @@ def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_p
                 RELATIVE_MARGIN, BLOCK_M, ACC)
         else:
             cols = start + tl.arange(0, BLOCK_N)
-        x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows,
-                         n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
-                         alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC, WIDEN)
+        s, x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols,
+                            n_rows, n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids,
+                            num_positives, scale, alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K,
+                            ACC, WIDEN)
         m = tl.load(max_ptr + rows, mask=ok, other=0.0)
         factor = tl.load(factor_ptr + rows, mask=ok, other=0.0)  # rows past the batch: R = 0 and never stored
         grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
+        if WITH_DOC_TO_QUERY:
+            i = cols - offset
+            partner = (i >= 0) & (i < n_rows)
+            dq_max = tl.load(dq_max_ptr + i, mask=partner, other=0.0)
+            dq_factor = tl.load(dq_factor_ptr + i, mask=partner, other=0.0)
+            grad += tl.where(ok[:, None] & partner[None, :],
+                             dq_factor[None, :] * tl.exp(scale * s - dq_max[None, :]), 0.0)
         if BY_COLUMNS:
             r = tl.load(r_ptr + rows[:, None] * stride_r + dims[None, :], mask=ok[:, None] & (dims[None, :] < dim),
                         other=0.0)
@@ -586,13 +601,19 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     if not need_grad:
         return loss, None, None, None
     block_do = min(MAX_BLOCK_DO, max(16, triton.next_power_of_2(layout.dim)))
+    fused_dq = "doc_to_query" in options.directions and not gathered  # its gradient comes with query_to_doc's
+    dq = KIND_CODES["doc_to_query"]
     for block in blocks:
         kind = KIND_CODES[block.kind]
+        if fused_dq and block.kind == "doc_to_query":
+            continue
         for by_columns, out, count, tile in ((False, block.grad_rows, B, TILE_M),
                                              (True, block.grad_cols, block.cols.size(0), TILE_N)):
             _tiled_grad_kernel[(triton.cdiv(count, tile), triton.cdiv(layout.dim, block_do))](
-                *arguments(block), maxima[kind], factors[kind], out, out.stride(0), KIND=kind, **constants,
-                BY_COLUMNS=by_columns, BLOCK_DO=block_do, num_warps=BACKWARD_WARPS, num_stages=TILE_STAGES)
+                *arguments(block), maxima[kind], factors[kind], out, out.stride(0), maxima[dq], factors[dq],
+                KIND=kind, **constants, BY_COLUMNS=by_columns, BLOCK_DO=block_do,
+                WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", num_warps=BACKWARD_WARPS,
+                num_stages=TILE_STAGES)
     grad_queries = _normalized_backward_in_chunks_(grad_q, q, q_norm)
     grad_docs = _normalized_backward_in_chunks_(grad_d, d, d_norm).view(docs.shape)
     grad_all = _normalized_backward_in_chunks_(grad_Q, Q, Q_norm) if gathered else None

@@ -21,9 +21,14 @@ the positive-positive block (p_i against the P positives), both masked by the gu
 With ``doc_ids`` (an integer per candidate, e.g. a hash of its token ids), a candidate with the id of row i's
 positive is a duplicate of it: masked in query_to_doc (never the positive itself) and in doc_to_doc.
 
-The slab algorithm: rows in chunks; per chunk, GEMMs into chunk×columns blocks, one fused epilogue that turns the
-blocks into dL/ds in place (and gives the per-row losses), then GEMMs that accumulate dL/dq, dL/dd, dL/dQ.
-Memory O(chunk·(N + Mq)) on top of O((B + N + Mq)·D), the chunk chosen from a memory budget.
+Two strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
+
+- slab: rows in chunks; per chunk, GEMMs into chunk×columns blocks, one fused epilogue (C++, CUDA, Triton or
+  PyTorch: fastcache/ops/contrastive_epilogue.py) that turns the blocks into dL/ds in place (and gives the per-row
+  losses), then GEMMs that accumulate dL/dq, dL/dd, dL/dQ. Memory O(chunk·(N + Mq)) on top of O((B + N + Mq)·D),
+  the chunk chosen from a memory budget.
+- tiled (Triton, fastcache/triton/contrastive.py): no block is ever held beyond one tile; a forward pass keeps
+  per-row statistics, the backward recomputes the tiles. Memory O((B + N + Mq)·D).
 """
 
 from __future__ import annotations

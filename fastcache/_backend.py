@@ -95,9 +95,14 @@ def triton_kernel_status(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return None
-        return "Triton kernels run CUDA tensors, or CPU tensors only through the interpreter (TRITON_INTERPRET=1)"
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton kernels run CUDA tensors, or CPU tensors only through the interpreter (TRITON_INTERPRET=1)"
+        import triton.language
+
+        if type(triton.language.zeros).__name__ != "InterpretedFunction":
+            return ("TRITON_INTERPRET=1 was set after triton was imported: Triton's own functions were compiled "
+                    "for the GPU; set it before the first import of triton")
+        return None
     return f"Triton kernels run CUDA tensors, got tensors on {device}"
 
 

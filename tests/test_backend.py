@@ -263,3 +263,29 @@ def test_import_without_the_extension_warns_and_falls_back_to_torch():
                           env=_subprocess_env())
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith("OK")
+
+
+_INTERPRETER_TOO_LATE = textwrap.dedent("""
+    import os
+    import triton  # compiled-mode Triton: TRITON_INTERPRET is not set yet
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import fastcache
+    queries, docs = torch.randn(3, 4), torch.randn(3, 4)
+    try:
+        fastcache.contrastive_loss(queries, docs, backend="triton")
+    except RuntimeError as error:
+        assert "set after triton was imported" in str(error), str(error)
+    else:
+        raise AssertionError("backend='triton' ran on CPU tensors with compiled-mode Triton")
+    print("OK")
+""")
+
+
+def test_triton_on_cpu_needs_the_interpreter_before_triton_is_imported():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in _subprocess_env().items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETER_TOO_LATE], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith("OK")

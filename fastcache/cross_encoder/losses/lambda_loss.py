@@ -1,0 +1,90 @@
+"""LambdaLoss and RankNetLoss (cross-encoder) through :func:`fastcache.ops.ranking.lambda_loss`.
+
+The classes subclass sentence-transformers' (constructor, validation, config, citation, ``isinstance`` unchanged);
+the weighting-scheme classes are sentence-transformers' own, subclassed, and sentence-transformers' scheme
+objects are accepted as they are. A scheme with its own ``forward`` has no fused form: the upstream maths runs.
+Deliberate difference: a batch without any pair (e.g. all labels equal) gives 0 with zero gradients where
+sentence-transformers gives NaN.
+"""
+
+from __future__ import annotations
+
+from sentence_transformers.cross_encoder.losses import lambda_loss as st_lambda
+from sentence_transformers.cross_encoder.losses import rank_net as st_rank_net
+from torch import Tensor
+
+from fastcache.cross_encoder.losses.listwise import ListwiseLossMixin
+from fastcache.ops.ranking import lambda_loss
+
+
+class NoWeightingScheme(st_lambda.NoWeightingScheme):
+    """Every pair weighs 1 (RankNet)."""
+
+
+class NDCGLoss1Scheme(st_lambda.NDCGLoss1Scheme):
+    """w_pq = G_p / D_p over every pair (p, q) (see :mod:`fastcache.ops.ranking`)."""
+
+
+class NDCGLoss2Scheme(st_lambda.NDCGLoss2Scheme):
+    """w_pq = |1/log2(1+|p-q|) - 1/log2(2+|p-q|)| · |G_p - G_q|."""
+
+
+class LambdaRankScheme(st_lambda.LambdaRankScheme):
+    """w_pq = |1/D_p - 1/D_q| · |G_p - G_q|."""
+
+
+class NDCGLoss2PPScheme(st_lambda.NDCGLoss2PPScheme):
+    """w_pq = mu · (NDCGLoss2 weight) + (LambdaRank weight)."""
+
+
+_SCHEMES = (  # sentence-transformers' class -> the op's weighting name
+    (st_lambda.NDCGLoss2PPScheme, "ndcg_loss2pp"),
+    (st_lambda.NoWeightingScheme, "none"),
+    (st_lambda.NDCGLoss1Scheme, "ndcg_loss1"),
+    (st_lambda.NDCGLoss2Scheme, "ndcg_loss2"),
+    (st_lambda.LambdaRankScheme, "lambdarank"),
+)
+
+
+def scheme_weighting(scheme) -> dict | None:
+    """The op's ``weighting`` (and ``mu``) for a sentence-transformers scheme object (or one of fastcache's), None
+    for a scheme whose ``forward`` is not upstream's own (no fused form)."""
+    for cls, name in _SCHEMES:
+        if isinstance(scheme, cls) and type(scheme).forward is cls.forward:
+            if name == "ndcg_loss2pp":
+                if type(scheme.ndcg_loss2).forward is not st_lambda.NDCGLoss2Scheme.forward or \
+                        type(scheme.lambda_rank).forward is not st_lambda.LambdaRankScheme.forward:
+                    return None
+                return {"weighting": name, "mu": float(scheme.mu)}
+            return {"weighting": name}
+    return None
+
+
+class LambdaLossMixin(ListwiseLossMixin):
+    """The LambdaLoss maths of sentence-transformers' LambdaLoss and RankNetLoss, fused."""
+
+    @property
+    def fused(self) -> bool:
+        return scheme_weighting(self.weighting_scheme) is not None
+
+    def ranking_loss(self, logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+        return lambda_loss(logits, labels, mask, k=self.k, sigma=self.sigma, eps=self.eps,
+                           reduction_log=self.reduction_log, **scheme_weighting(self.weighting_scheme))
+
+
+class LambdaLoss(LambdaLossMixin, st_lambda.LambdaLoss):
+    """sentence-transformers' LambdaLoss (same arguments and results), computed by fastcache's fused LambdaLoss:
+    O(Q·n) memory instead of about ten [Q, n, n] tensors. Keyword ``cache_gradients=True`` adds gradient caching
+    (see :mod:`fastcache.cross_encoder.losses.listwise`)."""
+
+    def __init__(self, model, weighting_scheme: st_lambda.BaseWeightingScheme | None = NDCGLoss2PPScheme(),
+                 k: int | None = None, sigma: float = 1.0, eps: float = 1e-10, reduction_log: str = "binary",
+                 activation_fn=st_lambda.nn.Identity(), mini_batch_size: int | None = None, *,
+                 cache_gradients: bool = False) -> None:
+        super().__init__(model, weighting_scheme=weighting_scheme, k=k, sigma=sigma, eps=eps,
+                         reduction_log=reduction_log, activation_fn=activation_fn, mini_batch_size=mini_batch_size,
+                         cache_gradients=cache_gradients)
+
+
+class RankNetLoss(LambdaLossMixin, st_rank_net.RankNetLoss):
+    """sentence-transformers' RankNetLoss (LambdaLoss without weights), fused; ``cache_gradients`` as LambdaLoss."""

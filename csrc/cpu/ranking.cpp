@@ -118,17 +118,15 @@ struct LambdaParams {
   bool compute_grad;
 };
 
-// The pairs (p, q) of one query for q in (p, kk): per q, the contribution to dsum/ds_p (q gets its negative),
-// the loss of the pair's valid directions and how many directions are valid. Arrays are indexed by rank and
-// zero-padded past kk by kMaxLanes (a zero "finite" flag makes a lane invalid); outputs are written in whole
-// vectors, past kk - p - 1 too.
+// The pairs (p, q) of one query for q in (p, kk): adds the pair losses and the number of valid directions to
+// *loss and *count, their d/ds_p to grad[p] and d/ds_q to grad[q]. Arrays are indexed by rank and zero-padded
+// past kk by kMaxLanes: a padded lane has a zero "finite" flag, so it adds nothing anywhere.
 template <typename V>
 FASTCACHE_RANKING_INLINE void pair_row(const typename Lanes<V>::Scalar* s, const typename Lanes<V>::Scalar* y,
                                        const typename Lanes<V>::Scalar* gain, const typename Lanes<V>::Scalar* inv_d,
                                        const typename Lanes<V>::Scalar* finite, const typename Lanes<V>::Scalar* delta,
                                        int64_t p, int64_t kk, const LambdaParams<typename Lanes<V>::Scalar>& prm,
-                                       typename Lanes<V>::Scalar* grad_out, typename Lanes<V>::Scalar* loss_out,
-                                       typename Lanes<V>::Scalar* count_out) {
+                                       typename Lanes<V>::Scalar* grad, double* loss, double* count) {
   using T = typename Lanes<V>::Scalar;
   const bool ndcg1 = prm.weighting == kNDCGLoss1;
   const T w_one = prm.weighting == kNone ? T(1) : T(0);
@@ -138,8 +136,8 @@ FASTCACHE_RANKING_INLINE void pair_row(const typename Lanes<V>::Scalar* s, const
   const V sp = splat<V>(s[p]), yp = splat<V>(y[p]), gp = splat<V>(gain[p]), dp = splat<V>(inv_d[p]);
   const V fp = splat<V>(finite[p]), wa_ndcg1 = gp * dp;
   const T sigma = prm.sigma, c = prm.c;
+  V grad_p = zero, loss_sum = zero, count_sum = zero;
   for (int64_t q = p + 1; q < kk; q += Lanes<V>::count) {
-    const int64_t j = q - p - 1;
     const V sq = load<V>(s + q), yq = load<V>(y + q), gq = load<V>(gain + q), dq = load<V>(inv_d + q);
     const V raw = sp - sq;
     const V in_range = vabs(raw) <= limit ? one : zero;
@@ -161,34 +159,29 @@ FASTCACHE_RANKING_INLINE void pair_row(const typename Lanes<V>::Scalar* s, const
     const V ta = wa * vmax(ls_pos, log_eps), tb = wb * vmax(ls_neg, log_eps);
     const V ga = (ls_pos > log_eps) & (ta > log_eps) ? wa * sig_neg : zero;
     const V gb = (ls_neg > log_eps) & (tb > log_eps) ? wb * sig_pos : zero;
-    store(grad_out + j, -c * sigma * in_range * (valid_a * ga - valid_b * gb));
-    store(loss_out + j, -c * (valid_a * vmax(ta, log_eps) + valid_b * vmax(tb, log_eps)));
-    store(count_out + j, valid_a + valid_b);
+    const V g = -c * sigma * in_range * (valid_a * ga - valid_b * gb);
+    grad_p += g;
+    if (prm.compute_grad) store(grad + q, load<V>(grad + q) - g);
+    loss_sum += -c * (valid_a * vmax(ta, log_eps) + valid_b * vmax(tb, log_eps));
+    count_sum += valid_a + valid_b;
+  }
+  for (int l = 0; l < Lanes<V>::count; ++l) {
+    grad[p] += grad_p[l];
+    *loss += loss_sum[l];
+    *count += count_sum[l];
   }
 }
 
 FASTCACHE_RANKING_CLONES void pair_row_any(const float* s, const float* y, const float* gain, const float* inv_d,
                                            const float* finite, const float* delta, int64_t p, int64_t kk,
-                                           const LambdaParams<float>& prm, float* g, float* l, float* c) {
-  pair_row<Float8>(s, y, gain, inv_d, finite, delta, p, kk, prm, g, l, c);
+                                           const LambdaParams<float>& prm, float* grad, double* loss,
+                                           double* count) {
+  pair_row<Float8>(s, y, gain, inv_d, finite, delta, p, kk, prm, grad, loss, count);
 }
 void pair_row_any(const double* s, const double* y, const double* gain, const double* inv_d, const double* finite,
-                  const double* delta, int64_t p, int64_t kk, const LambdaParams<double>& prm, double* g, double* l,
-                  double* c) {
-  pair_row<Double4>(s, y, gain, inv_d, finite, delta, p, kk, prm, g, l, c);
-}
-
-// Sum of x[0..n) in 8 independent lanes (vectorised without reassociation), accumulated in double.
-template <typename T>
-FASTCACHE_RANKING_INLINE double lane_sum(const T* x, int64_t n) {
-  T lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) lane[l] += x[j + l];
-  double sum = 0.0;
-  for (int l = 0; l < 8; ++l) sum += lane[l];
-  for (; j < n; ++j) sum += x[j];
-  return sum;
+                  const double* delta, int64_t p, int64_t kk, const LambdaParams<double>& prm, double* grad,
+                  double* loss, double* count) {
+  pair_row<Double4>(s, y, gain, inv_d, finite, delta, p, kk, prm, grad, loss, count);
 }
 
 // The valid positions of one row: in input order, or stably sorted descending by key (padding excluded).
@@ -203,7 +196,7 @@ void valid_positions(const bool* mask, int64_t n, const T* key, std::vector<int6
 template <typename T>
 struct LambdaScratch {
   std::vector<int64_t> idx;
-  std::vector<T> s, y, gain, inv_d, finite, delta, grad, g, l, c;
+  std::vector<T> s, y, gain, inv_d, finite, delta, grad;
   std::vector<double> ideal;
 };
 
@@ -216,14 +209,14 @@ void lambda_query(const T* logits, const T* labels, const bool* mask, int64_t n,
   *loss_sum = 0.0;
   *pair_count = 0.0;
   if (m == 0) return;
-  for (auto* v : {&w.s, &w.y, &w.gain, &w.inv_d, &w.finite, &w.grad, &w.g, &w.l, &w.c}) v->assign(m + kMaxLanes, T(0));
+  for (auto* v : {&w.s, &w.y, &w.gain, &w.inv_d, &w.finite, &w.grad}) v->assign(m + kMaxLanes, T(0));
   w.delta.assign(m + 1 + kMaxLanes, T(0));
   w.ideal.resize(m);
   for (int64_t p = 0; p < m; ++p) {
     const int64_t j = w.idx[p];
     w.s[p] = logits[j];
     w.y[p] = labels[j];
-    w.finite[p] = std::isfinite(labels[j]) ? T(1) : T(0);
+    w.finite[p] = p < kk && std::isfinite(labels[j]) ? T(1) : T(0);  // past k: in no pair (whole vectors)
     w.inv_d[p] = static_cast<T>(1.0 / std::log2(p + 2.0));
     w.ideal[p] = std::max(static_cast<double>(labels[j]), 0.0);  // -inf (irrelevant) counts as 0
   }
@@ -235,19 +228,9 @@ void lambda_query(const T* logits, const T* labels, const bool* mask, int64_t n,
   for (int64_t p = 0; p < m; ++p)
     w.gain[p] = static_cast<T>((std::exp2(std::max(static_cast<double>(w.y[p]), 0.0)) - 1.0) / max_dcg);
   double total = 0.0, count = 0.0;
-  for (int64_t p = 0; p + 1 < kk; ++p) {
-    const int64_t len = kk - p - 1;
+  for (int64_t p = 0; p + 1 < kk; ++p)
     pair_row_any(w.s.data(), w.y.data(), w.gain.data(), w.inv_d.data(), w.finite.data(), w.delta.data(), p, kk,
-                 prm, w.g.data(), w.l.data(), w.c.data());
-    total += lane_sum(w.l.data(), len);
-    count += lane_sum(w.c.data(), len);
-    if (prm.compute_grad) {
-      w.grad[p] += static_cast<T>(lane_sum(w.g.data(), len));
-      T* gq = w.grad.data() + p + 1;
-      const T* gpq = w.g.data();
-      for (int64_t j = 0; j < len; ++j) gq[j] -= gpq[j];
-    }
-  }
+                 prm, w.grad.data(), &total, &count);
   if (prm.weighting == kNDCGLoss1) {  // the pairs (p, p): sigmoid(0) = 1/2, no gradient
     for (int64_t p = 0; p < kk; ++p) {
       if (w.finite[p] == T(0)) continue;

@@ -1,0 +1,146 @@
+"""The op and the drop-in losses under torch.compile: graph breaks are allowed, results must equal eager mode.
+
+The op's autograd Function validates its inputs on the host (data-dependent: NaN/Inf checks) and calls the
+compiled extension, so dynamo breaks the graph around it and runs it eagerly; what is checked is that nothing
+breaks: the compiled callable runs, gives the eager loss and gradients, and does so again on a second call
+(recompilation or guard failures would show there) and on a new batch size (dynamic shapes).
+
+Backends: "aot_eager" (dynamo + AOTAutograd, which trace forward and backward, without code generation) for
+every loss at the embedding level, and MNRL and cached MNRL through the model; "inductor" (the default, generating C++) for the op
+inside a small model, once, because its code generation takes tens of seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fastcache import _backend, contrastive_loss
+
+QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
+TEXTS = [["the cat sat", "a dog at work", "sun over the car", "nice weather today", "car work query"],
+         ["cat sat", "dog work", "the sun car", "weather nice", "a car query"],
+         ["the dog", "a sun", "work today", "query", "nice cat"]]
+LOSSES = {
+    "MultipleNegativesRankingLoss": dict(directions=(QD, QQ, DQ, DD)),
+    "CachedMultipleNegativesRankingLoss": dict(mini_batch_size=2),
+    "MultipleNegativesSymmetricRankingLoss": {},
+    "CachedMultipleNegativesSymmetricRankingLoss": dict(mini_batch_size=2),
+    "GISTEmbedLoss": dict(margin=0.05),
+    "CachedGISTEmbedLoss": dict(mini_batch_size=2, margin=0.05),
+}
+MODEL_TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _loss(name: str, model, guide, **kwargs):
+    from fastcache import losses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cls = getattr(losses, name)
+        return cls(model, guide, **kwargs) if "GIST" in name else cls(model, **kwargs)
+
+
+def _embedding_step(loss, name: str, rows: int):
+    """The loss of ``rows`` rows of fixed embeddings and their gradients (eager or compiled ``loss``)."""
+    gen = torch.Generator().manual_seed(70 + rows)
+    embeddings = [torch.randn(rows, 16, generator=gen, requires_grad=True) for _ in range(3)]
+    if "Cached" in name:
+        reps = [[e.detach().clone().requires_grad_() for e in column.split(2)] for column in embeddings]
+        guide = [list(torch.randn(rows, 8, generator=gen).split(2)) for _ in range(3)]
+        value = loss(reps, guide) if "GIST" in name else loss(reps)
+        value.backward()
+        return [value.detach()] + [r.grad for column in reps for r in column]
+    if "GIST" in name:
+        guide = [torch.randn(rows, 8, generator=gen) for _ in range(3)]
+        value = loss(embeddings, guide)
+    else:
+        value = loss(embeddings, None)
+    value.backward()
+    return [value.detach()] + [e.grad for e in embeddings]
+
+
+def _embedding_function(loss, name: str):
+    """The loss's embedding-level entry point: compute_loss_from_embeddings, calculate_loss, or (GIST)
+    the fused GIST loss of embeddings and guide embeddings."""
+    if "Cached" in name:
+        return loss.calculate_loss
+    if "GIST" in name:
+        from fastcache.losses.gist_embed import fused_gist_loss
+
+        return lambda embeddings, guide: fused_gist_loss(loss, embeddings, guide)
+    return loss.compute_loss_from_embeddings
+
+
+def _assert_all_close(actual: list[torch.Tensor], expected: list[torch.Tensor], rtol=1e-5, atol=1e-6) -> None:
+    """Each pair close: rtol, and atol relative to the largest expected entry."""
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol * max(1.0, float(e.abs().max())))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_losses_embedding_level_aot_eager(tiny_model, tiny_guide_model, name):
+    loss = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    eager = _embedding_function(loss, name)
+    compiled = torch.compile(eager, backend="aot_eager")
+    for rows in (6, 6, 5):  # again (no recompilation trouble), then another batch size
+        _assert_all_close(_embedding_step(compiled, name, rows), _embedding_step(eager, name, rows))
+
+
+def _model_step(loss, model) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    value = loss([model.preprocess(column) for column in TEXTS], None)
+    value.backward()
+    result = [value.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return result
+
+
+@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"])
+def test_losses_through_the_model_aot_eager(tiny_model, tiny_guide_model, name):
+    """The whole loss module (model forward included) compiled, as torch.compile(loss) in a training script.
+    AOTAutograd decomposes the transformer's ops, so parameter gradients agree to float32 rounding."""
+    loss = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    expected = _model_step(loss, tiny_model)
+    compiled = torch.compile(loss, backend="aot_eager")
+    for _ in range(2):
+        _assert_all_close(_model_step(compiled, tiny_model), expected, **MODEL_TOL)
+
+
+class _Projected(torch.nn.Module):
+    """A linear projection of the embeddings, then the fused loss (the op inside a compiled model)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, queries, docs):
+        return contrastive_loss(torch.tanh(self.proj(queries)), torch.tanh(self.proj(docs)),
+                                directions=(QD, QQ, DQ, DD), scale=10.0)
+
+
+def test_op_inside_a_model_inductor():
+    if _backend.EXTENSION is None:
+        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
+    torch.manual_seed(71)
+    module = _Projected(12)
+    compiled = torch.compile(module)
+    for rows in (8, 8):
+        queries, docs = torch.randn(rows, 12), torch.randn(2 * rows, 12)
+        results = []
+        for fn in (module, compiled):
+            module.zero_grad(set_to_none=True)
+            value = fn(queries, docs)
+            value.backward()
+            results.append([value.detach(), module.proj.weight.grad.clone(), module.proj.bias.grad.clone()])
+        _assert_all_close(results[1], results[0])

@@ -3,6 +3,8 @@ MatryoshkaLoss and the single-dimension cached loss.
 
     python bench/matryoshka_table.py            # B=4096, N=8192, D=384, dims 384/256/128/64/32, mbs 32 (minutes)
     python bench/matryoshka_table.py --quick    # B=256, N=512, D=64, dims 64/32/16/8/4 (smoke run)
+    python bench/matryoshka_table.py --threads 1 --cases fastcache_matryoshka fastcache_single \
+        st_matryoshka_over_fastcache --out bench/results/matryoshka_cpu_fastcache_1thread.json   # fastcache only
 
 Every case is the loss stage of a cached (GradCache) MultipleNegativesRankingLoss, as its forward runs it once the
 mini-batches are embedded: ``calculate_loss(reps, with_backward=True)`` on random fp32 embeddings handed over as
@@ -111,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (the table shows the minimum)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case before timing")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="a subset of cases")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     shape = QUICK if args.quick else FULL
     load_at_start = os.getloadavg()
     if load_at_start[0] > 0.5:

@@ -67,6 +67,7 @@ class TrainConfig(RunConfig):
 
     loss: str = "cached-mnrl"
     mini_batch_size: int | str | None = None  # cached losses: rows per mini-batch or "auto"; None: 32
+    learning_rate: float = 1e-4  # one epoch of the built-in data: 15 steps at batch 32
     guide_model: str | None = None  # GIST losses; None: a frozen copy of the starting model
     matryoshka_dims: list[int] | None = None
     compare_batch_size: int = 256

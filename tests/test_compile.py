@@ -106,7 +106,8 @@ def _model_step(loss, model) -> list[torch.Tensor]:
     return result
 
 
-@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"])
+@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", pytest.param(
+    "CachedMultipleNegativesRankingLoss", marks=pytest.mark.slow)])  # ~20 s of tracing on 2 cores
 def test_losses_through_the_model_aot_eager(tiny_model, tiny_guide_model, name):
     """The whole loss module (model forward included) compiled, as torch.compile(loss) in a training script.
     AOTAutograd decomposes the transformer's ops, so parameter gradients agree to float32 rounding."""

@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis) of fastcache.contrastive_loss / contrastive_loss_and_grad against the dense
-reference, on every backend that can run on CPU (``fastcache.ops.contrastive_epilogue.available``).
+reference, on every backend that can run on CPU (``fastcache.ops.contrastive_epilogue.available``): the C++
+epilogue, the PyTorch one, and Triton's two strategies through its interpreter (TRITON_INTERPRET=1, small shapes).
 
 Each example draws a shape (B rows 1..200, D dims 1..1100, 1..3 candidate columns, extra positives and an offset,
 docs as [N, D] or [C, P, D]), every option (directions, partition mode, hardness, similarity, scale, gathered
@@ -24,10 +25,18 @@ tests/test_properties_contrastive.py``.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
-from hypothesis import given, note
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
+
+# Triton's kernels run on CPU tensors through its interpreter, which must be on before triton is first imported
+# (as in tests/test_contrastive_triton.py): on a machine without CUDA this module turns it on.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from fastcache import _backend
 from fastcache.ops import contrastive_epilogue
@@ -42,15 +51,21 @@ from helpers import (
     reference_loss_and_grads,
 )
 
+# the Triton interpreter's own use of NumPy (runtime loop bounds), not ours
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
 HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 STRESSES = ("none", "ties", "expanded", "zero_rows", "ids_mask_all", "guide_mask_all", "strided", "large_logits")
 STRIDED_LAYOUTS = ("slice", "transposed", "every_other_row", "every_other_col")
-# Backends runnable on CPU tensors, with the largest rows / dims their examples draw (the Triton interpreter is
-# slow: it proves semantics on small shapes).
-BACKENDS = [name for name, reason in contrastive_epilogue.available(torch.device("cpu")).items() if reason is None]
+# What runs on CPU tensors (``available``): (backend, strategy) pairs; Triton runs both of its strategies (slab:
+# torch GEMMs + the Triton epilogue; tiled: Triton kernels only), through the interpreter, which is slow: its
+# examples draw at most SMALL_SHAPE rows / dims, and a fifth of the profile's examples (at least 5).
+_AVAILABLE = [name for name, reason in contrastive_epilogue.available(torch.device("cpu")).items() if reason is None]
+RUNNERS = [(name, None) for name in _AVAILABLE if name != "triton"]
+TRITON_RUNNERS = [("triton", strategy) for strategy in ("slab", "tiled") if "triton" in _AVAILABLE]
 MAX_SHAPE = {"cpu": (200, 1100), "torch": (200, 1100)}
 SMALL_SHAPE = (24, 48)
+TRITON_EXAMPLES = max(5, settings.default.max_examples // 5)
 
 
 def _size(draw, small: int, large: int) -> int:
@@ -59,8 +74,9 @@ def _size(draw, small: int, large: int) -> int:
 
 
 @st.composite
-def contrastive_cases(draw, backend: str, stresses=STRESSES):
-    """(batch shape kwargs for make_batch, op options, stress name, doc_ids spec)."""
+def contrastive_cases(draw, runner: tuple[str, str | None], stresses=STRESSES):
+    """(batch shape kwargs for make_batch, op options, stress name, doc_ids spec) for a (backend, strategy)."""
+    backend, strategy = runner
     max_rows, max_dim = MAX_SHAPE.get(backend, SMALL_SHAPE)
     rows, dim = _size(draw, 8, max_rows), _size(draw, 16, max_dim)
     columns = draw(st.integers(1, 3))
@@ -79,7 +95,11 @@ def contrastive_cases(draw, backend: str, stresses=STRESSES):
     options = dict(
         directions=tuple(directions), partition_mode=partition, similarity=similarity, scale=scale,
         hardness_mode=hardness, hardness_strength=draw(st.sampled_from([0.0, 0.5, 5.0])) if hardness else 0.0,
-        offset=offset, chunk_size=draw(st.one_of(st.none(), st.integers(1, rows))), backend=backend)
+        offset=offset, backend=backend)
+    if strategy is not None:
+        options["strategy"] = strategy
+    if strategy != "tiled":  # tiled holds no chunk of rows
+        options["chunk_size"] = draw(st.one_of(st.none(), st.integers(1, rows)))
     if guided:
         options.update(margin_strategy=draw(st.sampled_from(["absolute", "relative"])),
                        margin=10.0 if stress == "guide_mask_all" else draw(st.sampled_from([0.0, 0.05, 0.3, -0.1])))
@@ -157,12 +177,27 @@ def needs_backend(backend: str) -> None:
         pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _runner_id(runner) -> str:
+    return "-".join(filter(None, runner))
+
+
+@pytest.mark.parametrize("runner", RUNNERS, ids=_runner_id)
 @given(data=st.data())
-def test_float64_equals_reference(backend, data):
+def test_float64_equals_reference(runner, data):
     """Both op paths equal the dense reference in float64 and each other bitwise; inputs are not modified."""
-    needs_backend(backend)
-    case = data.draw(contrastive_cases(backend))
+    check_float64_equals_reference(runner, data)
+
+
+@pytest.mark.parametrize("runner", TRITON_RUNNERS, ids=_runner_id)
+@settings(max_examples=TRITON_EXAMPLES)
+@given(data=st.data())
+def test_triton_float64_equals_reference(runner, data):
+    check_float64_equals_reference(runner, data)
+
+
+def check_float64_equals_reference(runner, data):
+    needs_backend(runner[0])
+    case = data.draw(contrastive_cases(runner))
     _describe(case)
     batch, options = _build(case)
     before = _buffers(batch)
@@ -180,18 +215,24 @@ def test_float64_equals_reference(backend, data):
 
 
 # The bound of the low-precision outputs against the float64 truth on the same inputs (the inputs are cast to
-# float64, so the difference is the op's own rounding). With L = max |logit| (scale · max |similarity|):
-#     |loss - truth| <= (LOSS_ULPS + L) · LOSS_RTOL_PER_LOGIT · max(1, |truth|)      (the loss is float32)
-#     max |grad - truth| <= (GRAD_ULPS[dtype] · eps(dtype) + (1 + L) · GRAD_RTOL_PER_LOGIT) · max(max |truth|, u)
-#                           + SUBNORMAL[dtype]
-# (u: ``_gradient_unit``, the floor for gradients that vanish in exact arithmetic); entries whose truth is past
-# the dtype's range (float16, zero rows under cosine) must be the infinity of the same sign.
-# float32 arithmetic inside (eps 1.2e-7) makes every similarity good to ~D·eps relative, and a logit error
-# grows with the logit's size; the gradients are then rounded once to the input dtype.
-LOSS_RTOL_PER_LOGIT = 2e-6
-LOSS_ULPS = 4
-GRAD_RTOL_PER_LOGIT = 2e-6
-GRAD_ULPS = {torch.float32: 8.0, torch.bfloat16: 1.0, torch.float16: 1.0}
+# float64, so the difference is the op's own rounding). With L = max |logit| ((scale + hardness) · max |s|) and
+# e = eps of the GEMM operands' precision (``operand_eps``: float32 for the slab strategies, which normalise and
+# multiply in float32; the input dtype for Triton's tiled strategy, whose tensor-core GEMMs take the normalised
+# embeddings and the dL/ds tiles in the input dtype):
+#     |loss - truth| <= OPERAND_ULPS · e · (1 + L) · max(1, |truth|)                 (the loss is float32)
+#     max |grad - truth| <= (eps(dtype) + OPERAND_ULPS · e · (1 + L)) · max(max |truth|, u) + SUBNORMAL[dtype]
+# (u: ``_gradient_unit``, the floor for gradients that vanish in exact arithmetic; eps(dtype): the one rounding
+# of the gradients to the input dtype); entries whose truth is past the dtype's range (float16, zero rows under
+# cosine) must be the infinity of the same sign. Measured (150 random examples, cpu backend): loss error up to
+# 0.5 · eps32 · (1 + L), gradient error beyond the output rounding up to 0.7 · eps32 · (1 + L); OPERAND_ULPS
+# = 4 leaves a margin of about 6.
+OPERAND_ULPS = 4
+
+
+def operand_eps(runner, dtype: torch.dtype) -> float:
+    return torch.finfo(dtype if runner[1] == "tiled" else torch.float32).eps
+
+
 # the spacing of the subnormal numbers: float16 gradients below 6.1e-5 are only that exact (absolute)
 SUBNORMAL = {dtype: torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
              for dtype in (torch.float32, torch.bfloat16, torch.float16)}
@@ -222,12 +263,26 @@ def _gradient_unit(batch: dict, options: dict) -> float:
     return (options["scale"] + options["hardness_strength"]) / batch["queries"].size(0) * factor
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("runner", RUNNERS, ids=_runner_id)
 @given(data=st.data())
-def test_low_precision_within_bound_of_float64(backend, dtype, data):
-    needs_backend(backend)
-    case = data.draw(contrastive_cases(backend, LOW_PRECISION_STRESSES))
+def test_low_precision_within_bound_of_float64(runner, dtype, data):
+    check_low_precision_within_bound(runner, dtype, data)
+
+
+@pytest.mark.parametrize("runner", TRITON_RUNNERS, ids=_runner_id)
+@settings(max_examples=TRITON_EXAMPLES)
+@given(data=st.data())
+def test_triton_low_precision_within_bound_of_float64(runner, data):
+    check_low_precision_within_bound(runner, data.draw(st.sampled_from(LOW_PRECISION)), data)
+
+
+def check_low_precision_within_bound(runner, dtype, data):
+    needs_backend(runner[0])
+    case = data.draw(contrastive_cases(runner, LOW_PRECISION_STRESSES))
     _describe(case)
     batch, options = _build(case, dtype)
     truth_loss, truth_grads = reference_loss_and_grads(
@@ -237,7 +292,8 @@ def test_low_precision_within_bound_of_float64(backend, dtype, data):
     loss, grads = OP_PATHS[path](batch, **options)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss_error = abs(float(loss) - float(truth_loss))
-    loss_bound = (LOSS_ULPS + logit) * LOSS_RTOL_PER_LOGIT * max(1.0, abs(float(truth_loss)))
+    e = operand_eps(runner, dtype)
+    loss_bound = OPERAND_ULPS * e * (1.0 + logit) * max(1.0, abs(float(truth_loss)))
     note(f"path={path} max logit {logit:.3g}; loss error {loss_error:.3e} (bound {loss_bound:.3e})")
     assert loss_error <= loss_bound
     for k in DIFFERENTIABLE:
@@ -254,7 +310,7 @@ def test_low_precision_within_bound_of_float64(backend, dtype, data):
         if not grad.numel():
             continue
         magnitude = max(float(truth.abs().max()), unit)
-        bound = (GRAD_ULPS[dtype] * info.eps + (1.0 + logit) * GRAD_RTOL_PER_LOGIT) * magnitude + SUBNORMAL[dtype]
+        bound = (info.eps + OPERAND_ULPS * e * (1.0 + logit)) * magnitude + SUBNORMAL[dtype]
         error = max_error(grad, truth)
         note(f"grad {k}: error {error:.3e} (bound {bound:.3e}, magnitude {magnitude:.3e})")
         assert error <= bound, k

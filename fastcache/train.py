@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastcache.data import BUILTIN, Columns, DataError, load_pairs, split_for_retrieval
+from fastcache.data import BUILTIN, Columns, load_pairs, split_for_retrieval
 
 LOSSES = {
     "mnrl": "MultipleNegativesRankingLoss",

@@ -12,25 +12,14 @@ inside a small model, once, because its code generation takes tens of seconds on
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 from fastcache import _backend, contrastive_loss
 
+from drop_in_losses import LOSSES, TEXTS, make_loss
+
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
-TEXTS = [["the cat sat", "a dog at work", "sun over the car", "nice weather today", "car work query"],
-         ["cat sat", "dog work", "the sun car", "weather nice", "a car query"],
-         ["the dog", "a sun", "work today", "query", "nice cat"]]
-LOSSES = {
-    "MultipleNegativesRankingLoss": dict(directions=(QD, QQ, DQ, DD)),
-    "CachedMultipleNegativesRankingLoss": dict(mini_batch_size=2),
-    "MultipleNegativesSymmetricRankingLoss": {},
-    "CachedMultipleNegativesSymmetricRankingLoss": dict(mini_batch_size=2),
-    "GISTEmbedLoss": dict(margin=0.05),
-    "CachedGISTEmbedLoss": dict(mini_batch_size=2, margin=0.05),
-}
 MODEL_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
@@ -39,15 +28,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def _loss(name: str, model, guide, **kwargs):
-    from fastcache import losses
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        cls = getattr(losses, name)
-        return cls(model, guide, **kwargs) if "GIST" in name else cls(model, **kwargs)
 
 
 def _embedding_step(loss, name: str, rows: int):
@@ -90,7 +70,7 @@ def _assert_all_close(actual: list[torch.Tensor], expected: list[torch.Tensor], 
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_losses_embedding_level_aot_eager(tiny_model, tiny_guide_model, name):
-    loss = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
     eager = _embedding_function(loss, name)
     compiled = torch.compile(eager, backend="aot_eager")
     for rows in (6, 6, 5):  # again (no recompilation trouble), then another batch size
@@ -111,7 +91,7 @@ def _model_step(loss, model) -> list[torch.Tensor]:
 def test_losses_through_the_model_aot_eager(tiny_model, tiny_guide_model, name):
     """The whole loss module (model forward included) compiled, as torch.compile(loss) in a training script.
     AOTAutograd decomposes the transformer's ops, so parameter gradients agree to float32 rounding."""
-    loss = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
     expected = _model_step(loss, tiny_model)
     compiled = torch.compile(loss, backend="aot_eager")
     for _ in range(2):

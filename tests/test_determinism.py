@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ import torch
 
 from fastcache import _backend
 from fastcache.ops import contrastive_epilogue
+from drop_in_losses import LOSSES, TEXTS, make_loss
 from helpers import OP_PATHS, make_batch
 
 TESTS = Path(__file__).resolve().parent
@@ -163,27 +163,11 @@ def test_cpu_epilogue_independent_of_thread_count():
     assert_bitwise_equal(results[1], results[0])
 
 
-TEXTS = [["the cat sat", "a dog at work", "sun over the car", "nice weather today", "car work query"],
-         ["cat sat", "dog work", "the sun car", "weather nice", "a car query"],
-         ["the dog", "a sun", "work today", "query", "nice cat"]]
-LOSSES = {
-    "MultipleNegativesRankingLoss": {},
-    "CachedMultipleNegativesRankingLoss": dict(mini_batch_size=2, directions=(QD, QQ, DQ, DD)),
-    "CachedMultipleNegativesSymmetricRankingLoss": dict(mini_batch_size=3),
-    "GISTEmbedLoss": dict(margin=0.05),
-    "CachedGISTEmbedLoss": dict(mini_batch_size=2, margin=0.05),
-}
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_losses_through_the_model(tiny_model, tiny_guide_model, name):
-    from fastcache import losses
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        cls = getattr(losses, name)
-        loss = cls(tiny_model, tiny_guide_model, **LOSSES[name]) if "GIST" in name else cls(tiny_model,
-                                                                                            **LOSSES[name])
+    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
     runs = []
     for _ in range(3):
         tiny_model.zero_grad(set_to_none=True)

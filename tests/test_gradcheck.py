@@ -19,13 +19,13 @@ no gradgradcheck: a second derivative raises, which is checked too.
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import pytest
 import torch
 
 from fastcache import _backend, contrastive_loss
 from fastcache.ops import contrastive_epilogue
+from drop_in_losses import make_loss
 from helpers import DIFFERENTIABLE, make_batch
 
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
@@ -118,15 +118,6 @@ def test_op_is_once_differentiable(backend):
 # The losses' embedding-level paths
 # ---------------------------------------------------------------------------------------------------------------
 
-def _loss(name: str, model, guide, **kwargs):
-    from fastcache import losses
-
-    with warnings.catch_warnings():  # the symmetric losses are deprecated upstream
-        warnings.simplefilter("ignore", DeprecationWarning)
-        cls = getattr(losses, name)
-        return cls(model, guide, **kwargs) if "GIST" in name else cls(model, **kwargs)
-
-
 def _embeddings(columns: int, rows: int = 4, dim: int = 5, seed: int = 44) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     anchors = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
@@ -160,7 +151,7 @@ def _kwargs(kwargs: dict) -> dict:
 @pytest.mark.parametrize("columns", [2, 3])
 @pytest.mark.parametrize("case", list(EMBEDDING_LOSSES))
 def test_compute_loss_from_embeddings(tiny_model, case, columns):
-    loss = _loss(case.split("-")[0], tiny_model, None, **_kwargs(EMBEDDING_LOSSES[case]))
+    loss = make_loss(case.split("-")[0], tiny_model, None, **_kwargs(EMBEDDING_LOSSES[case]))
     inputs = tuple(e.requires_grad_() for e in _embeddings(columns))
     assert torch.autograd.gradcheck(lambda *emb: loss.compute_loss_from_embeddings(list(emb), None), inputs,
                                     **GRADCHECK)
@@ -171,7 +162,7 @@ def test_compute_loss_from_embeddings(tiny_model, case, columns):
 def test_cached_calculate_loss(tiny_model, tiny_guide_model, case, columns):
     """calculate_loss on mini-batches of 3 and 1 rows per column; the GIST guide's embeddings are fixed."""
     name = case.split("-")[0]
-    loss = _loss(name, tiny_model, tiny_guide_model, mini_batch_size=3, **CACHED_LOSSES[case])
+    loss = make_loss(name, tiny_model, tiny_guide_model, mini_batch_size=3, **CACHED_LOSSES[case])
     embeddings = _embeddings(columns)
     guide = [e[:, :3].clone() * 0.5 + 0.1 for e in embeddings]  # a different (smaller) guide space
 

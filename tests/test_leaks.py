@@ -30,6 +30,7 @@ import torch
 
 from fastcache import _backend, contrastive_loss, contrastive_loss_and_grad
 from fastcache.ops import contrastive_epilogue
+from drop_in_losses import LOSSES, TEXTS, make_loss
 from helpers import make_batch
 
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
@@ -41,17 +42,6 @@ WARM_UP = 100
 MODEL_ITERATIONS = int(os.environ.get("FASTCACHE_LEAK_ITERATIONS", "50"))
 RSS_BOUND = 8 * 2**20
 ROWS, DIM = 64, 128  # one float32 input of [ROWS, DIM] is 32 KiB; docs (2 columns) 64 KiB
-TEXTS = [["the cat sat", "a dog at work", "sun over the car", "nice weather today", "car work query"],
-         ["cat sat", "dog work", "the sun car", "weather nice", "a car query"],
-         ["the dog", "a sun", "work today", "query", "nice cat"]]
-LOSSES = {
-    "MultipleNegativesRankingLoss": dict(directions=(QD, QQ, DQ, DD)),
-    "CachedMultipleNegativesRankingLoss": dict(mini_batch_size=2),
-    "MultipleNegativesSymmetricRankingLoss": {},
-    "CachedMultipleNegativesSymmetricRankingLoss": dict(mini_batch_size=2),
-    "GISTEmbedLoss": dict(margin=0.05),
-    "CachedGISTEmbedLoss": dict(mini_batch_size=2, margin=0.05),
-}
 
 
 @pytest.fixture(autouse=True)
@@ -92,15 +82,6 @@ def test_the_bound_would_catch_a_leaked_input():
     assert (ITERATIONS - WARM_UP) * leaked_per_iteration > 6 * RSS_BOUND
 
 
-def _loss(name: str, model, guide, **kwargs):
-    from fastcache import losses
-
-    with warnings.catch_warnings():  # the symmetric losses are deprecated upstream
-        warnings.simplefilter("ignore", DeprecationWarning)
-        cls = getattr(losses, name)
-        return cls(model, guide, **kwargs) if "GIST" in name else cls(model, **kwargs)
-
-
 @pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
 @pytest.mark.parametrize("path", ["autograd", "loss_and_grad"])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,7 +107,7 @@ def test_op_rss_flat(backend, path, guided):
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_loss_embedding_level_rss_flat(tiny_model, tiny_guide_model, name):
-    loss = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
     gen = torch.Generator().manual_seed(61)
     embeddings = [torch.randn(ROWS, DIM, generator=gen) for _ in range(3)]
     guide = [torch.randn(ROWS, 16, generator=gen) for _ in range(3)]
@@ -158,7 +139,7 @@ def _step(loss, model) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_loss_through_the_model_keeps_no_tensor(tiny_model, tiny_guide_model, name):
-    loss = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
     features = [tiny_model.preprocess(column) for column in TEXTS]
 
     def step():
@@ -223,8 +204,8 @@ CACHED = [name for name in LOSSES if "Cached" in name]
 
 @pytest.mark.parametrize("name", CACHED)
 def test_exception_inside_the_cached_backward(tiny_model, tiny_guide_model, name):
-    loss = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
-    fresh = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    fresh = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
 
     def interrupted():
         value = loss([tiny_model.preprocess(column) for column in TEXTS], None)
@@ -240,8 +221,8 @@ def test_exception_inside_the_cached_backward(tiny_model, tiny_guide_model, name
 
 @pytest.mark.parametrize("name", CACHED)
 def test_keyboard_interrupt_while_embedding(tiny_model, tiny_guide_model, name):
-    loss = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
-    fresh = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    fresh = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
 
     def interrupted():
         handle = _fail_on_call(tiny_model, 5, KeyboardInterrupt())
@@ -257,8 +238,8 @@ def test_keyboard_interrupt_while_embedding(tiny_model, tiny_guide_model, name):
                                   "CachedGISTEmbedLoss"])
 def test_exception_inside_the_op(tiny_model, tiny_guide_model, name, monkeypatch):
     """The epilogue fails in the middle of the slab loop (second chunk)."""
-    loss = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
-    fresh = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    fresh = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
     monkeypatch.setenv("FASTCACHE_BACKEND", "torch")
     original = contrastive_epilogue.EPILOGUES["torch"]
     calls = [0]
@@ -285,8 +266,8 @@ def test_exception_inside_the_op(tiny_model, tiny_guide_model, name, monkeypatch
 def test_abandoned_step_frees_its_cache(tiny_model, tiny_guide_model, name):
     """A loss computed and never back-propagated (say, the trainer skipped the step): once the loss tensor is
     dropped, the gradient cache and RNG states it holds are freed."""
-    loss = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
-    fresh = _loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    fresh = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
 
     def interrupted():
         for _ in range(3):

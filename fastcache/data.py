@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +24,24 @@ class DataError(ValueError):
     """Unusable training data (unknown source, missing column, malformed row); the message says which and why."""
 
 
+def _from_stdlib(obj) -> bool:
+    """Whether ``obj`` is defined by the standard library (or by C code without a module): packages patch methods
+    into some of its classes once imported (transformers adds ``logging.Logger.warning_once``)."""
+    module = getattr(obj, "__module__", None)
+    return module is None or module.split(".")[0] in sys.stdlib_module_names
+
+
 def _documented(module) -> list:
-    """The module's public callables in name order, each class followed by its public methods (name order)."""
+    """The module's public callables in name order, each class followed by its public methods (name order); only
+    what the standard library defines, so that the corpus does not depend on what else was imported."""
     found = []
     for name, obj in sorted(inspect.getmembers(module), key=lambda item: item[0]):
-        if name.startswith("_") or not callable(obj):
+        if name.startswith("_") or not callable(obj) or not _from_stdlib(obj):
             continue
         found.append(obj)
         if inspect.isclass(obj):
             found += [member for key, member in sorted(vars(obj).items())
-                      if not key.startswith("_") and callable(member)]
+                      if not key.startswith("_") and callable(member) and _from_stdlib(member)]
     return found
 
 

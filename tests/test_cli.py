@@ -117,6 +117,17 @@ def test_docstring_pairs_are_deterministic_and_real():
     assert docstring_pairs(7, methods=True) == (queries[:7], passages[:7])
 
 
+def test_docstring_pairs_do_not_depend_on_other_imports():
+    """transformers (imported here, not in the fresh process) patches methods into logging.Logger."""
+    import transformers  # noqa: F401
+
+    code = ("import json; from fastcache.data import docstring_pairs; "
+            "print(json.dumps(docstring_pairs(10**6, methods=True)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == list(map(list, docstring_pairs(10**6, methods=True)))
+
+
 def test_builtin_split_holds_queries_out():
     rows, source = load_pairs(BUILTIN)
     assert source["rows"] == len(rows) > 400

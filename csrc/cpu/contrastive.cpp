@@ -52,10 +52,13 @@ struct Params {
 };
 
 // exp for a vectorised loop: exp(x) = 2^k · e^r, r = x - k·ln2 in [-ln2/2, ln2/2], e^r by the Cephes
-// degree-5 polynomial (about 1 ulp); 0 below -87 (x <= 0 here: logits minus their maximum).
+// degree-5 polynomial (about 1 ulp); 0 below -87 (x <= 0 here: logits minus their maximum). The polynomial runs
+// on max(x, -87), so that 2^k stays a normal float: k + 127 >= 1 (no left shift of a negative number, no
+// conversion of -inf to int, both undefined behaviour).
 FASTCACHE_INLINE float exp_le0(float x) {
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5·2^23 trick)
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5·2^23 trick)
+  const float r = xc - k * 0.693359375f + k * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;

@@ -32,6 +32,8 @@ from fastcache.ops import contrastive_epilogue
 from drop_in_losses import LOSSES, TEXTS, make_loss
 from helpers import OP_PATHS, make_batch
 
+# the Triton interpreter's own use of NumPy (runtime loop bounds), not ours
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
 TESTS = Path(__file__).resolve().parent
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
 # (device, backend, strategy) for everything that can run here: the CPU backends, Triton's two strategies

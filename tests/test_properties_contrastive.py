@@ -234,8 +234,7 @@ def check_float64_equals_reference(runner, data):
 #     |loss - truth| <= OPERAND_ULPS · e · (1 + L) · max(1, |truth|)                 (the loss is float32)
 #     max |grad - truth| <= (eps(dtype) + OPERAND_ULPS · e · (1 + L)) · max(max |truth|, u) + SUBNORMAL[dtype]
 # (u: ``_gradient_unit``, the floor for gradients that vanish in exact arithmetic; eps(dtype): the one rounding
-# of the gradients to the input dtype); entries whose truth is past the dtype's range (float16, zero rows under
-# cosine) must be the infinity of the same sign. Measured (150 random examples, cpu backend): loss error up to
+# of the gradients to the input dtype). Measured (150 random examples, cpu backend): loss error up to
 # 0.5 · eps32 · (1 + L), gradient error beyond the output rounding up to 0.7 · eps32 · (1 + L); OPERAND_ULPS
 # = 4 leaves a margin of about 6.
 OPERAND_ULPS = 4
@@ -248,7 +247,9 @@ def operand_eps(runner, dtype: torch.dtype) -> float:
 # the spacing of the subnormal numbers: float16 gradients below 6.1e-5 are only that exact (absolute)
 SUBNORMAL = {dtype: torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
              for dtype in (torch.float32, torch.bfloat16, torch.float16)}
-LOW_PRECISION_STRESSES = ("none", "ties", "zero_rows", "ids_mask_all", "guide_mask_all", "strided")
+# Not zero_rows: F.normalize's gradient at a zero row is g / 1e-12, which multiplies the rounding of g by 1e12 (and
+# overflows float16): no meaningful low-precision bound; the float64 property covers zero rows.
+LOW_PRECISION_STRESSES = ("none", "ties", "ids_mask_all", "guide_mask_all", "strided")
 
 
 def _max_logit(batch: dict, options: dict) -> float:
@@ -314,13 +315,8 @@ def check_low_precision_within_bound(runner, dtype, data):
         assert grads[k].dtype == dtype and grads[k].shape == batch[k].shape, k
         truth = truth_grads[k] if truth_grads[k] is not None else torch.zeros_like(grads[k], dtype=torch.float64)
         info = torch.finfo(dtype)
-        # F.normalize's gradient at a zero row is g / 1e-12: past float16's range it is ±inf, as in float16 maths
-        fits = truth.abs() <= info.max
-        assert torch.equal(grads[k][~fits].double(), truth[~fits].sign() * float("inf")), k
-        grad, truth = grads[k][fits], truth[fits]
+        grad = grads[k]
         assert torch.isfinite(grad).all(), k
-        if not grad.numel():
-            continue
         magnitude = max(float(truth.abs().max()), unit)
         bound = (info.eps + OPERAND_ULPS * e * (1.0 + logit)) * magnitude + SUBNORMAL[dtype]
         error = max_error(grad, truth)

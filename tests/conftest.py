@@ -15,6 +15,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# The Triton kernels run on CPU tensors through Triton's interpreter, which has to be on before triton is first
+# imported (it decides then). Without CUDA the whole session uses it, so every test over the backends that can
+# run on CPU covers triton too, whatever the order in which modules are collected or run alone.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Hypothesis budgets (tests/test_properties_contrastive.py): "ci", the default, runs a fixed derandomised set of
 # examples per test (the same on every run: reproducible, bounded time); "thorough" runs 20 times as many, random.
 # Choose with FASTCACHE_HYPOTHESIS_PROFILE=ci|thorough.

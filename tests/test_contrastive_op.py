@@ -655,8 +655,10 @@ def test_unknown_keyword_raises_type_error(fn):
 
 
 @pytest.mark.parametrize("backend_name", ["cuda", "triton"])
-def test_gpu_backend_on_cpu_tensors_raises(backend_name):
-    """An explicit backend that cannot run here is an error, never a silent fallback."""
+def test_gpu_backend_on_cpu_tensors_raises(backend_name, monkeypatch):
+    """An explicit backend that cannot run here is an error, never a silent fallback (triton runs CPU tensors
+    only through its interpreter, which tests/conftest.py turns on: off for this test)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     queries, docs, _ = _base()
     with pytest.raises(RuntimeError, match=rf"backend '{backend_name}'"):
         contrastive_loss(queries, docs, backend=backend_name)
@@ -934,3 +936,19 @@ def test_all_finite_sees_every_non_finite_value(dtype):
         assert not all_finite(torch.full((3, 2), bad, dtype=dtype))
     huge = torch.finfo(dtype).max
     assert all_finite(torch.tensor([huge, -huge], dtype=dtype))  # the float64 difference does not overflow
+
+
+def test_chunk_rows_caps_blocks_for_the_cache_only_on_cpu():
+    """On CPU blocks stay under MAX_SLAB_BYTES (cache); a GPU gets the tallest chunk its budget holds, so the auto
+    strategy compares the budget, not the CPU cache cap, with MIN_SLAB_ROWS."""
+    from fastcache.ops.contrastive import MAX_SLAB_BYTES, ContrastiveLayout, ContrastiveOptions, chunk_rows
+
+    layout = ContrastiveLayout(rows=65536, positives=65536, columns=2, dim=768, query_columns=65536,
+                               own_query_offset=0)
+    options = ContrastiveOptions()
+    budget = 8 * 2**30
+    capped = chunk_rows(layout, options, False, 0, budget, 4)
+    uncapped = chunk_rows(layout, options, False, 0, budget, 4, cache_cap=False)
+    assert capped == MAX_SLAB_BYTES // (layout.candidates * 4)
+    fixed = 2 * (layout.rows + layout.candidates) * layout.dim * 4 + 16 * 2**20
+    assert uncapped == (budget - fixed) // (layout.candidates * 4) > capped

@@ -17,11 +17,8 @@ import sys
 import pytest
 import torch
 
-# Triton decorates its own library functions when it is imported: the interpreter must be on before that. On a
-# machine without CUDA this module turns it on (nothing there runs compiled Triton kernels); elsewhere, or when
-# triton was imported earlier, it runs only if TRITON_INTERPRET=1 was set from the start.
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+# tests/conftest.py turns the interpreter on for the session on a machine without CUDA; elsewhere these tests run
+# only when TRITON_INTERPRET=1 was set before Python started (the GPU runs tests/test_contrastive_gpu.py).
 pytest.importorskip("triton")
 pytestmark = [
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",

@@ -10,15 +10,9 @@ prefixes of norm zero, and every bad-input error.
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
-
-# the Triton epilogue runs on CPU tensors through the interpreter, which must be on before triton is imported
-# (as in tests/test_contrastive_triton.py)
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from fastcache import _backend, contrastive_loss_and_grad
 from fastcache.ops.matryoshka import matryoshka_contrastive_loss, matryoshka_contrastive_loss_and_grad

@@ -254,13 +254,14 @@ def _normalized_backward_(grad: Tensor, normalized: Tensor, norm: Tensor | None)
 
 
 def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered: bool, guide_dim: int, budget: int,
-               itemsize: int, workspace_blocks: int = 1) -> int:
+               itemsize: int, workspace_blocks: int = 1, cache_cap: bool = True) -> int:
     """Rows per chunk so that the slab workspace stays within ``budget`` bytes.
 
     The fixed part holds the normalised copies and the gradient accumulators of queries, docs and (when
     gathered) all_queries, the guide copies (O((B + N + Mq)·D)) and the GEMM library's own buffers. Each chunk row costs one value per block
-    column (``workspace_blocks`` times for an epilogue that needs temporaries), plus the guide's blocks. Blocks
-    are also kept under MAX_SLAB_BYTES, past which bigger chunks only fall out of cache. At least one row; a
+    column (``workspace_blocks`` times for an epilogue that needs temporaries), plus the guide's blocks. With
+    ``cache_cap`` (CPU) blocks are also kept under MAX_SLAB_BYTES, past which bigger chunks only fall out of
+    cache; a GPU wants the tallest chunk the budget allows. At least one row; a
     budget that leaves fewer than 16 rows warns (slow).
     """
     n = layout.candidates
@@ -272,7 +273,9 @@ def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered:
     per_row = block_row * (workspace_blocks + (1 if guide_dim else 0))
     fixed = (2 * (layout.rows + n + (mq if gathered else 0)) * layout.dim + (layout.rows + n) * guide_dim) * itemsize
     fixed += GEMM_WORKSPACE_BYTES
-    rows = min(layout.rows, max(1, (budget - fixed) // per_row), max(16, MAX_SLAB_BYTES // block_row))
+    rows = min(layout.rows, max(1, (budget - fixed) // per_row))
+    if cache_cap:
+        rows = min(rows, max(16, MAX_SLAB_BYTES // block_row))
     if rows < min(16, layout.rows):
         warnings.warn(
             f"fastcache: memory_budget={budget} bytes leaves {rows} row(s) per chunk (fixed workspace {fixed} bytes, "
@@ -373,7 +376,8 @@ def _strategy(layout, options, gathered: bool, guide_dim: int, device: torch.dev
         return "slab", name
     with warnings.catch_warnings():  # a short chunk is no warning here: it selects the tiled strategy
         warnings.simplefilter("ignore", RuntimeWarning)
-        chunk = chunk_rows(layout, options, gathered, guide_dim, _backend.memory_budget(memory_budget), 4, 1)
+        chunk = chunk_rows(layout, options, gathered, guide_dim, _backend.memory_budget(memory_budget), 4, 1,
+                           cache_cap=False)
     if chunk < min(layout.rows, MIN_SLAB_ROWS):
         return "tiled", "triton"
     return "slab", name
@@ -401,7 +405,7 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options
     if chunk_size is None:
         budget = _backend.memory_budget(memory_budget)
         chunk = chunk_rows(layout, options, all_queries is not None, guide_dim, budget, itemsize,
-                           contrastive_epilogue.WORKSPACE_BLOCKS[name])
+                           contrastive_epilogue.WORKSPACE_BLOCKS[name], cache_cap=queries.device.type == "cpu")
     else:
         chunk = min(chunk_size, layout.rows)
     return _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, epilogue,

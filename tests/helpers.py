@@ -191,3 +191,25 @@ def assert_no_worse_than_reference(name: str, ours: list[Tensor], reference: lis
     assert ours_error <= FACTOR * ref_error + slack, (
         f"{name}: mean relative error {ours_error:.3e} vs reference {ref_error:.3e} in {dtype} (allowed "
         f"{FACTOR} x {ref_error:.3e} + {slack:.3e})")
+
+
+def spawn_world(rank_main, folder, world: int, deadline_s: float) -> list:
+    """Run ``rank_main(rank, str(folder))`` in ``world`` spawned processes, killed at the deadline (a hang fails the
+    test); return what each rank saved as ``folder/rank{rank}.pt``, indexed by rank."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(rank_main, args=(str(folder),), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world}-process gloo world did not finish within {deadline_s} s (a hang)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world)]

@@ -30,12 +30,13 @@ import contextlib
 import datetime
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import spawn_world
 
 TESTS = Path(__file__).resolve().parent
 WORLD = 2
@@ -204,21 +205,7 @@ def _rank_main(rank: int, folder: str) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Run both ranks once (spawned, deadline DEADLINE_S); return their results, indexed by rank."""
-    import torch.multiprocessing as mp
-
-    folder = tmp_path_factory.mktemp("gloo_world")
-    context = mp.start_processes(_rank_main, args=(str(folder),), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD}-process gloo world did not finish within {DEADLINE_S} s (hang?)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return spawn_world(_rank_main, tmp_path_factory.mktemp("gloo_world"), WORLD, DEADLINE_S)
 
 
 # ---------------------------------------------------------------------------------------------------------------

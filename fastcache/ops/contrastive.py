@@ -412,15 +412,15 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options
                  need_grad, chunk, show_progress_bar)
 
 
-class _ContrastiveLossFunction(torch.autograd.Function):
-    """Forward computes the loss and (when any input needs it) the gradients in the same pass; backward scales
-    them by the incoming gradient. No gradient for the guide embeddings."""
+class PrecomputedGradLoss(torch.autograd.Function):
+    """A loss whose forward pass also computes its gradients: ``run(need_grad)`` returns (loss, dL/dqueries,
+    dL/ddocs, dL/dall_queries or None); backward scales them by the incoming gradient. Other inputs (guides, ids)
+    are inside ``run`` and get no gradient."""
 
     @staticmethod
-    def forward(ctx, queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, settings):
-        need_grad = any(ctx.needs_input_grad[:3])
-        loss, gq, gd, gaq = _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, need_grad,
-                                 **settings)
+    def forward(ctx, run, queries, docs, all_queries):
+        need_grad = any(ctx.needs_input_grad[1:])
+        loss, gq, gd, gaq = run(need_grad)
         if need_grad:
             ctx.save_for_backward(gq.to(queries.dtype), gd.to(docs.dtype),
                                   None if gaq is None else gaq.to(all_queries.dtype))
@@ -429,9 +429,16 @@ class _ContrastiveLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        gq, gd, gaq = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (gq, gd, gaq)]
-        return (*scaled, None, None, None, None, None)
+        return (None, *(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors))
+
+
+def one_pass(run, queries: Tensor, docs: Tensor, all_queries: Tensor | None) -> ContrastiveLossAndGrad:
+    """``run(True)`` without an autograd graph (what gradient caching consumes), the gradients cast to the
+    dtypes of the inputs they belong to."""
+    with torch.no_grad():
+        loss, gq, gd, gaq = run(True)
+    return ContrastiveLossAndGrad(loss, gq.to(queries.dtype), gd.to(docs.dtype),
+                                  None if gaq is None else gaq.to(all_queries.dtype))
 
 
 _SETTINGS = ("backend", "strategy", "memory_budget", "chunk_size", "show_progress_bar")
@@ -502,7 +509,11 @@ def contrastive_loss(
     """
     options, settings = _parse(options)
     guides = [t.detach() if isinstance(t, Tensor) else t for t in (guide_queries, guide_docs)]
-    return _ContrastiveLossFunction.apply(queries, docs, all_queries, *guides, doc_ids, options, settings)
+
+    def run(need_grad: bool):
+        return _run(queries, docs, all_queries, *guides, doc_ids, options, need_grad, **settings)
+
+    return PrecomputedGradLoss.apply(run, queries, docs, all_queries)
 
 
 def contrastive_loss_and_grad(
@@ -520,7 +531,4 @@ def contrastive_loss_and_grad(
     options, settings = _parse(options)
     inputs = [t.detach() if isinstance(t, Tensor) else t
               for t in (queries, docs, all_queries, guide_queries, guide_docs, doc_ids)]
-    with torch.no_grad():
-        loss, gq, gd, gaq = _run(*inputs, options, True, **settings)
-    return ContrastiveLossAndGrad(loss, gq.to(queries.dtype), gd.to(docs.dtype),
-                                  None if gaq is None else gaq.to(all_queries.dtype))
+    return one_pass(lambda need_grad: _run(*inputs, options, need_grad, **settings), queries, docs, all_queries)

@@ -34,10 +34,12 @@ from fastcache.ops.contrastive import (
     NORMALIZE_EPS,
     ContrastiveLossAndGrad,
     ContrastiveOptions,
+    PrecomputedGradLoss,
     _normalized,
     _parse,
     check_inputs,
     chunk_rows,
+    one_pass,
 )
 
 
@@ -211,28 +213,6 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, w
                  contrastive_epilogue.EPILOGUES[name], need_grad, chunk, show_progress_bar)
 
 
-class _MatryoshkaLossFunction(torch.autograd.Function):
-    """Forward computes the loss and (when any input needs it) the gradients in the same pass; backward scales
-    them by the incoming gradient. No gradient for the guide embeddings."""
-
-    @staticmethod
-    def forward(ctx, queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, weights, options,
-                settings):
-        need_grad = any(ctx.needs_input_grad[:3])
-        loss, gq, gd, gaq = _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, weights,
-                                 options, need_grad, **settings)
-        if need_grad:
-            ctx.save_for_backward(gq.to(queries.dtype), gd.to(docs.dtype),
-                                  None if gaq is None else gaq.to(all_queries.dtype))
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return (*scaled, None, None, None, None, None, None, None)
-
-
 def matryoshka_contrastive_loss(
     queries: Tensor,
     docs: Tensor,
@@ -260,8 +240,11 @@ def matryoshka_contrastive_loss(
     """
     options, settings = _parse(options)
     guides = [t.detach() if isinstance(t, Tensor) else t for t in (guide_queries, guide_docs)]
-    return _MatryoshkaLossFunction.apply(queries, docs, all_queries, *guides, doc_ids, dims, weights, options,
-                                         settings)
+
+    def run(need_grad: bool):
+        return _run(queries, docs, all_queries, *guides, doc_ids, dims, weights, options, need_grad, **settings)
+
+    return PrecomputedGradLoss.apply(run, queries, docs, all_queries)
 
 
 def matryoshka_contrastive_loss_and_grad(
@@ -281,7 +264,5 @@ def matryoshka_contrastive_loss_and_grad(
     options, settings = _parse(options)
     inputs = [t.detach() if isinstance(t, Tensor) else t
               for t in (queries, docs, all_queries, guide_queries, guide_docs, doc_ids)]
-    with torch.no_grad():
-        loss, gq, gd, gaq = _run(*inputs, dims, weights, options, True, **settings)
-    return ContrastiveLossAndGrad(loss, gq.to(queries.dtype), gd.to(docs.dtype),
-                                  None if gaq is None else gaq.to(all_queries.dtype))
+    return one_pass(lambda need_grad: _run(*inputs, dims, weights, options, need_grad, **settings), queries, docs,
+                    all_queries)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import peak_memory_many, time_case  # noqa: E402
 
 # the cases live in the package (``fastcache bench`` runs them across batch sizes); re-exported for bench/ scripts
-from fastcache.benchmark import BUDGETS_MIB, CASES, machine_info, make_case  # noqa: E402, F401
+from fastcache.benchmark import BUDGETS_MIB, CASES, make_case, run_machine, save_json  # noqa: E402, F401
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -160,13 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")
 
     if out_path is not None:
-        machine = {**machine_info(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
-        report = {"machine": machine, "shape": shape, "dtype": "float32", "repeats": args.repeats,
+        report = {"machine": run_machine(load_at_start), "shape": shape, "dtype": "float32", "repeats": args.repeats,
                   "warmup": args.warmup, "quick": args.quick, "gemm_flop": flops, "cases": results,
                   "targets": found}
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {out_path}")
+        save_json(report, out_path)
     return 0
 
 

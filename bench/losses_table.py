@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import random
@@ -48,7 +47,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from contrastive_table import machine_info  # noqa: E402
+from fastcache.benchmark import run_machine, save_json  # noqa: E402
 from harness import Case, RunOutput, peak_memory_many, time_cases  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -557,17 +556,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if out_path is not None:
         anchors, positives, negatives = synthetic_triplets(max(settings["static_batches"]))
-        machine = {**machine_info(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
-        report = {"machine": machine, "settings": settings, "memory_env": None if args.no_memory else MEMORY_ENV,
+        report = {"machine": run_machine(load_at_start), "settings": settings,
+                  "memory_env": None if args.no_memory else MEMORY_ENV,
                   "optimizer": f"torch.optim.AdamW(lr={LR}, "
                   "weight_decay=0, fused=True)", "dtype": "float32", "repeats": args.repeats, "warmup": args.warmup,
                   "quick": args.quick,
                   "corpus": {"texts": 3 * len(anchors), "distinct_texts": len(set(anchors + positives + negatives)),
                              "distinct_anchors": len(set(anchors)), "distinct_positives": len(set(positives))},
                   "cases": results, "agreement": agreements, "where_time_goes": time_lines, "targets": found}
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {out_path}")
+        save_json(report, out_path)
     return 0
 
 

@@ -18,7 +18,6 @@ bench/results/matryoshka_cpu.json unless --out says otherwise (--quick writes on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Case, RunOutput, time_cases  # noqa: E402
 
-from fastcache.benchmark import machine_info, tiny_sentence_transformer  # noqa: E402
+from fastcache.benchmark import run_machine, save_json, tiny_sentence_transformer  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 FULL = {"B": 4096, "D": 384, "dims": (384, 256, 128, 64, 32), "mini_batch_size": 32}
@@ -147,13 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")
     out_path = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     if out_path is not None:
-        machine = {**machine_info(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
-        report = {"machine": machine, "shape": {**shape, "dims": list(shape["dims"])}, "dtype": "float32",
+        report = {"machine": run_machine(load_at_start), "shape": {**shape, "dims": list(shape["dims"])}, "dtype": "float32",
                   "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick, "cases": results,
                   "targets": found}
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {out_path}")
+        save_json(report, out_path)
     return 0
 
 

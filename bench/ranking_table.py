@@ -35,6 +35,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Case, RunOutput, peak_memory, time_cases  # noqa: E402
 
+from fastcache.benchmark import machine_info  # noqa: E402
+
 HERE = Path(__file__).resolve()
 LOSSES = ("LambdaLoss", "RankNetLoss", "ListMLELoss", "PListMLELoss", "ListNetLoss")
 MEMORY_LOSSES = ("LambdaLoss", "ListMLELoss")  # peak memory measured (a fresh process per case) for these
@@ -166,13 +168,6 @@ def train_case(cached: bool = False, Q: int = 4, n: int = 256, mini_batch_size: 
 
     return Case(f"train n={n} {'fastcache cached' if cached else 'sentence-transformers'}", run, inputs=params,
                 reset=reset, info={"cached": cached, "Q": Q, "n": n, "mini_batch_size": mini_batch_size})
-
-
-def machine_info() -> dict:
-    import platform
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "machine": platform.machine()}
 
 
 def main() -> None:

@@ -249,8 +249,7 @@ def run_bench(batch_sizes=DEFAULT_BATCH_SIZES, *, candidates_per_query: int = 2,
             results[name][B]["peak_mib"] = measured.get("peak_beyond_inputs_and_grads_mib")
             if "error" in measured:
                 results[name][B]["memory_error"] = measured["error"]
-    machine = {**machine_info(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
-    return {"machine": machine, "dtype": "float32", "candidates_per_query": candidates_per_query, "D": dim,
+    return {"machine": run_machine(load_at_start), "dtype": "float32", "candidates_per_query": candidates_per_query, "D": dim,
             "batch_sizes": list(batch_sizes), "repeats": repeats, "warmup": warmup,
             "labels": {name: CASES[name] for name in cases}, "cases": results}
 
@@ -306,6 +305,19 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
         plt.close(figure)
         written.append(path)
     return written
+
+
+def run_machine(load_at_start: tuple[float, float, float]) -> dict:
+    """:func:`machine_info` plus the load averages at the start and the end of the run (timings taken while other
+    processes use the CPU are noisy: the report says so)."""
+    return {**machine_info(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
+
+
+def save_json(report: dict, path: Path) -> None:
+    """Write ``report`` as indented JSON to ``path`` (its folder created) and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {path}")
 
 
 def write_report(report: dict, out_dir: Path) -> list[Path]:

@@ -213,3 +213,29 @@ def spawn_world(rank_main, folder, world: int, deadline_s: float) -> list:
                 process.kill()
                 process.join(5)
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def start_gloo_rank(rank: int, folder: str, world: int, timeout_s: float):
+    """In a spawned rank: offline, quiet, one thread; this rank's own tiny model and guide (seeds 0 and 1, built
+    before the process group: under torch.distributed save_pretrained writes on rank 0 only); then the gloo group
+    over ``folder/store``. Returns (model, guide)."""
+    import datetime
+    import os
+    import sys
+    import warnings
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    from conftest import build_tiny_bert
+
+    model = build_tiny_bert(Path(folder) / f"model{rank}", seed=0)
+    guide = build_tiny_bert(Path(folder) / f"guide{rank}", seed=1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return model, guide

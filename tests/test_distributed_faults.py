@@ -17,19 +17,14 @@ without DistributedDataParallel.
 
 from __future__ import annotations
 
-import datetime
-import os
-import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import spawn_world
+from helpers import spawn_world, start_gloo_rank
 
-TESTS = Path(__file__).resolve().parent
 WORLD = 2
 DIM = 8
 DEADLINE_S = 150  # both ranks: Python start-up, a tiny model, every scenario (about 15 s on 2 idle cores)
@@ -115,18 +110,9 @@ def _uneven_mini_batches(rank: int, model) -> dict:
 
 
 def _rank_main(rank: int, folder: str) -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    sys.path.insert(0, str(TESTS))
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
     import torch.distributed as dist
-    from conftest import build_tiny_bert
 
-    model = build_tiny_bert(Path(folder) / f"model{rank}", seed=0)
-    guide = build_tiny_bert(Path(folder) / f"guide{rank}", seed=1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    model, guide = start_gloo_rank(rank, folder, WORLD, PG_TIMEOUT_S)
     try:
         results = {"faults": {}}
         for name, scenario in _fault_scenarios(rank, model, guide).items():

@@ -27,16 +27,13 @@ to files that the tests read.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import spawn_world
+from helpers import spawn_world, start_gloo_rank
 
 TESTS = Path(__file__).resolve().parent
 WORLD = 2
@@ -165,19 +162,9 @@ KINDS = {
 def _rank_main(rank: int, folder: str) -> None:
     """One rank: every configuration with fastcache and with sentence-transformers, gathered; then the cached
     losses through the model on this rank's half of the texts. Results go to ``folder/rank{rank}.pt``."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    sys.path.insert(0, str(TESTS))
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
     import torch.distributed as dist
-    from conftest import build_tiny_bert
 
-    # before the process group: under torch.distributed, save_pretrained writes on rank 0 only
-    model = build_tiny_bert(Path(folder) / f"model{rank}", seed=0)
-    guide = build_tiny_bert(Path(folder) / f"guide{rank}", seed=1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    model, guide = start_gloo_rank(rank, folder, WORLD, 60)
     try:
         results = {"world_size": dist.get_world_size()}
         for kind, (name, configs, extra) in KINDS.items():

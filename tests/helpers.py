@@ -1,5 +1,5 @@
-"""Shared test helpers: seeded embedding batches, NaN-padded strided views, the op and its dense reference run
-side by side, and the per-dtype tolerances of the low-precision comparisons.
+"""Shared test helpers: seeded embedding batches, NaN-padded strided views, the ops (contrastive, Matryoshka) and
+their dense references run side by side, and the per-dtype tolerances of the low-precision comparisons.
 
 Low-precision tolerance (``assert_no_worse_than_reference``). The truth is the dense reference in float64 on the
 low-precision inputs cast to float64 (so the inputs are the same numbers). For each output (the loss and every
@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from fastcache import contrastive_loss, contrastive_loss_and_grad
-from fastcache.reference import contrastive_loss_reference
+from fastcache.ops.matryoshka import matryoshka_contrastive_loss, matryoshka_contrastive_loss_and_grad
+from fastcache.reference import contrastive_loss_reference, matryoshka_contrastive_loss_reference
 
 DIFFERENTIABLE = ("queries", "docs", "all_queries")
 SETTINGS = ("backend", "strategy", "memory_budget", "chunk_size", "show_progress_bar")
@@ -132,11 +133,28 @@ def _autograd_loss_and_grads(loss_fn, batch: dict[str, Tensor], **options) -> tu
     return loss.detach(), {k: leaves[k].grad for k in DIFFERENTIABLE if k in leaves}
 
 
-def reference_loss_and_grads(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
-    """The dense reference's loss and its autograd gradients (in the batch's dtype); the op's run settings
+def _reference(reference, batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
+    """A dense reference's loss and its autograd gradients (in the batch's dtype); the op's run settings
     (backend, chunk_size, ...) are accepted and ignored, so one options dict serves both."""
     options = {k: v for k, v in options.items() if k not in SETTINGS}
-    return _autograd_loss_and_grads(contrastive_loss_reference, batch, **options)
+    return _autograd_loss_and_grads(reference, batch, **options)
+
+
+def _one_pass(loss_and_grad, batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
+    """An op's ``*_loss_and_grad`` function on the batch, its gradients keyed like the batch."""
+    q, d, rest = _split(batch)
+    out = loss_and_grad(q, d, **rest, **options)
+    grads = {"queries": out.grad_queries, "docs": out.grad_docs}
+    if "all_queries" in batch:
+        grads["all_queries"] = out.grad_all_queries
+    else:
+        assert out.grad_all_queries is None
+    return out.loss, grads
+
+
+def reference_loss_and_grads(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
+    """The dense contrastive reference's loss and its autograd gradients (settings ignored)."""
+    return _reference(contrastive_loss_reference, batch, **options)
 
 
 def op_autograd(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
@@ -146,17 +164,26 @@ def op_autograd(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, 
 
 def op_loss_and_grad(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
     """fastcache.contrastive_loss_and_grad, its gradients keyed like the batch."""
-    q, d, rest = _split(batch)
-    out = contrastive_loss_and_grad(q, d, **rest, **options)
-    grads = {"queries": out.grad_queries, "docs": out.grad_docs}
-    if "all_queries" in batch:
-        grads["all_queries"] = out.grad_all_queries
-    else:
-        assert out.grad_all_queries is None
-    return out.loss, grads
+    return _one_pass(contrastive_loss_and_grad, batch, **options)
+
+
+def matryoshka_reference_loss_and_grads(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
+    """The dense Matryoshka reference (the contrastive reference once per dim) and its autograd gradients."""
+    return _reference(matryoshka_contrastive_loss_reference, batch, **options)
+
+
+def matryoshka_op_autograd(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
+    """fastcache.ops.matryoshka.matryoshka_contrastive_loss and the gradients autograd gives its inputs."""
+    return _autograd_loss_and_grads(matryoshka_contrastive_loss, batch, **options)
+
+
+def matryoshka_op_loss_and_grad(batch: dict[str, Tensor], **options) -> tuple[Tensor, dict[str, Tensor]]:
+    """fastcache.ops.matryoshka.matryoshka_contrastive_loss_and_grad, its gradients keyed like the batch."""
+    return _one_pass(matryoshka_contrastive_loss_and_grad, batch, **options)
 
 
 OP_PATHS = {"autograd": op_autograd, "loss_and_grad": op_loss_and_grad}
+MATRYOSHKA_OP_PATHS = {"autograd": matryoshka_op_autograd, "loss_and_grad": matryoshka_op_loss_and_grad}
 
 
 def assert_matches(actual: tuple[Tensor, dict], expected: tuple[Tensor, dict], **tol) -> None:

@@ -15,17 +15,18 @@ import pytest
 import torch
 
 from fastcache import _backend, contrastive_loss_and_grad
-from fastcache.ops.matryoshka import matryoshka_contrastive_loss, matryoshka_contrastive_loss_and_grad
-from fastcache.reference import matryoshka_contrastive_loss_reference
+from fastcache.ops.matryoshka import matryoshka_contrastive_loss
 from helpers import (
-    SETTINGS,
-    _autograd_loss_and_grads,
+    MATRYOSHKA_OP_PATHS as PATHS,
     assert_matches,
     assert_no_worse_than_reference,
     cast,
     make_batch,
     nan_padded,
 )
+from helpers import matryoshka_op_autograd as op_autograd
+from helpers import matryoshka_op_loss_and_grad as op_loss_and_grad
+from helpers import matryoshka_reference_loss_and_grads as reference
 
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
 ALL = (QD, QQ, DQ, DD)
@@ -36,27 +37,6 @@ def backend(request):
     if request.param == "cpu" and _backend.EXTENSION is None:
         pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
     return request.param
-
-
-def reference(batch, **options):
-    options = {k: v for k, v in options.items() if k not in SETTINGS}
-    return _autograd_loss_and_grads(matryoshka_contrastive_loss_reference, batch, **options)
-
-
-def op_autograd(batch, **options):
-    return _autograd_loss_and_grads(matryoshka_contrastive_loss, batch, **options)
-
-
-def op_loss_and_grad(batch, **options):
-    rest = {k: v for k, v in batch.items() if k not in ("queries", "docs")}
-    out = matryoshka_contrastive_loss_and_grad(batch["queries"], batch["docs"], **rest, **options)
-    grads = {"queries": out.grad_queries, "docs": out.grad_docs}
-    if "all_queries" in batch:
-        grads["all_queries"] = out.grad_all_queries
-    return out.loss, grads
-
-
-PATHS = {"autograd": op_autograd, "loss_and_grad": op_loss_and_grad}
 
 
 def check(batch, **options):

@@ -1,0 +1,399 @@
+"""Triton tiled kernels of the Matryoshka contrastive loss: every dim's similarity from one sweep over D.
+
+The maths: fastcache/ops/matryoshka.py's docstring (dims d_1 > ... > d_K, weights w_k, raw prefix products
+R_k = X[:, :d_k]·Y[:, :d_k]ᵀ, prefix-norm reciprocals a_k, b_k, s_k = a_k ⊙ R_k ⊙ b_kᵀ for "cos", s_k = R_k for
+"dot"). The tiled strategy of fastcache/triton/contrastive.py, with several accumulators per tile:
+
+    forward   row-parallel, per block: each [M, N] tile sweeps D once from the first dim up, in BLOCK_K steps;
+              at each dim boundary (anywhere inside a BLOCK_K block: the block straddling it is loaded masked
+              to each side) the running product is R_k, whose logits update dim k's online log-sum-exp (per row:
+              maximum and sum, kept as [M, K] register tensors; and the positive's logit). The partition (joint
+              or per_direction) of each dim follows on O(K·B) vectors, with coef and the positive's coefficient
+              scaled by w_k, so G_k = w_k·dL_k/ds_k.
+    backward  the same sweep recomputes R_k; G_k → H_k = G_k ⊙ a_k ⊙ b_kᵀ = dL/dR_k, and, for "cos", the
+              radial sums t_k = Σ G_k ⊙ s_k per row (row-parallel) or column (column-parallel). A program's
+              output tile spans dims [o, o + BLOCK_DO): column c gets Σ_{k: d_k > c} H_k, so the dims that cover
+              the whole tile are summed into one [M, N] gradient before a single product with the embeddings'
+              tile, and a dim that ends inside it (o < d_k < o + BLOCK_DO) takes one more product with that tile
+              masked to its first d_k - o columns: about one product per output tile however many dims.
+              Each program owns its output rows (no atomics): deterministic.
+    norms     a pre-pass gives the K prefix norms of every row (torch, O((B + N + Mq)·D)); after the kernels,
+              dX_i[:d_k] -= t_k(i)·a_k(i)²·X_i[:d_k] (fastcache/ops/matryoshka.py's _prefix_norm_backward_).
+
+The embeddings stay raw (not normalised) in their dtype; tl.dot accumulates in fp32 (fp64 for float64 inputs) and
+the per-dim scaling happens on the fp32 tile. Every option of the single-dim tiled kernels: directions (the
+doc_to_query gradient fused into query_to_doc's when the query columns are the queries), partition modes,
+hardness, guides (never truncated: one guide tile per column tile serves every dim), doc_ids, offset.
+Memory: the fp32 gradient accumulators, O(K·(B + N + Mq)) statistics and the norm pre-pass's temporaries of
+NORMALIZE_ROWS rows, i.e. O((B + N + Mq)·D).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastcache.ops.contrastive import _normalized
+from fastcache.ops.matryoshka import _prefix_norm_backward_, _prefix_reciprocal_norms
+from fastcache.triton.contrastive import (
+    ALPHA,
+    BACKWARD_WARPS,
+    HARDNESS_CODES,
+    KIND_CODES,
+    MARGIN,
+    MAX_BLOCK_DO,
+    NORMALIZE_ROWS,
+    PARTITION_BLOCK,
+    POS_COEF,
+    QUERY_TO_DOC,
+    SCALE,
+    TILE_K,
+    TILE_M,
+    TILE_N,
+    TILE_STAGES,
+    TILE_WARPS,
+    _acc_type,
+    _dot,
+    _masked_logits,
+    _online_logsumexp,
+    _scalars,
+    _similarity_tile,
+    _softmax_grad,
+    _tile_rows,
+    _tiled_partition_kernel,
+)
+
+
+@triton.jit
+def _segment_product(a_ptr, b_ptr, stride_a, stride_b, rows, cols, n_rows, n_cols, lo, hi, acc,
+                     BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr):
+    """acc + a[rows, lo:hi]·b[cols, lo:hi]ᵀ, in BLOCK_K-aligned blocks (those straddling lo or hi masked)."""
+    for k0 in range(lo // BLOCK_K * BLOCK_K, hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        inside = (k >= lo) & (k < hi)
+        a = tl.load(a_ptr + rows[:, None] * stride_a + k[None, :], mask=(rows[:, None] < n_rows) & inside[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + cols[None, :] * stride_b + k[:, None], mask=(cols[None, :] < n_cols) & inside[:, None],
+                    other=0.0)
+        acc = _dot(a, b, acc, WIDEN, ACC)
+    return acc
+
+
+@triton.jit
+def _next_dim(raw, k, dims_ptr, r_ptr, c_ptr, stride_r, stride_c, rows, cols, n_rows, n_cols, ra_ptr, cb_ptr,
+              stride_ra, stride_cb, COSINE: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+              WIDEN: tl.constexpr):
+    """Extend the running prefix product raw = R_{k-1} by the segment [d_{k-1}, d_k) (dims ascending, d_{-1} = 0):
+    returns R_k, s_k, d_k and the prefix-norm reciprocals a_k [M], b_k [N] (ones for "dot")."""
+    lo = tl.load(dims_ptr + k - 1, mask=k > 0, other=0)
+    hi = tl.load(dims_ptr + k)
+    raw = _segment_product(r_ptr, c_ptr, stride_r, stride_c, rows, cols, n_rows, n_cols, lo, hi, raw, BLOCK_K, ACC,
+                           WIDEN)
+    if COSINE:
+        a = tl.load(ra_ptr + k * stride_ra + rows, mask=rows < n_rows, other=0.0)
+        b = tl.load(cb_ptr + k * stride_cb + cols, mask=cols < n_cols, other=0.0)
+    else:
+        a = tl.full(rows.shape, 1.0, ACC)
+        b = tl.full(cols.shape, 1.0, ACC)
+    return raw, raw * a[:, None] * b[None, :], hi, a, b
+
+
+@triton.jit
+def _matryoshka_logsumexp_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, dims_ptr, ra_ptr,
+                                 cb_ptr, stride_r, stride_c, stride_gr, stride_gc, stride_ra, stride_cb, n_rows,
+                                 n_cols, num_dims, guide_dim, num_positives, offset, own_query_offset, max_ptr,
+                                 total_ptr, pos_logit_ptr, stride_stats,
+                                 KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr,
+                                 HAS_IDS: tl.constexpr, RELATIVE_MARGIN: tl.constexpr, COSINE: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 DIMS: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr):
+    """Forward, row-parallel: per row and dim k (ascending), the maximum and the sum of exp(logit - maximum) of
+    one block's logits at dim k, and (query_to_doc) the positive's logit; stats of dim k at ptr + k·stride_stats."""
+    scale = tl.load(params_ptr + SCALE)
+    alpha = tl.load(params_ptr + ALPHA)
+    rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
+        tl.program_id(0) * BLOCK_M, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr,
+        tl.load(params_ptr + MARGIN), HAS_IDS, GUIDED, RELATIVE_MARGIN, BLOCK_M, ACC)
+    slot = tl.arange(0, DIMS)[None, :]
+    m = tl.full([BLOCK_M, DIMS], float("-inf"), ACC)
+    total = tl.zeros([BLOCK_M, DIMS], ACC)
+    pos_logit = tl.zeros([BLOCK_M, DIMS], ACC)
+    for c0 in range(0, n_cols, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        g = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        if GUIDED:
+            g = _similarity_tile(gr_ptr, gc_ptr, stride_gr, stride_gc, rows, cols, n_rows, n_cols, guide_dim,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, ACC, False)
+        raw = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        for k in range(0, num_dims):
+            raw, s, hi, a, b = _next_dim(raw, k, dims_ptr, r_ptr, c_ptr, stride_r, stride_c, rows, cols, n_rows,
+                                         n_cols, ra_ptr, cb_ptr, stride_ra, stride_cb, COSINE, BLOCK_K, ACC, WIDEN)
+            x = _masked_logits(s, g, cols, n_cols, pos, own_query, threshold, ids_ptr, pos_ids, num_positives,
+                               scale, alpha, KIND, HARDNESS, GUIDED, HAS_IDS)
+            here = slot == k
+            m_k, t_k = _online_logsumexp(tl.max(tl.where(here, m, float("-inf")), 1),
+                                         tl.sum(tl.where(here, total, 0.0), 1), x)
+            m = tl.where(here, m_k[:, None], m)
+            total = tl.where(here, t_k[:, None], total)
+            if KIND == QUERY_TO_DOC:
+                pos_logit += tl.where(here, tl.sum(tl.where(cols[None, :] == pos[:, None], x, 0.0), 1)[:, None], 0.0)
+    stats = slot * stride_stats + rows[:, None]
+    inside = ok[:, None] & (slot < num_dims)
+    tl.store(max_ptr + stats, m, mask=inside)
+    tl.store(total_ptr + stats, total, mask=inside)
+    if KIND == QUERY_TO_DOC:
+        tl.store(pos_logit_ptr + stats, pos_logit, mask=inside)
+
+
+@triton.jit
+def _matryoshka_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, dims_ptr, ra_ptr, cb_ptr,
+                            stride_r, stride_c, stride_gr, stride_gc, stride_ra, stride_cb, stride_params, n_rows,
+                            n_cols, dim, num_dims, guide_dim, num_positives, offset, own_query_offset, max_ptr,
+                            factor_ptr, stride_stats, out_ptr, stride_out, radial_ptr, stride_radial, dq_max_ptr,
+                            dq_factor_ptr,
+                            KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
+                            RELATIVE_MARGIN: tl.constexpr, COSINE: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DIMS: tl.constexpr, ACC: tl.constexpr,
+                            WIDEN: tl.constexpr, BY_COLUMNS: tl.constexpr, WITH_DOC_TO_QUERY: tl.constexpr,
+                            BLOCK_DO: tl.constexpr):
+    """Backward of one block over every dim, H_k = dL/dR_k recomputed tile by tile. Row-parallel:
+    out[rows, o:o+BLOCK_DO] += Σ_k H_k·C[:, o:min(o+BLOCK_DO, d_k)] over every column tile; BY_COLUMNS,
+    column-parallel: out[cols, ...] += Σ_k H_kᵀ·R[:, ...] over every row tile. COSINE: the programs of the first
+    output tile add the radial sums Σ G_k ⊙ s_k of their rows (columns) to radial_ptr + k·stride_radial.
+    WITH_DOC_TO_QUERY: doc_to_query's gradient added to query_to_doc's, per dim (as in contrastive.py)."""
+    scale = tl.load(params_ptr + SCALE)
+    alpha = tl.load(params_ptr + ALPHA)
+    margin = tl.load(params_ptr + MARGIN)
+    o0 = tl.program_id(1) * BLOCK_DO
+    out_dims = o0 + tl.arange(0, BLOCK_DO)
+    slot = tl.arange(0, DIMS)[None, :]
+    if BY_COLUMNS:
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_N, BLOCK_DO], ACC)
+        radial = tl.zeros([BLOCK_N, DIMS], ACC)
+        n_inner = n_rows
+        STEP: tl.constexpr = BLOCK_M
+    else:
+        rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
+            tl.program_id(0) * BLOCK_M, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS,
+            GUIDED, RELATIVE_MARGIN, BLOCK_M, ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_DO], ACC)
+        radial = tl.zeros([BLOCK_M, DIMS], ACC)
+        n_inner = n_cols
+        STEP: tl.constexpr = BLOCK_N
+    for start in range(0, n_inner, STEP):
+        if BY_COLUMNS:
+            rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
+                start, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS, GUIDED,
+                RELATIVE_MARGIN, BLOCK_M, ACC)
+            other = tl.load(r_ptr + rows[:, None] * stride_r + out_dims[None, :],
+                            mask=ok[:, None] & (out_dims[None, :] < dim), other=0.0)
+        else:
+            cols = start + tl.arange(0, BLOCK_N)
+            other = tl.load(c_ptr + cols[:, None] * stride_c + out_dims[None, :],
+                            mask=(cols[:, None] < n_cols) & (out_dims[None, :] < dim), other=0.0)
+        g = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        if GUIDED:
+            g = _similarity_tile(gr_ptr, gc_ptr, stride_gr, stride_gc, rows, cols, n_rows, n_cols, guide_dim,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, ACC, False)
+        raw = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        whole = tl.zeros([BLOCK_M, BLOCK_N], ACC)  # Σ H_k over the dims that cover the whole output tile
+        for k in range(0, num_dims):
+            raw, s, hi, a, b = _next_dim(raw, k, dims_ptr, r_ptr, c_ptr, stride_r, stride_c, rows, cols, n_rows,
+                                         n_cols, ra_ptr, cb_ptr, stride_ra, stride_cb, COSINE, BLOCK_K, ACC, WIDEN)
+            if hi > o0:
+                x = _masked_logits(s, g, cols, n_cols, pos, own_query, threshold, ids_ptr, pos_ids, num_positives,
+                                   scale, alpha, KIND, HARDNESS, GUIDED, HAS_IDS)
+                m = tl.load(max_ptr + k * stride_stats + rows, mask=ok, other=0.0)
+                factor = tl.load(factor_ptr + k * stride_stats + rows, mask=ok, other=0.0)
+                grad = _softmax_grad(x, m, factor, tl.load(params_ptr + k * stride_params + POS_COEF), cols, pos,
+                                     KIND)
+                if WITH_DOC_TO_QUERY:
+                    i = cols - offset
+                    partner = (i >= 0) & (i < n_rows)
+                    dq_max = tl.load(dq_max_ptr + k * stride_stats + i, mask=partner, other=0.0)
+                    dq_factor = tl.load(dq_factor_ptr + k * stride_stats + i, mask=partner, other=0.0)
+                    grad += tl.where(ok[:, None] & partner[None, :],
+                                     dq_factor[None, :] * tl.exp(scale * s - dq_max[None, :]), 0.0)
+                if COSINE:
+                    if BY_COLUMNS:
+                        radial += tl.where(slot == k, tl.sum(grad * s, 0)[:, None], 0.0)
+                    else:
+                        radial += tl.where(slot == k, tl.sum(grad * s, 1)[:, None], 0.0)
+                    grad = grad * a[:, None] * b[None, :]
+                if hi >= o0 + BLOCK_DO:
+                    whole += grad
+                else:  # dim k ends inside the output tile: its own product with the tile's first hi - o0 dims
+                    part = tl.where(out_dims[None, :] < hi, other, 0.0).to(other.dtype)
+                    if BY_COLUMNS:
+                        acc = _dot(tl.trans(grad.to(other.dtype)), part, acc, WIDEN, ACC)
+                    else:
+                        acc = _dot(grad.to(other.dtype), part, acc, WIDEN, ACC)
+        if BY_COLUMNS:
+            acc = _dot(tl.trans(whole.to(other.dtype)), other, acc, WIDEN, ACC)
+        else:
+            acc = _dot(whole.to(other.dtype), other, acc, WIDEN, ACC)
+    if BY_COLUMNS:
+        own, own_ok = cols, cols < n_cols
+    else:
+        own, own_ok = rows, ok
+    out = out_ptr + own[:, None] * stride_out + out_dims[None, :]
+    inside = own_ok[:, None] & (out_dims[None, :] < dim)
+    tl.store(out, tl.load(out, mask=inside, other=0.0) + acc, mask=inside)
+    if COSINE:
+        if tl.program_id(1) == 0:
+            sums = radial_ptr + slot * stride_radial + own[:, None]
+            inside = own_ok[:, None] & (slot < num_dims)
+            tl.store(sums, tl.load(sums, mask=inside, other=0.0) + radial, mask=inside)
+
+
+class _Operand(NamedTuple):
+    """One embedding tensor as the kernels see it: raw values (contiguous, input dtype), [K, n] prefix-norm
+    reciprocals (dims ascending; None for "dot"), the gradient accumulator and the [K, n] radial sums."""
+
+    x: Tensor
+    reciprocal: Tensor | None
+    grad: Tensor | None
+    radial: Tensor | None
+
+    def rows(self, start: int, stop: int | None = None) -> _Operand:
+        return _Operand(*(None if t is None else t[start:stop] if i in (0, 2) else t[:, start:stop]
+                          for i, t in enumerate(self)))
+
+
+class _Block(NamedTuple):
+    """One direction: its row and column operands and the guide's rows and columns."""
+
+    kind: str
+    rows: _Operand
+    cols: _Operand
+    guide_rows: Tensor | None
+    guide_cols: Tensor | None
+
+
+def _prefix_norms(x: Tensor, dims: tuple[int, ...], acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """[K, n] prefix norms and their reciprocals (dims descending, as the slab's), in ``acc``, NORMALIZE_ROWS rows
+    at a time so that the ``acc`` copy stays small."""
+    norms = torch.empty(len(dims), x.size(0), dtype=acc, device=x.device)
+    reciprocals = torch.empty_like(norms)
+    for r0 in range(0, x.size(0), NORMALIZE_ROWS):
+        rows = slice(r0, r0 + NORMALIZE_ROWS)
+        norms[:, rows], reciprocals[:, rows] = _prefix_reciprocal_norms(x[rows].to(acc), dims, True)
+    return norms, reciprocals
+
+
+def _prefix_norm_backward_in_chunks_(grad: Tensor, x: Tensor, dims: tuple[int, ...], norms: tuple[Tensor, Tensor],
+                                     radial: Tensor) -> Tensor:
+    """``_prefix_norm_backward_`` (dims descending) NORMALIZE_ROWS rows at a time, x widened one chunk at a time."""
+    for r0 in range(0, grad.size(0), NORMALIZE_ROWS):
+        rows = slice(r0, r0 + NORMALIZE_ROWS)
+        _prefix_norm_backward_(grad[rows], x[rows].to(grad.dtype), dims, (norms[0][:, rows], norms[1][:, rows]),
+                               radial[:, rows])
+    return grad
+
+
+def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
+                     dims: tuple[int, ...], weights: tuple[float, ...], need_grad: bool):
+    """The tiled strategy of the Matryoshka op (dims descending, as check_dims returns them); returns what the
+    slab returns: the weighted loss (0-d, fp32 or fp64) and, when ``need_grad``, the gradients w.r.t. queries,
+    docs and all_queries (fp32 or fp64; None where not needed)."""
+    acc = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    cosine = options.similarity == "cos"
+    B, P, off, K = layout.rows, layout.positives, options.offset, len(dims)
+    device = queries.device
+    gathered = all_queries is not None
+    tensors = {"q": queries.contiguous(), "d": docs.reshape(-1, layout.dim).contiguous()}
+    if gathered:
+        tensors["Q"] = all_queries.contiguous()
+    norms = {name: _prefix_norms(x, dims, acc) for name, x in tensors.items()} if cosine else {}
+    operands = {name: _Operand(x, norms[name][1].flip(0).contiguous() if cosine else None,
+                               torch.zeros(x.shape, dtype=acc, device=device) if need_grad else None,
+                               torch.zeros(K, x.size(0), dtype=acc, device=device) if need_grad and cosine else None)
+                for name, x in tensors.items()}
+    q, d = operands["q"], operands["d"]
+    Q = operands.get("Q", q)
+    p = d.rows(off, off + B)
+    guided = guide_queries is not None
+    gq = gd = gpos = None
+    if guided:
+        gq, _ = _normalized(guide_queries, acc, True)
+        gd, _ = _normalized(guide_docs.reshape(-1, guide_docs.size(-1)), acc, True)
+        gpos = torch.linalg.vecdot(gq, gd[off:off + B])
+    ids = None if doc_ids is None else doc_ids.reshape(-1).to(torch.int64).contiguous()
+    make = {
+        "query_to_doc": lambda: _Block("query_to_doc", q, d, gq, gd),
+        "query_to_query": lambda: _Block("query_to_query", q, q if guided else Q, gq, gq),
+        "doc_to_query": lambda: _Block("doc_to_query", p, Q, None, None),
+        "doc_to_doc": lambda: _Block("doc_to_doc", p, d.rows(0, P) if guided else d,
+                                     gd[off:off + B] if guided else None, gd[:P] if guided else None),
+    }
+    blocks = [make[k]() for k in options.directions]
+    joint = options.partition_mode == "joint"
+    ascending = torch.tensor(dims[::-1], dtype=torch.int32).to(device)
+    weights_ascending = weights[::-1]
+    params = torch.stack([_scalars(acc, device, options, w * options.scale / B / (1 if joint else len(blocks)),
+                                   w * options.scale / B) for w in weights_ascending])
+    constants = dict(HARDNESS=HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, GUIDED=guided,
+                     HAS_IDS=ids is not None, RELATIVE_MARGIN=options.margin_strategy == "relative", COSINE=cosine,
+                     BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K, DIMS=max(2, triton.next_power_of_2(K)),
+                     ACC=_acc_type(acc), WIDEN=device.type == "cpu" and queries.dtype == torch.bfloat16)
+
+    def arguments(block: _Block) -> tuple:
+        rows, cols = block.rows, block.cols
+        guide_rows = block.guide_rows if guided else rows.x
+        guide_cols = block.guide_cols if guided else cols.x
+        row_norms = rows.reciprocal if cosine else rows.x
+        col_norms = cols.reciprocal if cosine else cols.x
+        return (rows.x, cols.x, guide_rows, guide_cols, rows.x if ids is None else ids,
+                guide_rows if gpos is None else gpos, params, ascending, row_norms, col_norms, rows.x.stride(0),
+                cols.x.stride(0), guide_rows.stride(0), guide_cols.stride(0), row_norms.stride(0),
+                col_norms.stride(0))
+
+    def sizes(block: _Block) -> tuple:
+        return B, block.cols.x.size(0)
+
+    common = (guide_queries.size(1) if guided else 0, P, off, layout.own_query_offset)
+    # per dim (ascending), block (KIND_CODES order) and row: maximum logit, sum of exp(logit - maximum), the
+    # positive's logit (kind 0 only); absent blocks -inf, 0
+    maxima = torch.full((K, 4, B), float("-inf"), dtype=acc, device=device)
+    totals = torch.zeros((K, 4, B), dtype=acc, device=device)
+    pos_logits = torch.empty((K, 4, B), dtype=acc, device=device)
+    for block in blocks:
+        kind = KIND_CODES[block.kind]
+        _matryoshka_logsumexp_kernel[(triton.cdiv(B, TILE_M),)](
+            *arguments(block), *sizes(block), K, *common, maxima[0, kind], totals[0, kind], pos_logits[0, 0],
+            maxima.stride(0), KIND=kind, **constants, num_warps=TILE_WARPS, num_stages=TILE_STAGES)
+    loss_rows, factors = torch.empty((K, B), dtype=acc, device=device), torch.empty_like(totals)
+    for k in range(K):
+        _tiled_partition_kernel[(triton.cdiv(B, PARTITION_BLOCK),)](
+            maxima[k], totals[k], pos_logits[k, 0], params[k], loss_rows[k], factors[k], B, JOINT=joint,
+            NUM_BLOCKS=len(blocks), BLOCK=PARTITION_BLOCK)
+    loss = (loss_rows.sum(1) * torch.tensor(weights_ascending, dtype=acc, device=device)).sum() / B
+    if not need_grad:
+        return loss, None, None, None
+    block_do = min(MAX_BLOCK_DO, max(16, triton.next_power_of_2(dims[0])))
+    fused_dq = "doc_to_query" in options.directions and not gathered  # its gradient comes with query_to_doc's
+    dq = KIND_CODES["doc_to_query"]
+    for block in blocks:
+        kind = KIND_CODES[block.kind]
+        if fused_dq and block.kind == "doc_to_query":
+            continue
+        for by_columns, side in ((False, block.rows), (True, block.cols)):
+            radial = side.radial if cosine else side.grad
+            _matryoshka_grad_kernel[(triton.cdiv(side.x.size(0), TILE_N if by_columns else TILE_M),
+                                     triton.cdiv(dims[0], block_do))](
+                *arguments(block), params.stride(0), *sizes(block), layout.dim, K, *common, maxima[0, kind],
+                factors[0, kind], maxima.stride(0), side.grad, side.grad.stride(0), radial, radial.stride(0),
+                maxima[0, dq], factors[0, dq], KIND=kind, **constants, BY_COLUMNS=by_columns, BLOCK_DO=block_do,
+                WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", num_warps=BACKWARD_WARPS,
+                num_stages=TILE_STAGES)
+    grads = {}
+    for name, operand in operands.items():
+        grads[name] = operand.grad
+        if cosine:
+            _prefix_norm_backward_in_chunks_(operand.grad, operand.x, dims, norms[name], operand.radial.flip(0))
+    return loss, grads["q"], grads["d"].view(docs.shape), grads["Q"] if gathered else None

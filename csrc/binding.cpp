@@ -5,6 +5,7 @@
 #include "cpu/ranking.h"
 #ifdef FASTCACHE_WITH_CUDA
 #include "cuda/contrastive_epilogue_torch.h"
+#include "cuda/ranking_torch.h"
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,5 +20,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("contrastive_epilogue_cuda", &fastcache::contrastive_epilogue_cuda,
         "Fused contrastive softmax-gradient epilogue on CUDA (in place, returns per-row losses; last argument: the "
         "raw cudaStream_t as an integer)");
+  m.def("lambda_loss_cuda", &fastcache::lambda_loss_cuda,
+        "LambdaLoss on CUDA: lambda_loss_cpu's arguments plus the raw cudaStream_t as an integer");
+  m.def("plistmle_cuda", &fastcache::plistmle_cuda,
+        "Position-aware ListMLE on CUDA: plistmle_cpu's arguments plus the raw cudaStream_t as an integer");
+  m.def("listnet_cuda", &fastcache::listnet_cuda,
+        "ListNet on CUDA: listnet_cpu's arguments plus the raw cudaStream_t as an integer");
 #endif
 }

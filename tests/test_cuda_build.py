@@ -102,7 +102,8 @@ def test_binding_includes_no_cuda_torch_header(source):
 def test_extension_with_cuda_builds_and_loads(kernel_objects, cuda_home, tmp_path_factory):
     """csrc/binding.cpp with FASTCACHE_WITH_CUDA, the CPU kernels and the CUDA binding, compiled against the
     installed torch and linked with the nvcc objects and the CUDA runtime, load as a module whose
-    contrastive_epilogue_cuda takes contrastive_epilogue_cpu's arguments plus the stream, and checks devices."""
+    contrastive_epilogue_cuda and ranking ops (lambda_loss_cuda, plistmle_cuda, listnet_cuda) take their CPU twins'
+    arguments plus the stream, and check devices."""
     torch = pytest.importorskip("torch")
     from torch.utils import cpp_extension
 
@@ -129,3 +130,9 @@ def test_extension_with_cuda_builds_and_loads(kernel_objects, cuda_home, tmp_pat
     with pytest.raises(RuntimeError, match="query_to_doc must be a CUDA tensor"):
         module.contrastive_epilogue_cuda(blocks, None, None, None, None, None, None, None, 0, 2, 8, 0, 0, 20.0, 0,
                                          0.0, True, 0, 0.0, True, 0)
+    for op in ("lambda_loss", "plistmle", "listnet"):  # the ranking ops: the CPU arguments plus the stream
+        cpu, cuda = arguments(getattr(module, f"{op}_cpu")), arguments(getattr(module, f"{op}_cuda"))
+        assert cuda[:-1] == cpu and "int" in cuda[-1].lower(), (op, cpu, cuda)
+    lists = torch.zeros(2, 8)
+    with pytest.raises(RuntimeError, match="lambda_loss_cuda: logits must be a CUDA tensor"):
+        module.lambda_loss_cuda(lists, lists, lists > 0, 4, 10.0, 0, 1.0, 1e-10, True, True, 0)

@@ -11,6 +11,9 @@ struct CUstream_st;  // cudaStream_t is CUstream_st*
 namespace fastcache {
 namespace cuda {
 
+// The longest list lambda_loss takes: its kernel keeps 4 rows of n values per query in shared memory.
+constexpr int64_t kMaxLambdaList = 4096;
+
 enum RankingWeighting { kWeightNone = 0, kWeightNDCGLoss1 = 1, kWeightNDCGLoss2 = 2, kWeightLambdaRank = 3,
                         kWeightNDCGLoss2PP = 4 };
 
@@ -24,7 +27,7 @@ struct LambdaLossParams {
 // LambdaLoss, one block per query. Row q holds its lengths[q] real documents sorted by logit (descending, ties by
 // position): sorted_logits, sorted_labels (-inf = irrelevant) and their original columns `order`; max_dcg[q] is
 // max(maxDCG@k, eps). Writes loss_sum[q] (sum of the pair losses), pair_count[q] and, when compute_grad,
-// d(loss_sum)/dlogits into grad (original columns; zero-filled by the caller). n <= 4096.
+// d(loss_sum)/dlogits into grad (original columns; zero-filled by the caller). 1 <= n <= kMaxLambdaList.
 // Returns nullptr on success, else CUDA's description of the error.
 const char* lambda_loss_f32(const float* sorted_logits, const float* sorted_labels, const int64_t* order,
                             const int64_t* lengths, const float* max_dcg, int64_t Q, int64_t n,

@@ -32,8 +32,11 @@ The log-sum-exp runs max-shifted, so large logits do not overflow (sentence-tran
 ListNet (Cao et al. 2007). Per query, loss_q = -sum_j softmax(y)_j log softmax(s)_j over real documents;
 loss = mean_q loss_q over all Q rows.
 
-Backends: ``cpu`` (csrc/cpu/ranking.cpp: one pass per query, pairs visited in place, never an [n, n] tensor) and
-``torch`` (pure PyTorch: LambdaLoss in blocks of ranks, [Q, rows, n] at a time within the memory budget).
+Backends: ``cpu`` (csrc/cpu/ranking.cpp: one pass per query, pairs visited in place, never an [n, n] tensor),
+``cuda`` (csrc/cuda/ranking.cu, CUDA tensors: LambdaLoss one thread block per query with its rows in shared
+memory, lists up to 4096 documents; PListMLE and ListNet one thread per query) and ``torch`` (pure PyTorch:
+LambdaLoss in blocks of ranks, [Q, rows, n] at a time within the memory budget; the fallback on CUDA tensors when
+the extension has no CUDA kernels, and for LambdaLoss lists longer than 4096 under ``auto``).
 """
 
 from __future__ import annotations
@@ -53,11 +56,19 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DIFF_LIMIT = 1e8  # sentence-transformers clamps score differences to +-1e8 (no gradient beyond)
 _TORCH_PAIR_TEMPORARIES = 8  # [Q, rows, n] temporaries alive at once in the torch LambdaLoss
 
+CUDA_MAX_LAMBDA_LIST = 4096  # csrc/cuda/ranking.h kMaxLambdaList: the LambdaLoss kernel's rows live in shared memory
 
-def available(device: torch.device) -> dict[str, str | None]:
-    """Backends of the ranking ops and, for each, None when it can run on ``device`` or the reason it cannot."""
-    gpu_reason = "GPU kernels for the ranking ops are not part of this build yet"
-    return {"cpu": _backend.cpu_kernel_status(device), "torch": None, "cuda": gpu_reason, "triton": gpu_reason}
+
+def available(device: torch.device, function: str) -> dict[str, str | None]:
+    """Backends of the ranking ops and, for each, None when it can run on ``device`` or the reason it cannot
+    (``function``: the op's CUDA kernel in fastcache._C)."""
+    return {"cpu": _backend.cpu_kernel_status(device), "torch": None,
+            "cuda": _backend.cuda_kernel_status(device, function)}
+
+
+def _stream(t: Tensor) -> int:
+    """The raw cudaStream_t of ``t``'s device's current stream (the compiled CUDA kernels launch on it)."""
+    return torch.cuda.current_stream(t.device).cuda_stream
 
 
 @dataclass(frozen=True)
@@ -217,7 +228,13 @@ def _lambda_cpu(s: Tensor, y: Tensor, mask: Tensor, opts: LambdaOptions, with_gr
                                               with_grad)
 
 
-_LAMBDA_BACKENDS = {"cpu": _lambda_cpu, "torch": _lambda_torch}
+def _lambda_cuda(s: Tensor, y: Tensor, mask: Tensor, opts: LambdaOptions, with_grad: bool):
+    return _backend.EXTENSION.lambda_loss_cuda(s, y, mask, WEIGHTINGS[opts.weighting], float(opts.mu), opts.k or 0,
+                                               float(opts.sigma), float(opts.eps), opts.reduction_log == "binary",
+                                               with_grad, _stream(s))
+
+
+_LAMBDA_BACKENDS = {"cpu": _lambda_cpu, "torch": _lambda_torch, "cuda": _lambda_cuda}
 
 
 def lambda_loss(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, weighting: str | None = "ndcg_loss2pp",
@@ -227,10 +244,14 @@ def lambda_loss(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, w
 
     ``weighting``: "none" (None), "ndcg_loss1", "ndcg_loss2", "lambdarank" or "ndcg_loss2pp" (with ``mu``); ``k``
     truncates to NDCG@k; ``sigma`` scales score differences; ``eps`` clamps probabilities and maxDCG;
-    ``reduction_log`` is "binary" (log2) or "natural". ``backend``: auto | cpu | torch."""
+    ``reduction_log`` is "binary" (log2) or "natural". ``backend``: auto | cpu | cuda | torch."""
     opts = LambdaOptions(weighting or "none", mu, k, sigma, eps, reduction_log)
     s, y, mask = check_inputs(logits, labels, mask)
-    kernel = _LAMBDA_BACKENDS[_backend.resolve_backend(s.device, available(s.device), backend)]
+    status = available(s.device, "lambda_loss_cuda")
+    if status["cuda"] is None and s.size(1) > CUDA_MAX_LAMBDA_LIST:
+        status["cuda"] = (f"the CUDA LambdaLoss kernel takes lists of up to {CUDA_MAX_LAMBDA_LIST} documents, "
+                          f"got {s.size(1)}")
+    kernel = _LAMBDA_BACKENDS[_backend.resolve_backend(s.device, status, backend)]
 
     def compute(with_grad: bool):
         loss_sum, count, grad = kernel(s, y, mask, opts, with_grad)
@@ -276,7 +297,12 @@ def _plistmle_cpu(s, y, mask, weights, respect_input_order, eps, with_grad):
     return _backend.EXTENSION.plistmle_cpu(s, y, mask, weights, respect_input_order, float(eps), with_grad)
 
 
-_PLISTMLE_BACKENDS = {"cpu": _plistmle_cpu, "torch": _plistmle_torch}
+def _plistmle_cuda(s, y, mask, weights, respect_input_order, eps, with_grad):
+    return _backend.EXTENSION.plistmle_cuda(s, y, mask, weights, respect_input_order, float(eps), with_grad,
+                                            _stream(s))
+
+
+_PLISTMLE_BACKENDS = {"cpu": _plistmle_cpu, "torch": _plistmle_torch, "cuda": _plistmle_cuda}
 
 
 def plistmle_default_weights(mask: Tensor) -> Tensor:
@@ -306,7 +332,7 @@ def plistmle(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, posi
         weights = position_weights.detach().to(device=s.device, dtype=s.dtype).expand_as(s).contiguous()
         if not (torch.isfinite(weights).all() and (weights >= 0).all()):
             raise ValueError("position_weights must be finite and non-negative")
-    kernel = _PLISTMLE_BACKENDS[_backend.resolve_backend(s.device, available(s.device), backend)]
+    kernel = _PLISTMLE_BACKENDS[_backend.resolve_backend(s.device, available(s.device, "plistmle_cuda"), backend)]
 
     def compute(with_grad: bool):
         loss_rows, grad = kernel(s, y, mask, weights, bool(respect_input_order), eps, with_grad)
@@ -340,7 +366,11 @@ def _listnet_cpu(s, y, mask, with_grad):
     return _backend.EXTENSION.listnet_cpu(s, y, mask, with_grad)
 
 
-_LISTNET_BACKENDS = {"cpu": _listnet_cpu, "torch": _listnet_torch}
+def _listnet_cuda(s, y, mask, with_grad):
+    return _backend.EXTENSION.listnet_cuda(s, y, mask, with_grad, _stream(s))
+
+
+_LISTNET_BACKENDS = {"cpu": _listnet_cpu, "torch": _listnet_torch, "cuda": _listnet_cuda}
 
 
 def listnet(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, backend: str | None = None) -> Tensor:
@@ -351,7 +381,7 @@ def listnet(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, backe
     if no_target.any():
         raise ValueError(f"labels: every real document of query {int(no_target.nonzero()[0])} has label -inf, "
                          "so ListNet has no target distribution")
-    kernel = _LISTNET_BACKENDS[_backend.resolve_backend(s.device, available(s.device), backend)]
+    kernel = _LISTNET_BACKENDS[_backend.resolve_backend(s.device, available(s.device, "listnet_cuda"), backend)]
 
     def compute(with_grad: bool):
         loss_rows, grad = kernel(s, y, mask, with_grad)

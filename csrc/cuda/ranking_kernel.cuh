@@ -1,0 +1,209 @@
+// The kernels of the learning-to-rank losses on CUDA (the maths of csrc/cpu/ranking.cpp); launched by ranking.cu.
+//
+// LambdaLoss: one thread block per query. The block first fills four shared-memory rows indexed by rank: the
+// gradient (zero), the gains G_r = (2^max(y_r,0) - 1) / maxDCG, 1/D_r = 1/log2(r + 2) and the NDCGLoss2 deltas
+// delta_r = |1/log2(1 + r) - 1/log2(2 + r)|. Warps then take ranks p = warp, warp + warps, ... and a warp's lanes
+// the ranks q > p. Each unordered pair is visited once and both of its directions share one exp and one log1p (as
+// on the CPU): dL/ds_p is reduced in the warp, dL/ds_q is added to the shared gradient row with shared atomics.
+// Memory: 4n values of shared memory per block, never an [n, n] tensor. PListMLE and ListNet are O(n) per query:
+// one thread per query.
+//
+// This header needs only CUDA's built-in names (threadIdx, __syncthreads, __shfl_down_sync, atomicAdd, ...) and
+// lambda_shared_memory() (the block's dynamic shared memory, defined by the includer), so a test can also compile
+// it for the host with those names emulated (tests/ranking_host_emulation.cpp).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "ranking.h"
+
+namespace fastcache {
+namespace cuda {
+namespace {
+
+constexpr int kLambdaThreads = 256;
+constexpr int kRowThreads = 128;
+constexpr int kRankingWarp = 32;
+constexpr double kDiffLimit = 1e8;  // sentence-transformers clamps score differences (no gradient beyond)
+constexpr int kLambdaSharedRows = 4;  // gradient, gain, 1/D, delta: [n] each
+
+// The block's dynamic shared memory: lambda_loss_kernel's kLambdaSharedRows rows of n values.
+__device__ unsigned char* lambda_shared_memory();
+
+__device__ __forceinline__ float ranking_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double ranking_exp(double x) { return exp(x); }
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = kRankingWarp / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T gain_of(T label, T max_dcg) {
+  return label > T(0) ? (exp2(label) - T(1)) / max_dcg : T(0);  // -inf and negative labels: no gain
+}
+
+template <typename T>
+__global__ void lambda_loss_kernel(const T* sorted_logits, const T* sorted_labels, const int64_t* order,
+                                   const int64_t* lengths, const T* max_dcgs, int64_t n, LambdaLossParams prm,
+                                   T* grad, double* loss_sum, double* pair_count) {
+  T* grad_row = reinterpret_cast<T*>(lambda_shared_memory());  // [n] by rank
+  T* gain = grad_row + n;                                       // [n] by rank
+  T* inv_d = gain + n;                                          // [n] by rank: 1 / log2(r + 2)
+  T* delta = inv_d + n;                                         // [n] by rank distance r >= 1 (delta[0] unused)
+  __shared__ double warp_loss[kLambdaThreads / kRankingWarp], warp_count[kLambdaThreads / kRankingWarp];
+  const int64_t q_row = blockIdx.x;
+  const T* s = sorted_logits + q_row * n;
+  const T* y = sorted_labels + q_row * n;
+  const int64_t m = lengths[q_row];
+  const int64_t kk = prm.k > 0 && prm.k < m ? prm.k : m;
+  const T max_dcg = max_dcgs[q_row];
+  for (int64_t r = threadIdx.x; r < n; r += blockDim.x) {
+    grad_row[r] = T(0);
+    gain[r] = r < m ? gain_of(y[r], max_dcg) : T(0);
+    inv_d[r] = T(1.0 / log2(double(r) + 2.0));
+    delta[r] = r == 0 ? T(0) : T(fabs(1.0 / log2(double(r) + 1.0) - 1.0 / log2(double(r) + 2.0)));
+  }
+  __syncthreads();
+  const bool ndcg1 = prm.weighting == kWeightNDCGLoss1;
+  const T w_one = prm.weighting == kWeightNone ? T(1) : T(0);
+  const T w_ndcg2 = prm.weighting == kWeightNDCGLoss2 ? T(1) : prm.weighting == kWeightNDCGLoss2PP ? T(prm.mu) : T(0);
+  const T w_rank = (prm.weighting == kWeightLambdaRank || prm.weighting == kWeightNDCGLoss2PP) ? T(1) : T(0);
+  const T sigma = T(prm.sigma), log_eps = T(log(prm.eps)), c = T(prm.binary_log ? 1.0 / log(2.0) : 1.0);
+  const T limit = T(kDiffLimit);
+  const int warp = threadIdx.x / kRankingWarp, lane = threadIdx.x % kRankingWarp;
+  const int warps = blockDim.x / kRankingWarp;
+  double loss = 0.0, count = 0.0;
+  for (int64_t p = warp; p < kk; p += warps) {
+    const T sp = s[p], yp = y[p], gp = gain[p], dp = inv_d[p];
+    const bool fp = isfinite(yp);
+    T grad_p = T(0);
+    for (int64_t q = p + 1 + lane; q < kk; q += kRankingWarp) {
+      const T yq = y[q];
+      const bool both = fp && isfinite(yq);
+      const bool valid_a = both && (ndcg1 || yp > yq), valid_b = both && (ndcg1 || yq > yp);
+      if (!(valid_a || valid_b)) continue;
+      const T raw = sp - s[q];
+      const T x = sigma * fmin(fmax(raw, -limit), limit);
+      const T e = ranking_exp(-fabs(x));
+      const T l1p = log1p(e);
+      const T ls_pos = fmin(x, T(0)) - l1p, ls_neg = fmin(-x, T(0)) - l1p;  // log sigmoid(±x)
+      const T inv = T(1) / (T(1) + e);
+      const T sig_pos = x >= T(0) ? inv : e * inv, sig_neg = x >= T(0) ? e * inv : inv;
+      const T gq = gain[q], dq = inv_d[q];
+      const T gain_diff = fabs(gp - gq);
+      const T w_sym = w_one + w_ndcg2 * delta[q - p] * gain_diff + w_rank * fabs(dp - dq) * gain_diff;
+      const T wa = ndcg1 ? gp * dp : w_sym, wb = ndcg1 ? gq * dq : w_sym;
+      const T ta = wa * fmax(ls_pos, log_eps), tb = wb * fmax(ls_neg, log_eps);
+      T g = T(0);
+      if (valid_a) {
+        loss -= double(c * fmax(ta, log_eps));
+        count += 1.0;
+        if (ls_pos > log_eps && ta > log_eps) g += wa * sig_neg;
+      }
+      if (valid_b) {
+        loss -= double(c * fmax(tb, log_eps));
+        count += 1.0;
+        if (ls_neg > log_eps && tb > log_eps) g -= wb * sig_pos;
+      }
+      if (prm.compute_grad && fabs(raw) <= limit) {
+        g *= -c * sigma;
+        grad_p += g;
+        atomicAdd(grad_row + q, -g);
+      }
+    }
+    grad_p = warp_sum(grad_p);
+    if (lane == 0) {
+      if (prm.compute_grad) atomicAdd(grad_row + p, grad_p);
+      if (ndcg1 && fp) {  // the pair (p, p): sigmoid(0) = 1/2, no gradient
+        loss -= double(c * fmax(gp * dp * fmax(T(log(0.5)), log_eps), log_eps));
+        count += 1.0;
+      }
+    }
+  }
+  loss = warp_sum(loss);
+  count = warp_sum(count);
+  if (lane == 0) {
+    warp_loss[warp] = loss;
+    warp_count[warp] = count;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0, pairs = 0.0;
+    for (int w = 0; w < warps; ++w) {
+      total += warp_loss[w];
+      pairs += warp_count[w];
+    }
+    loss_sum[q_row] = total;
+    pair_count[q_row] = pairs;
+  }
+  if (prm.compute_grad)
+    for (int64_t r = threadIdx.x; r < kk; r += blockDim.x) grad[q_row * n + order[q_row * n + r]] = grad_row[r];
+}
+
+template <typename T>
+__global__ void plistmle_kernel(const T* logits, const int64_t* order, const int64_t* lengths, const T* weights,
+                                int64_t Q, int64_t n, double log_eps, bool compute_grad, T* loss, T* grad) {
+  const int64_t q_row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (q_row >= Q) return;
+  const T* s = logits + q_row * n;
+  const int64_t* col = order + q_row * n;
+  const T* w = weights ? weights + q_row * n : nullptr;
+  T* g = grad + q_row * n;
+  const int64_t m = lengths[q_row];
+  // pass 1 (ranks m-1 .. 0): Lhat_r = log(sum_{t >= r} exp(s_t) + eps), kept in grad[col[r]] until pass 2
+  double running = -INFINITY;
+  for (int64_t r = m - 1; r >= 0; --r) {
+    const double x = s[col[r]];
+    const double hi = fmax(running, x), lo = fmin(running, x);
+    running = hi + log1p(exp(lo - hi));
+    const double hi_eps = fmax(running, log_eps), lo_eps = fmin(running, log_eps);
+    g[col[r]] = T(hi_eps + log1p(exp(lo_eps - hi_eps)));
+  }
+  // pass 2 (ranks 0 .. m-1): loss and dloss/ds_t = -w_t + exp(s_t - Lhat_t) · A_t
+  double total = 0.0, acc = 0.0, previous = 0.0;
+  for (int64_t r = 0; r < m; ++r) {
+    const double x = s[col[r]], lhat = g[col[r]], wr = w ? double(w[r]) : 1.0;
+    total -= wr * (x - lhat);
+    acc = (r == 0 ? 0.0 : acc * exp(lhat - previous)) + wr;
+    previous = lhat;
+    g[col[r]] = compute_grad ? T(-wr + exp(x - lhat) * acc) : T(0);
+  }
+  loss[q_row] = T(total);
+}
+
+template <typename T>
+__global__ void listnet_kernel(const T* logits, const T* labels, const bool* mask, int64_t Q, int64_t n,
+                               bool compute_grad, T* loss, T* grad) {
+  const int64_t q_row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (q_row >= Q) return;
+  const T* s = logits + q_row * n;
+  const T* y = labels + q_row * n;
+  const bool* real = mask + q_row * n;
+  double s_max = -INFINITY, y_max = -INFINITY;
+  for (int64_t j = 0; j < n; ++j)
+    if (real[j]) {
+      s_max = fmax(s_max, double(s[j]));
+      y_max = fmax(y_max, double(y[j]));
+    }
+  loss[q_row] = T(0);
+  if (isinf(y_max)) return;  // no real document (or no finite label): the op rejects the latter
+  double s_sum = 0.0, y_sum = 0.0, dot = 0.0;
+  for (int64_t j = 0; j < n; ++j)
+    if (real[j]) {
+      s_sum += exp(double(s[j]) - s_max);
+      const double p = exp(double(y[j]) - y_max);
+      y_sum += p;
+      dot += p * double(s[j]);
+    }
+  const double lse = s_max + log(s_sum);
+  loss[q_row] = T(lse - dot / y_sum);
+  if (compute_grad)
+    for (int64_t j = 0; j < n; ++j)
+      if (real[j]) grad[q_row * n + j] = T(exp(double(s[j]) - lse) - exp(double(y[j]) - y_max) / y_sum);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastcache

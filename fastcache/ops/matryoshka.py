@@ -18,6 +18,7 @@ sum from the largest dim): dX[:, S_j] += A_j·Y[:, S_j] and dY[:, S_j] += A_jᵀ
 with t_k(i) = Σ_j g_k s_k (and the column sums for Y), dX_i[:d_k] -= t_k(i)·X_i[:d_k] / ‖X_i[:d_k]‖².
 Exact: the loss and gradients of summing :func:`fastcache.contrastive_loss` over the dims, up to rounding.
 Memory per chunk: K + 2 blocks per direction (the running R, each dim's gradient block, one product temporary).
+The tiled strategy (Triton, ``strategy="tiled"``): fastcache/triton/matryoshka.py, the same maths on tiles.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fastcache.ops.contrastive import (
     PrecomputedGradLoss,
     _normalized,
     _parse,
+    _strategy,
     check_inputs,
     chunk_rows,
     one_pass,
@@ -195,13 +197,18 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, w
          backend, memory_budget, chunk_size, show_progress_bar, strategy=None):
     layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options, doc_ids)
     dims, weights = check_dims(dims, weights, layout.dim)
-    if strategy not in (None, "auto", "slab"):
-        raise ValueError(f"strategy: the Matryoshka op runs the slab strategy only, got {strategy!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    name = _backend.resolve_backend(queries.device, contrastive_epilogue.available(queries.device), backend)
+    guide_dim = 0 if guide_queries is None else guide_queries.size(1)
+    strategy, name = _strategy(layout, options, all_queries is not None, guide_dim, queries.device,
+                               contrastive_epilogue.available(queries.device), backend, strategy, memory_budget,
+                               chunk_size)
+    if strategy == "tiled":
+        from fastcache.triton.matryoshka import matryoshka_tiled
+
+        return matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
+                                dims, weights, need_grad)
     if chunk_size is None:
-        guide_dim = 0 if guide_queries is None else guide_queries.size(1)
         itemsize = 8 if queries.dtype == torch.float64 else 4
         # per direction: the running prefix product, one gradient block per dim, the radial product temporary
         blocks = len(dims) + 1 + contrastive_epilogue.WORKSPACE_BLOCKS[name]
@@ -233,8 +240,9 @@ def matryoshka_contrastive_loss(
         dims: distinct positive ints, each at most D, in any order (e.g. [384, 256, 128, 64, 32]).
         weights: one finite number per dim (default 1 each).
         queries, docs, all_queries, guide_queries, guide_docs, doc_ids, and every option and setting: as
-            :func:`fastcache.contrastive_loss` (the guide embeddings are never truncated). Setting
-            strategy="tiled" is not supported here (slab only).
+            :func:`fastcache.contrastive_loss` (the guide embeddings are never truncated), strategy included:
+            "tiled" runs the Triton multi-dim tiled kernels (fastcache/triton/matryoshka.py), "auto" chooses as
+            the single-dim op does.
 
     Returns: the weighted sum of the per-dim mean losses, a 0-d float32 tensor (float64 for float64 inputs).
     """

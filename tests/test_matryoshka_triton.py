@@ -1,0 +1,244 @@
+"""The Matryoshka op's tiled strategy (fastcache/triton/matryoshka.py) on CPU tensors, through the Triton interpreter.
+
+Against the dense reference (the contrastive reference once per dim, fastcache/reference.py): every option in
+float64 (directions, partition modes, hardness, cos/dot, scale), dims that divide nothing and fall inside a
+BLOCK_K block or an output tile (D=19 with 19/7/3, D=300 with 300/256/130/128/37/1), weights (zero, negative),
+B = 1 and B, N across several 64-wide tiles, gathered queries with an offset, guides with both margin strategies,
+duplicate ids, prefixes of norm zero, NaN-padded strided inputs, both op paths; float32 / bfloat16 / float16
+against the reference's own error; determinism; the strategy setting and its errors; a fastcache Matryoshka loss
+class on the tiled path; the kernels compiled for sm_90 without register spills. Shapes are tiny (the interpreter
+is slow). The same kernels on a GPU: tests/test_matryoshka_gpu.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="the Triton interpreter is off (set TRITON_INTERPRET=1 before importing triton)"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"),
+]
+
+from fastcache.ops.matryoshka import matryoshka_contrastive_loss, matryoshka_contrastive_loss_and_grad  # noqa: E402
+from helpers import (  # noqa: E402
+    MATRYOSHKA_OP_PATHS,
+    assert_matches,
+    assert_no_worse_than_reference,
+    cast,
+    make_batch,
+    matryoshka_op_loss_and_grad,
+    matryoshka_reference_loss_and_grads,
+    nan_padded,
+)
+from test_matryoshka_op import DIM_SETS, LOW_PRECISION_CASES, VARIANTS  # noqa: E402
+
+QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
+ALL = (QD, QQ, DQ, DD)
+TILED = dict(backend="triton", strategy="tiled")
+
+
+def check(batch, path="loss_and_grad", **options):
+    """One op path on the tiled strategy against the reference, float64."""
+    assert_matches(MATRYOSHKA_OP_PATHS[path](batch, **TILED, **options),
+                   matryoshka_reference_loss_and_grads(batch, **options))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_options_match_reference(variant):
+    batch = make_batch(7, 19, columns=3, seed=1)
+    check(batch, dims=[19, 7, 3], weights=[1.0, 0.5, 2.0], **VARIANTS[variant])
+
+
+@pytest.mark.parametrize(("dims", "weights"), DIM_SETS, ids=[str(d) for d, _ in DIM_SETS])
+def test_dims_and_weights(dims, weights):
+    batch = make_batch(5, 19, columns=2, seed=2)
+    check(batch, dims=list(dims), weights=weights)
+
+
+@pytest.mark.parametrize("path", list(MATRYOSHKA_OP_PATHS))
+def test_dims_across_blocks_and_output_tiles(path):
+    """D = 300: dims inside BLOCK_K blocks, ending inside and on the edges of the 128-wide output tiles, a one-dim
+    prefix; the doc_to_query gradient fused into query_to_doc's."""
+    batch = make_batch(3, 300, columns=2, seed=3, noise=6.0)
+    check(batch, path, dims=[300, 256, 130, 128, 37, 1], weights=[1.0, 0.5, 1.0, 2.0, 1.0, 0.25], scale=30.0,
+          directions=(QD, DQ), partition_mode="per_direction")
+
+
+SHAPES = [(1, 1, 1, [1]), (1, 5, 3, [5, 2]), (70, 9, 2, [9, 4])]  # rows, dim, columns, dims
+
+
+@pytest.mark.parametrize("rows,dim,columns,dims", SHAPES, ids=[str(s[:3]) for s in SHAPES])
+def test_shapes(rows, dim, columns, dims):
+    """B = 1, D = 1; B and N across several 64-wide tiles, not multiples of them."""
+    batch = make_batch(rows, dim, columns=columns, seed=4)
+    check(batch, dims=dims, directions=ALL, hardness_mode="all_negatives", hardness_strength=1.0)
+
+
+@pytest.mark.parametrize("directions", [(QD,), ALL], ids=["qd", "all"])
+def test_gathered_offset(directions):
+    batch = make_batch(3, 11, columns=2, positives=8, offset=4, gathered=True, docs_3d=True, seed=5)
+    check(batch, "autograd", dims=[11, 6, 2], offset=4, directions=directions, hardness_mode="hard_negatives",
+          hardness_strength=1.5)
+
+
+@pytest.mark.parametrize("margin_strategy", ["absolute", "relative"])
+def test_guide_is_not_truncated(margin_strategy):
+    batch = make_batch(4, 13, columns=2, positives=6, offset=2, docs_3d=True, guide_dim=5, seed=6)
+    check(batch, dims=[13, 9, 4], offset=2, directions=(QD, QQ, DD), margin=0.05, margin_strategy=margin_strategy,
+          hardness_mode="in_batch_negatives", hardness_strength=1.0)
+
+
+def test_doc_ids_with_guide():
+    batch = make_batch(5, 10, columns=2, guide_dim=4, seed=7)
+    batch["doc_ids"] = torch.tensor([0, 1, 2, 3, 4, 1, 9, 0, 3, 3])  # duplicates across and within columns
+    check(batch, dims=[10, 4], directions=(QD, QQ, DD), margin=0.1)
+
+
+def test_doc_ids_all_directions():
+    batch = make_batch(5, 10, columns=2, seed=7)
+    batch["doc_ids"] = torch.tensor([0, 1, 2, 3, 4, 1, 9, 0, 3, 3])
+    check(batch, dims=[10, 4], directions=ALL)
+
+
+def test_zero_prefix_norm():
+    """A row whose first dims are all zero: F.normalize divides by eps there, the gradient stays finite."""
+    batch = make_batch(4, 8, columns=2, seed=8)
+    batch["queries"][1, :3] = 0.0
+    batch["docs"][5, :3] = 0.0
+    check(batch, dims=[8, 3])
+
+
+@pytest.mark.parametrize("layout", ["slice", "transposed", "every_other_col"])
+def test_strided_nan_padded_inputs(layout):
+    batch = make_batch(3, 7, columns=2, positives=6, offset=2, gathered=True, seed=9)
+    strided = {k: nan_padded(v, layout) for k, v in batch.items()}
+    check(strided, dims=[7, 4, 1], offset=2, directions=ALL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(LOW_PRECISION_CASES))
+def test_low_precision_no_worse_than_reference(dtype, case):
+    """fp32 accumulation of the input dtype's products, per-dim scaling in fp32: no worse than the reference
+    computed in the input dtype (tests/helpers.py), on both op paths."""
+    shape, options = LOW_PRECISION_CASES[case]
+    runs = {}
+    for path in MATRYOSHKA_OP_PATHS.values():
+        for seed in (13, 14, 15):
+            batch = make_batch(**shape, dtype=dtype, seed=seed)
+            truth = matryoshka_reference_loss_and_grads(cast(batch, torch.float64), **options)
+            ref = matryoshka_reference_loss_and_grads(batch, **options)
+            loss, grads = path(batch, **TILED, **options)
+            assert loss.dtype == torch.float32 and all(g.dtype == dtype for g in grads.values())
+            for k in ["loss", *grads]:
+                for lst, out in zip(runs.setdefault(k, ([], [], [])), (truth, ref, (loss, grads))):
+                    lst.append(out[0] if k == "loss" else out[1][k])
+    for k, (truth, ref, ours) in runs.items():
+        assert_no_worse_than_reference(k, ours, ref, truth, torch.float32 if k == "loss" else dtype)
+
+
+def test_same_as_the_slab():
+    """float32, the other strategy of the same op: equal up to rounding."""
+    batch = make_batch(6, 24, columns=2, dtype=torch.float32, seed=10)
+    options = dict(dims=[24, 12, 5], weights=[1.0, 0.5, 0.25], directions=(QD, DQ), hardness_mode="all_negatives",
+                   hardness_strength=1.0)
+    assert_matches(matryoshka_op_loss_and_grad(batch, **TILED, **options),
+                   matryoshka_op_loss_and_grad(batch, backend="torch", strategy="slab", **options),
+                   rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic():
+    batch = make_batch(70, 8, columns=2, seed=11, dtype=torch.float32)
+    first = matryoshka_op_loss_and_grad(batch, dims=[8, 3], directions=ALL, **TILED)
+    second = matryoshka_op_loss_and_grad(batch, dims=[8, 3], directions=ALL, **TILED)
+    assert torch.equal(first[0], second[0])
+    for k in first[1]:
+        assert torch.equal(first[1][k], second[1][k]), k
+
+
+def test_loss_only_forward():
+    """Without inputs that need gradients the backward kernels do not run; the loss is the same."""
+    batch = make_batch(5, 9, columns=2, seed=12)
+    expected, _ = matryoshka_reference_loss_and_grads(batch, dims=[9, 4])
+    loss = matryoshka_contrastive_loss(batch["queries"], batch["docs"], dims=[9, 4], **TILED)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# selection: strategy argument and FASTCACHE_STRATEGY, auto, errors
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiled_calls(monkeypatch):
+    """Counts the calls of the tiled strategy."""
+    from fastcache.triton import matryoshka as triton_matryoshka
+
+    calls = []
+    original = triton_matryoshka.matryoshka_tiled
+    monkeypatch.setattr(triton_matryoshka, "matryoshka_tiled", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_strategy_from_argument_and_env(monkeypatch, tiled_calls):
+    batch = make_batch(4, 6, columns=2, seed=13)
+    tiled = matryoshka_op_loss_and_grad(batch, dims=[6, 2], **TILED)
+    assert len(tiled_calls) == 1
+    monkeypatch.setenv("FASTCACHE_STRATEGY", "tiled")
+    assert_matches(matryoshka_op_loss_and_grad(batch, dims=[6, 2], backend="triton"), tiled, rtol=0, atol=0)
+    assert len(tiled_calls) == 2
+    monkeypatch.setenv("FASTCACHE_BACKEND", "triton")  # auto strategy on CPU: the slab
+    monkeypatch.setenv("FASTCACHE_STRATEGY", "auto")
+    assert_matches(matryoshka_op_loss_and_grad(batch, dims=[6, 2]), tiled, rtol=1e-12, atol=1e-13)
+    assert len(tiled_calls) == 2
+
+
+def test_tiled_needs_triton(monkeypatch):
+    batch = make_batch(3, 4, seed=14)
+    for backend in ("cpu", "torch"):
+        with pytest.raises(RuntimeError, match="strategy 'tiled' runs Triton kernels: it needs backend 'triton'"):
+            matryoshka_contrastive_loss(batch["queries"], batch["docs"], dims=[4, 2], backend=backend,
+                                        strategy="tiled")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run here.*TRITON_INTERPRET"):
+        matryoshka_contrastive_loss_and_grad(batch["queries"], batch["docs"], dims=[4, 2], strategy="tiled")
+
+
+def test_unknown_strategy_is_a_value_error():
+    batch = make_batch(3, 4, seed=14)
+    with pytest.raises(ValueError, match=r"^strategy must be one of auto, slab, tiled; got 'bogus'"):
+        matryoshka_contrastive_loss(batch["queries"], batch["docs"], dims=[4, 2], strategy="bogus")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the library on the tiled path: a fastcache Matryoshka loss class
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_cached_matryoshka_loss_class_on_tiled_matches_cpu(tiny_model, monkeypatch):
+    from fastcache import losses
+
+    anchors = ["the cat sat", "a dog ran far", "sun and weather", "nice car today", "work work"]
+    positives = ["cat sat", "the dog ran", "nice weather sun", "a car", "the work today"]
+    results = {}
+    for backend, strategy in (("cpu", "slab"), ("triton", "tiled")):
+        monkeypatch.setenv("FASTCACHE_BACKEND", backend)
+        monkeypatch.setenv("FASTCACHE_STRATEGY", strategy)
+        tiny_model.zero_grad(set_to_none=True)
+        inner = losses.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=2)
+        loss = losses.MatryoshkaLoss(tiny_model, inner, [32, 16, 5], matryoshka_weights=[1.0, 0.5, 2.0])
+        value = loss([tiny_model.preprocess(texts) for texts in (anchors, positives)], None)
+        value.backward()
+        results[backend] = (value.detach(), {n: p.grad.clone() for n, p in tiny_model.named_parameters()
+                                             if p.grad is not None})
+    tiny_model.zero_grad(set_to_none=True)
+    (loss_cpu, grads_cpu), (loss_tiled, grads_tiled) = results["cpu"], results["triton"]
+    assert float(loss_cpu) > 1e-3 and grads_cpu.keys() == grads_tiled.keys()
+    torch.testing.assert_close(loss_tiled, loss_cpu, rtol=1e-5, atol=1e-6)
+    scale = max(float(g.abs().max()) for g in grads_cpu.values())
+    assert scale > 1e-4
+    for name, grad in grads_cpu.items():
+        torch.testing.assert_close(grads_tiled[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)

@@ -359,7 +359,8 @@ def test_available_reports_the_cuda_epilogue_reason():
 # 6. the same kernels compiled for the GPU (no GPU needed): what the interpreter does not check
 # ---------------------------------------------------------------------------------------------------------------
 
-_COMPILE_FOR_SM90 = r'''
+# compile_kernel(fn, constexprs, element, num_warps, num_stages): fn compiled for sm_90, ptxas -v's line on spills
+SM90_COMPILER = r'''
 import subprocess, tempfile
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -385,7 +386,9 @@ def compile_kernel(fn, constexprs, element, num_warps, num_stages):
         done = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx.name, "-o", "/dev/null"],
                               capture_output=True, text=True, check=True)
     return [line.strip() for line in done.stderr.splitlines() if "spill" in line][-1]
+'''
 
+_COMPILE_FOR_SM90 = SM90_COMPILER + r'''
 tiles = dict(BLOCK_M=k.TILE_M, BLOCK_N=k.TILE_N, BLOCK_K=k.TILE_K, ACC=tl.float32, WIDEN=False,
              HARDNESS=3, GUIDED=True, HAS_IDS=True, RELATIVE_MARGIN=True)
 print("epilogue", compile_kernel(k._slab_epilogue_kernel, dict(
@@ -403,18 +406,22 @@ print("partition", compile_kernel(k._tiled_partition_kernel, dict(JOINT=True, NU
 '''
 
 
-def test_kernels_compile_for_sm90_without_spills():
-    """Every kernel (its most demanding options) compiled by Triton for sm_90 in a process without the
-    interpreter: GPU-only rules hold (constexpr globals, dot shapes and types), and ptxas reports no register
-    spills for the chosen tile sizes."""
+def compile_for_sm90(script: str) -> list[str]:
+    """The lines a script printed, run in a process without the interpreter (Triton compiles for the GPU)."""
     import subprocess
 
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 7, done.stdout
+    return done.stdout.strip().splitlines()
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """Every kernel (its most demanding options) compiled by Triton for sm_90 in a process without the
+    interpreter: GPU-only rules hold (constexpr globals, dot shapes and types), and ptxas reports no register
+    spills for the chosen tile sizes."""
+    lines = compile_for_sm90(_COMPILE_FOR_SM90)
+    assert len(lines) == 7, lines
     for line in lines:
         assert "0 bytes spill stores, 0 bytes spill loads" in line, line

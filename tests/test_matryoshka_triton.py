@@ -36,6 +36,7 @@ from helpers import (  # noqa: E402
     matryoshka_reference_loss_and_grads,
     nan_padded,
 )
+from test_contrastive_triton import SM90_COMPILER, compile_for_sm90  # noqa: E402
 from test_matryoshka_op import DIM_SETS, LOW_PRECISION_CASES, VARIANTS  # noqa: E402
 
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
@@ -242,3 +243,33 @@ def test_cached_matryoshka_loss_class_on_tiled_matches_cpu(tiny_model, monkeypat
     assert scale > 1e-4
     for name, grad in grads_cpu.items():
         torch.testing.assert_close(grads_tiled[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the same kernels compiled for the GPU (no GPU needed): what the interpreter does not check
+# ---------------------------------------------------------------------------------------------------------------
+
+_COMPILE_FOR_SM90 = SM90_COMPILER + r'''
+import fastcache.triton.matryoshka as m
+
+POINTERS.update({"dims_ptr": "*i32", "ra_ptr": "*fp32", "cb_ptr": "*fp32", "radial_ptr": "*fp32"})
+for guided in (True, False):  # each with its most demanding other options; unguided: doc_to_query fused
+    tiles = dict(BLOCK_M=k.TILE_M, BLOCK_K=k.TILE_K, ACC=tl.float32, WIDEN=False, HARDNESS=3, GUIDED=guided,
+                 HAS_IDS=True, RELATIVE_MARGIN=True, COSINE=True, DIMS=8, KIND=3 if guided else 0)
+    print("logsumexp", guided, compile_kernel(m._matryoshka_logsumexp_kernel, dict(tiles, BLOCK_N=k.TILE_N), "bf16",
+                                              k.TILE_WARPS, k.TILE_STAGES))
+    for by_columns in (False, True):
+        print("grad", guided, compile_kernel(m._matryoshka_grad_kernel, dict(
+            tiles, BLOCK_N=m.GRAD_TILE_N, BY_COLUMNS=by_columns, WITH_DOC_TO_QUERY=not guided,
+            BLOCK_DO=k.MAX_BLOCK_DO), "bf16", k.BACKWARD_WARPS, k.TILE_STAGES))
+'''
+
+
+def test_kernels_compile_for_sm90():
+    """Both kernels compiled by Triton for sm_90 outside the interpreter (GPU-only rules: constexpr globals,
+    loop-carried types, dot shapes); ptxas: no register spills without a guide, at most 32 bytes with one."""
+    lines = compile_for_sm90(_COMPILE_FOR_SM90)
+    assert len(lines) == 6, lines
+    for line in lines:
+        stores = int(line.split(" bytes spill stores")[0].rsplit(" ", 1)[1])
+        assert stores <= (32 if line.split()[1] == "True" else 0), line

@@ -247,8 +247,13 @@ def _matryoshka_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, par
     if COSINE:
         if tl.program_id(1) == 0:
             sums = radial_ptr + slot * stride_radial + own[:, None]
-            inside = own_ok[:, None] & (slot < num_dims)
-            tl.store(sums, tl.load(sums, mask=inside, other=0.0) + radial, mask=inside)
+            held = own_ok[:, None] & (slot < num_dims)
+            tl.store(sums, tl.load(sums, mask=held, other=0.0) + radial, mask=held)
+
+
+# Backward tiles: TILE_M rows × GRAD_TILE_N columns, output tiles MAX_BLOCK_DO wide. sm_90 (ptxas, 8 warps): no
+# spills without a guide, 32 bytes with one; 64 columns would spill 48 bytes without a guide.
+GRAD_TILE_N = 32
 
 
 class _Operand(NamedTuple):
@@ -384,11 +389,12 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
             continue
         for by_columns, side in ((False, block.rows), (True, block.cols)):
             radial = side.radial if cosine else side.grad
-            _matryoshka_grad_kernel[(triton.cdiv(side.x.size(0), TILE_N if by_columns else TILE_M),
+            _matryoshka_grad_kernel[(triton.cdiv(side.x.size(0), GRAD_TILE_N if by_columns else TILE_M),
                                      triton.cdiv(dims[0], block_do))](
                 *arguments(block), params.stride(0), *sizes(block), layout.dim, K, *common, maxima[0, kind],
                 factors[0, kind], maxima.stride(0), side.grad, side.grad.stride(0), radial, radial.stride(0),
-                maxima[0, dq], factors[0, dq], KIND=kind, **constants, BY_COLUMNS=by_columns, BLOCK_DO=block_do,
+                maxima[0, dq], factors[0, dq], KIND=kind, **dict(constants, BLOCK_N=GRAD_TILE_N),
+                BY_COLUMNS=by_columns, BLOCK_DO=block_do,
                 WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", num_warps=BACKWARD_WARPS,
                 num_stages=TILE_STAGES)
     grads = {}

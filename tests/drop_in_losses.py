@@ -1,5 +1,6 @@
 """Shared by the reliability tests (compile, determinism, leaks, gradcheck): every drop-in loss of
-fastcache.losses by name, a small configuration of each, and a tiny three-column text batch."""
+fastcache.losses by name, a small configuration of each, fastcache's MatryoshkaLoss around the fused ones, and a
+tiny three-column text batch."""
 
 from __future__ import annotations
 
@@ -27,3 +28,18 @@ def make_loss(name: str, model, guide, **kwargs):
         warnings.simplefilter("ignore", DeprecationWarning)
         cls = getattr(losses, name)
         return cls(model, guide, **kwargs) if "GIST" in name else cls(model, **kwargs)
+
+
+# MatryoshkaLoss around each kind of inner loss it fuses (in-batch, cached, cached with a guide); dims of the tiny
+# model's 32 that divide nothing
+MATRYOSHKA_INNER = ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "CachedGISTEmbedLoss")
+MATRYOSHKA_DIMS = [32, 20, 7]
+MATRYOSHKA_WEIGHTS = [1.0, 0.5, 0.25]
+
+
+def make_matryoshka_loss(inner: str, model, guide, dims=MATRYOSHKA_DIMS, **kwargs):
+    """fastcache.losses.MatryoshkaLoss(model, <inner> in its LOSSES configuration (and ``kwargs``), dims)."""
+    from fastcache.losses import MatryoshkaLoss
+
+    return MatryoshkaLoss(model, make_loss(inner, model, guide, **{**LOSSES[inner], **kwargs}), dims,
+                          matryoshka_weights=MATRYOSHKA_WEIGHTS[:len(dims)])

@@ -10,7 +10,9 @@
 * The drop-in losses' embedding-level paths, as the trainer calls them: MultipleNegativesRankingLoss and
   MultipleNegativesSymmetricRankingLoss ``compute_loss_from_embeddings``, the cached losses' ``calculate_loss``
   on lists of mini-batches (CachedMultipleNegativesRankingLoss, CachedMultipleNegativesSymmetricRankingLoss,
-  CachedGISTEmbedLoss), with their options.
+  CachedGISTEmbedLoss), with their options; fastcache's MatryoshkaLoss around MNRL, cached MNRL and cached GIST.
+* The Matryoshka op (fastcache.ops.matryoshka) on the CPU backends: several dims and weights, every direction,
+  gathering, a guide and ids.
 
 The backward of the op is once-differentiable (it returns gradients computed in the forward pass), so there is
 no gradgradcheck: a second derivative raises, which is checked too.
@@ -25,7 +27,8 @@ import torch
 
 from fastcache import _backend, contrastive_loss
 from fastcache.ops import contrastive_epilogue
-from drop_in_losses import make_loss
+from fastcache.ops.matryoshka import matryoshka_contrastive_loss
+from drop_in_losses import MATRYOSHKA_INNER, make_loss, make_matryoshka_loss
 from helpers import DIFFERENTIABLE, make_batch
 
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
@@ -52,7 +55,7 @@ def backend(request):
     return request.param
 
 
-def _gradcheck_op(batch: dict, backend: str, strategy: str = "slab", **options) -> None:
+def _gradcheck_op(batch: dict, backend: str, strategy: str = "slab", op=contrastive_loss, **options) -> None:
     names = [k for k in DIFFERENTIABLE if k in batch]
     fixed = {k: v for k, v in batch.items() if k not in names}
     chunk = {"chunk_size": 2} if strategy == "slab" else {}
@@ -60,7 +63,7 @@ def _gradcheck_op(batch: dict, backend: str, strategy: str = "slab", **options) 
     def fn(*tensors):
         named = dict(zip(names, tensors), **fixed)
         q, d = named.pop("queries"), named.pop("docs")
-        return contrastive_loss(q, d, **named, backend=backend, strategy=strategy, **chunk, **options)
+        return op(q, d, **named, backend=backend, strategy=strategy, **chunk, **options)
 
     inputs = tuple(batch[k].clone().requires_grad_() for k in names)
     assert torch.autograd.gradcheck(fn, inputs, **GRADCHECK)
@@ -114,6 +117,34 @@ def test_op_is_once_differentiable(backend):
         torch.autograd.grad(grad.sum(), q)
 
 
+# The Matryoshka op (one sweep over D for every dim) on the CPU backends: dims that divide nothing, weights (a
+# negative one), every direction, gathering and per-direction partitions, a guide (never truncated) and ids. Not
+# Triton's epilogue: it is the one test_op_triton checks, and the interpreter would take minutes here.
+MATRYOSHKA = dict(dims=[5, 4, 2], weights=[1.0, 0.5, -2.0])
+MATRYOSHKA_CASES = {
+    "all-dirs-cos": (dict(rows=3, dim=5, columns=2), dict(directions=(QD, QQ, DQ, DD), scale=4.0)),
+    "qd+dq-per-direction-dot-gathered": (
+        dict(rows=3, dim=5, columns=2, positives=5, offset=1, gathered=True, docs_3d=True, norm=0.6),
+        dict(directions=(QD, DQ), partition_mode="per_direction", similarity="dot", scale=2.0, offset=1)),
+    "qd+qq+dd-guided-ids": (dict(rows=3, dim=5, columns=2, positives=4, offset=1, docs_3d=True, guide_dim=3),
+                            dict(directions=(QD, QQ, DD), margin=0.1, offset=1, scale=5.0)),
+}
+
+
+def _matryoshka_batch(case: str) -> tuple[dict, dict]:
+    shape, options = MATRYOSHKA_CASES[case]
+    batch = make_batch(**shape, seed=47)
+    if "ids" in case:
+        batch["doc_ids"] = torch.tensor([[0, 1, 2, 3], [1, 4, 0, 5]])
+    return batch, options
+
+
+@pytest.mark.parametrize("case", list(MATRYOSHKA_CASES))
+def test_matryoshka_op(backend, case):
+    batch, options = _matryoshka_batch(case)
+    _gradcheck_op(batch, backend, op=matryoshka_contrastive_loss, **MATRYOSHKA, **options)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The losses' embedding-level paths
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,19 +188,44 @@ def test_compute_loss_from_embeddings(tiny_model, case, columns):
                                     **GRADCHECK)
 
 
-@pytest.mark.parametrize("columns", [2, 3])
-@pytest.mark.parametrize("case", list(CACHED_LOSSES))
-def test_cached_calculate_loss(tiny_model, tiny_guide_model, case, columns):
-    """calculate_loss on mini-batches of 3 and 1 rows per column; the GIST guide's embeddings are fixed."""
-    name = case.split("-")[0]
-    loss = make_loss(name, tiny_model, tiny_guide_model, mini_batch_size=3, **CACHED_LOSSES[case])
-    embeddings = _embeddings(columns)
-    guide = [e[:, :3].clone() * 0.5 + 0.1 for e in embeddings]  # a different (smaller) guide space
+def _cached_loss_stage(loss, name: str, embeddings: list[torch.Tensor]):
+    """A function of the embedding columns: the cached loss's calculate_loss on mini-batches of 3 and 1 rows per
+    column; a GIST guide's embeddings are fixed (a different, smaller space)."""
+    guide = [e[:, :3].clone() * 0.5 + 0.1 for e in embeddings]
 
     def fn(*emb):
         reps = [list(e.split([3, 1])) for e in emb]
         if "GIST" in name:
             return loss.calculate_loss(reps, [list(g.split([3, 1])) for g in guide])
         return loss.calculate_loss(reps)
+
+    return fn
+
+
+@pytest.mark.parametrize("columns", [2, 3])
+@pytest.mark.parametrize("case", list(CACHED_LOSSES))
+def test_cached_calculate_loss(tiny_model, tiny_guide_model, case, columns):
+    name = case.split("-")[0]
+    loss = make_loss(name, tiny_model, tiny_guide_model, mini_batch_size=3, **CACHED_LOSSES[case])
+    embeddings = _embeddings(columns)
+    fn = _cached_loss_stage(loss, name, embeddings)
+    assert torch.autograd.gradcheck(fn, tuple(e.requires_grad_() for e in embeddings), **GRADCHECK)
+
+
+@pytest.mark.parametrize("inner", MATRYOSHKA_INNER)
+def test_matryoshka_loss_stage(tiny_model, tiny_guide_model, inner):
+    """fastcache's MatryoshkaLoss at dims 5/3 of 5-dim embeddings: the inner loss's embedding-level path inside
+    ``fused_step`` (every dim in one op call), as its forward runs it."""
+    cached = "Cached" in inner
+    loss = make_matryoshka_loss(inner, tiny_model, tiny_guide_model, dims=[5, 3],
+                                **({"mini_batch_size": 3} if cached else {}))
+    assert loss.fused
+    embeddings = _embeddings(3)
+    stage = _cached_loss_stage(loss.loss, inner, embeddings) if cached else \
+        (lambda *emb: loss.loss.compute_loss_from_embeddings(list(emb), None))
+
+    def fn(*emb):
+        with loss.fused_step():
+            return stage(*emb)
 
     assert torch.autograd.gradcheck(fn, tuple(e.requires_grad_() for e in embeddings), **GRADCHECK)

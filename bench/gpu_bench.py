@@ -32,6 +32,11 @@ as many as fit in ``--case-seconds`` (at least 1, at most 5). The peak memory of
 ``torch.cuda.max_memory_allocated()`` minus the memory allocated before it (the inputs), and that minus the
 gradients it returns. Effective TFLOP/s counts 6·B·N·D (the three GEMMs S = Q·Dᵀ, dS·D, dSᵀ·Q) per run.
 
+Matryoshka (issue 5): at B = N = 16384, D = 768, bfloat16, the same loss at dims 768/512/256/128/64 (weights 1) in one
+fused call, ``fastcache.ops.matryoshka.matryoshka_contrastive_loss(q, d, dims=...)`` + backward, tiled (the Triton
+multi-dim kernels) and slab (CUDA epilogue); its rows carry ``dims`` and compare with the single-dim fastcache rows of
+the same shape (target: the 5-dim loss within 1.3x of the single full-dim loss, per strategy).
+
 Besides: the slab epilogue alone (CUDA, Triton, PyTorch) in place on float32 blocks of 128 × 131072 and 1024 × 16384
 (the slab's chunks at the two N), next to a device-to-device copy of the same block: GB/s at 8 bytes per element.
 
@@ -77,11 +82,17 @@ CASES = {
 }
 FASTCACHE = {"fastcache_tiled": ("triton", "tiled"), "fastcache_slab_cuda": ("cuda", "slab"),
              "fastcache_slab_triton": ("triton", "slab")}
+MATRYOSHKA_CASES = {"matryoshka_tiled": "fastcache Matryoshka (5 dims), strategy tiled (Triton)",
+                    "matryoshka_slab_cuda": "fastcache Matryoshka (5 dims), strategy slab, CUDA epilogue"}
+MATRYOSHKA = {"matryoshka_tiled": ("triton", "tiled"), "matryoshka_slab_cuda": ("cuda", "slab")}
+MATRYOSHKA_FRACTIONS = (12, 8, 4, 2, 1)  # dims = D·f/12: 768/512/256/128/64 at D = 768
+MATRYOSHKA_SINGLE = {"matryoshka_tiled": "fastcache_tiled", "matryoshka_slab_cuda": "fastcache_slab_cuda"}
 # (B, N, D, dtype), most important first; the first is the issue's target shape
 GRID = [(65536, 131072, 768, "bfloat16"), (16384, 16384, 384, "bfloat16"), (16384, 16384, 768, "bfloat16"),
         (16384, 16384, 384, "float32"), (16384, 16384, 768, "float32"), (65536, 131072, 384, "bfloat16"),
         (65536, 131072, 768, "float32"), (65536, 131072, 384, "float32")]
 DRY_GRID = [(8, 16, 32, "float32"), (8, 16, 32, "bfloat16")]
+MATRYOSHKA_GRID, DRY_MATRYOSHKA_GRID = (16384, 16384, 768, "bfloat16"), DRY_GRID[1]  # after the same-shape group
 # The slab epilogue alone, in place on a float32 block of rows × columns (default options): each implementation and a
 # device-to-device copy of the same block (the bandwidth ceiling); GB/s count 8 bytes per element (one read and one
 # write, the least any in-place epilogue moves).
@@ -152,17 +163,23 @@ def make_case(name: str, B: int, N: int, D: int, dtype_name: str, device: str, d
         loss.backward()
         return loss.detach(), (lq.grad, ld.grad)
 
-    if name in FASTCACHE:
+    if name in FASTCACHE or name in MATRYOSHKA:
         import fastcache
+        from fastcache.ops.matryoshka import matryoshka_contrastive_loss
 
-        backend, strategy = FASTCACHE[name]
+        backend, strategy = {**FASTCACHE, **MATRYOSHKA}[name]
         if dry_run:  # no GPU: the same call on the pure-PyTorch backend
             backend, strategy = "torch", "slab"
         settings = {"backend": backend, "strategy": strategy}
         if strategy == "slab":
             settings["memory_budget"] = SLAB_BUDGET
         info.update(settings)
-        return (lambda: backward_of(fastcache.contrastive_loss(lq, ld, scale=SCALE, **settings))), reset, info
+        loss_fn = fastcache.contrastive_loss
+        if name in MATRYOSHKA:
+            info["dims"] = [D * f // 12 for f in MATRYOSHKA_FRACTIONS]
+            settings["dims"] = info["dims"]
+            loss_fn = matryoshka_contrastive_loss
+        return (lambda: backward_of(loss_fn(lq, ld, scale=SCALE, **settings))), reset, info
 
     if name == "reference":
         from fastcache.reference import contrastive_loss_reference
@@ -363,10 +380,13 @@ def run_group(group: dict, results_path: Path, case_seconds: float, dry_run: boo
 
 def _groups(dry_run: bool, cases: list[str], dtypes: list[str]) -> list[dict]:
     groups = [{"ceiling": True, "cases": ["mm_ceiling"], "size": "small"}]
+    single, matryoshka = [c for c in cases if c in CASES], [c for c in cases if c in MATRYOSHKA_CASES]
     for B, N, D, dtype in DRY_GRID if dry_run else GRID:
-        if dtype in dtypes:
-            groups.append({"B": B, "N": N, "D": D, "dtype": dtype, "cases": cases,
-                           "size": "large" if B * N > 2**30 else "small"})
+        shape = {"B": B, "N": N, "D": D, "dtype": dtype, "size": "large" if B * N > 2**30 else "small"}
+        if dtype in dtypes and single:
+            groups.append({**shape, "cases": single})
+        if dtype in dtypes and matryoshka and (B, N, D, dtype) == (DRY_MATRYOSHKA_GRID if dry_run else MATRYOSHKA_GRID):
+            groups.append({**shape, "cases": matryoshka})
     # the epilogues alone: right after the ceiling (they are quick)
     epilogues = [{"epilogue": True, "B": rows, "N": columns, "D": None, "dtype": "float32",
                   "cases": list(EPILOGUE_CASES), "size": "small"}
@@ -495,6 +515,19 @@ def targets(rows: list[dict], B=65536, N=131072, D=768, dtype="bfloat16") -> lis
             found.append({"target": "no more memory than the leanest peer",
                           "value": f"{best['peak_beyond_inputs_and_grads_mib']:.0f} MiB vs {min(lean):.0f} MiB",
                           "met": best["peak_beyond_inputs_and_grads_mib"] <= min(lean)})
+    return found + matryoshka_targets(rows)
+
+
+def matryoshka_targets(rows: list[dict], B=16384, N=16384, D=768, dtype="bfloat16") -> list[dict]:
+    """Issue 5's target per strategy: the 5-dim Matryoshka loss within 1.3x of the single full-dim loss."""
+    at = {r["case"]: r for r in rows if (r.get("B"), r.get("N"), r.get("D"), r.get("dtype")) == (B, N, D, dtype)
+          and r.get("status") == "ok"}
+    found = []
+    for name, single in MATRYOSHKA_SINGLE.items():
+        if name in at and single in at:
+            ratio = at[name]["min_s"] / at[single]["min_s"]
+            found.append({"target": f"Matryoshka 5 dims within 1.3x of the single-dim loss ({name} / {single})",
+                          "value": f"{ratio:.2f}x", "met": ratio <= 1.3})
     return found
 
 
@@ -504,7 +537,8 @@ def loss_spread(rows: list[dict]) -> dict[str, float]:
     groups: dict[str, list[float]] = {}
     for r in rows:
         if r.get("status") == "ok" and r.get("loss") is not None:
-            groups.setdefault(f"B={r['B']} N={r['N']} D={r['D']} {r['dtype']}", []).append(r["loss"])
+            dims = f" dims={'/'.join(map(str, r['dims']))}" if r.get("dims") else ""
+            groups.setdefault(f"B={r['B']} N={r['N']} D={r['D']} {r['dtype']}{dims}", []).append(r["loss"])
     return {k: (max(v) - min(v)) / max(abs(statistics.mean(v)), 1e-30) for k, v in groups.items() if len(v) > 1}
 
 
@@ -549,7 +583,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
                 **{k: r.get(k) for k in ("B", "N", "D", "dtype", "case", "repeats", "tflops", "ratio_to_mm",
                                          "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss", "gbps",
                                          "ratio_to_copy")},
-                "label": {**CASES, **EPILOGUE_CASES}.get(r["case"], "torch.mm bf16 (ceiling)"),
+                "label": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES}.get(r["case"], "torch.mm bf16 (ceiling)"),
                 "min_ms": None if r.get("min_s") is None else r["min_s"] * 1e3,
                 "median_ms": None if r.get("median_s") is None else r["median_s"] * 1e3,
                 "status": r.get("status") if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason')}",
@@ -564,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=330.0, help="time budget of the whole run (default 330)")
     parser.add_argument("--case-seconds", type=float, default=3.0,
                         help="timed runs per case: as many as fit in this many seconds, 1 to 5 (default 3)")
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="a subset of cases")
+    every_case = [*CASES, *MATRYOSHKA_CASES]
+    parser.add_argument("--cases", nargs="+", choices=every_case, default=every_case, help="a subset of cases")
     parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16", "float32"],
                         help="a subset of the dtypes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -595,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
                      "case_seconds": args.case_seconds, "slab_memory_budget": SLAB_BUDGET,
                      "flop_per_run": "6*B*N*D", "ceiling": f"torch.mm bf16 {CEILING_SIZE}^3"},
         "mm_tflops": mm_rate,
-        "cases": {**CASES, **EPILOGUE_CASES},
+        "cases": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES},
         "rows": rows,
         "loss_spread": spreads,
         "targets": found,

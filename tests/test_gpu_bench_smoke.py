@@ -44,7 +44,8 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     rows = report["rows"]
     B, N, D, dtype = gpu_bench.DRY_GRID[1]
-    assert {r["case"] for r in rows} == {"mm_ceiling", *gpu_bench.CASES, *gpu_bench.EPILOGUE_CASES}
+    assert {r["case"] for r in rows} == {"mm_ceiling", *gpu_bench.CASES, *gpu_bench.MATRYOSHKA_CASES,
+                                         *gpu_bench.EPILOGUE_CASES}
     assert report["mm_tflops"] > 0 and report["dry_run"] and report["commit"]
     epilogues = {r["case"]: r for r in rows if r["case"] in gpu_bench.EPILOGUE_CASES}
     for name in ("epilogue_copy", "epilogue_torch"):  # the CUDA and Triton ones need a GPU: an error with its reason
@@ -60,9 +61,13 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
         else:  # a peer that is not installed (or cannot run on a CPU) is recorded with its reason
             assert r["case"] in gpu_bench.PEERS and r["status"] == "error" and r["reason"], r
     ran = {r["case"] for r in rows if r["status"] == "ok"}
-    assert {*gpu_bench.FASTCACHE, "reference", "st_cached_mbs32"} <= ran
-    losses = [r["loss"] for r in rows if r["status"] == "ok" and r["loss"] is not None]
-    assert max(losses) - min(losses) <= 2e-2 * abs(losses[0])  # bf16 reference vs fp32-accumulating cases
+    assert {*gpu_bench.FASTCACHE, *gpu_bench.MATRYOSHKA, "reference", "st_cached_mbs32"} <= ran
+    for matryoshka in (False, True):  # the Matryoshka rows (5 dims) compute their own loss, the same in each
+        losses = [r["loss"] for r in rows if r["status"] == "ok" and r["loss"] is not None
+                  and bool(r.get("dims")) == matryoshka]
+        assert max(losses) - min(losses) <= 2e-2 * abs(losses[0])  # bf16 reference vs fp32-accumulating cases
+    assert all(r["dims"] == [32, 21, 10, 5, 2] for r in rows if r["case"] in gpu_bench.MATRYOSHKA)
+    assert len(report["loss_spread"]) == 2
     with (tmp_path / "gpu_bench.csv").open() as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == gpu_bench.CSV_FIELDS and len(table) == len(rows)
@@ -123,3 +128,16 @@ def test_rates_and_targets(gpu_bench):
     assert found[">= 3x faster than sentence-transformers' loss stage"]["met"]  # 10x
     assert found["faster than each of Inf-CL, Cut Cross-Entropy, Liger"]["met"]  # only inf_cl ran
     assert not found["no more memory than the leanest peer"]["met"]  # 3000 MiB (slab, the fastest) vs 50 MiB
+
+
+def test_matryoshka_targets(gpu_bench):
+    """Per strategy, the 5-dim Matryoshka time over the single-dim time of the same shape, at most 1.3."""
+    shape = {"B": 16384, "N": 16384, "D": 768, "dtype": "bfloat16"}
+    rows = [{**shape, "case": "fastcache_tiled", "status": "ok", "min_s": 1.0},
+            {**shape, "case": "matryoshka_tiled", "status": "ok", "min_s": 1.2},
+            {**shape, "case": "fastcache_slab_cuda", "status": "ok", "min_s": 1.0},
+            {**shape, "case": "matryoshka_slab_cuda", "status": "ok", "min_s": 1.5},
+            {**shape, "D": 384, "case": "matryoshka_tiled", "status": "ok", "min_s": 9.0}]
+    found = {t["target"].split("(")[1].split(" /")[0]: t for t in gpu_bench.targets(rows)}
+    assert found["matryoshka_tiled"]["met"] and found["matryoshka_tiled"]["value"] == "1.20x"
+    assert not found["matryoshka_slab_cuda"]["met"]

@@ -5,8 +5,10 @@ fixed backend, dtype, memory budget / chunk size and thread count:
 * the op's loss and gradients are bitwise identical across calls in one process, across its two paths
   (``contrastive_loss`` + backward and ``contrastive_loss_and_grad``), and across processes (a fresh process has
   other heap addresses, hence other alignments for the vectorised C++ loops);
+* the Matryoshka op likewise (both paths, every backend that runs here, several dims and weights);
 * the drop-in losses through a model (dropout off) give bitwise-identical losses and parameter gradients run
-  after run, the cached ones included (their gradient cache replays the same mini-batches);
+  after run, the cached ones included (their gradient cache replays the same mini-batches), and so does
+  fastcache's MatryoshkaLoss around them;
 * the C++ epilogue is parallel over rows with no cross-row reduction, so its own part is independent of the
   thread count.
 
@@ -29,8 +31,8 @@ import torch
 
 from fastcache import _backend
 from fastcache.ops import contrastive_epilogue
-from drop_in_losses import LOSSES, TEXTS, make_loss
-from helpers import OP_PATHS, make_batch
+from drop_in_losses import LOSSES, MATRYOSHKA_INNER, TEXTS, make_loss, make_matryoshka_loss
+from helpers import MATRYOSHKA_OP_PATHS, OP_PATHS, make_batch
 
 # the Triton interpreter's own use of NumPy (runtime loop bounds), not ours
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
@@ -108,6 +110,25 @@ def test_op_repeated_calls_and_both_paths(runner, case, dtype):
         assert_bitwise_equal(run, runs[0])
 
 
+# The Matryoshka op (slab only): its own sweep over D around the same epilogues; the Triton interpreter (20-30 s
+# a case on a busy machine) on the plain float32 case
+MATRYOSHKA_PARAMS = [pytest.param(runner, case, dtype, id=f"{case}-{_runner_id(runner)}-{dtype}")
+                     for runner in RUNNERS if runner[2] != "tiled" for case in CASES for dtype in DTYPES
+                     if runner[1] != "triton" or (case, dtype) == ("plain", "float32")]
+
+
+@pytest.mark.parametrize("runner,case,dtype", MATRYOSHKA_PARAMS)
+def test_matryoshka_op_repeated_calls_and_both_paths(runner, case, dtype):
+    device, settings = _settings(runner)
+    batch, options = _batch(case, DTYPES[dtype])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    dim = batch["queries"].size(1)
+    options = dict(options, dims=[dim, dim // 2 + 1, 3], weights=[1.0, 0.5, 0.25])
+    runs = [_flat(path(batch, **settings, **options)) for path in MATRYOSHKA_OP_PATHS.values() for _ in range(2)]
+    for run in runs[1:]:
+        assert_bitwise_equal(run, runs[0])
+
+
 _SUBPROCESS = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -167,9 +188,8 @@ def test_cpu_epilogue_independent_of_thread_count():
 
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
-def test_losses_through_the_model(tiny_model, tiny_guide_model, name):
-    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+def _three_steps_bitwise_equal(loss, tiny_model) -> None:
+    """Three training steps of ``loss`` through the model: the same loss and parameter gradients, bit for bit."""
     runs = []
     for _ in range(3):
         tiny_model.zero_grad(set_to_none=True)
@@ -180,3 +200,13 @@ def test_losses_through_the_model(tiny_model, tiny_guide_model, name):
     assert float(runs[0][0]) > 0 and len(runs[0]) > 10
     for run in runs[1:]:
         assert_bitwise_equal(run, runs[0])
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_losses_through_the_model(tiny_model, tiny_guide_model, name):
+    _three_steps_bitwise_equal(make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name]), tiny_model)
+
+
+@pytest.mark.parametrize("inner", MATRYOSHKA_INNER)
+def test_matryoshka_loss_through_the_model(tiny_model, tiny_guide_model, inner):
+    _three_steps_bitwise_equal(make_matryoshka_loss(inner, tiny_model, tiny_guide_model), tiny_model)

@@ -37,6 +37,10 @@ fused call, ``fastcache.ops.matryoshka.matryoshka_contrastive_loss(q, d, dims=..
 multi-dim kernels) and slab (CUDA epilogue); its rows carry ``dims`` and compare with the single-dim fastcache rows of
 the same shape (target: the 5-dim loss within 1.3x of the single full-dim loss, per strategy).
 
+Ranking (issue 6, bench/gpu_ranking.py): LambdaLoss (NDCGLoss2++), ListNet and ListMLE on precomputed logits, Q = 64
+queries × n = 1024, 4096, 128 documents, float32, forward + backward: the CUDA op, the op's torch fallback and
+sentence-transformers' class on a stand-in model that returns the logits; time and peak memory (rows: B = Q, N = n).
+
 Besides: the slab epilogue alone (CUDA, Triton, PyTorch) in place on float32 blocks of 128 × 131072 and 1024 × 16384
 (the slab's chunks at the two N), next to a device-to-device copy of the same block: GB/s at 8 bytes per element.
 
@@ -64,6 +68,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+from gpu_ranking import DRY_RANKING, RANKING_CASES, RANKING_SIZES, make_ranking_case  # noqa: E402
+from gpu_ranking import Q as RANKING_Q  # noqa: E402
+
 SCALE = 20.0
 MIB = 2**20
 SLAB_BUDGET = 4 * 2**30  # memory_budget of the slab cases (the default, 256 MiB, is a CPU cache-sized workspace)
@@ -356,6 +364,8 @@ def run_group(group: dict, results_path: Path, case_seconds: float, dry_run: boo
             try:
                 if group.get("epilogue"):
                     run, reset, info = make_epilogue_case(name, group["B"], group["N"], device)
+                elif group.get("ranking"):
+                    run, reset, info = make_ranking_case(name, group["B"], group["N"], device, dry_run)
                 else:
                     run, reset, info = make_case(name, group.get("B"), group.get("N"), group.get("D"),
                                                  group.get("dtype") or "bfloat16", device, dry_run)
@@ -391,7 +401,12 @@ def _groups(dry_run: bool, cases: list[str], dtypes: list[str]) -> list[dict]:
     epilogues = [{"epilogue": True, "B": rows, "N": columns, "D": None, "dtype": "float32",
                   "cases": list(EPILOGUE_CASES), "size": "small"}
                  for rows, columns in (DRY_EPILOGUE_SHAPES if dry_run else EPILOGUE_SHAPES)]
-    return groups[:1] + epilogues + groups[1:]
+    # the ranking ops (Q queries × n documents as B × N): after the contrastive target shape
+    ranking = [{"ranking": True, "B": Q, "N": n, "D": None, "dtype": "float32", "size": "small",
+                "cases": [c for c in cases if c in RANKING_CASES]}
+               for Q, n in ([DRY_RANKING] if dry_run else [(RANKING_Q, n) for n in RANKING_SIZES])]
+    ranking = [g for g in ranking if g["cases"]]
+    return groups[:1] + epilogues + groups[1:2] + ranking + groups[2:]
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -474,7 +489,7 @@ def add_rates(rows: list[dict]) -> float | None:
             r["gbps"] = r["bytes_per_run"] / r["min_s"] / 1e9
             copy = copies.get((r["B"], r["N"]))
             r["ratio_to_copy"] = copy["min_s"] / r["min_s"] if copy else None
-        elif r["case"] != "mm_ceiling" and r.get("status") == "ok":
+        elif r["case"] != "mm_ceiling" and r["case"] not in RANKING_CASES and r.get("status") == "ok":
             r["flop"] = 6 * r["B"] * r["N"] * r["D"]
             r["tflops"] = r["flop"] / r["min_s"] / 1e12
             r["ratio_to_mm"] = r["tflops"] / mm_rate if mm_rate else None
@@ -538,6 +553,7 @@ def loss_spread(rows: list[dict]) -> dict[str, float]:
     for r in rows:
         if r.get("status") == "ok" and r.get("loss") is not None:
             dims = f" dims={'/'.join(map(str, r['dims']))}" if r.get("dims") else ""
+            dims += f" {r['ranking_loss']}" if r.get("ranking_loss") else ""
             groups.setdefault(f"B={r['B']} N={r['N']} D={r['D']} {r['dtype']}{dims}", []).append(r["loss"])
     return {k: (max(v) - min(v)) / max(abs(statistics.mean(v)), 1e-30) for k, v in groups.items() if len(v) > 1}
 
@@ -551,7 +567,7 @@ def markdown_table(rows: list[dict], mm_rate: float | None) -> str:
              "| B | N | D | dtype | case | ms (min) | TFLOP/s (6·B·N·D) | ÷ mm rate | peak beyond inputs+grads (MiB) "
              "| loss |", "| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        if r["case"] == "mm_ceiling" or r["case"] in EPILOGUE_CASES:
+        if r["case"] == "mm_ceiling" or r["case"] in EPILOGUE_CASES or r["case"] in RANKING_CASES:
             continue
         head = f"| {r['B']} | {r['N']} | {r['D']} | {r['dtype']} | {r['case']} |"
         if r.get("status") != "ok":
@@ -571,7 +587,28 @@ def markdown_table(rows: list[dict], mm_rate: float | None) -> str:
             continue
         lines.append(f"{head} {r['min_s'] * 1e3:.3f} | {_fmt(r.get('gbps'), '.0f')} | "
                      f"{_fmt(r.get('ratio_to_copy'), '.2f')} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ranking_table(rows))
+
+
+def ranking_table(rows: list[dict]) -> list[str]:
+    """The ranking rows: time, its ratio to the same loss's sentence-transformers time (how many times faster), peak
+    memory beyond the inputs."""
+    st = {(r["N"], r["ranking_loss"]): r["min_s"] for r in rows
+          if r["case"] in RANKING_CASES and r.get("status") == "ok" and r.get("implementation") == "st"}
+    lines = ["", "Ranking ops, forward + backward on precomputed float32 logits (Q queries × n documents):", "",
+             "| Q | n | case | ms (min) | sentence-transformers time ÷ this | peak beyond inputs (MiB) | loss |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["case"] not in RANKING_CASES:
+            continue
+        head = f"| {r['B']} | {r['N']} | {r['case']} |"
+        if r.get("status") != "ok":
+            lines.append(f"{head} {r.get('status')}: {r.get('reason', '')[:120]} | | | |")
+            continue
+        reference = st.get((r["N"], r["ranking_loss"]))
+        lines.append(f"{head} {r['min_s'] * 1e3:.2f} | {_fmt(reference and reference / r['min_s'], '.1f')} | "
+                     f"{_fmt(r.get('peak_beyond_inputs_mib'), '.0f')} | {_fmt(r.get('loss'), '.5g')} |")
+    return lines
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -583,7 +620,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
                 **{k: r.get(k) for k in ("B", "N", "D", "dtype", "case", "repeats", "tflops", "ratio_to_mm",
                                          "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss", "gbps",
                                          "ratio_to_copy")},
-                "label": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES}.get(r["case"], "torch.mm bf16 (ceiling)"),
+                "label": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES, **RANKING_CASES}.get(
+                    r["case"], "torch.mm bf16 (ceiling)"),
                 "min_ms": None if r.get("min_s") is None else r["min_s"] * 1e3,
                 "median_ms": None if r.get("median_s") is None else r["median_s"] * 1e3,
                 "status": r.get("status") if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason')}",
@@ -598,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=330.0, help="time budget of the whole run (default 330)")
     parser.add_argument("--case-seconds", type=float, default=3.0,
                         help="timed runs per case: as many as fit in this many seconds, 1 to 5 (default 3)")
-    every_case = [*CASES, *MATRYOSHKA_CASES]
+    every_case = [*CASES, *MATRYOSHKA_CASES, *RANKING_CASES]
     parser.add_argument("--cases", nargs="+", choices=every_case, default=every_case, help="a subset of cases")
     parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16", "float32"],
                         help="a subset of the dtypes")
@@ -630,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
                      "case_seconds": args.case_seconds, "slab_memory_budget": SLAB_BUDGET,
                      "flop_per_run": "6*B*N*D", "ceiling": f"torch.mm bf16 {CEILING_SIZE}^3"},
         "mm_tflops": mm_rate,
-        "cases": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES},
+        "cases": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES, **RANKING_CASES},
         "rows": rows,
         "loss_spread": spreads,
         "targets": found,

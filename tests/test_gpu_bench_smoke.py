@@ -45,7 +45,7 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
     rows = report["rows"]
     B, N, D, dtype = gpu_bench.DRY_GRID[1]
     assert {r["case"] for r in rows} == {"mm_ceiling", *gpu_bench.CASES, *gpu_bench.MATRYOSHKA_CASES,
-                                         *gpu_bench.EPILOGUE_CASES}
+                                         *gpu_bench.EPILOGUE_CASES, *gpu_bench.RANKING_CASES}
     assert report["mm_tflops"] > 0 and report["dry_run"] and report["commit"]
     epilogues = {r["case"]: r for r in rows if r["case"] in gpu_bench.EPILOGUE_CASES}
     for name in ("epilogue_copy", "epilogue_torch"):  # the CUDA and Triton ones need a GPU: an error with its reason
@@ -53,7 +53,7 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
     assert all(r["status"] == "ok" or r["reason"] for r in epilogues.values())
     assert epilogues["epilogue_copy"]["ratio_to_copy"] == 1
     for r in rows:
-        if r["case"] == "mm_ceiling" or r["case"] in epilogues:
+        if r["case"] == "mm_ceiling" or r["case"] in epilogues or r["case"] in gpu_bench.RANKING_CASES:
             continue
         assert (r["B"], r["N"], r["D"], r["dtype"]) == (B, N, D, dtype)
         if r["status"] == "ok":
@@ -64,10 +64,16 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
     assert {*gpu_bench.FASTCACHE, *gpu_bench.MATRYOSHKA, "reference", "st_cached_mbs32"} <= ran
     for matryoshka in (False, True):  # the Matryoshka rows (5 dims) compute their own loss, the same in each
         losses = [r["loss"] for r in rows if r["status"] == "ok" and r["loss"] is not None
-                  and bool(r.get("dims")) == matryoshka]
+                  and bool(r.get("dims")) == matryoshka and not r.get("ranking_loss")]
         assert max(losses) - min(losses) <= 2e-2 * abs(losses[0])  # bf16 reference vs fp32-accumulating cases
     assert all(r["dims"] == [32, 21, 10, 5, 2] for r in rows if r["case"] in gpu_bench.MATRYOSHKA)
-    assert len(report["loss_spread"]) == 2
+    ranking = [r for r in rows if r["case"] in gpu_bench.RANKING_CASES]  # every ranking case ran, per loss one value
+    assert all(r["status"] == "ok" and r["min_s"] > 0 and (r["B"], r["N"]) == gpu_bench.DRY_RANKING for r in ranking)
+    for loss in {r["ranking_loss"] for r in ranking}:
+        values = [r["loss"] for r in ranking if r["ranking_loss"] == loss]
+        assert len(values) == 3 and max(values) - min(values) <= 1e-5 * abs(values[0]), (loss, values)
+    assert "sentence-transformers time ÷ this" in result.stdout
+    assert len(report["loss_spread"]) == 2 + 3  # contrastive, Matryoshka, and the three ranking losses
     with (tmp_path / "gpu_bench.csv").open() as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == gpu_bench.CSV_FIELDS and len(table) == len(rows)

@@ -55,8 +55,9 @@ if [ "$DRY_RUN" = 1 ]; then
   say "build: skipped (dry run)"
 else
   phase build "$BUILD_TIMEOUT_S" "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . \
-    && phase check_build 60 "$PYTHON" -c "import fastcache._C as C; assert hasattr(C, 'contrastive_epilogue_cuda'), \
-'fastcache._C lacks contrastive_epilogue_cuda'; print('fastcache._C has the CUDA epilogue')"
+    && phase check_build 60 "$PYTHON" -c "import fastcache._C as C; missing = [f for f in ('contrastive_epilogue_cuda', \
+'lambda_loss_cuda', 'plistmle_cuda', 'listnet_cuda') if not hasattr(C, f)]; assert not missing, \
+f'fastcache._C lacks {missing}'; print('fastcache._C has the CUDA epilogue and ranking kernels')"
 fi
 
 # the peers, from the wheels fetched by bench/fetch_peer_wheels.sh (carried along: no registry here)
@@ -77,10 +78,11 @@ FASTCACHE_REQUIRE_CUDA=$(( 1 - DRY_RUN )) phase tests "$TEST_TIMEOUT_S" "$PYTHON
   -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUTDIR/junit_cuda.xml" "${TESTS[@]}"
 grep -E "^(FAILED|ERROR) |(passed|failed|skipped|errors?|deselected)[^|]* in [0-9.]+s" "$LOG" | tail -n 25
 
-# the CUDA epilogue under compute-sanitizer's memcheck (out-of-bounds and misaligned accesses), a small subset
+# the CUDA epilogue and ranking kernels under compute-sanitizer's memcheck (out-of-bounds and misaligned accesses), a small subset
 if [ "$DRY_RUN" = 0 ] && command -v compute-sanitizer > /dev/null; then
   FASTCACHE_REQUIRE_CUDA=1 phase memcheck "$MEMCHECK_TIMEOUT_S" compute-sanitizer --tool memcheck --error-exitcode 3 \
-    "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_contrastive_cuda.py -k "stream or (test_epilogue_shapes and dtype0)"
+    "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_contrastive_cuda.py tests/test_ranking_cuda.py \
+    -k "(stream and not ranking) or (test_epilogue_shapes and dtype0) or test_edge_rows"
   grep -E "ERROR SUMMARY|(passed|failed)[^|]* in [0-9.]+s" "$LOG" | tail -n 3
 else
   say "memcheck: skipped (dry run or no compute-sanitizer)"

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "cpu/contrastive.h"
+#include "cpu/matryoshka.h"
 #include "cpu/ranking.h"
 #ifdef FASTCACHE_WITH_CUDA
 #include "cuda/contrastive_epilogue_torch.h"
@@ -12,6 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcache compiled kernels";
   m.def("contrastive_epilogue_cpu", &fastcache::contrastive_epilogue_cpu,
         "Fused contrastive softmax-gradient epilogue on CPU (in place, returns per-row losses)");
+  m.def("matryoshka_epilogue_cpu", &fastcache::matryoshka_epilogue_cpu,
+        "Fused Matryoshka epilogue on CPU: segment products -> per-segment gradients in place; returns (weighted "
+        "per-row losses, row radial sums, column radial sums)");
   m.def("lambda_loss_cpu", &fastcache::lambda_loss_cpu,
         "LambdaLoss on CPU: per-query pair-loss sums, pair counts and d(sum)/dlogits");
   m.def("plistmle_cpu", &fastcache::plistmle_cpu, "Position-aware ListMLE on CPU: per-query losses and gradients");

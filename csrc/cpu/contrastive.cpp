@@ -15,25 +15,23 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "contrastive_row.h"
 
 namespace fastcache {
 namespace {
 
-#define FASTCACHE_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTCACHE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTCACHE_SIMD_CLONES
-#endif
-
-enum Kind { kQueryToDoc = 0, kQueryToQuery = 1, kDocToQuery = 2, kDocToDoc = 3 };
-enum Hardness { kNoHardness = 0, kInBatchNegatives = 1, kHardNegatives = 2, kAllNegatives = 3 };
+using row::contrastive_row;
+using row::Kind;
+using row::kDocToDoc;
+using row::kDocToQuery;
+using row::kQueryToDoc;
+using row::kQueryToQuery;
+using row::Params;
+using row::RowBlock;
 
 template <typename T>
 struct Block {
@@ -44,163 +42,18 @@ struct Block {
   Kind kind = kQueryToDoc;
 };
 
-struct Params {
-  int64_t row0, batch_size, num_positives, offset, own_query_offset;
-  double scale, hardness_strength, margin;
-  int64_t hardness_mode, margin_strategy;
-  bool joint, compute_grad;
-};
-
-// exp for a vectorised loop: exp(x) = 2^k · e^r, r = x - k·ln2 in [-ln2/2, ln2/2], e^r by the Cephes
-// degree-5 polynomial (about 1 ulp); 0 below -87 (x <= 0 here: logits minus their maximum). The polynomial runs
-// on max(x, -87), so that 2^k stays a normal float: k + 127 >= 1 (no left shift of a negative number, no
-// conversion of -inf to int, both undefined behaviour).
-FASTCACHE_INLINE float exp_le0(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5·2^23 trick)
-  const float r = xc - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float two_k = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
-  return x < -87.0f ? 0.0f : p * two_k;
-}
-FASTCACHE_INLINE double exp_le0(double x) { return std::exp(x); }
-
-// Sum and maximum of x[0..n) in 8 independent lanes, so that the compiler vectorises them without reassociating.
-template <typename T>
-FASTCACHE_INLINE double sum_lanes(const T* x, int64_t n) {
-  T lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) lane[l] += x[j + l];
-  double sum = 0.0;
-  for (int l = 0; l < 8; ++l) sum += lane[l];
-  for (; j < n; ++j) sum += x[j];
-  return sum;
-}
-
-template <typename T>
-FASTCACHE_INLINE T max_lanes(const T* x, int64_t n) {
-  const T ninf = -std::numeric_limits<T>::infinity();
-  T lane[8] = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
-  T m = ninf;
-  for (int l = 0; l < 8; ++l) m = lane[l] > m ? lane[l] : m;
-  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
-}
-
-// Rewrites one block row from similarities into logits (scaled, penalised, masked) and returns its maximum.
-template <typename T>
-FASTCACHE_INLINE T block_logits(const Block<T>& b, int64_t r, int64_t pos, int64_t own_query, T threshold, const Params& p,
-               std::vector<T>& own) {
-  T* x = b.s + r * b.ld;
-  const T* g = b.g ? b.g + r * b.ldg : nullptr;
-  const T scale = static_cast<T>(p.scale), alpha = static_cast<T>(p.hardness_strength);
-  const T ninf = -std::numeric_limits<T>::infinity();
-  const int64_t n = b.n, P = p.num_positives;
-  if (b.kind == kQueryToDoc && p.hardness_mode != kNoHardness) {
-    // own columns pos + c·P hold the positive (c = 0) and the row's own hard negatives (c >= 1)
-    own.clear();
-    for (int64_t j = pos; j < n; j += P) own.push_back(x[j]);
-    if (p.hardness_mode == kHardNegatives) {
-      for (int64_t j = 0; j < n; ++j) x[j] *= scale;
-    } else {
-      for (int64_t j = 0; j < n; ++j) x[j] = x[j] * scale + alpha * x[j];
-    }
-    for (int64_t c = 0, j = pos; j < n; ++c, j += P) {
-      const bool penalised = p.hardness_mode != kInBatchNegatives && c > 0;
-      x[j] = penalised ? own[c] * scale + alpha * own[c] : own[c] * scale;
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) x[j] *= scale;
-  }
-  if (g) {
-    const T keep = b.kind == kQueryToDoc ? x[pos] : T(0);  // the positive is never masked
-    for (int64_t j = 0; j < n; ++j) x[j] = g[j] > threshold ? ninf : x[j];
-    if (b.kind == kQueryToDoc) x[pos] = keep;
-  } else if (b.kind == kQueryToQuery) {
-    x[own_query] = ninf;
-  } else if (b.kind == kDocToDoc) {
-    for (int64_t j = pos; j < n; j += P) x[j] = ninf;
-  }
-  if (b.ids) {  // duplicates of the row's positive (same id) are no negatives; the positive itself stays
-    const int64_t id = b.ids[pos];
-    const T keep = x[pos];
-    for (int64_t j = 0; j < n; ++j) x[j] = b.ids[j] == id ? ninf : x[j];
-    if (b.kind == kQueryToDoc) x[pos] = keep;
-  }
-  const T m = max_lanes(x, n);
-  return m;
-}
-
-// Replaces one block row of logits with max m by exp(x - m) and returns log(sum_j exp(x_j)) (-inf if all masked).
-template <typename T>
-FASTCACHE_INLINE double block_logsumexp(const Block<T>& b, int64_t r, T m) {
-  T* x = b.s + r * b.ld;
-  if (m == -std::numeric_limits<T>::infinity()) {  // every column masked: exp(-inf) = 0, no NaN from 0 * inf later
-    std::fill(x, x + b.n, T(0));
-    return -std::numeric_limits<double>::infinity();
-  }
-  for (int64_t j = 0; j < b.n; ++j) x[j] = exp_le0(x[j] - m);
-  const double sum = sum_lanes(x, b.n);
-  return static_cast<double>(m) + std::log(sum);
-}
-
 // The epilogue of rows [begin, end): logits, log-partitions, losses and, in place, dL/ds.
 template <typename T>
 FASTCACHE_INLINE void epilogue_rows(Block<T>* blocks, int nblocks, int64_t begin, int64_t end, const Params& p,
                                     T* loss) {
-  const double inv_b = 1.0 / static_cast<double>(p.batch_size);
-  double lse[4];
-  double pos_logit = 0.0;
   std::vector<T> own;  // scratch: a row's own query_to_doc columns
+  RowBlock<T> rows[4];
   for (int64_t r = begin; r < end; ++r) {
-    const int64_t i = p.row0 + r;
-    const int64_t pos = p.offset + i;
-    const int64_t own_query = p.own_query_offset + i;
-    T threshold = T(0);
-    if (blocks[0].g) {
-      const T guide_pos = blocks[0].g[r * blocks[0].ldg + pos];
-      threshold = p.margin_strategy == 0 ? guide_pos - static_cast<T>(p.margin)
-                                         : guide_pos - std::abs(guide_pos) * static_cast<T>(p.margin);
-    }
-    double joint_max = -std::numeric_limits<double>::infinity();
-    double block_max[4];
-    for (int k = 0; k < nblocks; ++k) {
-      const T m = block_logits(blocks[k], r, pos, own_query, threshold, p, own);
-      block_max[k] = m;
-      if (k == 0) pos_logit = blocks[0].s[r * blocks[0].ld + pos];
-      lse[k] = block_logsumexp(blocks[k], r, m);
-      joint_max = lse[k] > joint_max ? lse[k] : joint_max;
-    }
-    double joint_lse = 0.0, mean_lse = 0.0;
-    for (int k = 0; k < nblocks; ++k) {
-      joint_lse += std::exp(lse[k] - joint_max);
-      mean_lse += lse[k];
-    }
-    joint_lse = joint_max + std::log(joint_lse);
-    mean_lse /= nblocks;
-    loss[r] = static_cast<T>((p.joint ? joint_lse : mean_lse) - pos_logit);
-    if (!p.compute_grad) continue;
-    // the rows hold exp(logit - block max): dL/ds = scale · coef · exp(block max - log partition) · row
     for (int k = 0; k < nblocks; ++k) {
       const Block<T>& b = blocks[k];
-      const double coef = p.scale * inv_b / (p.joint ? 1 : nblocks);
-      const double log_partition = p.joint ? joint_lse : lse[k];
-      const T factor = static_cast<T>(block_max[k] == -std::numeric_limits<double>::infinity()
-                                          ? 0.0 : coef * std::exp(block_max[k] - log_partition));
-      T* x = b.s + r * b.ld;
-      for (int64_t j = 0; j < b.n; ++j) x[j] *= factor;
+      rows[k] = RowBlock<T>{b.s + r * b.ld, b.g ? b.g + r * b.ldg : nullptr, b.ids, b.n, b.kind};
     }
-    blocks[0].s[r * blocks[0].ld + pos] -= static_cast<T>(p.scale * inv_b);
+    loss[r] = contrastive_row(rows, nblocks, p.row0 + r, p, own);
   }
 }
 

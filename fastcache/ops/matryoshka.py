@@ -31,7 +31,9 @@ from tqdm.auto import trange
 
 from fastcache import _backend
 from fastcache.ops import contrastive_epilogue
+from fastcache.ops.contrastive_epilogue import _HARDNESS_CODES, _MARGIN_CODES
 from fastcache.ops.contrastive import (
+    DIRECTIONS,
     NORMALIZE_EPS,
     ContrastiveLossAndGrad,
     ContrastiveOptions,
@@ -91,14 +93,107 @@ def _prefix_norm_backward_(grad: Tensor, x: Tensor, dims: tuple[int, ...], norms
     return grad
 
 
+def _segment_gemms_(grad, tensors, operand, rows, total: Tensor, lo: int, hi: int) -> None:
+    """The backward GEMMs of segment [lo, hi) of one direction: dX[rows, seg] += A·Y[:, seg], dY[:, seg] += Aᵀ·X."""
+    x, _, y, width = operand
+    grad[x][rows, lo:hi].addmm_(total, tensors[y][:width, lo:hi])
+    grad[y][:width, lo:hi].addmm_(total.T, tensors[x][rows, lo:hi])
+
+
+def _fused_cpu_chunk(segs, gout, ids, r0, c, layout, options, dims, weights, tensors, norms, operands, rows, grad,
+                     radial, need_grad: bool) -> Tensor:
+    """One chunk through the C++ Matryoshka epilogue (csrc/cpu/matryoshka.cpp): K segment GEMMs per direction
+    into K blocks, one call for every dim (the blocks come back as the per-segment gradient totals A_k, with the
+    radial sums), then the segment GEMMs of the backward. Returns the chunk's weighted loss sum."""
+    dirs = list(segs)
+    segments = list(zip(dims[1:] + (0,), dims))
+    for name in dirs:
+        x, _, y, width = operands[name]
+        for k, (lo, hi) in enumerate(segments):
+            torch.mm(tensors[x][rows[name], lo:hi], tensors[y][:width, lo:hi].T, out=segs[name][k, :c])
+    cosine = norms["q"] is not None
+    row_scales = [norms[operands[n][0]][1][:, rows[n]] for n in dirs] if cosine else []
+    column_scales = [norms[operands[n][2]][1][:, :operands[n][3]] for n in dirs] if cosine else []
+    loss_rows, row_radial, column_radial = _backend.EXTENSION.matryoshka_epilogue_cpu(
+        [segs[n][:, :c] for n in dirs], [DIRECTIONS.index(n) for n in dirs], [gout[n] for n in dirs] if gout else [],
+        ids, row_scales, column_scales, list(weights), r0, layout.rows, layout.positives, options.offset,
+        layout.own_query_offset, float(options.scale),
+        _HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, float(options.hardness_strength),
+        options.partition_mode == "joint", _MARGIN_CODES[options.margin_strategy], float(options.margin), need_grad)
+    if need_grad:
+        for i, name in enumerate(dirs):
+            x, _, y, width = operands[name]
+            if cosine:
+                radial[x][:, rows[name]] += row_radial[i]
+                radial[y][:, :width] += column_radial[i]
+            for k, (lo, hi) in enumerate(segments):
+                _segment_gemms_(grad, tensors, operands[name], rows[name], segs[name][k, :c], lo, hi)
+    return loss_rows.sum()
+
+
+def _per_dim_chunk(raw, grads, product, gout, ids, r0, c, layout, options, dims, weights, tensors, norms, operands,
+                   rows, grad, radial, epilogue, need_grad: bool) -> Tensor:
+    """One chunk through a contrastive epilogue (any backend) dim by dim: segment GEMMs accumulated into the
+    running prefix product, each dim's s_k into the epilogue, gradients summed per segment before the backward
+    GEMMs. Returns the chunk's weighted loss sum."""
+    dirs, K, cosine = list(raw), len(dims), norms["q"] is not None
+    segments = list(zip(dims[1:] + (0,), dims))
+    loss = 0
+    for k in reversed(range(K)):  # the smallest dim first: its prefix is part of every larger one
+        lo, hi = segments[k]
+        out = {}
+        for name in dirs:
+            x, _, y, width = operands[name]
+            xc, yc, block = tensors[x][rows[name]], tensors[y][:width], raw[name][:c]
+            if k == K - 1:
+                torch.mm(xc[:, :hi], yc[:, :hi].T, out=block)
+            else:
+                block.addmm_(xc[:, lo:hi], yc[:, lo:hi].T)
+            out[name] = grads[k][name][:c]
+            if cosine:  # s_k = a_k ⊙ R_k ⊙ b_k
+                torch.mul(block, norms[x][1][k, rows[name], None], out=out[name])
+                out[name].mul_(norms[y][1][k, None, :width])
+            else:
+                out[name].copy_(block)
+        loss = loss + weights[k] * epilogue(out, gout, ids, r0, layout, options, need_grad).sum()
+        if not need_grad:
+            continue
+        for name in dirs:  # g' = w·a ⊙ g, and the radial sums of g ⊙ s = g' ⊙ R ⊙ b
+            x, _, y, width = operands[name]
+            if cosine:
+                out[name].mul_(norms[x][1][k, rows[name], None] * weights[k])
+                t = torch.mul(out[name], raw[name][:c], out=product[:c, :width])
+                b = norms[y][1][k, :width]
+                radial[x][k, rows[name]] += t @ b
+                radial[y][k, :width] += t.sum(0).mul_(b)
+            elif weights[k] != 1.0:
+                out[name].mul_(weights[k])
+    if not need_grad:
+        return loss
+    for k, (lo, hi) in enumerate(segments):  # from the largest dim: A_k = Σ_{k' ≤ k} dL/dR_k' in grads[0]
+        for name in dirs:
+            y, width = operands[name][2:]
+            total = grads[0][name][:c]
+            scale_columns = norms[y][1][k, None, :width] if cosine else None
+            if k == 0:
+                if cosine:
+                    total.mul_(scale_columns)
+            elif cosine:
+                total.addcmul_(grads[k][name][:c], scale_columns)
+            else:
+                total.add_(grads[k][name][:c])
+            _segment_gemms_(grad, tensors, operands[name], rows[name], total, lo, hi)
+    return loss
+
+
 def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options: ContrastiveOptions, layout,
           dims: tuple[int, ...], weights: tuple[float, ...], epilogue, need_grad: bool, chunk: int, progress: bool):
     """Weighted loss over the dims (compute dtype, 0-d) and, when ``need_grad``, fp32/fp64 gradients w.r.t.
-    queries, docs and all_queries (see the module docstring)."""
+    queries, docs and all_queries (see the module docstring). ``epilogue`` None: the fused C++ Matryoshka
+    epilogue (every dim in one call per chunk); else a contrastive epilogue called dim by dim."""
     dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
     cosine = options.similarity == "cos"
     B, P, off, K = layout.rows, layout.positives, options.offset, len(dims)
-    segments = list(zip(dims[1:] + (0,), dims))  # S_k = [d_{k+1}, d_k), k = 0 the largest dim's
     q = queries.to(dtype).contiguous()
     d = docs.reshape(-1, layout.dim).to(dtype).contiguous()
     gathered = all_queries is not None
@@ -110,24 +205,31 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         gq, _ = _normalized(guide_queries, dtype, True)
         gd, _ = _normalized(guide_docs.reshape(-1, guide_docs.size(-1)), dtype, True)
     ids = None if doc_ids is None else doc_ids.reshape(-1).to(torch.int64).contiguous()
-    dirs = options.directions
+    dirs = sorted(options.directions, key=DIRECTIONS.index)
     tensors = {"q": q, "d": d, "Q": Q}
     # each direction: (row operand, row start relative to the chunk's first row, column operand, column count)
     dd_width = P if guided else d.size(0)
     operands = {"query_to_doc": ("q", 0, "d", d.size(0)), "query_to_query": ("q", 0, "Q", Q.size(0)),
                 "doc_to_query": ("d", off, "Q", Q.size(0)), "doc_to_doc": ("d", off, "d", dd_width)}
-    raw = {k: torch.empty(chunk, operands[k][3], dtype=dtype, device=q.device) for k in dirs}
-    grads = [{k: torch.empty_like(raw[k]) for k in dirs} for _ in range(K)]
-    product = torch.empty(chunk, max(operands[k][3] for k in dirs), dtype=dtype, device=q.device) \
-        if need_grad and cosine else None
-    guides = {k: torch.empty_like(raw[k]) for k in dirs} if guided else {}
+    fused = epilogue is None
+    if fused:  # K segment products per direction, overwritten with the per-segment gradient totals
+        segs = {k: torch.empty(K, chunk, operands[k][3], dtype=dtype, device=q.device) for k in dirs}
+    else:  # the running prefix product, each dim's gradient block, the radial product temporary
+        raw = {k: torch.empty(chunk, operands[k][3], dtype=dtype, device=q.device) for k in dirs}
+        grads = [{k: torch.empty_like(raw[k]) for k in dirs} for _ in range(K)]
+        product = torch.empty(chunk, max(operands[k][3] for k in dirs), dtype=dtype, device=q.device) \
+            if need_grad and cosine else None
+    guides = {k: torch.empty(chunk, operands[k][3], dtype=dtype, device=q.device) for k in dirs} if guided else {}
+    grad = radial = None
     if need_grad:
         grad = {"q": torch.zeros_like(q), "d": torch.zeros_like(d)}
         grad["Q"] = torch.zeros_like(Q) if gathered else grad["q"]
         radial = {"q": q.new_zeros(K, B), "d": d.new_zeros(K, d.size(0))}
         radial["Q"] = Q.new_zeros(K, Q.size(0)) if gathered else radial["q"]
     loss = torch.zeros((), dtype=dtype, device=q.device)
-    for r0 in trange(0, B, chunk, desc="matryoshka loss", disable=not progress, leave=False):
+    # a tqdm bar costs ~0.2 ms per call even when disabled
+    starts = trange(0, B, chunk, desc="matryoshka loss", leave=False) if progress else range(0, B, chunk)
+    for r0 in starts:
         r1 = min(r0 + chunk, B)
         c = r1 - r0
         rows = {k: slice(operands[k][1] + r0, operands[k][1] + r1) for k in dirs}
@@ -138,54 +240,18 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
                 torch.mm(gq[r0:r1], gq.T, out=gout["query_to_query"])
             if "doc_to_doc" in dirs:
                 torch.mm(gd[off + r0:off + r1], gd[:P].T, out=gout["doc_to_doc"])
-        for k in reversed(range(K)):  # the smallest dim first: its prefix is part of every larger one
-            lo, hi = segments[k]
-            out = {}
-            for name in dirs:
-                x, _, y, width = operands[name]
-                xc, yc, block = tensors[x][rows[name]], tensors[y][:width], raw[name][:c]
-                if k == K - 1:
-                    torch.mm(xc[:, :hi], yc[:, :hi].T, out=block)
-                else:
-                    block.addmm_(xc[:, lo:hi], yc[:, lo:hi].T)
-                out[name] = grads[k][name][:c]
-                if cosine:  # s_k = a_k ⊙ R_k ⊙ b_k
-                    torch.mul(block, norms[x][1][k, rows[name], None], out=out[name])
-                    out[name].mul_(norms[y][1][k, None, :width])
-                else:
-                    out[name].copy_(block)
-            loss += weights[k] * epilogue(out, gout, ids, r0, layout, options, need_grad).sum()
-            if not need_grad:
-                continue
-            for name in dirs:  # g' = w·a ⊙ g, and the radial sums of g ⊙ s = g' ⊙ R ⊙ b
-                x, _, y, width = operands[name]
-                if cosine:
-                    out[name].mul_(norms[x][1][k, rows[name], None] * weights[k])
-                    t = torch.mul(out[name], raw[name][:c], out=product[:c, :width])
-                    b = norms[y][1][k, :width]
-                    radial[x][k, rows[name]] += t @ b
-                    radial[y][k, :width] += t.sum(0).mul_(b)
-                elif weights[k] != 1.0:
-                    out[name].mul_(weights[k])
-        if not need_grad:
-            continue
-        for k, (lo, hi) in enumerate(segments):  # from the largest dim: A_k = Σ_{k' ≤ k} dL/dR_k' in grads[0]
-            for name in dirs:
-                x, _, y, width = operands[name]
-                total = grads[0][name][:c]
-                scale_columns = norms[y][1][k, None, :width] if cosine else None
-                if k == 0:
-                    if cosine:
-                        total.mul_(scale_columns)
-                elif cosine:
-                    total.addcmul_(grads[k][name][:c], scale_columns)
-                else:
-                    total.add_(grads[k][name][:c])
-                xc, yc = tensors[x][rows[name]], tensors[y][:width]
-                grad[x][rows[name], lo:hi].addmm_(total, yc[:, lo:hi])
-                grad[y][:width, lo:hi].addmm_(total.T, xc[:, lo:hi])
+        common = (gout, ids, r0, c, layout, options, dims, weights, tensors, norms, operands, rows, grad, radial)
+        if fused:
+            loss += _fused_cpu_chunk(segs, *common, need_grad)
+        else:
+            loss += _per_dim_chunk(raw, grads, product, *common, epilogue, need_grad)
     loss = loss / B
-    del raw, grads, guides, product  # free the slab before the normalisation backward
+    # free the slab before the normalisation backward
+    del guides
+    if fused:
+        del segs
+    else:
+        del raw, grads, product
     if not need_grad:
         return loss, None, None, None
     for name in ("q", "d", "Q") if gathered else ("q", "d"):
@@ -208,16 +274,18 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, w
 
         return matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
                                 dims, weights, need_grad)
+    fused = name == "cpu"  # the C++ Matryoshka epilogue; other backends run their contrastive epilogue per dim
     if chunk_size is None:
         itemsize = 8 if queries.dtype == torch.float64 else 4
-        # per direction: the running prefix product, one gradient block per dim, the radial product temporary
-        blocks = len(dims) + 1 + contrastive_epilogue.WORKSPACE_BLOCKS[name]
+        # per direction: fused, one segment block per dim; else the running prefix product, one gradient block
+        # per dim, the radial product temporary and the epilogue's workspace
+        blocks = len(dims) if fused else len(dims) + 1 + contrastive_epilogue.WORKSPACE_BLOCKS[name]
         chunk = chunk_rows(layout, options, all_queries is not None, guide_dim,
                            _backend.memory_budget(memory_budget), itemsize, blocks)
     else:
         chunk = min(chunk_size, layout.rows)
     return _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, dims, weights,
-                 contrastive_epilogue.EPILOGUES[name], need_grad, chunk, show_progress_bar)
+                 None if fused else contrastive_epilogue.EPILOGUES[name], need_grad, chunk, show_progress_bar)
 
 
 def matryoshka_contrastive_loss(

@@ -1,0 +1,305 @@
+// Fused Matryoshka epilogue of the contrastive loss on CPU: every dimension of a row chunk in one sweep per row.
+//
+// Dims d_0 > ... > d_{K-1}, segments S_k = [d_{k+1}, d_k) (d_K = 0). Input, per enabled direction (rows X
+// against columns Y), the K raw segment products P_k = X[:, S_k]·Y[:, S_k]ᵀ of rows i = row0 .. row0+c-1, the
+// prefix-norm reciprocals a_k(i), b_k(j) (none for "dot": a = b = 1) and the dim weights w_k. Per row, from the
+// smallest dim up: R_k = Σ_{k' >= k} P_k' (the prefix product), s_k = a_k·R_k·b_k, then the contrastive row
+// epilogue of contrastive_row.h on s_k (every option) gives the row's loss L_k and g_k = dL_k/ds_k. Out:
+//   loss_i = Σ_k w_k·L_k(i)
+//   in place of P_j: A_j = Σ_{k <= j} w_k·a_k·g_k·b_k   (what the backward GEMMs of segment j take)
+//   row radial t_k(i) = w_k·Σ_j g_k·s_k and column radial u_k(j) = w_k·Σ_i g_k·s_k   (cosine only)
+// Each row reads its K segment rows once and writes them once; the per-dim work stays in a row-sized scratch.
+// Rows run in parallel in a fixed number of groups (set by c alone); each group sums its columns' radial terms
+// on its own, and the groups' sums are added in group order: results do not depend on the thread count.
+#include "matryoshka.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "contrastive_row.h"
+
+namespace fastcache {
+namespace {
+
+using row::contrastive_row;
+using row::Kind;
+using row::Params;
+using row::RowBlock;
+
+constexpr int64_t kRowsPerGroup = 16;  // rows per group (at most kMaxGroups groups per call)
+constexpr int64_t kMaxGroups = 16;
+constexpr int kLanes = 16;             // independent partial sums of a row's radial term (vectorised)
+
+template <typename T>
+struct Direction {
+  T* p = nullptr;                 // segment k's row r at p + k * ld_segment + r * ld_row
+  int64_t ld_segment = 0, ld_row = 0, n = 0;
+  const T* g = nullptr;           // guide row r at g + r * ldg, or nullptr
+  int64_t ldg = 0;
+  const int64_t* ids = nullptr;   // candidate ids of the columns, or nullptr
+  Kind kind = row::kQueryToDoc;
+  const T* a = nullptr;           // a_k(r) at a[k * lda + r]; nullptr for "dot"
+  const T* b = nullptr;           // b_k(j) at b[k * ldb + j]
+  int64_t lda = 0, ldb = 0;
+  T* row_radial = nullptr;        // [K, rows] contiguous
+  int64_t column_offset = 0;      // this direction's columns in a group's partial column sums
+};
+
+template <typename T>
+struct Job {
+  Direction<T> dirs[4];
+  int ndirs = 0;
+  int64_t K = 0, rows = 0, groups = 0, total_columns = 0;
+  const double* weights = nullptr;
+  Params p{};
+  T* loss = nullptr;      // [rows]
+  T* partial = nullptr;   // [groups, K, total_columns] column radial sums per group
+};
+
+// Rows of groups [g0, g1).
+template <typename T>
+FASTCACHE_INLINE void matryoshka_groups(const Job<T>& job, int64_t g0, int64_t g1) {
+  const int64_t K = job.K;
+  const bool grad = job.p.compute_grad;
+  int64_t scratch_size = 0;
+  for (int d = 0; d < job.ndirs; ++d) scratch_size += (2 + K) * job.dirs[d].n;
+  std::vector<T> scratch(scratch_size);  // per direction: prefix R, similarities / dL/ds, K weighted gradients
+  T* running[4];
+  T* x[4];
+  T* weighted[4];
+  for (int d = 0, at = 0; d < job.ndirs; ++d) {
+    const int64_t n = job.dirs[d].n;
+    running[d] = scratch.data() + at;
+    x[d] = running[d] + n;
+    weighted[d] = x[d] + n;
+    at += (2 + K) * n;
+  }
+  std::vector<T> own;
+  RowBlock<T> rows[4];
+  for (int64_t group = g0; group < g1; ++group) {
+    const int64_t begin = group * job.rows / job.groups, end = (group + 1) * job.rows / job.groups;
+    for (int64_t r = begin; r < end; ++r) {
+      double loss = 0.0;
+      for (int64_t k = K - 1; k >= 0; --k) {  // the smallest dim first: its prefix is part of every larger one
+        for (int d = 0; d < job.ndirs; ++d) {
+          const Direction<T>& D = job.dirs[d];
+          const T* segment = D.p + k * D.ld_segment + r * D.ld_row;
+          T* R = running[d];
+          T* s = x[d];
+          if (k == K - 1) {
+            std::copy(segment, segment + D.n, R);
+          } else {
+            for (int64_t j = 0; j < D.n; ++j) R[j] += segment[j];
+          }
+          if (D.a) {
+            const T a = D.a[k * D.lda + r];
+            const T* b = D.b + k * D.ldb;
+            for (int64_t j = 0; j < D.n; ++j) s[j] = R[j] * a * b[j];
+          } else {
+            std::copy(R, R + D.n, s);
+          }
+          rows[d] = RowBlock<T>{s, D.g ? D.g + r * D.ldg : nullptr, D.ids, D.n, D.kind};
+        }
+        loss += job.weights[k] * static_cast<double>(contrastive_row(rows, job.ndirs, job.p.row0 + r, job.p, own));
+        if (!grad) continue;
+        const T w = static_cast<T>(job.weights[k]);
+        for (int d = 0; d < job.ndirs; ++d) {  // x holds g_k = dL_k/ds_k
+          const Direction<T>& D = job.dirs[d];
+          const T* g = x[d];
+          T* out = weighted[d] + k * D.n;
+          if (!D.a) {
+            for (int64_t j = 0; j < D.n; ++j) out[j] = w * g[j];
+            continue;
+          }
+          const T wa = w * D.a[k * D.lda + r];
+          const T* b = D.b + k * D.ldb;
+          const T* R = running[d];
+          T* column = job.partial + (group * K + k) * job.total_columns + D.column_offset;
+          T lane[kLanes] = {};
+          int64_t j = 0;
+          for (; j + kLanes <= D.n; j += kLanes) {
+            for (int l = 0; l < kLanes; ++l) {
+              const T gw = g[j + l] * wa;
+              const T radial = gw * R[j + l] * b[j + l];  // w·g·s
+              out[j + l] = gw * b[j + l];
+              column[j + l] += radial;
+              lane[l] += radial;
+            }
+          }
+          double sum = 0.0;
+          for (int l = 0; l < kLanes; ++l) sum += lane[l];
+          for (; j < D.n; ++j) {
+            const T gw = g[j] * wa;
+            const T radial = gw * R[j] * b[j];
+            out[j] = gw * b[j];
+            column[j] += radial;
+            sum += radial;
+          }
+          D.row_radial[k * job.rows + r] = static_cast<T>(sum);
+        }
+      }
+      job.loss[r] = static_cast<T>(loss);
+      if (!grad) continue;
+      for (int d = 0; d < job.ndirs; ++d) {  // A_j = Σ_{k <= j} weighted_k, written over the segment rows
+        const Direction<T>& D = job.dirs[d];
+        for (int64_t k = 0; k < K; ++k) {
+          T* total = weighted[d] + k * D.n;
+          if (k > 0) {
+            const T* previous = total - D.n;
+            for (int64_t j = 0; j < D.n; ++j) total[j] += previous[j];
+          }
+          std::copy(total, total + D.n, D.p + k * D.ld_segment + r * D.ld_row);
+        }
+      }
+    }
+  }
+}
+
+// Compiled once per instruction set (AVX-512, AVX2, baseline) and picked at load time on x86-64.
+FASTCACHE_SIMD_CLONES void matryoshka_groups_float(const Job<float>& job, int64_t g0, int64_t g1) {
+  matryoshka_groups(job, g0, g1);
+}
+
+void matryoshka_groups_double(const Job<double>& job, int64_t g0, int64_t g1) { matryoshka_groups(job, g0, g1); }
+
+template <typename T>
+void run_groups(const Job<T>& job, int64_t g0, int64_t g1) {
+  if constexpr (std::is_same_v<T, float>) {
+    matryoshka_groups_float(job, g0, g1);
+  } else {
+    matryoshka_groups_double(job, g0, g1);
+  }
+}
+
+void check_matrix(const at::Tensor& t, at::ScalarType dtype, int64_t rows, int64_t cols, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape [", rows, ", ", cols,
+              "], got ", t.sizes());
+  TORCH_CHECK(t.stride(1) == 1, name, " must be contiguous along its last dimension");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> matryoshka_epilogue_cpu(
+    std::vector<at::Tensor> segments, std::vector<int64_t> kinds, std::vector<at::Tensor> guides,
+    std::optional<at::Tensor> doc_ids, std::vector<at::Tensor> row_scales, std::vector<at::Tensor> column_scales,
+    std::vector<double> weights, int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset,
+    int64_t own_query_offset, double scale, int64_t hardness_mode, double hardness_strength, bool joint,
+    int64_t margin_strategy, double margin, bool compute_grad) {
+  const int ndirs = static_cast<int>(segments.size());
+  TORCH_CHECK(ndirs >= 1 && ndirs <= 4, "segments: one tensor per enabled direction (1 to 4), got ", ndirs);
+  TORCH_CHECK(kinds.size() == segments.size(), "kinds: one per segments tensor, got ", kinds.size());
+  const int64_t K = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(K >= 1, "weights: one per dim, at least one");
+  const at::Tensor& first = segments[0];
+  TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble,
+              "segments must be float32 or float64, got ", first.scalar_type());
+  const auto dtype = first.scalar_type();
+  TORCH_CHECK(first.dim() == 3, "segments must be [K, rows, columns] tensors, got ", first.sizes());
+  const int64_t rows = first.size(1);
+  const bool guided = !guides.empty(), cosine = !row_scales.empty();
+  TORCH_CHECK(!guided || guides.size() == segments.size(), "guides: none, or one per direction");
+  TORCH_CHECK(row_scales.size() == column_scales.size() && (!cosine || row_scales.size() == segments.size()),
+              "row_scales and column_scales: none (dot), or one each per direction");
+  TORCH_CHECK(num_positives > 0 && offset >= 0 && row0 >= 0 && offset + row0 + rows <= num_positives,
+              "rows [", row0, ", ", row0 + rows, ") with offset ", offset, " exceed the ", num_positives,
+              " positives");
+  TORCH_CHECK(batch_size > 0, "batch_size must be positive");
+  TORCH_CHECK(kinds[0] == row::kQueryToDoc, "the first direction must be query_to_doc");
+  if (doc_ids) {
+    TORCH_CHECK(doc_ids->device().is_cpu() && doc_ids->scalar_type() == at::kLong && doc_ids->dim() == 1 &&
+                    doc_ids->is_contiguous() && doc_ids->size(0) == first.size(2),
+                "doc_ids must be a contiguous int64 CPU vector with one id per query_to_doc column");
+  }
+  at::Tensor loss = at::empty({rows}, first.options());
+  std::vector<at::Tensor> row_radial, column_radial;
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "matryoshka_epilogue_cpu", [&] {
+    Job<scalar_t> job;
+    job.ndirs = ndirs;
+    job.K = K;
+    job.rows = rows;
+    job.weights = weights.data();
+    job.p = Params{row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_strength, margin,
+                   hardness_mode, margin_strategy, joint, compute_grad};
+    job.loss = loss.data_ptr<scalar_t>();
+    bool seen[4] = {false, false, false, false};
+    for (int d = 0; d < ndirs; ++d) {
+      const at::Tensor& s = segments[d];
+      const int64_t kind = kinds[d];
+      TORCH_CHECK(kind >= 0 && kind <= 3 && !seen[kind], "kinds must be distinct direction codes 0..3, got ", kind);
+      seen[kind] = true;
+      TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == dtype, "segments must be CPU tensors of one dtype");
+      TORCH_CHECK(s.dim() == 3 && s.size(0) == K && s.size(1) == rows && s.stride(2) == 1,
+                  "segments[", d, "] must be [", K, ", ", rows, ", columns] with contiguous rows, got ", s.sizes());
+      const int64_t n = s.size(2);
+      TORCH_CHECK(n >= 1, "segments[", d, "] has no columns");
+      // the columns each kind indexes: the positive (query_to_doc, doc_to_doc), the own query (query_to_query)
+      if (kind == row::kQueryToDoc || kind == row::kDocToDoc) {
+        TORCH_CHECK(n >= num_positives, "segments[", d, "] has fewer columns than the ", num_positives, " positives");
+        TORCH_CHECK(!doc_ids || n <= doc_ids->size(0), "doc_ids: fewer ids than segments[", d, "] has columns");
+      }
+      if (kind == row::kQueryToQuery) {
+        TORCH_CHECK(own_query_offset >= 0 && own_query_offset + row0 + rows <= n,
+                    "segments[", d, "]: own query columns exceed its ", n, " columns");
+      }
+      Direction<scalar_t>& D = job.dirs[d];
+      D.p = s.data_ptr<scalar_t>();
+      D.ld_segment = s.stride(0);
+      D.ld_row = s.stride(1);
+      D.n = n;
+      D.kind = static_cast<Kind>(kind);
+      if (doc_ids && (kind == row::kQueryToDoc || kind == row::kDocToDoc)) D.ids = doc_ids->data_ptr<int64_t>();
+      if (guided) {
+        TORCH_CHECK(kind != row::kDocToQuery, "doc_to_query has no guided form");
+        check_matrix(guides[d], dtype, rows, n, "guides");
+        D.g = guides[d].data_ptr<scalar_t>();
+        D.ldg = guides[d].stride(0);
+      }
+      if (cosine) {
+        check_matrix(row_scales[d], dtype, K, rows, "row_scales");
+        check_matrix(column_scales[d], dtype, K, n, "column_scales");
+        D.a = row_scales[d].data_ptr<scalar_t>();
+        D.lda = row_scales[d].stride(0);
+        D.b = column_scales[d].data_ptr<scalar_t>();
+        D.ldb = column_scales[d].stride(0);
+        if (compute_grad) {
+          row_radial.push_back(at::empty({K, rows}, first.options()));
+          D.row_radial = row_radial.back().data_ptr<scalar_t>();
+        }
+      }
+      D.column_offset = job.total_columns;
+      job.total_columns += n;
+    }
+    job.groups = std::clamp<int64_t>(rows / kRowsPerGroup, 1, kMaxGroups);
+    const bool radial = compute_grad && cosine;
+    at::Tensor partial = at::zeros({radial ? job.groups * K * job.total_columns : 0}, first.options());
+    job.partial = partial.data_ptr<scalar_t>();
+    at::parallel_for(0, job.groups, 1, [&](int64_t g0, int64_t g1) { run_groups(job, g0, g1); });
+    if (!radial) return;
+    for (int d = 0; d < ndirs; ++d) {  // the groups' column sums, added in group order
+      const Direction<scalar_t>& D = job.dirs[d];
+      column_radial.push_back(at::empty({K, D.n}, first.options()));
+      scalar_t* out = column_radial.back().data_ptr<scalar_t>();
+      const scalar_t* part = job.partial;
+      const int64_t total = job.total_columns, groups = job.groups, n = D.n, off = D.column_offset;
+      at::parallel_for(0, K * n, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t e = begin; e < end; ++e) {
+          const int64_t k = e / n, j = e % n;
+          scalar_t sum = 0;
+          for (int64_t group = 0; group < groups; ++group) sum += part[(group * K + k) * total + off + j];
+          out[e] = sum;
+        }
+      });
+    }
+  });
+  return {loss, row_radial, column_radial};
+}
+
+}  // namespace fastcache

@@ -15,14 +15,8 @@ import torch
 
 from fastcache.ops import contrastive_epilogue
 from fastcache.ops.matryoshka import matryoshka_contrastive_loss_and_grad
-from helpers import (
-    MATRYOSHKA_OP_PATHS,
-    assert_matches,
-    assert_no_worse_than_reference,
-    cast,
-    make_batch,
-    matryoshka_reference_loss_and_grads,
-)
+from helpers import MATRYOSHKA_OP_PATHS, assert_matches, make_batch, matryoshka_reference_loss_and_grads
+from test_matryoshka_triton import assert_low_precision_no_worse_than_reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -86,18 +80,8 @@ LOW_PRECISION_CASES = {
 @pytest.mark.parametrize("case", list(LOW_PRECISION_CASES))
 def test_low_precision_no_worse_than_reference(dtype, case):
     shape, options = LOW_PRECISION_CASES[case]
-    runs = {}
-    for seed in (13, 14, 15):
-        batch = make_batch(**shape, dtype=dtype, seed=seed)
-        truth = matryoshka_reference_loss_and_grads(cast(batch, torch.float64), **options)
-        ref = matryoshka_reference_loss_and_grads(batch, **options)
-        loss, grads = run_on_gpu("loss_and_grad", batch, **TILED, **options)
-        assert loss.dtype == torch.float32 and all(g.dtype == dtype for g in grads.values())
-        for k in ["loss", *grads]:
-            for lst, out in zip(runs.setdefault(k, ([], [], [])), (truth, ref, (loss, grads))):
-                lst.append(out[0] if k == "loss" else out[1][k])
-    for k, (truth, ref, ours) in runs.items():
-        assert_no_worse_than_reference(k, ours, ref, truth, torch.float32 if k == "loss" else dtype)
+    assert_low_precision_no_worse_than_reference(
+        shape, options, dtype, [lambda batch: run_on_gpu("loss_and_grad", batch, **TILED, **options)])
 
 
 def test_same_as_the_slab_and_deterministic():

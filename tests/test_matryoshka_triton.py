@@ -122,25 +122,31 @@ def test_strided_nan_padded_inputs(layout):
     check(strided, dims=[7, 4, 1], offset=2, directions=ALL)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", list(LOW_PRECISION_CASES))
-def test_low_precision_no_worse_than_reference(dtype, case):
-    """fp32 accumulation of the input dtype's products, per-dim scaling in fp32: no worse than the reference
-    computed in the input dtype (tests/helpers.py), on both op paths."""
-    shape, options = LOW_PRECISION_CASES[case]
+def assert_low_precision_no_worse_than_reference(shape, options, dtype, paths) -> None:
+    """Each op path (batch -> loss, grads) on seeded batches in ``dtype``: float32 loss, gradients in ``dtype``,
+    errors no worse than the reference's own in ``dtype`` (tests/helpers.py)."""
     runs = {}
-    for path in MATRYOSHKA_OP_PATHS.values():
+    for path in paths:
         for seed in (13, 14, 15):
             batch = make_batch(**shape, dtype=dtype, seed=seed)
             truth = matryoshka_reference_loss_and_grads(cast(batch, torch.float64), **options)
             ref = matryoshka_reference_loss_and_grads(batch, **options)
-            loss, grads = path(batch, **TILED, **options)
+            loss, grads = path(batch)
             assert loss.dtype == torch.float32 and all(g.dtype == dtype for g in grads.values())
             for k in ["loss", *grads]:
                 for lst, out in zip(runs.setdefault(k, ([], [], [])), (truth, ref, (loss, grads))):
                     lst.append(out[0] if k == "loss" else out[1][k])
     for k, (truth, ref, ours) in runs.items():
         assert_no_worse_than_reference(k, ours, ref, truth, torch.float32 if k == "loss" else dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(LOW_PRECISION_CASES))
+def test_low_precision_no_worse_than_reference(dtype, case):
+    """fp32 accumulation of the input dtype's products, per-dim scaling in fp32, on both op paths."""
+    shape, options = LOW_PRECISION_CASES[case]
+    assert_low_precision_no_worse_than_reference(shape, options, dtype, [
+        lambda batch, path=path: path(batch, **TILED, **options) for path in MATRYOSHKA_OP_PATHS.values()])
 
 
 def test_same_as_the_slab():

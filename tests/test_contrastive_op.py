@@ -936,6 +936,7 @@ def test_all_finite_sees_every_non_finite_value(dtype):
         assert not all_finite(torch.full((3, 2), bad, dtype=dtype))
     huge = torch.finfo(dtype).max
     assert all_finite(torch.tensor([huge, -huge], dtype=dtype))  # the float64 difference does not overflow
+    assert all_finite(torch.tensor([huge, huge, huge], dtype=dtype))  # the sum overflows, the values are finite
 
 
 def test_chunk_rows_caps_blocks_for_the_cache_only_on_cpu():

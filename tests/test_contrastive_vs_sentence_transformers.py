@@ -230,6 +230,29 @@ def test_cached_mnrl_calculate_loss(tiny_model, directions, partition_mode, hard
                          grad_size)
 
 
+def test_cached_calculate_loss_with_backward_accumulates_like_autograd(tiny_model):
+    """with_backward=True hands the op's gradients straight to leaf reps (no graph); it must do what
+    loss.backward() does: accumulate into existing .grad, and reps that are views of leaves (as
+    sentence-transformers' MatryoshkaLoss passes them) still reach their leaves through autograd."""
+    gen = torch.Generator().manual_seed(7)
+    columns = [_randn(gen, 7, DIM, dtype=torch.float32) for _ in range(3)]
+    loss = CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=3)
+    leaves = [[_leaf(piece) for piece in c.split(3)] for c in columns]
+    first = loss.calculate_loss(leaves, with_backward=True)
+    once = [torch.cat([r.grad for r in column]).clone() for column in leaves]
+    second = loss.calculate_loss(leaves, with_backward=True)
+    assert first.grad_fn is None and second.grad_fn is None and torch.equal(first, second)
+    for column, grad in zip(leaves, once):
+        torch.testing.assert_close(torch.cat([r.grad for r in column]), 2 * grad)
+
+    wide = [_leaf(torch.cat([c, torch.full_like(c, float("nan"))], dim=1)) for c in columns]
+    views = [[piece[:, :DIM] for piece in w.split(3)] for w in wide]  # not leaves: the autograd path
+    torch.testing.assert_close(loss.calculate_loss(views, with_backward=True), first)
+    for w, grad in zip(wide, once):
+        torch.testing.assert_close(w.grad[:, :DIM], grad)
+        assert torch.equal(w.grad[:, DIM:], torch.zeros_like(grad))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Gathered MultipleNegativesRankingLoss (gather_across_devices=True), emulated with FakeWorld
 # ---------------------------------------------------------------------------------------------------------------

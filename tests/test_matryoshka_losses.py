@@ -62,15 +62,18 @@ def _one_thread_and_clean(model, guide):
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Counts the calls of the fused Matryoshka op made through fastcache's MatryoshkaLoss."""
+    """Counts the calls of the fused Matryoshka op (with or without its gradients, as the cached losses call it)
+    made through fastcache's MatryoshkaLoss."""
     calls = []
-    original = fc_matryoshka.matryoshka_contrastive_loss
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs["dims"])
-        return original(*args, **kwargs)
+    def counting(original):
+        def counted(*args, **kwargs):
+            calls.append(kwargs["dims"])
+            return original(*args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(fc_matryoshka, "matryoshka_contrastive_loss", counted)
+    for name in ("matryoshka_contrastive_loss", "matryoshka_contrastive_loss_and_grad"):
+        monkeypatch.setattr(fc_matryoshka, name, counting(getattr(fc_matryoshka, name)))
     return calls
 
 

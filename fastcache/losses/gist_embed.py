@@ -18,15 +18,17 @@ from sentence_transformers.util import all_gather_with_grad, get_rank
 from torch import Tensor
 
 from fastcache.gradcache import FusedGradCacheMixin
-from fastcache.losses.multiple_negatives_ranking import (DuplicateMasking, check_columns,
-                                                        check_same_layout_on_every_rank, gathering, loss_op)
+from fastcache.losses.multiple_negatives_ranking import (DuplicateMasking, accumulate_into, backward_without_graph,
+                                                        check_columns, check_same_layout_on_every_rank, gathering,
+                                                        loss_op)
+from fastcache.ops.contrastive import ContrastiveLossAndGrad
 
 
 def fused_gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tensor],
-                    doc_ids: Tensor | None = None) -> Tensor:
+                    doc_ids: Tensor | None = None, with_grad: bool = False) -> Tensor | ContrastiveLossAndGrad:
     """The GISTEmbedLoss of anchors, positives and any negative columns (``loss`` holds temperature, margin,
     margin_strategy, contrast_anchors, contrast_positives, gather_across_devices; ``doc_ids`` [C, P] masks
-    duplicates)."""
+    duplicates); ``with_grad``: the loss and its embedding gradients without a graph (not when gathering)."""
     check_columns(embeddings)
     if len(guide_embeddings) != len(embeddings):
         raise ValueError(f"The guide gave {len(guide_embeddings)} columns of embeddings, the model {len(embeddings)}")
@@ -41,7 +43,7 @@ def fused_gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tenso
         offset = get_rank() * anchors.size(0)
     directions = ("query_to_doc",) + ("query_to_query",) * loss.contrast_anchors + (
         "doc_to_doc",) * loss.contrast_positives
-    return loss_op(loss)(
+    return loss_op(loss, with_grad)(
         anchors,
         torch.stack(candidates),
         guide_queries=guide_anchors,
@@ -104,7 +106,10 @@ class CachedGISTEmbedLoss(DuplicateMasking, FusedGradCacheMixin, st_losses.Cache
                        with_backward: bool = False, doc_ids: Tensor | None = None) -> Tensor:
         if len(reps) != len(reps_guided):
             raise ValueError("reps and reps_guided must have the same length")
-        loss = fused_gist_loss(self, [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided], doc_ids)
+        embeddings, guide_embeddings = [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided]
+        if with_backward and backward_without_graph(self, reps):
+            return accumulate_into(reps, fused_gist_loss(self, embeddings, guide_embeddings, doc_ids, with_grad=True))
+        loss = fused_gist_loss(self, embeddings, guide_embeddings, doc_ids)
         if with_backward:
             loss.backward()
             loss = loss.detach()

@@ -21,26 +21,30 @@ from sentence_transformers.sentence_transformer import losses as st_losses
 from torch import Tensor, nn
 
 from fastcache.losses.multiple_negatives_ranking import DuplicateMasking
-from fastcache.ops.matryoshka import matryoshka_contrastive_loss
+from fastcache.ops.contrastive import ContrastiveLossAndGrad
+from fastcache.ops.matryoshka import matryoshka_contrastive_loss, matryoshka_contrastive_loss_and_grad
 
 
-def matryoshka_op(dims: Sequence[int], weights: Sequence[float]) -> Callable[..., Tensor]:
-    """The op a fastcache contrastive loss calls in place of contrastive_loss: the weighted sum of its loss at
-    every dim (a dim given twice counts with its summed weight). Truncations are always L2-normalised
-    (sentence-transformers' ``shrink``), so the similarity is cosine whatever the inner loss's similarity_fct."""
+def matryoshka_op(dims: Sequence[int], weights: Sequence[float],
+                  with_grad: bool = False) -> Callable[..., Tensor | ContrastiveLossAndGrad]:
+    """The op a fastcache contrastive loss calls in place of contrastive_loss (contrastive_loss_and_grad
+    ``with_grad``): the weighted sum of its loss at every dim (a dim given twice counts with its summed weight).
+    Truncations are always L2-normalised (sentence-transformers' ``shrink``), so the similarity is cosine whatever
+    the inner loss's similarity_fct."""
     merged: dict[int, float] = {}
     for dim, weight in zip(dims, weights):
         merged[dim] = merged.get(dim, 0.0) + float(weight)
 
-    def op(queries: Tensor, docs: Tensor, **kwargs) -> Tensor:
+    fused = matryoshka_contrastive_loss_and_grad if with_grad else matryoshka_contrastive_loss
+
+    def op(queries: Tensor, docs: Tensor, **kwargs) -> Tensor | ContrastiveLossAndGrad:
         width = queries.size(-1)
         for dim in merged:  # sentence-transformers' shrink's error
             if dim > width:
                 raise ValueError(f"Dimension {dim} in matryoshka_dims cannot be greater than the model's embedding "
                                  f"dimension: {width}")
         kwargs["similarity"] = "cos"
-        return matryoshka_contrastive_loss(queries, docs, dims=list(merged), weights=list(merged.values()),
-                                           **kwargs)
+        return fused(queries, docs, dims=list(merged), weights=list(merged.values()), **kwargs)
 
     return op
 
@@ -80,11 +84,13 @@ class MatryoshkaLoss(st_losses.MatryoshkaLoss):
     def fused_step(self):
         """Inside, the inner loss computes every dim of this step (step_dims) in one op call: what forward does
         around the inner loss; exposed to run the loss stage alone (e.g. ``loss.loss.calculate_loss(reps)``)."""
-        self.loss.fused_op = matryoshka_op(*self.step_dims())
+        dims, weights = self.step_dims()
+        self.loss.fused_op = matryoshka_op(dims, weights)
+        self.loss.fused_op_and_grad = matryoshka_op(dims, weights, with_grad=True)
         try:
             yield
         finally:
-            del self.loss.fused_op
+            del self.loss.fused_op, self.loss.fused_op_and_grad
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         if not self.fused:

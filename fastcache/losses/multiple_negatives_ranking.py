@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fastcache.gradcache import FusedGradCacheMixin
 from fastcache.losses.duplicates import candidate_ids
-from fastcache.ops.contrastive import contrastive_loss
+from fastcache.ops.contrastive import ContrastiveLossAndGrad, contrastive_loss, contrastive_loss_and_grad
 
 _FUSED_SIMILARITIES = {cos_sim: "cos", dot_score: "dot"}
 # the losses whose similarity_fct decides whether the fused op applies (GIST always uses cosine)
@@ -62,16 +62,41 @@ def check_same_layout_on_every_rank(device: torch.device, **sizes: int) -> None:
                          "Give every rank batches of the same size (e.g. drop_last=True) with the same columns.")
 
 
-def loss_op(loss) -> Callable[..., Tensor]:
-    """The op that computes ``loss``'s loss stage: contrastive_loss, or one that a wrapper installed as
-    ``loss.fused_op`` with the same arguments (fastcache's MatryoshkaLoss: every dimension in one call)."""
+def loss_op(loss, with_grad: bool = False) -> Callable[..., Tensor | ContrastiveLossAndGrad]:
+    """The op that computes ``loss``'s loss stage: contrastive_loss (contrastive_loss_and_grad ``with_grad``), or
+    the pair that a wrapper installed as ``loss.fused_op`` / ``loss.fused_op_and_grad`` with the same arguments
+    (fastcache's MatryoshkaLoss: every dimension in one call)."""
+    if with_grad:
+        return getattr(loss, "fused_op_and_grad", None) or contrastive_loss_and_grad
     return getattr(loss, "fused_op", None) or contrastive_loss
 
 
+def backward_without_graph(loss, reps: list[list[Tensor]]) -> bool:
+    """Whether a cached loss stage may hand its gradients to ``reps`` directly (:func:`accumulate_into`) instead of
+    running loss.backward(): every mini-batch embedding is a leaf that requires grad (as forward_cached makes them)
+    and nothing is gathered across devices (all_gather_with_grad's backward needs the graph)."""
+    return not gathering(loss.gather_across_devices) and all(
+        r.is_leaf and r.requires_grad for column in reps for r in column)
+
+
+def accumulate_into(reps: list[list[Tensor]], result: ContrastiveLossAndGrad) -> Tensor:
+    """What loss.backward() does to the leaves ``reps`` (per column, the mini-batches concatenated into the op's
+    queries and docs), from the op's precomputed gradients; returns the detached loss."""
+    grad_docs = result.grad_docs.reshape(len(reps) - 1, -1, result.grad_docs.size(-1))
+    for column, grad in zip(reps, (result.grad_queries, *grad_docs)):
+        for r, g in zip(column, grad.split([r.size(0) for r in column])):
+            if r.grad is None:
+                r.grad = g
+            else:
+                r.grad += g
+    return result.loss.detach()
+
+
 def fused_mnrl_loss(loss: st_losses.MultipleNegativesRankingLoss, embeddings: list[Tensor], similarity: str,
-                    doc_ids: Tensor | None = None) -> Tensor:
+                    doc_ids: Tensor | None = None, with_grad: bool = False) -> Tensor | ContrastiveLossAndGrad:
     """MultipleNegativesRankingLoss.compute_loss_from_embeddings through the fused op (``loss`` holds the options:
-    scale, directions, partition_mode, hardness, gather_across_devices; ``doc_ids`` [C, P] masks duplicates)."""
+    scale, directions, partition_mode, hardness, gather_across_devices; ``doc_ids`` [C, P] masks duplicates);
+    ``with_grad``: the loss and its embedding gradients without a graph (not when gathering)."""
     check_columns(embeddings)
     queries, docs = embeddings[0], embeddings[1:]
     all_queries = None
@@ -80,7 +105,7 @@ def fused_mnrl_loss(loss: st_losses.MultipleNegativesRankingLoss, embeddings: li
                                         dim=queries.size(1))
         all_queries = all_gather_with_grad(queries)
         docs = [all_gather_with_grad(doc) for doc in docs]
-    return loss_op(loss)(
+    return loss_op(loss, with_grad)(
         queries,
         torch.cat(docs) if len(docs) > 1 else docs[0],
         all_queries=all_queries,
@@ -158,7 +183,10 @@ class _FusedCachedMNRL(DuplicateMasking):
         similarity = fused_similarity(self.similarity_fct)
         if similarity is None:
             return super().calculate_loss(reps, labels, with_backward=with_backward)
-        loss = fused_mnrl_loss(self, [torch.cat(column) for column in reps], similarity, doc_ids)
+        embeddings = [torch.cat(column) for column in reps]
+        if with_backward and backward_without_graph(self, reps):
+            return accumulate_into(reps, fused_mnrl_loss(self, embeddings, similarity, doc_ids, with_grad=True))
+        loss = fused_mnrl_loss(self, embeddings, similarity, doc_ids)
         if with_backward:
             loss.backward()
             loss = loss.detach()

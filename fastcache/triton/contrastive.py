@@ -511,7 +511,8 @@ class _Block(NamedTuple):
 
 def _kernel_copy(x: Tensor, acc: torch.dtype, cosine: bool) -> tuple[Tensor, Tensor | None]:
     """x for the kernels: contiguous, in its own dtype, L2-normalised per row when ``cosine`` (in ``acc``, as the
-    slab does, NORMALIZE_ROWS rows at a time so that the ``acc`` temporary stays small); and the row norms."""
+    slab does, NORMALIZE_ROWS rows at a time so that the ``acc`` temporary stays small); and the row divisors
+    max(‖x‖, eps) that ``_normalized_backward_`` takes."""
     if not cosine:
         return x.contiguous(), None
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)

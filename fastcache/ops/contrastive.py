@@ -258,6 +258,18 @@ def _normalized_backward_(grad: Tensor, normalized: Tensor, divisor: Tensor | No
     return grad.addcmul_(normalized, radial, value=-1).div_(divisor)
 
 
+def guide_and_id_operands(guide_queries: Tensor | None, guide_docs: Tensor | None, doc_ids: Tensor | None,
+                          dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """What every strategy takes from the guide and the ids: the guide embeddings L2-normalised in ``dtype`` (the
+    guide's similarity is always cosine; docs flattened to rows), and the doc ids as one contiguous int64 row."""
+    gq = gd = None
+    if guide_queries is not None:
+        gq, _ = _normalized(guide_queries, dtype, True)
+        gd, _ = _normalized(guide_docs.reshape(-1, guide_docs.size(-1)), dtype, True)
+    ids = None if doc_ids is None else doc_ids.reshape(-1).to(torch.int64).contiguous()
+    return gq, gd, ids
+
+
 def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered: bool, guide_dim: int, budget: int,
                itemsize: int, workspace_blocks: int = 1, cache_cap: bool = True) -> int:
     """Rows per chunk so that the slab workspace stays within ``budget`` bytes.
@@ -299,10 +311,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     gathered = all_queries is not None
     Q, Q_norm = _normalized(all_queries, dtype, cosine) if gathered else (q, q_norm)
     guided = guide_queries is not None
-    if guided:
-        gq, _ = _normalized(guide_queries, dtype, True)
-        gd, _ = _normalized(guide_docs.reshape(-1, guide_docs.size(-1)), dtype, True)
-    ids = None if doc_ids is None else doc_ids.reshape(-1).to(torch.int64).contiguous()
+    gq, gd, ids = guide_and_id_operands(guide_queries, guide_docs, doc_ids, dtype)
     dirs = options.directions
     # doc_to_doc candidates: every document, or (guided, GISTEmbedLoss) the positives only
     dd_cols = d[:P] if guided else d

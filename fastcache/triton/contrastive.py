@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcache.ops.contrastive import _normalized, _normalized_backward_
+from fastcache.ops.contrastive import _normalized, _normalized_backward_, guide_and_id_operands
 
 QUERY_TO_DOC = tl.constexpr(0)
 QUERY_TO_QUERY = tl.constexpr(1)
@@ -547,12 +547,8 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     Q, Q_norm = _kernel_copy(all_queries, acc, cosine) if gathered else (q, q_norm)
     p = d[off:off + B]
     guided = guide_queries is not None
-    gq = gd = gpos = None
-    if guided:
-        gq, _ = _normalized(guide_queries, acc, True)
-        gd, _ = _normalized(guide_docs.reshape(-1, guide_docs.size(-1)), acc, True)
-        gpos = torch.linalg.vecdot(gq, gd[off:off + B])
-    ids = None if doc_ids is None else doc_ids.reshape(-1).to(torch.int64).contiguous()
+    gq, gd, ids = guide_and_id_operands(guide_queries, guide_docs, doc_ids, acc)
+    gpos = torch.linalg.vecdot(gq, gd[off:off + B]) if guided else None
     grad_q = grad_d = grad_Q = None
     if need_grad:
         grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)

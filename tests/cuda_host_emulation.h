@@ -3,8 +3,8 @@
 // tests/ranking_host_emulation.cpp, the ranking losses). One std::thread per CUDA thread; a grid's thread blocks
 // run one after another (emulation::run_grid). __syncthreads is a barrier of the block's threads;
 // __shfl_xor_sync exchanges through a per-block buffer between two block barriers (valid where the kernel calls it
-// with every lane of every warp), __shfl_down_sync through the same buffer between two barriers of the warp (valid
-// where every lane of the warp calls it); atomicAdd holds one lock. Include this before the kernel header, in one
+// with every lane of every warp), __shfl_down_sync and __shfl_up_sync through such a buffer between two barriers of
+// the warp (valid where every lane of the warp calls it); atomicAdd holds one lock. Include this before the kernel header, in one
 // translation unit per test module.
 #pragma once
 #include <cmath>
@@ -24,6 +24,8 @@ using std::isinf;
 using std::log;
 using std::log1p;
 using std::log2;
+using std::max;
+using std::min;
 
 struct EmulatedDim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -84,6 +86,18 @@ T __shfl_down_sync(unsigned, T value, unsigned delta) {
   warp.wait();
   const bool inside = threadIdx.x % emulation::kWarpSize + delta < emulation::kWarpSize;
   const T other = inside ? exchange[threadIdx.x + delta] : value;  // past the last lane: the caller's own value
+  warp.wait();
+  return other;
+}
+
+template <typename T>
+T __shfl_up_sync(unsigned, T value, unsigned delta) {
+  static T exchange[emulation::kMaxEmulatedThreads];
+  emulation::Barrier& warp = emulation::warp_barriers[threadIdx.x / emulation::kWarpSize];
+  exchange[threadIdx.x] = value;
+  warp.wait();
+  const bool inside = threadIdx.x % emulation::kWarpSize >= delta;
+  const T other = inside ? exchange[threadIdx.x - delta] : value;  // before the first lane: the caller's own value
   warp.wait();
   return other;
 }

@@ -24,8 +24,6 @@ unsigned char* lambda_shared_memory() {
 
 int emulated_threads = kLambdaThreads;  // CUDA threads per thread block of the following launches
 
-int64_t row_blocks(int64_t Q) { return (Q + emulated_threads - 1) / emulated_threads; }
-
 template <typename T>
 const char* lambda_on_host(const T* sorted_logits, const T* sorted_labels, const int64_t* order,
                            const int64_t* lengths, const T* max_dcg, int64_t Q, int64_t n,
@@ -55,32 +53,32 @@ const char* lambda_loss_f64(const double* sorted_logits, const double* sorted_la
                         pair_count);
 }
 const char* plistmle_f32(const float* logits, const int64_t* order, const int64_t* lengths, const float* weights,
-                         int64_t Q, int64_t n, double eps, bool compute_grad, float* loss, float* grad, int,
-                         CUstream_st*) {
-  emulation::run_grid(row_blocks(Q), emulated_threads, [&] {
-    plistmle_kernel<float>(logits, order, lengths, weights, Q, n, std::log(eps), compute_grad, loss, grad);
+                         int64_t Q, int64_t n, double eps, bool compute_grad, float* loss, float* grad, double* lhat,
+                         int, CUstream_st*) {
+  emulation::run_grid(Q, emulated_threads, [&] {
+    plistmle_kernel<float>(logits, order, lengths, weights, n, std::log(eps), compute_grad, loss, grad, lhat);
   });
   return nullptr;
 }
 const char* plistmle_f64(const double* logits, const int64_t* order, const int64_t* lengths, const double* weights,
-                         int64_t Q, int64_t n, double eps, bool compute_grad, double* loss, double* grad, int,
-                         CUstream_st*) {
-  emulation::run_grid(row_blocks(Q), emulated_threads, [&] {
-    plistmle_kernel<double>(logits, order, lengths, weights, Q, n, std::log(eps), compute_grad, loss, grad);
+                         int64_t Q, int64_t n, double eps, bool compute_grad, double* loss, double* grad,
+                         double* lhat, int, CUstream_st*) {
+  emulation::run_grid(Q, emulated_threads, [&] {
+    plistmle_kernel<double>(logits, order, lengths, weights, n, std::log(eps), compute_grad, loss, grad, lhat);
   });
   return nullptr;
 }
 const char* listnet_f32(const float* logits, const float* labels, const bool* mask, int64_t Q, int64_t n,
                         bool compute_grad, float* loss, float* grad, int, CUstream_st*) {
-  emulation::run_grid(row_blocks(Q), emulated_threads, [&] {
-    listnet_kernel<float>(logits, labels, mask, Q, n, compute_grad, loss, grad);
+  emulation::run_grid(Q, emulated_threads, [&] {
+    listnet_kernel<float>(logits, labels, mask, n, compute_grad, loss, grad);
   });
   return nullptr;
 }
 const char* listnet_f64(const double* logits, const double* labels, const bool* mask, int64_t Q, int64_t n,
                         bool compute_grad, double* loss, double* grad, int, CUstream_st*) {
-  emulation::run_grid(row_blocks(Q), emulated_threads, [&] {
-    listnet_kernel<double>(logits, labels, mask, Q, n, compute_grad, loss, grad);
+  emulation::run_grid(Q, emulated_threads, [&] {
+    listnet_kernel<double>(logits, labels, mask, n, compute_grad, loss, grad);
   });
   return nullptr;
 }
@@ -96,8 +94,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("listnet_cuda", &fastcache::listnet_cuda,
         "the binding of csrc/cuda on CPU tensors, its kernel run on emulated CUDA threads (test support)");
   m.def("set_threads", [](int threads) {
-    TORCH_CHECK(threads >= 32 && threads % 32 == 0 && threads <= fastcache::cuda::kLambdaThreads,
-                "threads must be a multiple of 32 up to ", fastcache::cuda::kLambdaThreads);
+    const int most = std::min(fastcache::cuda::kLambdaThreads, fastcache::cuda::kRowThreads);
+    TORCH_CHECK(threads >= 32 && threads % 32 == 0 && threads <= most, "threads must be a multiple of 32 up to ", most);
     fastcache::cuda::emulated_threads = threads;
   }, "CUDA threads per thread block of the following calls");
 }

@@ -60,11 +60,13 @@ const char* lambda_loss(const T* sorted_logits, const T* sorted_labels, const in
 
 template <typename T>
 const char* plistmle(const T* logits, const int64_t* order, const int64_t* lengths, const T* weights, int64_t Q,
-                     int64_t n, double eps, bool compute_grad, T* loss, T* grad, int device, CUstream_st* stream) {
+                     int64_t n, double eps, bool compute_grad, T* loss, T* grad, double* lhat, int device,
+                     CUstream_st* stream) {
+  if (Q < 0 || Q > INT32_MAX) return "plistmle: the CUDA kernel takes 0 to 2^31-1 queries";
   if (Q == 0) return nullptr;
   return on_device(device, [&] {
-    plistmle_kernel<T><<<unsigned((Q + kRowThreads - 1) / kRowThreads), kRowThreads, 0, stream>>>(
-        logits, order, lengths, weights, Q, n, log(eps), compute_grad, loss, grad);
+    plistmle_kernel<T><<<unsigned(Q), kRowThreads, 0, stream>>>(logits, order, lengths, weights, n, log(eps),
+                                                                 compute_grad, loss, grad, lhat);
     return cudaSuccess;
   });
 }
@@ -72,10 +74,10 @@ const char* plistmle(const T* logits, const int64_t* order, const int64_t* lengt
 template <typename T>
 const char* listnet(const T* logits, const T* labels, const bool* mask, int64_t Q, int64_t n, bool compute_grad,
                     T* loss, T* grad, int device, CUstream_st* stream) {
+  if (Q < 0 || Q > INT32_MAX) return "listnet: the CUDA kernel takes 0 to 2^31-1 queries";
   if (Q == 0) return nullptr;
   return on_device(device, [&] {
-    listnet_kernel<T><<<unsigned((Q + kRowThreads - 1) / kRowThreads), kRowThreads, 0, stream>>>(
-        logits, labels, mask, Q, n, compute_grad, loss, grad);
+    listnet_kernel<T><<<unsigned(Q), kRowThreads, 0, stream>>>(logits, labels, mask, n, compute_grad, loss, grad);
     return cudaSuccess;
   });
 }
@@ -97,14 +99,14 @@ const char* lambda_loss_f64(const double* sorted_logits, const double* sorted_la
                      device, stream);
 }
 const char* plistmle_f32(const float* logits, const int64_t* order, const int64_t* lengths, const float* weights,
-                         int64_t Q, int64_t n, double eps, bool compute_grad, float* loss, float* grad, int device,
-                         CUstream_st* stream) {
-  return plistmle(logits, order, lengths, weights, Q, n, eps, compute_grad, loss, grad, device, stream);
+                         int64_t Q, int64_t n, double eps, bool compute_grad, float* loss, float* grad, double* lhat,
+                         int device, CUstream_st* stream) {
+  return plistmle(logits, order, lengths, weights, Q, n, eps, compute_grad, loss, grad, lhat, device, stream);
 }
 const char* plistmle_f64(const double* logits, const int64_t* order, const int64_t* lengths, const double* weights,
                          int64_t Q, int64_t n, double eps, bool compute_grad, double* loss, double* grad,
-                         int device, CUstream_st* stream) {
-  return plistmle(logits, order, lengths, weights, Q, n, eps, compute_grad, loss, grad, device, stream);
+                         double* lhat, int device, CUstream_st* stream) {
+  return plistmle(logits, order, lengths, weights, Q, n, eps, compute_grad, loss, grad, lhat, device, stream);
 }
 const char* listnet_f32(const float* logits, const float* labels, const bool* mask, int64_t Q, int64_t n,
                         bool compute_grad, float* loss, float* grad, int device, CUstream_st* stream) {

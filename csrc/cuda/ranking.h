@@ -38,16 +38,17 @@ const char* lambda_loss_f64(const double* sorted_logits, const double* sorted_la
                             const LambdaLossParams& params, double* grad, double* loss_sum, double* pair_count,
                             int device, CUstream_st* stream);
 
-// Position-aware ListMLE, one thread per query. order[q, r] is the column of rank r (input order or by label),
-// r < lengths[q]; weights [Q, n] by rank or nullptr (all 1). Writes loss[q] and d(loss_q)/dlogits into grad.
+// Position-aware ListMLE, one thread block per query. order[q, r] is the column of rank r (input order or by label),
+// r < lengths[q]; weights [Q, n] by rank or nullptr (all 1); lhat: [Q, n] float64 scratch. Writes loss[q] and
+// d(loss_q)/dlogits into grad (zero-filled by the caller).
 const char* plistmle_f32(const float* logits, const int64_t* order, const int64_t* lengths, const float* weights,
-                         int64_t Q, int64_t n, double eps, bool compute_grad, float* loss, float* grad, int device,
-                         CUstream_st* stream);
+                         int64_t Q, int64_t n, double eps, bool compute_grad, float* loss, float* grad, double* lhat,
+                         int device, CUstream_st* stream);
 const char* plistmle_f64(const double* logits, const int64_t* order, const int64_t* lengths, const double* weights,
                          int64_t Q, int64_t n, double eps, bool compute_grad, double* loss, double* grad,
-                         int device, CUstream_st* stream);
+                         double* lhat, int device, CUstream_st* stream);
 
-// ListNet, one thread per query: loss[q] = logsumexp(s) - sum_j softmax(y)_j s_j over the real documents (mask
+// ListNet, one thread block per query: loss[q] = logsumexp(s) - sum_j softmax(y)_j s_j over the real documents (mask
 // [Q, n], 1 = real), grad = softmax(s) - softmax(y) there.
 const char* listnet_f32(const float* logits, const float* labels, const bool* mask, int64_t Q, int64_t n,
                         bool compute_grad, float* loss, float* grad, int device, CUstream_st* stream);

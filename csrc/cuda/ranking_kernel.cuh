@@ -5,10 +5,11 @@
 // delta_r = |1/log2(1 + r) - 1/log2(2 + r)|. Warps then take ranks p = warp, warp + warps, ... and a warp's lanes
 // the ranks q > p. Each unordered pair is visited once and both of its directions share one exp and one log1p (as
 // on the CPU): dL/ds_p is reduced in the warp, dL/ds_q is added to the shared gradient row with shared atomics.
-// Memory: 4n values of shared memory per block, never an [n, n] tensor. PListMLE and ListNet are O(n) per query:
-// one thread per query.
+// Memory: 4n values of shared memory per block, never an [n, n] tensor. PListMLE and ListNet: one thread block per
+// query too, O(n) work (reductions and log-sum-exp scans across the block).
 //
-// This header needs only CUDA's built-in names (threadIdx, __syncthreads, __shfl_down_sync, atomicAdd, ...) and
+// This header needs only CUDA's built-in names (threadIdx, __syncthreads, __shfl_down_sync, __shfl_up_sync,
+// atomicAdd, ...) and
 // lambda_shared_memory() (the block's dynamic shared memory, defined by the includer), so a test can also compile
 // it for the host with those names emulated (tests/ranking_host_emulation.cpp).
 #pragma once
@@ -22,7 +23,7 @@ namespace cuda {
 namespace {
 
 constexpr int kLambdaThreads = 256;
-constexpr int kRowThreads = 128;
+constexpr int kRowThreads = 256;  // PListMLE and ListNet: threads per query
 constexpr int kRankingWarp = 32;
 constexpr double kDiffLimit = 1e8;  // sentence-transformers clamps score differences (no gradient beyond)
 constexpr int kLambdaSharedRows = 4;  // gradient, gain, 1/D, delta: [n] each
@@ -142,65 +143,136 @@ __global__ void lambda_loss_kernel(const T* sorted_logits, const T* sorted_label
     for (int64_t r = threadIdx.x; r < kk; r += blockDim.x) grad[q_row * n + order[q_row * n + r]] = grad_row[r];
 }
 
+// log(e^a + e^b), -inf when both are -inf.
+__device__ __forceinline__ double log_add(double a, double b) {
+  const double hi = fmax(a, b), lo = fmin(a, b);
+  return hi == -INFINITY ? hi : hi + log1p(exp(lo - hi));
+}
+
+// Reduces v over the thread block with op (associative, commutative; identity its neutral value): every thread
+// returns the result. shared: blockDim.x / 32 slots.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* shared, Op op, T identity) {
+  for (int offset = kRankingWarp / 2; offset > 0; offset >>= 1) v = op(v, __shfl_down_sync(0xffffffffu, v, offset));
+  const int warp = threadIdx.x / kRankingWarp, warps = blockDim.x / kRankingWarp;
+  if (threadIdx.x % kRankingWarp == 0) shared[warp] = v;
+  __syncthreads();
+  T total = identity;
+  for (int w = 0; w < warps; ++w) total = op(total, shared[w]);
+  __syncthreads();  // the slots are reused by the next reduction
+  return total;
+}
+
+// Replaces part[0 .. count) by its exclusive log-sum-exp scan: part[i] <- log sum_{j < i} e^part[j] (kSuffix:
+// sum over j > i), -inf where empty. Warp 0 scans (each lane a run of count/32 entries, then the lanes with
+// shuffles); every thread of the block must call it.
+template <bool kSuffix>
+__device__ void exclusive_log_scan(double* part, int count) {
+  if (threadIdx.x < kRankingWarp) {
+    const int lane = threadIdx.x, per = (count + kRankingWarp - 1) / kRankingWarp;
+    const int begin = min(count, lane * per), end = min(count, begin + per);
+    double scan = -INFINITY;  // this lane's run, then the inclusive scan over the lanes
+    for (int j = begin; j < end; ++j) scan = log_add(scan, part[j]);
+    for (int d = 1; d < kRankingWarp; d <<= 1) {
+      const double other = kSuffix ? __shfl_down_sync(0xffffffffu, scan, d) : __shfl_up_sync(0xffffffffu, scan, d);
+      if (kSuffix ? lane + d < kRankingWarp : lane >= d) scan = log_add(scan, other);
+    }
+    double before = kSuffix ? __shfl_down_sync(0xffffffffu, scan, 1) : __shfl_up_sync(0xffffffffu, scan, 1);
+    if (kSuffix ? lane == kRankingWarp - 1 : lane == 0) before = -INFINITY;
+    for (int k = 0; k < end - begin; ++k) {
+      const int j = kSuffix ? end - 1 - k : begin + k;
+      const double v = part[j];
+      part[j] = before;
+      before = log_add(before, v);
+    }
+  }
+  __syncthreads();
+}
+
+// Position-aware ListMLE, one thread block per query. Thread i owns a run of consecutive ranks; the suffix sums
+// Lhat_r = log(sum_{t >= r} exp(s_t) + eps) and the prefix sums log B_t = log sum_{r <= t} w_r exp(-Lhat_r) are
+// scans in log-sum-exp form (run totals, an exclusive scan over the runs, then each run): nothing overflows, and
+// dloss/ds_t = -w_t + exp(s_t + log B_t) (every exponent <= log sum w). lhat_rows: [Q, n] float64 scratch.
 template <typename T>
 __global__ void plistmle_kernel(const T* logits, const int64_t* order, const int64_t* lengths, const T* weights,
-                                int64_t Q, int64_t n, double log_eps, bool compute_grad, T* loss, T* grad) {
-  const int64_t q_row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (q_row >= Q) return;
+                                int64_t n, double log_eps, bool compute_grad, T* loss, T* grad, double* lhat_rows) {
+  __shared__ double part[kRowThreads];
+  __shared__ double sums[kRowThreads / kRankingWarp];
+  const int64_t q_row = blockIdx.x;
   const T* s = logits + q_row * n;
   const int64_t* col = order + q_row * n;
   const T* w = weights ? weights + q_row * n : nullptr;
-  T* g = grad + q_row * n;
+  double* lhat = lhat_rows + q_row * n;
   const int64_t m = lengths[q_row];
-  // pass 1 (ranks m-1 .. 0): Lhat_r = log(sum_{t >= r} exp(s_t) + eps), kept in grad[col[r]] until pass 2
-  double running = -INFINITY;
-  for (int64_t r = m - 1; r >= 0; --r) {
-    const double x = s[col[r]];
-    const double hi = fmax(running, x), lo = fmin(running, x);
-    running = hi + log1p(exp(lo - hi));
-    const double hi_eps = fmax(running, log_eps), lo_eps = fmin(running, log_eps);
-    g[col[r]] = T(hi_eps + log1p(exp(lo_eps - hi_eps)));
+  const int64_t per = (m + blockDim.x - 1) / blockDim.x;
+  const int64_t begin = min(m, int64_t(threadIdx.x) * per), end = min(m, begin + per);
+  double run = -INFINITY;
+  for (int64_t r = begin; r < end; ++r) run = log_add(run, double(s[col[r]]));
+  part[threadIdx.x] = run;
+  __syncthreads();
+  exclusive_log_scan<true>(part, blockDim.x);
+  double suffix = part[threadIdx.x], total = 0.0;
+  for (int64_t r = end - 1; r >= begin; --r) {
+    const double x = s[col[r]], wr = w ? double(w[r]) : 1.0;
+    suffix = log_add(suffix, x);
+    lhat[r] = log_add(suffix, log_eps);
+    total -= wr * (x - lhat[r]);
   }
-  // pass 2 (ranks 0 .. m-1): loss and dloss/ds_t = -w_t + exp(s_t - Lhat_t) · A_t
-  double total = 0.0, acc = 0.0, previous = 0.0;
-  for (int64_t r = 0; r < m; ++r) {
-    const double x = s[col[r]], lhat = g[col[r]], wr = w ? double(w[r]) : 1.0;
-    total -= wr * (x - lhat);
-    acc = (r == 0 ? 0.0 : acc * exp(lhat - previous)) + wr;
-    previous = lhat;
-    g[col[r]] = compute_grad ? T(-wr + exp(x - lhat) * acc) : T(0);
+  total = block_reduce(total, sums, [](double a, double b) { return a + b; }, 0.0);
+  if (threadIdx.x == 0) loss[q_row] = T(total);
+  if (!compute_grad) return;  // uniform across the block
+  run = -INFINITY;
+  for (int64_t r = begin; r < end; ++r) run = log_add(run, log(w ? double(w[r]) : 1.0) - lhat[r]);
+  part[threadIdx.x] = run;
+  __syncthreads();
+  exclusive_log_scan<false>(part, blockDim.x);
+  double prefix = part[threadIdx.x];
+  for (int64_t r = begin; r < end; ++r) {
+    const double wr = w ? double(w[r]) : 1.0;
+    prefix = log_add(prefix, log(wr) - lhat[r]);
+    grad[q_row * n + col[r]] = T(-wr + exp(double(s[col[r]]) + prefix));
   }
-  loss[q_row] = T(total);
 }
 
+// ListNet, one thread block per query: block reductions of max(s), max(y), then of sum exp(s - max),
+// sum exp(y - max) and sum exp(y - max)·s; loss = logsumexp(s) - sum_j softmax(y)_j s_j, grad = softmax(s) - softmax(y).
 template <typename T>
-__global__ void listnet_kernel(const T* logits, const T* labels, const bool* mask, int64_t Q, int64_t n,
-                               bool compute_grad, T* loss, T* grad) {
-  const int64_t q_row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (q_row >= Q) return;
+__global__ void listnet_kernel(const T* logits, const T* labels, const bool* mask, int64_t n, bool compute_grad,
+                               T* loss, T* grad) {
+  __shared__ double slots[kRowThreads / kRankingWarp];
+  const int64_t q_row = blockIdx.x;
   const T* s = logits + q_row * n;
   const T* y = labels + q_row * n;
   const bool* real = mask + q_row * n;
+  const auto max_op = [](double a, double b) { return fmax(a, b); };
+  const auto sum_op = [](double a, double b) { return a + b; };
   double s_max = -INFINITY, y_max = -INFINITY;
-  for (int64_t j = 0; j < n; ++j)
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
     if (real[j]) {
       s_max = fmax(s_max, double(s[j]));
       y_max = fmax(y_max, double(y[j]));
     }
-  loss[q_row] = T(0);
-  if (isinf(y_max)) return;  // no real document (or no finite label): the op rejects the latter
+  s_max = block_reduce(s_max, slots, max_op, double(-INFINITY));
+  y_max = block_reduce(y_max, slots, max_op, double(-INFINITY));
+  if (isinf(y_max)) {  // no real document (or no finite label: the op rejects that): loss 0, gradient 0
+    if (threadIdx.x == 0) loss[q_row] = T(0);
+    return;
+  }
   double s_sum = 0.0, y_sum = 0.0, dot = 0.0;
-  for (int64_t j = 0; j < n; ++j)
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
     if (real[j]) {
       s_sum += exp(double(s[j]) - s_max);
       const double p = exp(double(y[j]) - y_max);
       y_sum += p;
       dot += p * double(s[j]);
     }
+  s_sum = block_reduce(s_sum, slots, sum_op, 0.0);
+  y_sum = block_reduce(y_sum, slots, sum_op, 0.0);
+  dot = block_reduce(dot, slots, sum_op, 0.0);
   const double lse = s_max + log(s_sum);
-  loss[q_row] = T(lse - dot / y_sum);
+  if (threadIdx.x == 0) loss[q_row] = T(lse - dot / y_sum);
   if (compute_grad)
-    for (int64_t j = 0; j < n; ++j)
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
       if (real[j]) grad[q_row * n + j] = T(exp(double(s[j]) - lse) - exp(double(y[j]) - y_max) / y_sum);
 }
 

@@ -58,14 +58,14 @@ const char* launch_lambda(const double* s, const double* y, const int64_t* order
   return kernel::lambda_loss_f64(s, y, order, lengths, max_dcg, Q, n, prm, grad, loss_sum, pair_count, device, stream);
 }
 const char* launch_plistmle(const float* s, const int64_t* order, const int64_t* lengths, const float* w, int64_t Q,
-                            int64_t n, double eps, bool compute_grad, float* loss, float* grad, int device,
-                            CUstream_st* stream) {
-  return kernel::plistmle_f32(s, order, lengths, w, Q, n, eps, compute_grad, loss, grad, device, stream);
+                            int64_t n, double eps, bool compute_grad, float* loss, float* grad, double* lhat,
+                            int device, CUstream_st* stream) {
+  return kernel::plistmle_f32(s, order, lengths, w, Q, n, eps, compute_grad, loss, grad, lhat, device, stream);
 }
 const char* launch_plistmle(const double* s, const int64_t* order, const int64_t* lengths, const double* w, int64_t Q,
-                            int64_t n, double eps, bool compute_grad, double* loss, double* grad, int device,
-                            CUstream_st* stream) {
-  return kernel::plistmle_f64(s, order, lengths, w, Q, n, eps, compute_grad, loss, grad, device, stream);
+                            int64_t n, double eps, bool compute_grad, double* loss, double* grad, double* lhat,
+                            int device, CUstream_st* stream) {
+  return kernel::plistmle_f64(s, order, lengths, w, Q, n, eps, compute_grad, loss, grad, lhat, device, stream);
 }
 const char* launch_listnet(const float* s, const float* y, const bool* mask, int64_t Q, int64_t n, bool compute_grad,
                            float* loss, float* grad, int device, CUstream_st* stream) {
@@ -156,12 +156,14 @@ std::tuple<at::Tensor, at::Tensor> plistmle_cuda(
 
   at::Tensor loss = at::zeros({Q}, logits.options());
   at::Tensor grad = at::zeros_like(logits);
+  at::Tensor lhat = at::empty({Q, n}, logits.options().dtype(at::kDouble));  // the kernel's scratch
   const char* error = nullptr;
   with_element_type(logits, [&](auto zero) {
     using T = decltype(zero);
     error = launch_plistmle(logits.data_ptr<T>(), order.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
                             position_weights ? position_weights->data_ptr<T>() : nullptr, Q, n, eps, compute_grad,
-                            loss.data_ptr<T>(), grad.data_ptr<T>(), logits.device().index(), raw_stream(stream));
+                            loss.data_ptr<T>(), grad.data_ptr<T>(), lhat.data_ptr<double>(), logits.device().index(),
+                            raw_stream(stream));
   });
   TORCH_CHECK(error == nullptr, "plistmle_cuda: kernel launch failed: ", error);
   return {loss, grad};

@@ -254,9 +254,10 @@ def _matryoshka_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, par
             tl.store(sums, tl.load(sums, mask=held, other=0.0) + radial, mask=held)
 
 
-# Backward tiles: TILE_M rows × GRAD_TILE_N columns, output tiles MAX_BLOCK_DO wide. sm_90 (ptxas, 8 warps): no
-# spills without a guide, 32 bytes with one; 64 columns would spill 48 bytes without a guide.
-GRAD_TILE_N = 32
+# Backward tiles by the embeddings' element size: (rows, columns, output dims). sm_90 (ptxas, 8 warps): 16-bit
+# inputs (tensor-core dots) no spills without a guide, at most 56 bytes with one (64 columns: 48 bytes without);
+# fp32 (full-precision FMA dots) at most 40 bytes (128 output dims: ~1 KB); fp64 none (64-wide tiles: ~800 bytes).
+GRAD_TILES = {2: (TILE_M, 32, MAX_BLOCK_DO), 4: (TILE_M, 64, 64), 8: (32, 32, 32)}
 
 
 class _Operand(NamedTuple):
@@ -383,7 +384,8 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
     loss = (loss_rows.sum(1) * torch.tensor(weights_ascending, dtype=acc, device=device)).sum() / B
     if not need_grad:
         return loss, None, None, None
-    block_do = min(MAX_BLOCK_DO, max(16, triton.next_power_of_2(dims[0])))
+    tile_m, tile_n, block_do = GRAD_TILES[queries.element_size()]
+    block_do = min(block_do, max(16, triton.next_power_of_2(dims[0])))
     fused_dq = "doc_to_query" in options.directions and not gathered  # its gradient comes with query_to_doc's
     dq = KIND_CODES["doc_to_query"]
     for block in blocks:
@@ -392,11 +394,11 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
             continue
         for by_columns, side in ((False, block.rows), (True, block.cols)):
             radial = side.radial if cosine else side.grad
-            _matryoshka_grad_kernel[(triton.cdiv(side.x.size(0), GRAD_TILE_N if by_columns else TILE_M),
+            _matryoshka_grad_kernel[(triton.cdiv(side.x.size(0), tile_n if by_columns else tile_m),
                                      triton.cdiv(dims[0], block_do))](
                 *arguments(block), params.stride(0), *sizes(block), layout.dim, K, *common, maxima[0, kind],
                 factors[0, kind], maxima.stride(0), side.grad, side.grad.stride(0), radial, radial.stride(0),
-                maxima[0, dq], factors[0, dq], KIND=kind, **dict(constants, BLOCK_N=GRAD_TILE_N),
+                maxima[0, dq], factors[0, dq], KIND=kind, **dict(constants, BLOCK_M=tile_m, BLOCK_N=tile_n),
                 BY_COLUMNS=by_columns, BLOCK_DO=block_do,
                 WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", num_warps=BACKWARD_WARPS,
                 num_stages=TILE_STAGES)

@@ -149,6 +149,15 @@ def test_low_precision_no_worse_than_reference(dtype, case):
         lambda batch, path=path: path(batch, **TILED, **options) for path in MATRYOSHKA_OP_PATHS.values()])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_low_precision_dims_across_output_tiles(dtype):
+    """The backward tiles of 16-bit (128 output dims) and float32 inputs (64) with dims inside and on their edges.
+    (No one-dim prefix here: x/|x| has a zero gradient that the reference gets exactly, ours up to rounding.)"""
+    options = dict(dims=[300, 256, 130, 128, 37], directions=(QD, DQ), scale=30.0)
+    assert_low_precision_no_worse_than_reference(dict(rows=3, dim=300, columns=2, noise=6.0), options, dtype,
+                                                 [lambda batch: matryoshka_op_loss_and_grad(batch, **TILED, **options)])
+
+
 def test_same_as_the_slab():
     """float32, the other strategy of the same op: equal up to rounding."""
     batch = make_batch(6, 24, columns=2, dtype=torch.float32, seed=10)

@@ -5,9 +5,10 @@ float64 (directions, partition modes, hardness, cos/dot, scale), dims that divid
 BLOCK_K block or an output tile (D=19 with 19/7/3, D=300 with 300/256/130/128/37/1), weights (zero, negative),
 B = 1 and B, N across several 64-wide tiles, gathered queries with an offset, guides with both margin strategies,
 duplicate ids, prefixes of norm zero, NaN-padded strided inputs, both op paths; float32 / bfloat16 / float16
-against the reference's own error; determinism; the strategy setting and its errors; a fastcache Matryoshka loss
-class on the tiled path; the kernels compiled for sm_90 without register spills. Shapes are tiny (the interpreter
-is slow). The same kernels on a GPU: tests/test_matryoshka_gpu.py.
+against the reference's own error (also across several output tiles); same as the slab; determinism; the
+strategy setting and its errors; fastcache's MatryoshkaLoss over cached MNRL, cached GIST and the symmetric loss on
+the tiled path against the CPU slab; the kernels compiled for sm_90 (ptxas spill bounds). Shapes are tiny (the
+interpreter is slow). The same kernels on a GPU: tests/test_matryoshka_gpu.py.
 """
 
 from __future__ import annotations
@@ -234,19 +235,32 @@ def test_unknown_strategy_is_a_value_error():
 # the library on the tiled path: a fastcache Matryoshka loss class
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_cached_matryoshka_loss_class_on_tiled_matches_cpu(tiny_model, monkeypatch):
+INNER_LOSSES = {
+    "cached_mnrl": lambda model, guide, losses: losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2),
+    "cached_gist": lambda model, guide, losses: losses.CachedGISTEmbedLoss(model, guide, mini_batch_size=2,
+                                                                           margin=0.05),
+    "symmetric": lambda model, guide, losses: losses.MultipleNegativesSymmetricRankingLoss(model),
+}
+
+
+@pytest.mark.parametrize("inner", list(INNER_LOSSES))
+def test_matryoshka_loss_class_on_tiled_matches_cpu(tiny_model, tiny_guide_model, monkeypatch, inner):
+    """fastcache.losses.MatryoshkaLoss over a fused inner loss (plain, cached, GIST, symmetric) with
+    FASTCACHE_BACKEND=triton FASTCACHE_STRATEGY=tiled: the loss and parameter gradients of the CPU slab."""
     from fastcache import losses
 
-    anchors = ["the cat sat", "a dog ran far", "sun and weather", "nice car today", "work work"]
-    positives = ["cat sat", "the dog ran", "nice weather sun", "a car", "the work today"]
+    texts = [["the cat sat", "a dog ran far", "sun and weather", "nice car today", "work work"],
+             ["cat sat", "the dog ran", "nice weather sun", "a car", "the work today"],
+             ["dog query", "document cat", "car sun", "weather", "a query today"]]
+    columns = texts if inner != "symmetric" else texts[:2]
     results = {}
     for backend, strategy in (("cpu", "slab"), ("triton", "tiled")):
         monkeypatch.setenv("FASTCACHE_BACKEND", backend)
         monkeypatch.setenv("FASTCACHE_STRATEGY", strategy)
         tiny_model.zero_grad(set_to_none=True)
-        inner = losses.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=2)
-        loss = losses.MatryoshkaLoss(tiny_model, inner, [32, 16, 5], matryoshka_weights=[1.0, 0.5, 2.0])
-        value = loss([tiny_model.preprocess(texts) for texts in (anchors, positives)], None)
+        loss = losses.MatryoshkaLoss(tiny_model, INNER_LOSSES[inner](tiny_model, tiny_guide_model, losses),
+                                     [32, 16, 5], matryoshka_weights=[1.0, 0.5, 2.0])
+        value = loss([tiny_model.preprocess(column) for column in columns], None)
         value.backward()
         results[backend] = (value.detach(), {n: p.grad.clone() for n, p in tiny_model.named_parameters()
                                              if p.grad is not None})

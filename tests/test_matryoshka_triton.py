@@ -13,18 +13,10 @@ interpreter is slow). The same kernels on a GPU: tests/test_matryoshka_gpu.py.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
-pytestmark = [
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                       reason="the Triton interpreter is off (set TRITON_INTERPRET=1 before importing triton)"),
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"),
-]
 
 from fastcache.ops.matryoshka import matryoshka_contrastive_loss, matryoshka_contrastive_loss_and_grad  # noqa: E402
 from helpers import (  # noqa: E402
@@ -37,7 +29,8 @@ from helpers import (  # noqa: E402
     matryoshka_reference_loss_and_grads,
     nan_padded,
 )
-from test_contrastive_triton import SM90_COMPILER, compile_for_sm90  # noqa: E402
+# pytestmark: only under the Triton interpreter (as tests/conftest.py sets it without CUDA), its NumPy warnings off
+from test_contrastive_triton import SM90_COMPILER, compile_for_sm90, pytestmark  # noqa: E402, F401
 from test_matryoshka_op import DIM_SETS, LOW_PRECISION_CASES, VARIANTS  # noqa: E402
 
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"

@@ -26,9 +26,9 @@ doc_to_query gradient fused into query_to_doc's when the query columns are the q
 hardness, guides (never truncated: one guide tile per column tile serves every dim), doc_ids, offset.
 Memory: the fp32 gradient accumulators, O(K·(B + N + Mq)) statistics and the norm pre-pass's temporaries of
 NORMALIZE_ROWS rows, i.e. O((B + N + Mq)·D).
-Cost per direction, like the single-dim tiled kernels at D = d_1: about (6 + 4·ceil(d_1 / 128))·B·N·d_1 FLOPs,
-plus 4·B·N·128 per dim that ends strictly inside a 128-wide output tile (none of 768/512/256/128; 64 does), and K
-exponentials per similarity per sweep instead of one.
+Cost per direction with 16-bit inputs (128-wide output tiles, GRAD_TILES), like the single-dim tiled kernels at
+D = d_1: about (6 + 4·ceil(d_1 / 128))·B·N·d_1 FLOPs, plus 4·B·N·128 per dim that ends strictly inside an output
+tile (none of 768/512/256/128; 64 does), and up to K exponentials per similarity per sweep instead of one.
 """
 
 from __future__ import annotations

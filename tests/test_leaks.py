@@ -1,20 +1,23 @@
 """Resource hygiene: memory stays flat over many iterations, and interrupted runs leave no state behind.
 
 Memory. Two measures, each able to fail:
-* RSS (``/proc/self/statm``) from after a warm-up to the end of 1000 iterations of the op (every CPU backend,
-  both paths) and of each drop-in loss at the embedding level (the compiled extension, the autograd Function,
-  the cached losses' calculate_loss). The bound, RSS_BOUND = 8 MiB, is well below what leaking one input per
+* RSS (``/proc/self/statm``) from after a warm-up to the end of 1000 iterations of the op and of the Matryoshka
+  op (every CPU backend, both paths) and of each drop-in loss at the embedding level, fastcache's MatryoshkaLoss
+  around MNRL, cached MNRL and cached GIST included (the compiled extension, the autograd Function, the cached
+  losses' calculate_loss). The bound, RSS_BOUND = 8 MiB, is well below what leaking one input per
   iteration would add (900 iterations x 64 KiB = 56 MiB, checked), and above the allocator's own jitter.
 * Live tensors (every ``torch.Tensor`` the garbage collector can see) through the model, for every drop-in loss
-  including the gradient cache's RNG states, cached gradients and replay hook: the count after the last
-  iteration equals the count after the first, so not even one tensor per step survives.
+  and MatryoshkaLoss around the three, including the gradient cache's RNG states, cached gradients and replay
+  hook: the count after the last iteration equals the count after the first, so not even one tensor per step
+  survives.
 The model-level loop runs MODEL_ITERATIONS steps (50 in CI: one tensor kept per step would show 50 times;
 FASTCACHE_LEAK_ITERATIONS=1000 on demand); the op and embedding loops always run 1000. Everything runs on one
 thread: on a loaded machine, spin-waiting intra-op threads make each small step 70x slower (measured: 2.3 ms on
 one thread, 160 ms on two with the cores oversubscribed), and what leaks does not depend on the thread count.
 
 Interrupted runs. An exception inside the cached backward (a replayed mini-batch fails), a KeyboardInterrupt
-while embedding the mini-batches, an exception inside the op's slab loop, and a step whose loss is never
+while embedding the mini-batches, an exception inside the op's slab loop (the Matryoshka op's too, under
+fastcache's MatryoshkaLoss, whose inner loss must be left as it was), and a step whose loss is never
 back-propagated: afterwards the loss object's attributes are what they were, the global RNG state is restored,
 no tensor is left alive, and the next normal step gives bitwise the result of a fresh loss object.
 """
@@ -30,7 +33,8 @@ import torch
 
 from fastcache import _backend, contrastive_loss, contrastive_loss_and_grad
 from fastcache.ops import contrastive_epilogue
-from drop_in_losses import LOSSES, TEXTS, make_loss
+from fastcache.ops.matryoshka import matryoshka_contrastive_loss, matryoshka_contrastive_loss_and_grad
+from drop_in_losses import LOSSES, MATRYOSHKA_INNER, TEXTS, make_loss, make_matryoshka_loss
 from helpers import make_batch
 
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
@@ -82,15 +86,9 @@ def test_the_bound_would_catch_a_leaked_input():
     assert (ITERATIONS - WARM_UP) * leaked_per_iteration > 6 * RSS_BOUND
 
 
-@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
-@pytest.mark.parametrize("path", ["autograd", "loss_and_grad"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_op_rss_flat(backend, path, guided):
-    if backend == "cpu" and _backend.EXTENSION is None:
-        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
-    batch = make_batch(ROWS, DIM, columns=2, guide_dim=16 if guided else None, dtype=torch.float32, seed=60)
-    options = dict(directions=(QD, QQ, DD) if guided else (QD, QQ, DQ, DD), backend=backend, chunk_size=24,
-                   hardness_mode="all_negatives", hardness_strength=1.0)
+def _op_step(loss_fn, loss_and_grad_fn, path: str, batch: dict, options: dict):
+    """One call of the op's ``path`` (autograd: loss and backward; loss_and_grad) on the same inputs."""
+    batch = dict(batch)
     q, d = batch.pop("queries"), batch.pop("docs")
     if path == "autograd":
         q.requires_grad_()
@@ -98,16 +96,43 @@ def test_op_rss_flat(backend, path, guided):
 
         def step():
             q.grad = d.grad = None
-            contrastive_loss(q, d, **batch, **options).backward()
+            loss_fn(q, d, **batch, **options).backward()
     else:
         def step():
-            contrastive_loss_and_grad(q, d, **batch, **options)
-    assert_rss_flat(step)
+            loss_and_grad_fn(q, d, **batch, **options)
+    return step
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
-def test_loss_embedding_level_rss_flat(tiny_model, tiny_guide_model, name):
-    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+def _needs(backend: str) -> None:
+    if backend == "cpu" and _backend.EXTENSION is None:
+        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+@pytest.mark.parametrize("path", ["autograd", "loss_and_grad"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_rss_flat(backend, path, guided):
+    _needs(backend)
+    batch = make_batch(ROWS, DIM, columns=2, guide_dim=16 if guided else None, dtype=torch.float32, seed=60)
+    options = dict(directions=(QD, QQ, DD) if guided else (QD, QQ, DQ, DD), backend=backend, chunk_size=24,
+                   hardness_mode="all_negatives", hardness_strength=1.0)
+    assert_rss_flat(_op_step(contrastive_loss, contrastive_loss_and_grad, path, batch, options))
+
+
+@pytest.mark.parametrize("path", ["autograd", "loss_and_grad"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matryoshka_op_rss_flat(backend, path):
+    _needs(backend)
+    batch = make_batch(ROWS, DIM, columns=2, dtype=torch.float32, seed=62)
+    options = dict(dims=[DIM, 50, 17], weights=[1.0, 0.5, 0.25], directions=(QD, DQ), backend=backend,
+                   chunk_size=32, hardness_mode="all_negatives", hardness_strength=1.0)
+    assert_rss_flat(_op_step(matryoshka_contrastive_loss, matryoshka_contrastive_loss_and_grad, path, batch,
+                             options))
+
+
+def _embedding_level_step(loss, name: str):
+    """One loss stage of the loss ``name`` (a drop-in's name) on fixed [ROWS, DIM] embeddings, with backward:
+    the cached losses' calculate_loss on mini-batches of 16, the others' embedding-level entry point."""
     gen = torch.Generator().manual_seed(61)
     embeddings = [torch.randn(ROWS, DIM, generator=gen) for _ in range(3)]
     guide = [torch.randn(ROWS, 16, generator=gen) for _ in range(3)]
@@ -127,6 +152,25 @@ def test_loss_embedding_level_rss_flat(tiny_model, tiny_guide_model, name):
         else:
             leaves = [e.clone().requires_grad_() for e in embeddings]
             loss.compute_loss_from_embeddings(leaves, None).backward()
+    return step
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_loss_embedding_level_rss_flat(tiny_model, tiny_guide_model, name):
+    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    assert_rss_flat(_embedding_level_step(loss, name))
+
+
+@pytest.mark.parametrize("inner", MATRYOSHKA_INNER)
+def test_matryoshka_loss_embedding_level_rss_flat(tiny_model, tiny_guide_model, inner):
+    """fastcache's MatryoshkaLoss: each step enters ``fused_step`` (installs this step's fused op on the inner loss,
+    then removes it), as its forward does, around the inner loss stage."""
+    loss = make_matryoshka_loss(inner, tiny_model, tiny_guide_model)  # the model's dims: a prefix of DIM
+    inner_step = _embedding_level_step(loss.loss, inner)
+
+    def step():
+        with loss.fused_step():
+            inner_step()
     assert_rss_flat(step)
 
 
@@ -137,9 +181,9 @@ def _step(loss, model) -> list[torch.Tensor]:
     return [value.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
-def test_loss_through_the_model_keeps_no_tensor(tiny_model, tiny_guide_model, name):
-    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+def _assert_keeps_no_tensor(loss, tiny_model) -> None:
+    """MODEL_ITERATIONS training steps of ``loss`` through the model leave as many live tensors as one, and RSS
+    flat."""
     features = [tiny_model.preprocess(column) for column in TEXTS]
 
     def step():
@@ -154,6 +198,16 @@ def test_loss_through_the_model_keeps_no_tensor(tiny_model, tiny_guide_model, na
     tiny_model.zero_grad(set_to_none=True)
     assert live_tensors() == before
     assert rss() - rss_before < RSS_BOUND
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_loss_through_the_model_keeps_no_tensor(tiny_model, tiny_guide_model, name):
+    _assert_keeps_no_tensor(make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name]), tiny_model)
+
+
+@pytest.mark.parametrize("inner", MATRYOSHKA_INNER)
+def test_matryoshka_loss_through_the_model_keeps_no_tensor(tiny_model, tiny_guide_model, inner):
+    _assert_keeps_no_tensor(make_matryoshka_loss(inner, tiny_model, tiny_guide_model), tiny_model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,12 +288,8 @@ def test_keyboard_interrupt_while_embedding(tiny_model, tiny_guide_model, name):
     _assert_recovers(loss, tiny_model, fresh, interrupted)
 
 
-@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss",
-                                  "CachedGISTEmbedLoss"])
-def test_exception_inside_the_op(tiny_model, tiny_guide_model, name, monkeypatch):
-    """The epilogue fails in the middle of the slab loop (second chunk)."""
-    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
-    fresh = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+def _assert_recovers_from_a_failing_epilogue(loss, fresh, model, monkeypatch) -> None:
+    """The epilogue fails in the middle of the slab loop (second chunk) of ``loss``'s step; it recovers."""
     monkeypatch.setenv("FASTCACHE_BACKEND", "torch")
     original = contrastive_epilogue.EPILOGUES["torch"]
     calls = [0]
@@ -256,10 +306,28 @@ def test_exception_inside_the_op(tiny_model, tiny_guide_model, name, monkeypatch
             patch.setenv("FASTCACHE_MEMORY_BUDGET", "1")  # one row per chunk
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # the tiny budget warns
-                loss([tiny_model.preprocess(column) for column in TEXTS], None).backward()
+                loss([model.preprocess(column) for column in TEXTS], None).backward()
 
-    _assert_recovers(loss, tiny_model, fresh, interrupted)
+    _assert_recovers(loss, model, fresh, interrupted)
     assert calls == [2]  # it failed in the second chunk, and only then
+
+
+@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss",
+                                  "CachedGISTEmbedLoss"])
+def test_exception_inside_the_op(tiny_model, tiny_guide_model, name, monkeypatch):
+    loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    fresh = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    _assert_recovers_from_a_failing_epilogue(loss, fresh, tiny_model, monkeypatch)
+
+
+@pytest.mark.parametrize("inner", MATRYOSHKA_INNER)
+def test_exception_inside_the_matryoshka_op(tiny_model, tiny_guide_model, inner, monkeypatch):
+    """fastcache's MatryoshkaLoss: the inner loss is left as it was too (the step's fused op removed)."""
+    loss = make_matryoshka_loss(inner, tiny_model, tiny_guide_model)
+    fresh = make_matryoshka_loss(inner, tiny_model, tiny_guide_model)
+    inner_state = _state(loss.loss)
+    _assert_recovers_from_a_failing_epilogue(loss, fresh, tiny_model, monkeypatch)
+    assert _state(loss.loss) == inner_state
 
 
 @pytest.mark.parametrize("name", CACHED)

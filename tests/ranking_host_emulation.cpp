@@ -22,16 +22,17 @@ unsigned char* lambda_shared_memory() {
   return bytes;
 }
 
-int emulated_threads = kLambdaThreads;  // CUDA threads per thread block of the following launches
+int emulated_threads = 256;  // CUDA threads per thread block of the following launches
+int emulated_splits = 1;     // lambda_loss: thread blocks per query
 
 template <typename T>
 const char* lambda_on_host(const T* sorted_logits, const T* sorted_labels, const int64_t* order,
                            const int64_t* lengths, const T* max_dcg, int64_t Q, int64_t n,
                            const LambdaLossParams& params, T* grad, double* loss_sum, double* pair_count) {
   if (n < 1 || n > kMaxLambdaList) return "lambda_loss: the CUDA kernel takes lists of 1 to 4096 documents";
-  emulation::run_grid(Q, emulated_threads, [&] {
-    lambda_loss_kernel<T>(sorted_logits, sorted_labels, order, lengths, max_dcg, n, params, grad, loss_sum,
-                          pair_count);
+  emulation::run_grid(Q * emulated_splits, emulated_threads, [&] {
+    lambda_loss_kernel<T>(sorted_logits, sorted_labels, order, lengths, max_dcg, n, emulated_splits, params, grad,
+                          loss_sum, pair_count);
   });
   return nullptr;
 }
@@ -93,9 +94,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the binding of csrc/cuda on CPU tensors, its kernel run on emulated CUDA threads (test support)");
   m.def("listnet_cuda", &fastcache::listnet_cuda,
         "the binding of csrc/cuda on CPU tensors, its kernel run on emulated CUDA threads (test support)");
-  m.def("set_threads", [](int threads) {
+  m.def("set_threads", [](int threads, int splits) {
     const int most = std::min(fastcache::cuda::kLambdaThreads, fastcache::cuda::kRowThreads);
     TORCH_CHECK(threads >= 32 && threads % 32 == 0 && threads <= most, "threads must be a multiple of 32 up to ", most);
+    TORCH_CHECK(splits >= 1, "splits must be positive");
     fastcache::cuda::emulated_threads = threads;
-  }, "CUDA threads per thread block of the following calls");
+    fastcache::cuda::emulated_splits = splits;
+  }, "CUDA threads per thread block, and thread blocks per LambdaLoss query, of the following calls");
 }

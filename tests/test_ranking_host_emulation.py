@@ -5,7 +5,8 @@ warp barriers for __shfl_down_sync, a lock for the shared-memory atomicAdd), run
 fastcache.ops.ranking with ``backend="cuda"`` against the dense references: every op and LambdaLoss scheme (k,
 sigma, eps, both logs), ragged NaN-padded lists with -inf labels, lengths 1 to 70 (more ranks than warps, more
 documents than lanes), all-padding rows, no pair, float32 and float64 (bfloat16 / float16 reach the kernels as
-float32), several thread-block sizes (one warp; 8 warps, the kernel's own), with and without the gradient. The real
+float32), several thread-block sizes (one warp, 8 warps) and blocks per LambdaLoss query, with and without the
+gradient. The real
 kernels on a GPU: tests/test_ranking_cuda.py."""
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def module(tmp_path_factory):
 @pytest.fixture
 def emulated(module, monkeypatch):
     """The ranking ops' "cuda" backend runs the emulated kernels on CPU tensors: fastcache._C's *_cuda functions
-    are the emulated ones, the stream is 0 and "cuda" is runnable on the CPU. Returns set_threads."""
+    are the emulated ones, the stream is 0 and "cuda" is runnable on the CPU. Returns set_threads(threads, splits):
+    CUDA threads per thread block and thread blocks per LambdaLoss query."""
     extension = types.SimpleNamespace(**{name: getattr(module, name) for name in CUDA_FUNCTIONS})
     monkeypatch.setattr(_backend, "EXTENSION", extension)
     monkeypatch.setattr(ranking, "_stream", lambda t: 0)
@@ -64,19 +66,20 @@ def check(name: str, logits, y, mask, dtype=torch.float64):
 @pytest.mark.parametrize("name", list(OPS))
 def test_every_op_and_scheme(emulated, name, dtype):
     """Ragged lists (row lengths from n down to 1), graded and continuous labels with a few -inf."""
-    emulated(64)
+    emulated(64, 1)
     for shape, labels in [((3, 7), "graded"), ((5, 37), "continuous"), ((2, 70), "graded")]:
         logits, y, mask = make_lists(*shape, labels=labels, seed=shape[1])
         check(name, logits, y, mask, dtype)
 
 
-@pytest.mark.parametrize("threads", [32, 256])
+@pytest.mark.parametrize("threads,splits", [(32, 1), (32, 3), (256, 1), (256, 2)])
 @pytest.mark.parametrize("name", ["lambda_ndcg_loss2pp", "lambda_ndcg_loss1", "lambda_k3_natural", "listmle_by_label",
                                   "listnet"])
-def test_thread_block_sizes(emulated, name, threads):
-    """One warp (every rank p in one warp, lanes wrap around q) and the kernel's 8 warps (more warps than ranks in
-    short rows); PListMLE / ListNet: queries spread over several thread blocks, the last one partly idle."""
-    emulated(threads)
+def test_thread_block_sizes(emulated, name, threads, splits):
+    """One warp (every rank p in one warp, lanes wrap around q) and 8 warps (more warps than ranks in short rows);
+    LambdaLoss queries shared by 1 to 3 thread blocks (their parts added with atomics); PListMLE / ListNet: runs of
+    several ranks per thread (45 documents, 32 threads) and threads without any."""
+    emulated(threads, splits)
     logits, y, mask = make_lists(40 if threads == 32 else 3, 45, seed=7)
     y[-1, 45 // 2] = 1.0  # the last row's one document: a finite label (ListNet needs a target)
     check(name, logits, y, mask)
@@ -84,7 +87,7 @@ def test_thread_block_sizes(emulated, name, threads):
 
 def test_edge_rows(emulated):
     """All-padding rows, a list of length 1, all labels equal (LambdaLoss: no pair, loss 0, zero gradient)."""
-    emulated(64)
+    emulated(64, 2)
     logits, y, mask = make_lists(4, 9, seed=6)
     mask[1] = False
     mask[2] = False
@@ -99,7 +102,7 @@ def test_edge_rows(emulated):
 
 def test_without_gradient(emulated):
     """No gradient asked for (compute_grad false): the same losses."""
-    emulated(64)
+    emulated(64, 1)
     logits, y, mask = make_lists(3, 20, seed=8)
     for name in ("lambda_lambdarank", "plistmle_custom_by_label", "listnet"):
         op, reference, options, reference_options = resolve(name, mask)
@@ -112,7 +115,7 @@ def test_without_gradient(emulated):
 def test_half_precision_inputs(emulated, dtype):
     """bfloat16 / float16 logits reach the kernels as float32: the loss is within float32 rounding of the float64
     truth on the same numbers, the gradient comes back in the input dtype."""
-    emulated(64)
+    emulated(64, 1)
     logits, y, mask = make_lists(3, 30, seed=9, dtype=dtype)
     for name in ("lambda_ndcg_loss2pp", "listmle", "listnet"):
         op, reference, options, reference_options = resolve(name, mask)

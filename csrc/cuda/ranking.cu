@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -47,13 +48,19 @@ const char* lambda_loss(const T* sorted_logits, const T* sorted_labels, const in
   if (status != cudaSuccess) return cudaGetErrorString(status);
   if (shared + sizeof(double) * 2 * (kLambdaThreads / kRankingWarp) > size_t(shared_limit))
     return "lambda_loss: the list is too long for this GPU's shared memory (4 rows of n values per query)";
+  // blocks per query: about two blocks per SM in all when there are few queries, each with at least 2 ranks a warp
+  int sms = 1;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 1;
+  const int64_t warps = kLambdaThreads / kRankingWarp;
+  const int64_t splits = std::max<int64_t>(1, std::min((2 * sms + Q - 1) / Q, n / (2 * warps)));
+  if (Q * splits > INT32_MAX) return "lambda_loss: too many queries for one grid";
   return on_device(device, [&] {
     cudaError_t error = cudaSuccess;
     if (shared > 48 * 1024)
       error = cudaFuncSetAttribute(lambda_loss_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
     if (error != cudaSuccess) return error;
-    lambda_loss_kernel<T><<<unsigned(Q), kLambdaThreads, shared, stream>>>(
-        sorted_logits, sorted_labels, order, lengths, max_dcg, n, params, grad, loss_sum, pair_count);
+    lambda_loss_kernel<T><<<unsigned(Q * splits), kLambdaThreads, shared, stream>>>(
+        sorted_logits, sorted_labels, order, lengths, max_dcg, n, int(splits), params, grad, loss_sum, pair_count);
     return cudaSuccess;
   });
 }

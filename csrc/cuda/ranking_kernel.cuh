@@ -5,6 +5,7 @@
 // delta_r = |1/log2(1 + r) - 1/log2(2 + r)|. Warps then take ranks p = warp, warp + warps, ... and a warp's lanes
 // the ranks q > p. Each unordered pair is visited once and both of its directions share one exp and one log1p (as
 // on the CPU): dL/ds_p is reduced in the warp, dL/ds_q is added to the shared gradient row with shared atomics.
+// With few queries a query's ranks are shared by several blocks (splits), which add their parts with atomics.
 // Memory: 4n values of shared memory per block, never an [n, n] tensor. PListMLE and ListNet: one thread block per
 // query too, O(n) work (reductions and log-sum-exp scans across the block).
 //
@@ -22,7 +23,7 @@ namespace fastcache {
 namespace cuda {
 namespace {
 
-constexpr int kLambdaThreads = 256;
+constexpr int kLambdaThreads = 512;
 constexpr int kRowThreads = 256;  // PListMLE and ListNet: threads per query
 constexpr int kRankingWarp = 32;
 constexpr double kDiffLimit = 1e8;  // sentence-transformers clamps score differences (no gradient beyond)
@@ -45,16 +46,19 @@ __device__ __forceinline__ T gain_of(T label, T max_dcg) {
   return label > T(0) ? (exp2(label) - T(1)) / max_dcg : T(0);  // -inf and negative labels: no gain
 }
 
+// Block b of the grid takes query b / splits and, of its ranks p, those of warps (b % splits)·warps + warp + k·stride:
+// the splits blocks of a query (more than one where there are few queries for the GPU) add their parts of the loss,
+// the pair count and the gradient to the zero-filled outputs with atomics.
 template <typename T>
-__global__ void lambda_loss_kernel(const T* sorted_logits, const T* sorted_labels, const int64_t* order,
-                                   const int64_t* lengths, const T* max_dcgs, int64_t n, LambdaLossParams prm,
-                                   T* grad, double* loss_sum, double* pair_count) {
+__global__ void __launch_bounds__(kLambdaThreads) lambda_loss_kernel(
+    const T* sorted_logits, const T* sorted_labels, const int64_t* order, const int64_t* lengths, const T* max_dcgs,
+    int64_t n, int splits, LambdaLossParams prm, T* grad, double* loss_sum, double* pair_count) {
   T* grad_row = reinterpret_cast<T*>(lambda_shared_memory());  // [n] by rank
   T* gain = grad_row + n;                                       // [n] by rank
   T* inv_d = gain + n;                                          // [n] by rank: 1 / log2(r + 2)
   T* delta = inv_d + n;                                         // [n] by rank distance r >= 1 (delta[0] unused)
   __shared__ double warp_loss[kLambdaThreads / kRankingWarp], warp_count[kLambdaThreads / kRankingWarp];
-  const int64_t q_row = blockIdx.x;
+  const int64_t q_row = blockIdx.x / splits;
   const T* s = sorted_logits + q_row * n;
   const T* y = sorted_labels + q_row * n;
   const int64_t m = lengths[q_row];
@@ -75,8 +79,9 @@ __global__ void lambda_loss_kernel(const T* sorted_logits, const T* sorted_label
   const T limit = T(kDiffLimit);
   const int warp = threadIdx.x / kRankingWarp, lane = threadIdx.x % kRankingWarp;
   const int warps = blockDim.x / kRankingWarp;
+  const int64_t stride = int64_t(warps) * splits;
   double loss = 0.0, count = 0.0;
-  for (int64_t p = warp; p < kk; p += warps) {
+  for (int64_t p = int64_t(blockIdx.x % splits) * warps + warp; p < kk; p += stride) {
     const T sp = s[p], yp = y[p], gp = gain[p], dp = inv_d[p];
     const bool fp = isfinite(yp);
     T grad_p = T(0);
@@ -136,11 +141,11 @@ __global__ void lambda_loss_kernel(const T* sorted_logits, const T* sorted_label
       total += warp_loss[w];
       pairs += warp_count[w];
     }
-    loss_sum[q_row] = total;
-    pair_count[q_row] = pairs;
+    atomicAdd(loss_sum + q_row, total);
+    atomicAdd(pair_count + q_row, pairs);
   }
   if (prm.compute_grad)
-    for (int64_t r = threadIdx.x; r < kk; r += blockDim.x) grad[q_row * n + order[q_row * n + r]] = grad_row[r];
+    for (int64_t r = threadIdx.x; r < kk; r += blockDim.x) atomicAdd(grad + q_row * n + order[q_row * n + r], grad_row[r]);
 }
 
 // log(e^a + e^b), -inf when both are -inf.

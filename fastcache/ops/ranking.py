@@ -33,10 +33,11 @@ ListNet (Cao et al. 2007). Per query, loss_q = -sum_j softmax(y)_j log softmax(s
 loss = mean_q loss_q over all Q rows.
 
 Backends: ``cpu`` (csrc/cpu/ranking.cpp: one pass per query, pairs visited in place, never an [n, n] tensor),
-``cuda`` (csrc/cuda/ranking.cu, CUDA tensors: LambdaLoss one thread block per query with its rows in shared
-memory, lists up to 4096 documents; PListMLE and ListNet one thread per query) and ``torch`` (pure PyTorch:
-LambdaLoss in blocks of ranks, [Q, rows, n] at a time within the memory budget; the fallback on CUDA tensors when
-the extension has no CUDA kernels, and for LambdaLoss lists longer than 4096 under ``auto``).
+``cuda`` (csrc/cuda/ranking.cu, CUDA tensors, one thread block per query: LambdaLoss with its rows in shared
+memory, lists up to 4096 documents, several blocks per query when there are few; PListMLE with log-sum-exp scans;
+ListNet with block reductions) and ``torch`` (pure PyTorch: LambdaLoss in blocks of ranks, [Q, rows, n] at a time
+within the memory budget; the fallback on CUDA tensors when the extension has no CUDA kernels, and for LambdaLoss
+lists longer than 4096 under ``auto``).
 """
 
 from __future__ import annotations

@@ -24,13 +24,14 @@
 namespace fastcache {
 namespace {
 
-using row::contrastive_row;
 using row::Kind;
 using row::kDocToDoc;
 using row::kDocToQuery;
 using row::kQueryToDoc;
 using row::kQueryToQuery;
 using row::Params;
+using row::row_gradients;
+using row::row_loss;
 using row::RowBlock;
 
 template <typename T>
@@ -53,7 +54,9 @@ FASTCACHE_INLINE void epilogue_rows(Block<T>* blocks, int nblocks, int64_t begin
       const Block<T>& b = blocks[k];
       rows[k] = RowBlock<T>{b.s + r * b.ld, b.g ? b.g + r * b.ldg : nullptr, b.ids, b.n, b.kind};
     }
-    loss[r] = contrastive_row(rows, nblocks, p.row0 + r, p, own);
+    T factor[4];
+    loss[r] = row_loss(rows, nblocks, p.row0 + r, p, own, factor);
+    if (p.compute_grad) row_gradients(rows, nblocks, p.row0 + r, p, factor);
   }
 }
 

@@ -143,12 +143,18 @@ FASTCACHE_INLINE double row_logsumexp(const RowBlock<T>& b, T m) {
   return static_cast<double>(m) + std::log(sum);
 }
 
-// The epilogue of global row i (rows[0] is its query_to_doc row): turns every direction's similarities into
-// logits, returns the row's loss and, when p.compute_grad, leaves dL/ds in place.
+// What the positive's logit adds to dL/ds (joint and per_direction alike): -scale/B, returned positive.
 template <typename T>
-FASTCACHE_INLINE T contrastive_row(const RowBlock<T>* rows, int nblocks, int64_t i, const Params& p,
-                                   std::vector<T>& own) {
-  const double inv_b = 1.0 / static_cast<double>(p.batch_size);
+FASTCACHE_INLINE T positive_gradient(const Params& p) {
+  return static_cast<T>(p.scale * (1.0 / static_cast<double>(p.batch_size)));
+}
+
+// The loss of global row i (rows[0] is its query_to_doc row): turns every direction's similarities into logits,
+// then into exp(logit - row max of its block), and returns the loss. With p.compute_grad, factor[k] is what
+// block k's row must be multiplied by to hold dL/ds, up to the positive's -scale/B (see row_gradients).
+template <typename T>
+FASTCACHE_INLINE T row_loss(const RowBlock<T>* rows, int nblocks, int64_t i, const Params& p, std::vector<T>& own,
+                            T* factor) {
   const int64_t pos = p.offset + i;
   const int64_t own_query = p.own_query_offset + i;
   T threshold = T(0);
@@ -174,19 +180,26 @@ FASTCACHE_INLINE T contrastive_row(const RowBlock<T>* rows, int nblocks, int64_t
   }
   joint_lse = joint_max + std::log(joint_lse);
   mean_lse /= nblocks;
-  const T loss = static_cast<T>((p.joint ? joint_lse : mean_lse) - pos_logit);
-  if (!p.compute_grad) return loss;
-  // the rows hold exp(logit - block max): dL/ds = scale · coef · exp(block max - log partition) · row
-  for (int k = 0; k < nblocks; ++k) {
-    const double coef = p.scale * inv_b / (p.joint ? 1 : nblocks);
-    const double log_partition = p.joint ? joint_lse : lse[k];
-    const T factor = static_cast<T>(block_max[k] == -std::numeric_limits<double>::infinity()
-                                        ? 0.0 : coef * std::exp(block_max[k] - log_partition));
-    T* x = rows[k].x;
-    for (int64_t j = 0; j < rows[k].n; ++j) x[j] *= factor;
+  if (p.compute_grad) {  // the rows hold exp(logit - block max): dL/ds = scale · coef · exp(max - log partition) · row
+    const double coef = p.scale * (1.0 / static_cast<double>(p.batch_size)) / (p.joint ? 1 : nblocks);
+    for (int k = 0; k < nblocks; ++k) {
+      const double log_partition = p.joint ? joint_lse : lse[k];
+      factor[k] = static_cast<T>(block_max[k] == -std::numeric_limits<double>::infinity()
+                                     ? 0.0 : coef * std::exp(block_max[k] - log_partition));
+    }
   }
-  rows[0].x[pos] -= static_cast<T>(p.scale * inv_b);
-  return loss;
+  return static_cast<T>((p.joint ? joint_lse : mean_lse) - pos_logit);
+}
+
+// dL/ds of global row i in place, from row_loss's rows and factors: row · factor, minus scale/B at the positive.
+template <typename T>
+FASTCACHE_INLINE void row_gradients(const RowBlock<T>* rows, int nblocks, int64_t i, const Params& p,
+                                    const T* factor) {
+  for (int k = 0; k < nblocks; ++k) {
+    T* x = rows[k].x;
+    for (int64_t j = 0; j < rows[k].n; ++j) x[j] *= factor[k];
+  }
+  rows[0].x[p.offset + i] -= positive_gradient<T>(p);
 }
 
 }  // namespace row

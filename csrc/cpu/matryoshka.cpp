@@ -26,9 +26,9 @@
 namespace fastcache {
 namespace {
 
-using row::contrastive_row;
 using row::Kind;
 using row::Params;
+using row::row_loss;
 using row::RowBlock;
 
 constexpr int64_t kRowsPerGroup = 16;  // rows per group (at most kMaxGroups groups per call)
@@ -81,6 +81,7 @@ FASTCACHE_INLINE void matryoshka_groups(const Job<T>& job, int64_t g0, int64_t g
   }
   std::vector<T> own;
   RowBlock<T> rows[4];
+  const T positive = row::positive_gradient<T>(job.p);
   for (int64_t group = g0; group < g1; ++group) {
     const int64_t begin = group * job.rows / job.groups, end = (group + 1) * job.rows / job.groups;
     for (int64_t r = begin; r < end; ++r) {
@@ -91,29 +92,32 @@ FASTCACHE_INLINE void matryoshka_groups(const Job<T>& job, int64_t g0, int64_t g
           const T* segment = D.p + k * D.ld_segment + r * D.ld_row;
           T* R = running[d];
           T* s = x[d];
-          if (k == K - 1) {
-            std::copy(segment, segment + D.n, R);
+          const T a = D.a ? D.a[k * D.lda + r] : T(1);
+          const T* b = D.a ? D.b + k * D.ldb : nullptr;
+          if (k == K - 1 && b) {  // R_k = R_{k+1} + P_k and s_k = a_k·R_k·b_k, in one pass
+            for (int64_t j = 0; j < D.n; ++j) s[j] = (R[j] = segment[j]) * a * b[j];
+          } else if (b) {
+            for (int64_t j = 0; j < D.n; ++j) s[j] = (R[j] += segment[j]) * a * b[j];
+          } else if (k == K - 1) {
+            for (int64_t j = 0; j < D.n; ++j) s[j] = R[j] = segment[j];
           } else {
-            for (int64_t j = 0; j < D.n; ++j) R[j] += segment[j];
-          }
-          if (D.a) {
-            const T a = D.a[k * D.lda + r];
-            const T* b = D.b + k * D.ldb;
-            for (int64_t j = 0; j < D.n; ++j) s[j] = R[j] * a * b[j];
-          } else {
-            std::copy(R, R + D.n, s);
+            for (int64_t j = 0; j < D.n; ++j) s[j] = R[j] += segment[j];
           }
           rows[d] = RowBlock<T>{s, D.g ? D.g + r * D.ldg : nullptr, D.ids, D.n, D.kind};
         }
-        loss += job.weights[k] * static_cast<double>(contrastive_row(rows, job.ndirs, job.p.row0 + r, job.p, own));
+        T factor[4];
+        loss += job.weights[k] * static_cast<double>(row_loss(rows, job.ndirs, job.p.row0 + r, job.p, own, factor));
         if (!grad) continue;
         const T w = static_cast<T>(job.weights[k]);
-        for (int d = 0; d < job.ndirs; ++d) {  // x holds g_k = dL_k/ds_k
+        for (int d = 0; d < job.ndirs; ++d) {  // x holds e = exp(logit - max): g_k = factor·e (- scale/B at pos)
           const Direction<T>& D = job.dirs[d];
-          const T* g = x[d];
+          const T* e = x[d];
+          const T f = factor[d];
+          const int64_t pos = d == 0 ? job.p.offset + job.p.row0 + r : -1;  // rows[0] is query_to_doc
           T* out = weighted[d] + k * D.n;
           if (!D.a) {
-            for (int64_t j = 0; j < D.n; ++j) out[j] = w * g[j];
+            for (int64_t j = 0; j < D.n; ++j) out[j] = w * (e[j] * f);
+            if (pos >= 0) out[pos] = w * (e[pos] * f - positive);
             continue;
           }
           const T wa = w * D.a[k * D.lda + r];
@@ -124,7 +128,7 @@ FASTCACHE_INLINE void matryoshka_groups(const Job<T>& job, int64_t g0, int64_t g
           int64_t j = 0;
           for (; j + kLanes <= D.n; j += kLanes) {
             for (int l = 0; l < kLanes; ++l) {
-              const T gw = g[j + l] * wa;
+              const T gw = e[j + l] * f * wa;
               const T radial = gw * R[j + l] * b[j + l];  // w·g·s
               out[j + l] = gw * b[j + l];
               column[j + l] += radial;
@@ -134,11 +138,18 @@ FASTCACHE_INLINE void matryoshka_groups(const Job<T>& job, int64_t g0, int64_t g
           double sum = 0.0;
           for (int l = 0; l < kLanes; ++l) sum += lane[l];
           for (; j < D.n; ++j) {
-            const T gw = g[j] * wa;
+            const T gw = e[j] * f * wa;
             const T radial = gw * R[j] * b[j];
             out[j] = gw * b[j];
             column[j] += radial;
             sum += radial;
+          }
+          if (pos >= 0) {  // the positive's -scale/B: replace its terms
+            const T gw = (e[pos] * f - positive) * wa, before = e[pos] * f * wa * R[pos] * b[pos];
+            const T radial = gw * R[pos] * b[pos];
+            out[pos] = gw * b[pos];
+            column[pos] += radial - before;
+            sum += static_cast<double>(radial) - before;
           }
           D.row_radial[k * job.rows + r] = static_cast<T>(sum);
         }

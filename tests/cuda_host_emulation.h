@@ -4,8 +4,8 @@
 // run one after another (emulation::run_grid). __syncthreads is a barrier of the block's threads;
 // __shfl_xor_sync exchanges through a per-block buffer between two block barriers (valid where the kernel calls it
 // with every lane of every warp), __shfl_down_sync and __shfl_up_sync through such a buffer between two barriers of
-// the warp (valid where every lane of the warp calls it); atomicAdd holds one lock. Include this before the kernel header, in one
-// translation unit per test module.
+// the warp (valid where every lane of the warp calls it); atomicAdd holds one lock. Include this before the kernel
+// header, in one translation unit per test module.
 #pragma once
 #include <cmath>
 #include <condition_variable>
@@ -78,28 +78,32 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask) {
   return other;
 }
 
+namespace emulation {
+
+// The value that lane (the caller's lane + offset) of the caller's warp passes; the caller's own value where that lane
+// is outside the warp (as __shfl_down_sync / __shfl_up_sync do).
 template <typename T>
-T __shfl_down_sync(unsigned, T value, unsigned delta) {
-  static T exchange[emulation::kMaxEmulatedThreads];
-  emulation::Barrier& warp = emulation::warp_barriers[threadIdx.x / emulation::kWarpSize];
+T warp_shuffle_by(T value, int offset) {
+  static T exchange[kMaxEmulatedThreads];
+  Barrier& warp = warp_barriers[threadIdx.x / kWarpSize];
   exchange[threadIdx.x] = value;
   warp.wait();
-  const bool inside = threadIdx.x % emulation::kWarpSize + delta < emulation::kWarpSize;
-  const T other = inside ? exchange[threadIdx.x + delta] : value;  // past the last lane: the caller's own value
+  const int source = static_cast<int>(threadIdx.x % kWarpSize) + offset;
+  const T other = source >= 0 && source < kWarpSize ? exchange[threadIdx.x + offset] : value;
   warp.wait();
   return other;
 }
 
+}  // namespace emulation
+
+template <typename T>
+T __shfl_down_sync(unsigned, T value, unsigned delta) {
+  return emulation::warp_shuffle_by(value, static_cast<int>(delta));
+}
+
 template <typename T>
 T __shfl_up_sync(unsigned, T value, unsigned delta) {
-  static T exchange[emulation::kMaxEmulatedThreads];
-  emulation::Barrier& warp = emulation::warp_barriers[threadIdx.x / emulation::kWarpSize];
-  exchange[threadIdx.x] = value;
-  warp.wait();
-  const bool inside = threadIdx.x % emulation::kWarpSize >= delta;
-  const T other = inside ? exchange[threadIdx.x - delta] : value;  // before the first lane: the caller's own value
-  warp.wait();
-  return other;
+  return emulation::warp_shuffle_by(value, -static_cast<int>(delta));
 }
 
 template <typename T>

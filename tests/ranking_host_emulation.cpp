@@ -37,6 +37,23 @@ const char* lambda_on_host(const T* sorted_logits, const T* sorted_labels, const
   return nullptr;
 }
 
+template <typename T>
+const char* plistmle_on_host(const T* logits, const int64_t* order, const int64_t* lengths, const T* weights,
+                             int64_t Q, int64_t n, double eps, bool compute_grad, T* loss, T* grad, double* lhat) {
+  emulation::run_grid(Q, emulated_threads, [&] {
+    plistmle_kernel<T>(logits, order, lengths, weights, n, std::log(eps), compute_grad, loss, grad, lhat);
+  });
+  return nullptr;
+}
+
+template <typename T>
+const char* listnet_on_host(const T* logits, const T* labels, const bool* mask, int64_t Q, int64_t n,
+                            bool compute_grad, T* loss, T* grad) {
+  emulation::run_grid(Q, emulated_threads,
+                      [&] { listnet_kernel<T>(logits, labels, mask, n, compute_grad, loss, grad); });
+  return nullptr;
+}
+
 }  // namespace
 
 const char* lambda_loss_f32(const float* sorted_logits, const float* sorted_labels, const int64_t* order,
@@ -56,32 +73,20 @@ const char* lambda_loss_f64(const double* sorted_logits, const double* sorted_la
 const char* plistmle_f32(const float* logits, const int64_t* order, const int64_t* lengths, const float* weights,
                          int64_t Q, int64_t n, double eps, bool compute_grad, float* loss, float* grad, double* lhat,
                          int, CUstream_st*) {
-  emulation::run_grid(Q, emulated_threads, [&] {
-    plistmle_kernel<float>(logits, order, lengths, weights, n, std::log(eps), compute_grad, loss, grad, lhat);
-  });
-  return nullptr;
+  return plistmle_on_host(logits, order, lengths, weights, Q, n, eps, compute_grad, loss, grad, lhat);
 }
 const char* plistmle_f64(const double* logits, const int64_t* order, const int64_t* lengths, const double* weights,
                          int64_t Q, int64_t n, double eps, bool compute_grad, double* loss, double* grad,
                          double* lhat, int, CUstream_st*) {
-  emulation::run_grid(Q, emulated_threads, [&] {
-    plistmle_kernel<double>(logits, order, lengths, weights, n, std::log(eps), compute_grad, loss, grad, lhat);
-  });
-  return nullptr;
+  return plistmle_on_host(logits, order, lengths, weights, Q, n, eps, compute_grad, loss, grad, lhat);
 }
 const char* listnet_f32(const float* logits, const float* labels, const bool* mask, int64_t Q, int64_t n,
                         bool compute_grad, float* loss, float* grad, int, CUstream_st*) {
-  emulation::run_grid(Q, emulated_threads, [&] {
-    listnet_kernel<float>(logits, labels, mask, n, compute_grad, loss, grad);
-  });
-  return nullptr;
+  return listnet_on_host(logits, labels, mask, Q, n, compute_grad, loss, grad);
 }
 const char* listnet_f64(const double* logits, const double* labels, const bool* mask, int64_t Q, int64_t n,
                         bool compute_grad, double* loss, double* grad, int, CUstream_st*) {
-  emulation::run_grid(Q, emulated_threads, [&] {
-    listnet_kernel<double>(logits, labels, mask, n, compute_grad, loss, grad);
-  });
-  return nullptr;
+  return listnet_on_host(logits, labels, mask, Q, n, compute_grad, loss, grad);
 }
 
 }  // namespace cuda

@@ -23,6 +23,7 @@ import torch
 
 from fastcache import _backend
 from fastcache.ops import ranking
+from test_ranking_host_emulation import check_edge_rows, edge_lists
 from test_ranking_op import OPS, make_lists, resolve, run_op, run_reference
 
 pytestmark = pytest.mark.cuda
@@ -117,16 +118,8 @@ def test_padding_invariance(name):
 def test_edge_rows():
     """All-padding rows, a list of length 1, all labels equal (LambdaLoss: no pair, loss 0 and zero gradient),
     logits past exp's float range (finite results)."""
-    logits, y, mask = cuda_lists(4, 9, seed=6)
-    mask[1] = False
-    mask[2] = False
-    mask[2, 3] = True
-    logits[2, 3], y[2, 3] = 0.7, 1.0
-    for name in ("listmle", "plistmle_default", "listnet", "lambda_ndcg_loss2pp", "lambda_ndcg_loss1"):
-        assert_close_to_reference(name, logits, y, mask, TOL[torch.float64])
-    equal = torch.ones_like(y).masked_fill(~mask, float("nan"))
-    loss, grad = run_op(ranking.lambda_loss, logits, equal, mask, backend="cuda")
-    assert loss == 0 and (grad == 0).all()
+    logits, y, mask = (t.cuda() for t in edge_lists())
+    check_edge_rows(lambda name, *lists: assert_close_to_reference(name, *lists, TOL[torch.float64]), logits, y, mask)
     big = (logits.nan_to_num(0.0) * 100.0).float()
     for op in (ranking.lambda_loss, ranking.listmle, ranking.listnet):
         loss, grad = run_op(op, big, y, mask, backend="cuda")

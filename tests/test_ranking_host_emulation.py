@@ -85,19 +85,30 @@ def test_thread_block_sizes(emulated, name, threads, splits):
     check(name, logits, y, mask)
 
 
-def test_edge_rows(emulated):
-    """All-padding rows, a list of length 1, all labels equal (LambdaLoss: no pair, loss 0, zero gradient)."""
-    emulated(64, 2)
+def edge_lists():
+    """4 lists of 9 documents: row 1 all padding, row 2 one document (logit 0.7, label 1), rows 0 and 3 ragged."""
     logits, y, mask = make_lists(4, 9, seed=6)
     mask[1] = False
     mask[2] = False
     mask[2, 3] = True
     logits[2, 3], y[2, 3] = 0.7, 1.0
+    return logits, y, mask
+
+
+def check_edge_rows(check_op, logits, y, mask):
+    """Every op on :func:`edge_lists` through ``check_op(name, logits, y, mask)``; LambdaLoss with all labels equal
+    (no pair): loss 0 and a zero gradient."""
     for name in ("listmle", "plistmle_default", "listnet", "lambda_ndcg_loss2pp", "lambda_ndcg_loss1"):
-        check(name, logits, y, mask)
+        check_op(name, logits, y, mask)
     equal = torch.ones_like(y).masked_fill(~mask, float("nan"))
     loss, grad = run_op(ranking.lambda_loss, logits, equal, mask, backend="cuda")
     assert loss == 0 and (grad == 0).all()
+
+
+def test_edge_rows(emulated):
+    """All-padding rows, a list of length 1, all labels equal."""
+    emulated(64, 2)
+    check_edge_rows(check, *edge_lists())
 
 
 def test_without_gradient(emulated):

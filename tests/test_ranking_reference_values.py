@@ -72,7 +72,8 @@ def bce_with_logits_positive(*differences: float) -> float:
 
 
 def listnet_cross_entropy(logits: list[float], labels: list[float], eps: float) -> float:
-    """allRank's listNet expectation (its tests compute it with scipy's softmax): -sum softmax(y) log(softmax(s) + eps)."""
+    """allRank's listNet expectation (its tests compute it with scipy's softmax):
+    -sum softmax(y) log(softmax(s) + eps)."""
     def softmax(x):
         top = max(x)
         e = [math.exp(v - top) for v in x]

@@ -24,11 +24,11 @@ struct LambdaLossParams {
   bool binary_log, compute_grad;
 };
 
-// LambdaLoss, one thread block per query (several where there are few queries). Row q holds its lengths[q] real documents sorted by logit (descending, ties by
-// position): sorted_logits, sorted_labels (-inf = irrelevant) and their original columns `order`; max_dcg[q] is
-// max(maxDCG@k, eps). Adds loss_sum[q] (sum of the pair losses), pair_count[q] and, when compute_grad,
-// d(loss_sum)/dlogits into grad (original columns) to the outputs, which the caller zero-fills.
-// 1 <= n <= kMaxLambdaList.
+// LambdaLoss, one thread block per query (several where there are few queries). Row q holds its lengths[q] real
+// documents sorted by logit (descending, ties by position): sorted_logits, sorted_labels (-inf = irrelevant) and
+// their original columns `order`; max_dcg[q] is max(maxDCG@k, eps). Adds loss_sum[q] (sum of the pair losses),
+// pair_count[q] and, when compute_grad, d(loss_sum)/dlogits into grad (original columns) to the outputs, which the
+// caller zero-fills. 1 <= n <= kMaxLambdaList.
 // Returns nullptr on success, else CUDA's description of the error.
 const char* lambda_loss_f32(const float* sorted_logits, const float* sorted_labels, const int64_t* order,
                             const int64_t* lengths, const float* max_dcg, int64_t Q, int64_t n,

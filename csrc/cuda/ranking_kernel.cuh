@@ -145,7 +145,8 @@ __global__ void __launch_bounds__(kLambdaThreads) lambda_loss_kernel(
     atomicAdd(pair_count + q_row, pairs);
   }
   if (prm.compute_grad)
-    for (int64_t r = threadIdx.x; r < kk; r += blockDim.x) atomicAdd(grad + q_row * n + order[q_row * n + r], grad_row[r]);
+    for (int64_t r = threadIdx.x; r < kk; r += blockDim.x)
+      atomicAdd(grad + q_row * n + order[q_row * n + r], grad_row[r]);
 }
 
 // log(e^a + e^b), -inf when both are -inf.
@@ -240,7 +241,8 @@ __global__ void plistmle_kernel(const T* logits, const int64_t* order, const int
 }
 
 // ListNet, one thread block per query: block reductions of max(s), max(y), then of sum exp(s - max),
-// sum exp(y - max) and sum exp(y - max)·s; loss = logsumexp(s) - sum_j softmax(y)_j s_j, grad = softmax(s) - softmax(y).
+// sum exp(y - max) and sum exp(y - max)·s; loss = logsumexp(s) - sum_j softmax(y)_j s_j,
+// grad = softmax(s) - softmax(y).
 template <typename T>
 __global__ void listnet_kernel(const T* logits, const T* labels, const bool* mask, int64_t n, bool compute_grad,
                                T* loss, T* grad) {

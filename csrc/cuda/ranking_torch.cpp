@@ -34,7 +34,8 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::
               "shape ", logits.sizes());
   TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31-1 queries, got ",
               logits.size(0));
-  TORCH_CHECK(labels.sizes() == logits.sizes() && labels.is_contiguous() && labels.scalar_type() == logits.scalar_type(),
+  TORCH_CHECK(labels.sizes() == logits.sizes() && labels.is_contiguous() &&
+                  labels.scalar_type() == logits.scalar_type(),
               op, ": labels must be contiguous, of the logits' shape ", logits.sizes(), " and dtype ",
               logits.scalar_type(), "; got ", labels.sizes(), " ", labels.scalar_type());
   TORCH_CHECK(mask.sizes() == logits.sizes() && mask.is_contiguous() && mask.scalar_type() == at::kBool, op,

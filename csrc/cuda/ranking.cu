@@ -15,7 +15,7 @@ namespace cuda {
 namespace {
 
 __device__ unsigned char* lambda_shared_memory() {
-  extern __shared__ unsigned char shared_bytes[];
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
   return shared_bytes;
 }
 

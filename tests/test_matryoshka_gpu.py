@@ -1,9 +1,10 @@
 """The Matryoshka op's tiled strategy (the Triton multi-dim kernels) on a CUDA GPU (marked ``cuda``; skipped without
 one; run by bench/gpu_suite.sh): against the dense reference in float64, in float32 / bfloat16 / float16 against the
 reference's own error (tests/helpers.py) on a small and on a D = 768 case with five dims, against the slab on the
-GPU, determinism, the automatic choice under a small budget and memory linear in the batch. Kept to a few kernel
-variants (each compiles on first use). The same maths on CPU through the Triton interpreter:
-tests/test_matryoshka_triton.py.
+GPU, determinism, the automatic choice under a small budget and memory linear in the batch. Kept to few kernel
+variants, each compiled on first use (the suite's test phase has a time limit): below float64, every case has five
+dims, the default options and one direction, so that one compiled set per dtype serves them all. The same maths on
+CPU through the Triton interpreter, every option: tests/test_matryoshka_triton.py.
 """
 
 from __future__ import annotations
@@ -47,14 +48,17 @@ def run_on_gpu(path: str, batch: dict, **options):
     return loss.cpu(), {k: g.cpu() for k, g in grads.items()}
 
 
-FLOAT64_CASES = {
-    "plain": (dict(rows=70, dim=19, columns=2), dict(dims=[19, 7, 3], weights=[1.0, 0.5, 2.0])),
-    "all_dirs_hardness_dot": (dict(rows=5, dim=40, columns=3),
-                              dict(dims=[40, 33, 16, 1], directions=ALL, hardness_mode="all_negatives",
-                                   hardness_strength=2.0, similarity="dot", scale=1.0)),
-    "gathered_per_direction": (dict(rows=4, dim=150, columns=2, positives=9, offset=3, gathered=True),
-                               dict(dims=[150, 129, 128, 37], offset=3, directions=(QD, DQ),
-                                    partition_mode="per_direction")),
+FIVE_DIMS = (1.0, 2 / 3, 1 / 3, 1 / 6, 1 / 12)  # of D: 768/512/256/128/64 at D = 768
+
+
+def five_dims(dim: int) -> list[int]:
+    return sorted({max(1, round(dim * f)) for f in FIVE_DIMS}, reverse=True)
+
+
+FLOAT64_CASES = {  # every direction (doc_to_query fused), B and N over several tiles, dims inside output tiles
+    "all_dirs_hardness": (dict(rows=70, dim=150, columns=2),
+                          dict(dims=[150, 129, 128, 37, 1], weights=[1.0, 0.5, 2.0, 1.0, 0.25], directions=ALL,
+                               hardness_mode="all_negatives", hardness_strength=2.0)),
     "guide_doc_ids": (dict(rows=5, dim=13, columns=2, guide_dim=5),
                       dict(dims=[13, 9, 4], directions=(QD, QQ, DD), margin=0.05, margin_strategy="relative")),
 }
@@ -71,8 +75,8 @@ def test_float64(case, path):
 
 
 LOW_PRECISION_CASES = {
-    "small": (dict(rows=6, dim=32, columns=2), dict(dims=[32, 17, 5])),
-    "d768_five_dims": (dict(rows=300, dim=768, columns=2), dict(dims=[768, 512, 256, 128, 64])),
+    "small": (dict(rows=6, dim=32, columns=2), dict(dims=five_dims(32))),
+    "d768": (dict(rows=300, dim=768, columns=2), dict(dims=five_dims(768))),
 }
 
 
@@ -86,7 +90,7 @@ def test_low_precision_no_worse_than_reference(dtype, case):
 
 def test_same_as_the_slab_and_deterministic():
     batch = on_gpu(make_batch(300, 96, columns=2, seed=5, dtype=torch.bfloat16))
-    options = dict(dims=[96, 48, 20], directions=ALL, hardness_mode="hard_negatives", hardness_strength=1.0)
+    options = dict(dims=five_dims(96))
     first = matryoshka_contrastive_loss_and_grad(batch["queries"], batch["docs"], **TILED, **options)
     second = matryoshka_contrastive_loss_and_grad(batch["queries"], batch["docs"], **TILED, **options)
     for a, b in zip(first[:3], second[:3]):
@@ -105,10 +109,12 @@ def test_auto_strategy_goes_tiled_under_a_small_budget(monkeypatch):
     original = triton_matryoshka.matryoshka_tiled
     monkeypatch.setattr(triton_matryoshka, "matryoshka_tiled", lambda *a: calls.append(1) or original(*a))
     batch = on_gpu(make_batch(512, 32, columns=2, seed=6, dtype=torch.float32))
-    tiny = matryoshka_contrastive_loss_and_grad(batch["queries"], batch["docs"], dims=[32, 8], memory_budget=2**20)
+    tiny = matryoshka_contrastive_loss_and_grad(batch["queries"], batch["docs"], dims=five_dims(32),
+                                                memory_budget=2**20)
     assert calls  # 1 MiB holds fewer than MIN_SLAB_ROWS rows: tiled
     calls.clear()
-    roomy = matryoshka_contrastive_loss_and_grad(batch["queries"], batch["docs"], dims=[32, 8], memory_budget=2**30)
+    roomy = matryoshka_contrastive_loss_and_grad(batch["queries"], batch["docs"], dims=five_dims(32),
+                                                 memory_budget=2**30)
     assert not calls
     for a, b in zip(tiny[:3], roomy[:3]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -122,7 +128,7 @@ def test_tiled_memory_is_linear_in_the_batch():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    matryoshka_contrastive_loss_and_grad(batch["queries"], batch["docs"], dims=[128, 64, 32, 16], **TILED)
+    matryoshka_contrastive_loss_and_grad(batch["queries"], batch["docs"], dims=five_dims(dim), **TILED)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     embeddings = 3 * rows * dim  # queries + two columns of docs

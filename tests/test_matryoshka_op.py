@@ -1,10 +1,13 @@
 """fastcache.ops.matryoshka (the contrastive loss at several dims in one sweep over D) against the dense reference
 (fastcache/reference.py: the contrastive reference once per dim) and against the single-dim op run dim by dim.
 
-Both CPU backends' epilogues ("cpu", "torch"; "triton" through its interpreter on a few cases), both op paths (autograd, loss_and_grad): float64 with tight
+Both CPU backends ("cpu": the fused C++ Matryoshka epilogue, every dim in one call per chunk; "torch": the
+contrastive epilogue dim by dim; "triton" through its interpreter on a few cases), both op paths (autograd,
+loss_and_grad): float64 with tight
 tolerances for every option that changes the maths, dims that divide nothing (D=19 with 19/7/3, D=1000 with
 1000/384/100/37), weights, low-precision dtypes against the reference's own error, strided NaN-padded inputs,
-prefixes of norm zero, and every bad-input error.
+prefixes of norm zero, and every bad-input error; the fused kernel's row groups, thread-count independence and
+argument checks.
 """
 
 from __future__ import annotations
@@ -83,10 +86,95 @@ def test_dims_and_weights(backend, dims, weights):
     check(batch, dims=list(dims), weights=weights, backend=backend, chunk_size=2)
 
 
-def test_large_odd_dims():
+def test_large_odd_dims(backend):
     """D = 1000 with 1000/384/100/37 (no block size divides them), B = 1."""
     batch = make_batch(1, 1000, columns=3, positives=2, seed=3, noise=6.0)
-    check(batch, dims=[1000, 384, 100, 37], scale=30.0, directions=(QD, DQ), backend="torch")
+    check(batch, dims=[1000, 384, 100, 37], scale=30.0, directions=(QD, DQ), backend=backend)
+
+
+FUSED_VARIANTS = {k: VARIANTS[k] for k in ("plain", "dot", "all_dirs_joint", "qd_dq_per_direction",
+                                           "hard_negatives_all_dirs")}
+
+
+@pytest.mark.parametrize("variant", list(FUSED_VARIANTS))
+def test_fused_cpu_epilogue_row_groups(variant):
+    """The C++ Matryoshka epilogue splits a chunk's rows into groups (16 rows each, at most 16) whose column radial
+    sums are added at the end: 70 rows in one chunk make 4 uneven groups, 140 candidate columns leave a tail of
+    the 16-lane loops, and a second chunk of 3 rows is one group."""
+    if _backend.EXTENSION is None:
+        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
+    batch = make_batch(73, 21, columns=2, seed=16)
+    check(batch, dims=[21, 13, 6], weights=[1.0, 0.5, 2.0], backend="cpu", chunk_size=70, **FUSED_VARIANTS[variant])
+
+
+def _fused_arguments(c=40, n=50, K=3, seed=17):
+    """Arguments of the C++ Matryoshka epilogue for one query_to_doc chunk of c rows against n candidates."""
+    g = torch.Generator().manual_seed(seed)
+    segments = torch.randn(K, c, n, generator=g) * 0.1
+    row_scales, column_scales = torch.rand(K, c, generator=g) + 0.5, torch.rand(K, n, generator=g) + 0.5
+    return ([segments], [0], [], None, [row_scales], [column_scales], [1.0, 0.5, 0.25], 0, c, c, 0, 0, 20.0, 0,
+            0.0, True, 0, 0.0, True)
+
+
+def test_fused_cpu_epilogue_does_not_depend_on_the_thread_count():
+    """Row groups are set by the chunk alone and summed in group order: bitwise equal on 1 and 2 threads."""
+    if _backend.EXTENSION is None:
+        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            arguments = _fused_arguments()
+            loss, row_radial, column_radial = _backend.EXTENSION.matryoshka_epilogue_cpu(*arguments)
+            results.append((loss, row_radial[0], column_radial[0], arguments[0][0]))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda a: a.__setitem__(0, [a[0][0][:, :, ::2]]), "contiguous rows"),
+    (lambda a: a.__setitem__(0, [a[0][0][:2]]), r"segments\[0\] must be \[3, 40, columns\]"),
+    (lambda a: a.__setitem__(0, [a[0][0].double()]), "row_scales must have dtype Double"),
+    (lambda a: a.__setitem__(1, [1]), "first direction must be query_to_doc"),
+    (lambda a: a.__setitem__(5, [a[5][0][:, :7]]), r"column_scales must have shape \[3, 50\]"),
+    (lambda a: a.__setitem__(4, []), "row_scales and column_scales"),
+    (lambda a: a.__setitem__(6, []), "weights: one per dim"),
+    (lambda a: a.__setitem__(10, 30), "with offset 30 exceed the 40 positives"),
+], ids=["strided", "segments", "dtype", "kind", "column_scales", "scales", "weights", "offset"])
+def test_fused_cpu_epilogue_bad_input(change, match):
+    if _backend.EXTENSION is None:
+        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
+    arguments = list(_fused_arguments())
+    change(arguments)
+    with pytest.raises(RuntimeError, match=match):
+        _backend.EXTENSION.matryoshka_epilogue_cpu(*arguments)
+
+
+def test_cpu_backend_runs_the_fused_epilogue(monkeypatch):
+    """backend="cpu" makes one fused C++ call per chunk (every dim at once); "torch" makes none."""
+    if _backend.EXTENSION is None:
+        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
+    calls = []
+    fused = _backend.EXTENSION.matryoshka_epilogue_cpu
+    monkeypatch.setattr(_backend.EXTENSION, "matryoshka_epilogue_cpu", lambda *a: calls.append(1) or fused(*a))
+    batch = make_batch(5, 9, columns=2, seed=18)
+    expected = op_loss_and_grad(batch, dims=[9, 5, 2], backend="torch", chunk_size=2)
+    assert not calls
+    actual = op_loss_and_grad(batch, dims=[9, 5, 2], backend="cpu", chunk_size=2)
+    assert len(calls) == 3
+    assert_matches(actual, expected)
+
+
+def test_loss_without_gradients(backend):
+    """Inputs that need no gradient: the forward-only epilogue gives the same loss."""
+    batch = make_batch(6, 12, columns=2, seed=19)
+    options = dict(dims=[12, 5], directions=(QD, QQ), backend=backend, chunk_size=4)
+    loss = matryoshka_contrastive_loss(batch["queries"], batch["docs"], **options)
+    assert not loss.requires_grad
+    assert_matches((loss, {}), (reference(batch, **options)[0], {}))
 
 
 @pytest.mark.parametrize("directions", [(QD,), ALL, (QD, QQ, DQ)], ids=["qd", "all", "qd+qq+dq"])

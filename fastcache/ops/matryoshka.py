@@ -17,7 +17,12 @@ in every dim k ≤ j, so its GEMMs take the sum of those dims' gradients, A_j = 
 sum from the largest dim): dX[:, S_j] += A_j·Y[:, S_j] and dY[:, S_j] += A_jᵀ·X[:, S_j]; the normalisation adds,
 with t_k(i) = Σ_j g_k s_k (and the column sums for Y), dX_i[:d_k] -= t_k(i)·X_i[:d_k] / ‖X_i[:d_k]‖².
 Exact: the loss and gradients of summing :func:`fastcache.contrastive_loss` over the dims, up to rounding.
-Memory per chunk: K + 2 blocks per direction (the running R, each dim's gradient block, one product temporary).
+
+Backend "cpu" runs it fused (csrc/cpu/matryoshka.cpp): per chunk and direction K segment GEMMs into K blocks
+P_k, one C++ call that walks each row once (prefix sums, every dim's epilogue, radial sums) and leaves A_k in
+place of P_k, then the backward GEMMs; K blocks per direction. The other slab backends run their contrastive
+epilogue dim by dim on the running prefix: K + 2 blocks per direction (the running R, each dim's gradient block,
+one product temporary) plus the epilogue's workspace.
 The tiled strategy (Triton, ``strategy="tiled"``): fastcache/triton/matryoshka.py, the same maths on tiles.
 """
 

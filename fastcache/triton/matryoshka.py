@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcache.ops.contrastive import _normalized
+from fastcache.ops.contrastive import guide_and_id_operands
 from fastcache.ops.matryoshka import _prefix_norm_backward_, _prefix_reciprocal_norms
 from fastcache.triton.contrastive import (
     ALPHA,
@@ -327,12 +327,8 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
     Q = operands.get("Q", q)
     p = d.rows(off, off + B)
     guided = guide_queries is not None
-    gq = gd = gpos = None
-    if guided:
-        gq, _ = _normalized(guide_queries, acc, True)
-        gd, _ = _normalized(guide_docs.reshape(-1, guide_docs.size(-1)), acc, True)
-        gpos = torch.linalg.vecdot(gq, gd[off:off + B])
-    ids = None if doc_ids is None else doc_ids.reshape(-1).to(torch.int64).contiguous()
+    gq, gd, ids = guide_and_id_operands(guide_queries, guide_docs, doc_ids, acc)
+    gpos = torch.linalg.vecdot(gq, gd[off:off + B]) if guided else None
     make = {
         "query_to_doc": lambda: _Block("query_to_doc", q, d, gq, gd),
         "query_to_query": lambda: _Block("query_to_query", q, q if guided else Q, gq, gq),

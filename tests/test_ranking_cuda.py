@@ -154,6 +154,24 @@ def test_dispatch_and_long_lists():
         assert_close_to_reference(name, logits, y, mask, TOL[torch.float64])
 
 
+def test_deterministic_algorithms_avoid_the_atomic_lambda_kernel():
+    """Under torch.use_deterministic_algorithms(True) LambdaLoss leaves the CUDA kernel (float atomics): auto gives
+    bitwise-identical repeats through the torch path, backend="cuda" names the reason; the other ops keep cuda."""
+    logits, y, mask = cuda_lists(4, 300, seed=13, dtype=torch.float32)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with pytest.raises(RuntimeError, match="float atomics"):
+            ranking.lambda_loss(logits, y, mask, backend="cuda")
+        first, again = (run_op(ranking.lambda_loss, logits, y, mask) for _ in range(2))
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+        want = run_op(ranking.lambda_loss, logits, y, mask, backend="torch")
+        assert torch.equal(first[0], want[0]) and torch.equal(first[1], want[1])
+        assert _backend.resolve_backend(logits.device, ranking.available(logits.device, "listnet_cuda")) == "cuda"
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_non_default_stream():
     """The kernels launch on the current stream: on a side stream the results equal the default stream's."""
     logits, y, mask = cuda_lists(8, 777, seed=12, dtype=torch.float32)

@@ -37,7 +37,9 @@ Backends: ``cpu`` (csrc/cpu/ranking.cpp: one pass per query, pairs visited in pl
 memory, lists up to 4096 documents, several blocks per query when there are few; PListMLE with log-sum-exp scans;
 ListNet with block reductions) and ``torch`` (pure PyTorch: LambdaLoss in blocks of ranks, [Q, rows, n] at a time
 within the memory budget; the fallback on CUDA tensors when the extension has no CUDA kernels, and for LambdaLoss
-lists longer than 4096 under ``auto``).
+lists longer than 4096 under ``auto``). The CUDA LambdaLoss adds with float atomics, so its results may differ in
+the last bits between runs; under ``torch.use_deterministic_algorithms(True)`` ``auto`` takes ``torch`` instead
+(and ``backend="cuda"`` raises).
 """
 
 from __future__ import annotations
@@ -252,6 +254,9 @@ def lambda_loss(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, w
     if status["cuda"] is None and s.size(1) > CUDA_MAX_LAMBDA_LIST:
         status["cuda"] = (f"the CUDA LambdaLoss kernel takes lists of up to {CUDA_MAX_LAMBDA_LIST} documents, "
                           f"got {s.size(1)}")
+    if status["cuda"] is None and torch.are_deterministic_algorithms_enabled():
+        status["cuda"] = ("the CUDA LambdaLoss kernel adds its pairs' gradients with float atomics (not bitwise "
+                          "reproducible) and torch.use_deterministic_algorithms(True) is set")
     kernel = _LAMBDA_BACKENDS[_backend.resolve_backend(s.device, status, backend)]
 
     def compute(with_grad: bool):

@@ -266,3 +266,18 @@ def start_gloo_rank(rank: int, folder: str, world: int, timeout_s: float):
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return model, guide
+
+
+def run_bench_script(name: str, out, *args: str) -> tuple[str, dict]:
+    """Run ``bench/<name>`` at its smoke settings (``--quick --repeats 1``, its JSON report to ``out``, then
+    ``args``) in a fresh interpreter; it must exit 0. Returns its standard output and the report."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(repo / "bench" / name), "--quick", "--repeats", "1",
+                             "--out", str(out), *args], capture_output=True, text=True, timeout=600, cwd=repo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, json.loads(out.read_text())

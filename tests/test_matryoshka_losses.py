@@ -11,12 +11,8 @@ errors and warnings.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import test_losses as tl
@@ -30,6 +26,7 @@ from sentence_transformers.util import euclidean_sim
 
 from fastcache import losses as fc_losses
 from fastcache.losses import matryoshka as fc_matryoshka
+from helpers import run_bench_script
 
 WRAPPERS = {"st": (STMatryoshkaLoss, STMatryoshka2dLoss),
             "fc": (fc_losses.MatryoshkaLoss, fc_losses.Matryoshka2dLoss)}
@@ -256,13 +253,9 @@ def test_fused_equals_dim_by_dim_with_duplicate_masking(model, guide, name):
 def test_bench_table_quick(tmp_path):
     """bench/matryoshka_table.py runs end to end at its smoke shape (no timing claims): the three Matryoshka cases
     give one loss, and the table and JSON come out."""
-    out = tmp_path / "matryoshka.json"
-    repo = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, str(repo / "bench" / "matryoshka_table.py"), "--quick", "--repeats", "1",
-                             "--warmup", "0", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=repo)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "| fastcache MatryoshkaLoss(fastcache CachedMNRL)" in result.stdout
-    cases = json.loads(out.read_text())["cases"]
+    stdout, report = run_bench_script("matryoshka_table.py", tmp_path / "matryoshka.json", "--warmup", "0")
+    assert "| fastcache MatryoshkaLoss(fastcache CachedMNRL)" in stdout
+    cases = report["cases"]
     multi = [case["loss"] for case in cases.values() if len(case["dims"]) > 1]
     assert len(multi) == 3 and max(multi) - min(multi) <= 1e-5 * abs(multi[0])
     assert all(case["min_s"] > 0 for case in cases.values())

@@ -6,7 +6,8 @@ breaks: the compiled callable runs, gives the eager loss and gradients, and does
 (recompilation or guard failures would show there) and on a new batch size (dynamic shapes).
 
 Backends: "aot_eager" (dynamo + AOTAutograd, which trace forward and backward, without code generation) for
-every loss at the embedding level, and MNRL and cached MNRL through the model; "inductor" (the default, generating C++) for the op
+every loss at the embedding level (fastcache's MatryoshkaLoss around MNRL, cached MNRL and cached GIST too), and
+MNRL, cached MNRL and MatryoshkaLoss(MNRL) through the model; "inductor" (the default, generating C++) for the op
 inside a small model, once, because its code generation takes tens of seconds on 2 cores.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from fastcache import _backend, contrastive_loss
 
-from drop_in_losses import LOSSES, TEXTS, make_loss
+from drop_in_losses import LOSSES, MATRYOSHKA_INNER, TEXTS, make_loss, make_matryoshka_loss
 
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
 MODEL_TOL = dict(rtol=1e-4, atol=1e-5)
@@ -77,6 +78,18 @@ def test_losses_embedding_level_aot_eager(tiny_model, tiny_guide_model, name):
         _assert_all_close(_embedding_step(compiled, name, rows), _embedding_step(eager, name, rows))
 
 
+@pytest.mark.parametrize("inner", MATRYOSHKA_INNER)
+def test_matryoshka_loss_embedding_level_aot_eager(tiny_model, tiny_guide_model, inner):
+    """fastcache's MatryoshkaLoss (dims 16/5 of 16): the inner loss's embedding-level entry point compiled, run
+    inside ``fused_step`` (every dim in one op call; one step's op, so that dynamo's guards on it hold)."""
+    loss = make_matryoshka_loss(inner, tiny_model, tiny_guide_model, dims=[16, 5])
+    eager = _embedding_function(loss.loss, inner)
+    compiled = torch.compile(eager, backend="aot_eager")
+    with loss.fused_step():
+        for rows in (6, 6, 5):
+            _assert_all_close(_embedding_step(compiled, inner, rows), _embedding_step(eager, inner, rows))
+
+
 def _model_step(loss, model) -> list[torch.Tensor]:
     model.zero_grad(set_to_none=True)
     value = loss([model.preprocess(column) for column in TEXTS], None)
@@ -92,6 +105,16 @@ def test_losses_through_the_model_aot_eager(tiny_model, tiny_guide_model, name):
     """The whole loss module (model forward included) compiled, as torch.compile(loss) in a training script.
     AOTAutograd decomposes the transformer's ops, so parameter gradients agree to float32 rounding."""
     loss = make_loss(name, tiny_model, tiny_guide_model, **LOSSES[name])
+    expected = _model_step(loss, tiny_model)
+    compiled = torch.compile(loss, backend="aot_eager")
+    for _ in range(2):
+        _assert_all_close(_model_step(compiled, tiny_model), expected, **MODEL_TOL)
+
+
+@pytest.mark.slow  # tracing the model: ~70 s on 2 busy cores (load 8-10)
+def test_matryoshka_loss_through_the_model_aot_eager(tiny_model, tiny_guide_model):
+    """torch.compile(MatryoshkaLoss(model, MultipleNegativesRankingLoss, dims)) in a training script."""
+    loss = make_matryoshka_loss("MultipleNegativesRankingLoss", tiny_model, tiny_guide_model)
     expected = _model_step(loss, tiny_model)
     compiled = torch.compile(loss, backend="aot_eager")
     for _ in range(2):

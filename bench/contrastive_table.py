@@ -29,13 +29,12 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import peak_memory_many, time_case  # noqa: E402
+from harness import add_table_arguments, load_at_start, peak_memory_many, time_case  # noqa: E402
 
 # the cases live in the package (``fastcache bench`` runs them across batch sizes); re-exported for bench/ scripts
 from fastcache.benchmark import BUDGETS_MIB, CASES, make_case, run_machine, save_json  # noqa: E402, F401
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
 FULL = {"B": 4096, "N": 8192, "D": 384}
 QUICK = {"B": 256, "N": 512, "D": 64}
 WARMUP_SHAPE = {"B": 64, "N": 128, "D": 32}  # the memory child's warm-up run (loads libraries before the baseline)
@@ -96,22 +95,11 @@ def markdown_table(results: dict, shape: dict, repeats: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"smoke shape {QUICK} instead of {FULL}")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"JSON results (default: {DEFAULT_OUT.relative_to(REPO)} for the full run, none for "
-                             "--quick)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (the table shows the minimum)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case before timing")
+    add_table_arguments(parser, quick=f"smoke shape {QUICK} instead of {FULL}", default_out=DEFAULT_OUT)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="a subset of cases")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--parallel", type=int, default=2,
-                        help="memory subprocesses at once (after all timing is done; default 2)")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else FULL
-    load_at_start = os.getloadavg()
-    if load_at_start[0] > 0.5:
-        print(f"warning: 1-minute load average {load_at_start[0]:.2f} before the run: other processes use the CPU, "
-              "so the timings will be noisy", file=sys.stderr)
+    load = load_at_start()
     out_path = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
 
     results: dict[str, dict] = {}
@@ -159,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")
 
     if out_path is not None:
-        report = {"machine": run_machine(load_at_start), "shape": shape, "dtype": "float32", "repeats": args.repeats,
+        report = {"machine": run_machine(load), "shape": shape, "dtype": "float32", "repeats": args.repeats,
                   "warmup": args.warmup, "quick": args.quick, "gemm_flop": flops, "cases": results,
                   "targets": found}
         save_json(report, out_path)

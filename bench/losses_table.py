@@ -48,10 +48,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastcache.benchmark import run_machine, save_json  # noqa: E402
-from harness import Case, RunOutput, peak_memory_many, time_cases  # noqa: E402
+from harness import Case, RunOutput, add_table_arguments, load_at_start, peak_memory_many, time_cases  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
 DEFAULT_OUT = BENCH_DIR / "results" / "losses_cpu.json"
 
 FULL = {"static_batches": [1024, 4096], "static_dim": 256,
@@ -461,28 +460,18 @@ def markdown_table(results: dict, repeats: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"tiny settings {QUICK} instead of {FULL}")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"JSON results (default: {DEFAULT_OUT.relative_to(REPO)} for the full run, none for "
-                             "--quick)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs per case (default 3, --quick 1; the table shows the minimum; the cached loss "
-                             "stage gets 10x)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case before timing")
+    add_table_arguments(parser, quick=f"tiny settings {QUICK} instead of {FULL}", default_out=DEFAULT_OUT,
+                        repeats_default=None, repeats_help="timed runs per case (default 3, --quick 1; the table "
+                        "shows the minimum; the cached loss stage gets 10x)",
+                        memory_help="skip the peak-memory subprocesses (--quick runs two: the larger cached MiniLM "
+                        "step)")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
                         help="a subset of the workloads")
-    parser.add_argument("--no-memory", action="store_true",
-                        help="skip the peak-memory subprocesses (--quick runs two: the larger cached MiniLM step)")
-    parser.add_argument("--parallel", type=int, default=2,
-                        help="memory subprocesses at once (after all timing is done; default 2)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
-    load_at_start = os.getloadavg()
-    if load_at_start[0] > 0.5:
-        print(f"warning: 1-minute load average {load_at_start[0]:.2f} before the run: other processes use the CPU, "
-              "so the timings will be noisy", file=sys.stderr)
+    load = load_at_start()
     out_path = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
 
     # the timing calls gc.collect() before every timed run; with transformers imported a full collection takes
@@ -556,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if out_path is not None:
         anchors, positives, negatives = synthetic_triplets(max(settings["static_batches"]))
-        report = {"machine": run_machine(load_at_start), "settings": settings,
+        report = {"machine": run_machine(load), "settings": settings,
                   "memory_env": None if args.no_memory else MEMORY_ENV,
                   "optimizer": f"torch.optim.AdamW(lr={LR}, "
                   "weight_decay=0, fused=True)", "dtype": "float32", "repeats": args.repeats, "warmup": args.warmup,

@@ -35,10 +35,18 @@ QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
 ALL = (QD, QQ, DQ, DD)
 
 
+@pytest.fixture
+def extension():
+    """The compiled extension fastcache._C (skips without it)."""
+    if _backend.EXTENSION is None:
+        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
+    return _backend.EXTENSION
+
+
 @pytest.fixture(params=("cpu", "torch"))
 def backend(request):
-    if request.param == "cpu" and _backend.EXTENSION is None:
-        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
+    if request.param == "cpu":
+        request.getfixturevalue("extension")
     return request.param
 
 
@@ -97,12 +105,10 @@ FUSED_VARIANTS = {k: VARIANTS[k] for k in ("plain", "dot", "all_dirs_joint", "qd
 
 
 @pytest.mark.parametrize("variant", list(FUSED_VARIANTS))
-def test_fused_cpu_epilogue_row_groups(variant):
+def test_fused_cpu_epilogue_row_groups(extension, variant):
     """The C++ Matryoshka epilogue splits a chunk's rows into groups (16 rows each, at most 16) whose column radial
-    sums are added at the end: 70 rows in one chunk make 4 uneven groups, 140 candidate columns leave a tail of
+    sums are added at the end: 70 rows in one chunk make 4 uneven groups, 146 candidate columns leave a tail of
     the 16-lane loops, and a second chunk of 3 rows is one group."""
-    if _backend.EXTENSION is None:
-        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
     batch = make_batch(73, 21, columns=2, seed=16)
     check(batch, dims=[21, 13, 6], weights=[1.0, 0.5, 2.0], backend="cpu", chunk_size=70, **FUSED_VARIANTS[variant])
 
@@ -116,17 +122,15 @@ def _fused_arguments(c=40, n=50, K=3, seed=17):
             0.0, True, 0, 0.0, True)
 
 
-def test_fused_cpu_epilogue_does_not_depend_on_the_thread_count():
+def test_fused_cpu_epilogue_does_not_depend_on_the_thread_count(extension):
     """Row groups are set by the chunk alone and summed in group order: bitwise equal on 1 and 2 threads."""
-    if _backend.EXTENSION is None:
-        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
     threads = torch.get_num_threads()
     results = []
     try:
         for n_threads in (1, 2):
             torch.set_num_threads(n_threads)
             arguments = _fused_arguments()
-            loss, row_radial, column_radial = _backend.EXTENSION.matryoshka_epilogue_cpu(*arguments)
+            loss, row_radial, column_radial = extension.matryoshka_epilogue_cpu(*arguments)
             results.append((loss, row_radial[0], column_radial[0], arguments[0][0]))
     finally:
         torch.set_num_threads(threads)
@@ -144,22 +148,18 @@ def test_fused_cpu_epilogue_does_not_depend_on_the_thread_count():
     (lambda a: a.__setitem__(6, []), "weights: one per dim"),
     (lambda a: a.__setitem__(10, 30), "with offset 30 exceed the 40 positives"),
 ], ids=["strided", "segments", "dtype", "kind", "column_scales", "scales", "weights", "offset"])
-def test_fused_cpu_epilogue_bad_input(change, match):
-    if _backend.EXTENSION is None:
-        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
+def test_fused_cpu_epilogue_bad_input(extension, change, match):
     arguments = list(_fused_arguments())
     change(arguments)
     with pytest.raises(RuntimeError, match=match):
-        _backend.EXTENSION.matryoshka_epilogue_cpu(*arguments)
+        extension.matryoshka_epilogue_cpu(*arguments)
 
 
-def test_cpu_backend_runs_the_fused_epilogue(monkeypatch):
+def test_cpu_backend_runs_the_fused_epilogue(extension, monkeypatch):
     """backend="cpu" makes one fused C++ call per chunk (every dim at once); "torch" makes none."""
-    if _backend.EXTENSION is None:
-        pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")
     calls = []
-    fused = _backend.EXTENSION.matryoshka_epilogue_cpu
-    monkeypatch.setattr(_backend.EXTENSION, "matryoshka_epilogue_cpu", lambda *a: calls.append(1) or fused(*a))
+    fused = extension.matryoshka_epilogue_cpu
+    monkeypatch.setattr(extension, "matryoshka_epilogue_cpu", lambda *a: calls.append(1) or fused(*a))
     batch = make_batch(5, 9, columns=2, seed=18)
     expected = op_loss_and_grad(batch, dims=[9, 5, 2], backend="torch", chunk_size=2)
     assert not calls

@@ -72,7 +72,8 @@ FASTCACHE_INLINE void matryoshka_groups(const Job<T>& job, int64_t g0, int64_t g
   T* running[4];
   T* x[4];
   T* weighted[4];
-  for (int d = 0, at = 0; d < job.ndirs; ++d) {
+  int64_t at = 0;
+  for (int d = 0; d < job.ndirs; ++d) {
     const int64_t n = job.dirs[d].n;
     running[d] = scratch.data() + at;
     x[d] = running[d] + n;

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"smoke shape {QUICK} instead of {FULL}")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default: "
-                        f"{DEFAULT_OUT.relative_to(BENCH_DIR.parent)} for the full run of every case, none for --quick or a subset)")
+                        f"{DEFAULT_OUT.relative_to(BENCH_DIR.parent)} for the full run of every case, none for "
+                        "--quick or a subset)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (the table shows the minimum)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case before timing")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="a subset of cases")

@@ -229,7 +229,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     guides = {k: torch.empty(chunk, operands[k][3], dtype=dtype, device=q.device) for k in dirs} if guided else {}
     grad = grad_t = radial = None
     names = ("q", "d", "Q") if gathered else ("q", "d")
-    if need_grad:  # the row operands' gradients, the column operands' transposed ([D, rows]); "Q" is "q" unless gathered
+    if need_grad:  # row operands' gradients, column operands' transposed ([D, rows]); "Q" is "q" unless gathered
         grad, grad_t = {}, {}
         for name in dirs:
             x, _, y, _ = operands[name]

@@ -116,7 +116,9 @@ def nan_padded(t: Tensor, layout: str) -> Tensor:
 
 
 def _leaves(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: (v.detach().clone().requires_grad_() if k in DIFFERENTIABLE else v) for k, v in batch.items()}
+    """The batch with its embeddings as autograd leaves: the same tensors (memory layout included, so that both op
+    paths see the same inputs: a clone may change the strides of a size-1 dim, and with them the GEMMs' rounding)."""
+    return {k: (v.detach().requires_grad_() if k in DIFFERENTIABLE else v) for k, v in batch.items()}
 
 
 def _split(batch):

@@ -159,9 +159,11 @@ def check_float64_equals_reference(runner, data):
     results = [path(batch, **options) for path in MATRYOSHKA_OP_PATHS.values()]
     weight = max(1.0, sum(_weights(options).values()))
     # float64 rounding grows with the logits' size (|logit| up to 1e6 under large_logits): 64 ulps per unit of L,
-    # in units of the largest gradient (an entry whose terms cancel to ~0 keeps their rounding)
+    # in units of the largest gradient or of one similarity's contribution to it (``_gradient_unit`` at each dim):
+    # an entry whose terms cancel to ~0 keeps their rounding
     eps = torch.finfo(torch.float64).eps
-    magnitude = max([1.0] + [float(g.abs().max()) for g in expected[1].values() if g is not None])
+    magnitude = max([1.0] + [float(g.abs().max()) for g in expected[1].values() if g is not None]
+                    + [_gradient_unit(_truncated(batch, d), options) for d in options["dims"]])
     slack = 64 * eps * (1.0 + max(_max_logits(batch, options).values())) * weight * magnitude
     tol = {k: v + slack for k, v in FLOAT64_TOL.items()}
     if case[2] in ("zero_rows", "zero_prefix"):

@@ -43,11 +43,11 @@ from fastcache.ops.contrastive import (
     ContrastiveLossAndGrad,
     ContrastiveOptions,
     PrecomputedGradLoss,
-    _normalized,
     _parse,
     _strategy,
     check_inputs,
     chunk_rows,
+    guide_and_id_operands,
     one_pass,
 )
 
@@ -208,10 +208,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     norms = {"q": _prefix_reciprocal_norms(q, dims, cosine), "d": _prefix_reciprocal_norms(d, dims, cosine)}
     norms["Q"] = _prefix_reciprocal_norms(Q, dims, cosine) if gathered else norms["q"]
     guided = guide_queries is not None
-    if guided:
-        gq, _ = _normalized(guide_queries, dtype, True)
-        gd, _ = _normalized(guide_docs.reshape(-1, guide_docs.size(-1)), dtype, True)
-    ids = None if doc_ids is None else doc_ids.reshape(-1).to(torch.int64).contiguous()
+    gq, gd, ids = guide_and_id_operands(guide_queries, guide_docs, doc_ids, dtype)
     dirs = sorted(options.directions, key=DIRECTIONS.index)
     tensors = {"q": q, "d": d, "Q": Q}
     # each direction: (row operand, row start relative to the chunk's first row, column operand, column count)

@@ -18,9 +18,8 @@ from sentence_transformers.util import all_gather_with_grad, get_rank
 from torch import Tensor
 
 from fastcache.gradcache import FusedGradCacheMixin
-from fastcache.losses.multiple_negatives_ranking import (DuplicateMasking, accumulate_into, backward_without_graph,
-                                                        check_columns, check_same_layout_on_every_rank, gathering,
-                                                        loss_op)
+from fastcache.losses.multiple_negatives_ranking import (DuplicateMasking, cached_loss_stage, check_columns,
+                                                        check_same_layout_on_every_rank, gathering, loss_op)
 from fastcache.ops.contrastive import ContrastiveLossAndGrad
 
 
@@ -107,10 +106,6 @@ class CachedGISTEmbedLoss(DuplicateMasking, FusedGradCacheMixin, st_losses.Cache
         if len(reps) != len(reps_guided):
             raise ValueError("reps and reps_guided must have the same length")
         embeddings, guide_embeddings = [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided]
-        if with_backward and backward_without_graph(self, reps):
-            return accumulate_into(reps, fused_gist_loss(self, embeddings, guide_embeddings, doc_ids, with_grad=True))
-        loss = fused_gist_loss(self, embeddings, guide_embeddings, doc_ids)
-        if with_backward:
-            loss.backward()
-            loss = loss.detach()
-        return loss
+        return cached_loss_stage(
+            self, reps, with_backward,
+            lambda with_grad: fused_gist_loss(self, embeddings, guide_embeddings, doc_ids, with_grad))

@@ -79,6 +79,20 @@ def backward_without_graph(loss, reps: list[list[Tensor]]) -> bool:
         r.is_leaf and r.requires_grad for column in reps for r in column)
 
 
+def cached_loss_stage(loss, reps: list[list[Tensor]], with_backward: bool,
+                      compute: Callable[[bool], Tensor | ContrastiveLossAndGrad]) -> Tensor:
+    """The end of a cached loss's calculate_loss: ``compute(with_grad)`` runs the fused op on the concatenated
+    ``reps``; with_backward leaves the gradients on ``reps`` (straight from the op where
+    :func:`backward_without_graph` allows, else through loss.backward()) and returns the detached loss."""
+    if with_backward and backward_without_graph(loss, reps):
+        return accumulate_into(reps, compute(True))
+    value = compute(False)
+    if with_backward:
+        value.backward()
+        value = value.detach()
+    return value
+
+
 def accumulate_into(reps: list[list[Tensor]], result: ContrastiveLossAndGrad) -> Tensor:
     """What loss.backward() does to the leaves ``reps`` (per column, the mini-batches concatenated into the op's
     queries and docs), from the op's precomputed gradients; returns the detached loss."""
@@ -184,13 +198,8 @@ class _FusedCachedMNRL(DuplicateMasking):
         if similarity is None:
             return super().calculate_loss(reps, labels, with_backward=with_backward)
         embeddings = [torch.cat(column) for column in reps]
-        if with_backward and backward_without_graph(self, reps):
-            return accumulate_into(reps, fused_mnrl_loss(self, embeddings, similarity, doc_ids, with_grad=True))
-        loss = fused_mnrl_loss(self, embeddings, similarity, doc_ids)
-        if with_backward:
-            loss.backward()
-            loss = loss.detach()
-        return loss
+        return cached_loss_stage(self, reps, with_backward,
+                                 lambda with_grad: fused_mnrl_loss(self, embeddings, similarity, doc_ids, with_grad))
 
 
 class MultipleNegativesRankingLoss(_FusedMNRL, st_losses.MultipleNegativesRankingLoss):

@@ -22,6 +22,7 @@ SUITE_BUDGET_S=${SUITE_BUDGET_S:-500}
 BUILD_TIMEOUT_S=${BUILD_TIMEOUT_S:-240}
 TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-150}
 MEMCHECK_TIMEOUT_S=${MEMCHECK_TIMEOUT_S:-60}
+RACECHECK_TIMEOUT_S=${RACECHECK_TIMEOUT_S:-60}
 LOG="$OUTDIR/suite.log"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -78,14 +79,20 @@ FASTCACHE_REQUIRE_CUDA=$(( 1 - DRY_RUN )) phase tests "$TEST_TIMEOUT_S" "$PYTHON
   -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUTDIR/junit_cuda.xml" "${TESTS[@]}"
 grep -E "^(FAILED|ERROR) |(passed|failed|skipped|errors?|deselected)[^|]* in [0-9.]+s" "$LOG" | tail -n 25
 
-# the CUDA epilogue and ranking kernels under compute-sanitizer's memcheck (out-of-bounds and misaligned accesses), a small subset
+# the CUDA epilogue and ranking kernels under compute-sanitizer: memcheck (out-of-bounds and misaligned accesses),
+# a small subset
 if [ "$DRY_RUN" = 0 ] && command -v compute-sanitizer > /dev/null; then
   FASTCACHE_REQUIRE_CUDA=1 phase memcheck "$MEMCHECK_TIMEOUT_S" compute-sanitizer --tool memcheck --error-exitcode 3 \
     "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_contrastive_cuda.py tests/test_ranking_cuda.py \
     -k "(stream and not ranking) or (test_epilogue_shapes and dtype0) or test_edge_rows"
   grep -E "ERROR SUMMARY|(passed|failed)[^|]* in [0-9.]+s" "$LOG" | tail -n 3
+  # racecheck: shared-memory hazards (the ranking kernels keep their rows in shared memory), a smaller subset
+  FASTCACHE_REQUIRE_CUDA=1 phase racecheck "$RACECHECK_TIMEOUT_S" compute-sanitizer --tool racecheck \
+    --error-exitcode 3 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_contrastive_cuda.py \
+    tests/test_ranking_cuda.py -k "(stream and not ranking) or test_edge_rows"
+  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|(passed|failed)[^|]* in [0-9.]+s" "$LOG" | tail -n 3
 else
-  say "memcheck: skipped (dry run or no compute-sanitizer)"
+  say "memcheck, racecheck: skipped (dry run or no compute-sanitizer)"
 fi
 
 # c. the benchmarks, with what is left of the budget

@@ -21,9 +21,10 @@ at that amplified scale), equal each other bitwise, and leave their inputs (and 
 strided ones) untouched; when every candidate but the positive is masked the loss and gradients are exactly 0.
 In float32, bfloat16 and float16 the loss and gradients are finite and within the bound of the float64 truth on
 the same (cast) inputs that tests/test_properties_contrastive.py documents for one dim, summed over the dims with
-their |weights| and with e scaled by log2 of the number of rows (``_bounds``, ``_summation_ulps``); under cosine a gradient's scale includes its terms before F.normalize's projection
-(a one-dim prefix's gradient is exactly 0, made of cancelling terms); with a guide, plus twice the error of the
-reference run in the same dtype (near a tie, the guide's mask decisions differ between precisions).
+their |weights|, its e scaled by log2 of the number of rows (``_bounds``, ``_summation_ulps``); under cosine a
+gradient's scale includes its terms before F.normalize's projection (a one-dim prefix's gradient is exactly 0,
+made of cancelling terms); with a guide, plus twice the error of the reference run in the same dtype (near a tie,
+the guide's mask decisions differ between precisions).
 
 Budget: the hypothesis profile (tests/conftest.py) — "ci" (default: 25 derandomised examples per test, the same on
 every run; Triton's slab and tiled strategies a fifth of that, at least 5) or "thorough" (500 random ones):

@@ -562,6 +562,13 @@ def _fmt(x, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _not_run(head: str, r: dict, cells: int) -> str | None:
+    """The table line of a case that did not run (its status and reason, then ``cells`` empty cells), else None."""
+    if r.get("status") == "ok":
+        return None
+    return f"{head} {r.get('status')}: {r.get('reason', '')[:120]} |" + " |" * cells
+
+
 def markdown_table(rows: list[dict], mm_rate: float | None) -> str:
     lines = [f"torch.mm bf16 {CEILING_SIZE}³ in this run: {_fmt(mm_rate, '.0f')} TFLOP/s", "",
              "| B | N | D | dtype | case | ms (min) | TFLOP/s (6·B·N·D) | ÷ mm rate | peak beyond inputs+grads (MiB) "
@@ -570,8 +577,8 @@ def markdown_table(rows: list[dict], mm_rate: float | None) -> str:
         if r["case"] == "mm_ceiling" or r["case"] in EPILOGUE_CASES or r["case"] in RANKING_CASES:
             continue
         head = f"| {r['B']} | {r['N']} | {r['D']} | {r['dtype']} | {r['case']} |"
-        if r.get("status") != "ok":
-            lines.append(f"{head} {r.get('status')}: {r.get('reason', '')[:120]} | | | | |")
+        if (skipped := _not_run(head, r, 4)) is not None:
+            lines.append(skipped)
             continue
         lines.append(f"{head} {r['min_s'] * 1e3:.1f} | {_fmt(r.get('tflops'), '.0f')} | "
                      f"{_fmt(r.get('ratio_to_mm'), '.2f')} | {_fmt(r.get('peak_beyond_inputs_and_grads_mib'), '.0f')}"
@@ -582,8 +589,8 @@ def markdown_table(rows: list[dict], mm_rate: float | None) -> str:
         if r["case"] not in EPILOGUE_CASES:
             continue
         head = f"| {r['B']} | {r['N']} | {r['case']} |"
-        if r.get("status") != "ok":
-            lines.append(f"{head} {r.get('status')}: {r.get('reason', '')[:120]} | | |")
+        if (skipped := _not_run(head, r, 2)) is not None:
+            lines.append(skipped)
             continue
         lines.append(f"{head} {r['min_s'] * 1e3:.3f} | {_fmt(r.get('gbps'), '.0f')} | "
                      f"{_fmt(r.get('ratio_to_copy'), '.2f')} |")
@@ -602,8 +609,8 @@ def ranking_table(rows: list[dict]) -> list[str]:
         if r["case"] not in RANKING_CASES:
             continue
         head = f"| {r['B']} | {r['N']} | {r['case']} |"
-        if r.get("status") != "ok":
-            lines.append(f"{head} {r.get('status')}: {r.get('reason', '')[:120]} | | | |")
+        if (skipped := _not_run(head, r, 3)) is not None:
+            lines.append(skipped)
             continue
         reference = st.get((r["N"], r["ranking_loss"]))
         lines.append(f"{head} {r['min_s'] * 1e3:.2f} | {_fmt(reference and reference / r['min_s'], '.1f')} | "

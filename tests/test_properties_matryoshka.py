@@ -85,7 +85,7 @@ def matryoshka_cases(draw, runner: tuple[str, str | None], stresses=MATRYOSHKA_S
     dim = shape["dim"]
     count = draw(st.integers(1, min(6, dim)))
     dims = draw(st.lists(st.integers(1, dim), min_size=count, max_size=count, unique=True))
-    if dim not in dims and draw(st.booleans()):  # usually the full width is one of the dims
+    if dim not in dims and draw(st.booleans()):  # often the full width is one of the dims, as in training
         dims[0] = dim
     weights = draw(st.one_of(st.none(), st.lists(st.sampled_from(WEIGHTS), min_size=count, max_size=count)))
     options = dict(options, dims=dims, weights=weights)

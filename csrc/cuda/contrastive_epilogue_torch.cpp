@@ -8,18 +8,12 @@
 #include <type_traits>
 
 #include "contrastive_epilogue.h"
+#include "kernel_device.h"
 
 namespace fastcache {
 namespace {
 
 namespace kernel = fastcache::cuda;
-
-// tests/cuda_host_emulation.cpp compiles this file with the launchers run on the host, on CPU tensors
-#ifdef FASTCACHE_CUDA_HOST_EMULATION
-constexpr bool kHostEmulation = true;
-#else
-constexpr bool kHostEmulation = false;
-#endif
 
 // A similarity (or guide) block: on like's CUDA device, like's dtype, 2-D with `rows` rows, unit column stride,
 // rows that do not overlap.
@@ -65,7 +59,7 @@ at::Tensor contrastive_epilogue_cuda(
     int64_t hardness_mode, double hardness_strength, bool joint, int64_t margin_strategy, double margin,
     bool compute_grad, int64_t stream) {
   const at::Tensor& qd = query_to_doc;
-  TORCH_CHECK(kHostEmulation ? qd.device().is_cpu() : qd.device().is_cuda(),
+  TORCH_CHECK(on_kernel_device(qd),
               "contrastive_epilogue_cuda: query_to_doc must be a CUDA tensor, got ", qd.device());
   TORCH_CHECK(qd.scalar_type() == at::kFloat || qd.scalar_type() == at::kDouble,
               "contrastive_epilogue_cuda: query_to_doc must be float32 or float64, got ", qd.scalar_type());

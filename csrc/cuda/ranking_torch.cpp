@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "kernel_device.h"
 #include "ranking.h"
 
 namespace fastcache {
@@ -16,18 +17,10 @@ namespace {
 
 namespace kernel = fastcache::cuda;
 
-// tests/ranking_host_emulation.cpp compiles this file with the launchers run on the host, on CPU tensors
-#ifdef FASTCACHE_CUDA_HOST_EMULATION
-constexpr bool kHostEmulation = true;
-#else
-constexpr bool kHostEmulation = false;
-#endif
-
 // logits [Q, n] float32/float64 on a CUDA device, labels of its shape and dtype, mask bool of its shape; all
 // contiguous and on one device.
 void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& mask, const char* op) {
-  TORCH_CHECK(kHostEmulation ? logits.device().is_cpu() : logits.device().is_cuda(), op,
-              ": logits must be a CUDA tensor, got ", logits.device());
+  TORCH_CHECK(on_kernel_device(logits), op, ": logits must be a CUDA tensor, got ", logits.device());
   TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble, op,
               ": logits must be float32 or float64, got ", logits.scalar_type());
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), op, ": logits must be a contiguous [Q, n] tensor, got "

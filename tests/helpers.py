@@ -283,3 +283,21 @@ def run_bench_script(name: str, out, *args: str) -> tuple[str, dict]:
                              "--out", str(out), *args], capture_output=True, text=True, timeout=600, cwd=repo)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout, json.loads(out.read_text())
+
+
+def load_host_emulation(source: str, build_directory):
+    """Compile ``tests/<source>`` (a CUDA binding with its kernels run on the host, emulated CUDA threads) as a
+    Python extension in ``build_directory`` and import it; module name after the source file."""
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    repo = Path(__file__).resolve().parents[1]
+    return cpp_extension.load(
+        name=f"fastcache_{Path(source).stem}",
+        sources=[str(repo / "tests" / source)],
+        extra_include_paths=[str(repo / "csrc")],
+        extra_cflags=["-O1", "-std=c++17"],
+        build_directory=str(build_directory),
+        verbose=False,
+    )

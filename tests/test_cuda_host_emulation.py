@@ -7,16 +7,15 @@ shorter than the block). The real kernel on a GPU: tests/test_contrastive_cuda.p
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from fastcache.ops import contrastive_epilogue
 from fastcache.ops.contrastive import ContrastiveOptions
+from helpers import load_host_emulation
 from test_contrastive_cuda import DD, DIRECTION_SETS, DQ, HARDNESS_MODES, QD, QQ, _case, _compare
 
-REPO = Path(__file__).resolve().parent.parent
 # (gathered, ids, NaN-padded, compute_grad): a spread of the 16 combinations (each thread is a real std::thread)
 VARIANTS = [(False, False, False, True), (True, True, True, True), (True, False, True, False),
             (False, True, False, True)]
@@ -26,16 +25,7 @@ VARIANTS = [(False, False, False, True), (True, True, True, True), (True, False,
 def emulated(tmp_path_factory):
     """The emulated kernel as an epilogue (the contract of fastcache.ops.contrastive_epilogue), ``threads`` CUDA
     threads per row."""
-    from torch.utils import cpp_extension
-
-    module = cpp_extension.load(
-        name="fastcache_cuda_host_emulation",
-        sources=[str(REPO / "tests" / "cuda_host_emulation.cpp")],
-        extra_include_paths=[str(REPO / "csrc")],
-        extra_cflags=["-O1", "-std=c++17"],
-        build_directory=str(tmp_path_factory.mktemp("cuda_host_emulation")),
-        verbose=False,
-    )
+    module = load_host_emulation("cuda_host_emulation.cpp", tmp_path_factory.mktemp("cuda_host_emulation"))
 
     def epilogue_with(threads: int):
         def epilogue(blocks, guides, doc_ids, row0, layout, options, compute_grad):

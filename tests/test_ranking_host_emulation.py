@@ -12,32 +12,22 @@ kernels on a GPU: tests/test_ranking_cuda.py."""
 from __future__ import annotations
 
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 from fastcache import _backend
 from fastcache.ops import ranking
+from helpers import load_host_emulation
 from test_ranking_op import OPS, make_lists, resolve, run_op, run_reference
 
-REPO = Path(__file__).resolve().parent.parent
 CUDA_FUNCTIONS = ("lambda_loss_cuda", "plistmle_cuda", "listnet_cuda")
 TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-12}, torch.float32: {"rtol": 2e-5, "atol": 2e-6}}
 
 
 @pytest.fixture(scope="module")
 def module(tmp_path_factory):
-    from torch.utils import cpp_extension
-
-    return cpp_extension.load(
-        name="fastcache_ranking_host_emulation",
-        sources=[str(REPO / "tests" / "ranking_host_emulation.cpp")],
-        extra_include_paths=[str(REPO / "csrc")],
-        extra_cflags=["-O1", "-std=c++17"],
-        build_directory=str(tmp_path_factory.mktemp("ranking_host_emulation")),
-        verbose=False,
-    )
+    return load_host_emulation("ranking_host_emulation.cpp", tmp_path_factory.mktemp("ranking_host_emulation"))
 
 
 @pytest.fixture

@@ -174,6 +174,37 @@ def test_tiled_normalises_in_row_chunks(monkeypatch):
     check(batch, "tiled", offset=1, directions=ALL)
 
 
+def _nan_padded_kernel_copy(original):
+    """tiled's _kernel_copy whose copies are views inside NaN-filled buffers (row stride D + 3, NaN rows and
+    columns around): the kernels read past no mask without a NaN showing."""
+    def copy(x, acc, cosine):
+        y, norm = original(x, acc, cosine)
+        buffer = torch.full((y.size(0) + 3, y.size(1) + 3), float("nan"), dtype=y.dtype)
+        view = buffer[1:1 + y.size(0), 2:2 + y.size(1)]
+        view.copy_(y)
+        return view, norm
+    return copy
+
+
+@pytest.mark.parametrize("dim", [8, 45], ids=["D_below_one_chunk", "ragged_chunks"])
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+def test_tiled_backward_tiles_and_chunks_on_nan_padded_operands(monkeypatch, guided, dim):
+    """The backward's loops with small tiles (a program owns 16 rows or columns, sweeps 32, 16 output dims per
+    chunk): 37 rows and 74-80 columns over several tiles with ragged last ones, D below one chunk or over three
+    with a ragged last one; every kernel operand inside a NaN-filled buffer."""
+    from fastcache.triton import contrastive as triton_contrastive
+
+    monkeypatch.setattr(triton_contrastive, "BACKWARD_TILES", {False: (16, 32, 16, 1), True: (16, 32, 16, 1)})
+    monkeypatch.setattr(triton_contrastive, "_kernel_copy", _nan_padded_kernel_copy(triton_contrastive._kernel_copy))
+    if guided:
+        batch = make_batch(37, dim, columns=2, positives=40, offset=3, docs_3d=True, guide_dim=5, seed=18)
+        check(batch, "tiled", directions=(QD, QQ, DD), offset=3, margin=0.05, hardness_mode="all_negatives",
+              hardness_strength=1.0)
+    else:
+        batch = make_batch(37, dim, columns=2, seed=18)
+        check(batch, "tiled", directions=ALL, hardness_mode="in_batch_negatives", hardness_strength=1.0)
+
+
 def test_tiled_is_deterministic():
     batch = make_batch(70, 8, columns=2, seed=15, dtype=torch.float32)
     first = op_loss_and_grad(batch, backend="triton", strategy="tiled", directions=ALL)
@@ -359,7 +390,7 @@ def test_available_reports_the_cuda_epilogue_reason():
 # 6. the same kernels compiled for the GPU (no GPU needed): what the interpreter does not check
 # ---------------------------------------------------------------------------------------------------------------
 
-# compile_kernel(fn, constexprs, element, num_warps, num_stages): fn compiled for sm_90, ptxas -v's line on spills
+# compile_kernel(fn, constexprs, element, num_warps, num_stages): fn compiled for sm_90, ptxas -v's registers and spills
 SM90_COMPILER = r'''
 import subprocess, tempfile
 import triton, triton.language as tl
@@ -374,7 +405,7 @@ POINTERS = {"ids_ptr": "*i64", "gr_ptr": "*fp32", "gc_ptr": "*fp32", "gpos_ptr":
             "out_ptr": "*fp32", "loss_ptr": "*fp32", "dq_max_ptr": "*fp32", "dq_factor_ptr": "*fp32"}
 
 def compile_kernel(fn, constexprs, element, num_warps, num_stages):
-    """The kernel compiled for sm_90 (embeddings of type element); ptxas -v's line on spills."""
+    """The kernel compiled for sm_90 (embeddings of type element); ptxas -v's registers and line on spills."""
     signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, f"*{element}") if n.endswith("_ptr")
                  else "i32" for n in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature,
@@ -385,7 +416,8 @@ def compile_kernel(fn, constexprs, element, num_warps, num_stages):
         ptx.flush()
         done = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx.name, "-o", "/dev/null"],
                               capture_output=True, text=True, check=True)
-    return [line.strip() for line in done.stderr.splitlines() if "spill" in line][-1]
+    registers = [line.split("Used ")[1].split(",")[0] for line in done.stderr.splitlines() if "Used " in line][-1]
+    return registers + ", " + [line.strip() for line in done.stderr.splitlines() if "spill" in line][-1]
 '''
 
 _COMPILE_FOR_SM90 = SM90_COMPILER + r'''
@@ -399,8 +431,10 @@ print("logsumexp", compile_kernel(k._tiled_logsumexp_kernel, dict(tiles, KIND=0)
                                   k.TILE_STAGES))
 for by_columns in (False, True):  # guided doc_to_doc; query_to_doc with doc_to_query fused (never guided)
     for options in (dict(KIND=3, WITH_DOC_TO_QUERY=False), dict(KIND=0, WITH_DOC_TO_QUERY=True, GUIDED=False)):
-        print("grad", compile_kernel(k._tiled_grad_kernel, dict(tiles, **options, BY_COLUMNS=by_columns,
-                                     BLOCK_DO=k.MAX_BLOCK_DO), "bf16", k.BACKWARD_WARPS, k.TILE_STAGES))
+        own, swept, block_do, stages = k.BACKWARD_TILES[options.get("GUIDED", True)]
+        sides = dict(BLOCK_M=swept, BLOCK_N=own) if by_columns else dict(BLOCK_M=own, BLOCK_N=swept)
+        print("grad", compile_kernel(k._tiled_grad_kernel, dict(tiles, **options, **sides, BY_COLUMNS=by_columns,
+                                     BLOCK_DO=block_do), "bf16", k.BACKWARD_WARPS, stages))
 print("partition", compile_kernel(k._tiled_partition_kernel, dict(JOINT=True, NUM_BLOCKS=4, BLOCK=k.PARTITION_BLOCK),
                                   "fp32", 4, 1))
 '''

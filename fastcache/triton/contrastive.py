@@ -14,12 +14,20 @@ masks; ``_online_logsumexp``; ``_softmax_grad``) serves two strategies:
                 mean_b lse_b) and the loss follow on O(B) vectors.
       backward  G_b = dL/ds_b = coef_b·exp(logit - base_b) (- scale/B at the positive), recomputed tile by tile:
                 a row-parallel kernel accumulates dR_b += G_b·C_b, a column-parallel kernel dC_b += G_bᵀ·R_b.
-                Each program owns its output tile (no atomics): the gradients are deterministic.
+                A program owns a strip of rows (columns) and sweeps the other side tile by tile: each similarity
+                tile is computed once over the full D, turned into G, and its product with the swept embeddings
+                is added to the program's own fp32 gradient rows BLOCK_DO dims at a time (a read-modify-write
+                of rows no other program touches, in a fixed order: no atomics, the gradients are
+                deterministic).
 
   The embeddings stay in their dtype and tl.dot accumulates in fp32 (fp64 for float64 inputs; fp32 inputs use
-  full-precision products, not TF32). A backward program's output tile spans BLOCK_DO of the D dims, so each
-  similarity tile is recomputed ceil(D / BLOCK_DO) times per backward kernel: about (6 + 4·ceil(D / 128))·B·N·D
-  FLOPs per direction against the 6·B·N·D of the slab (which keeps whole row chunks of the blocks instead).
+  full-precision products, not TF32). FLOPs per direction: forward 2·B·N·D, each backward kernel 2·B·N·D to
+  recompute the similarities and 2·B·N·D for its product: 10·B·N·D (the slab: 6·B·N·D, keeping whole row chunks
+  of the blocks instead; a guide adds 2·B·N·D_guide per kernel). Memory traffic of a backward kernel (program
+  owning O rows or columns, sweeping tiles of W, e bytes per embedding value): per similarity-dimension product
+  the own strip's e/W and the swept tile's 2e/O (recompute and product) plus the fp32 read-modify-write's 8/W
+  bytes, i.e. B·N·D·((e + 8)/W + 2e/O) bytes against its 4·B·N·D FLOPs, mostly L2 hits (BACKWARD_TILES without
+  a guide, O = 64, W = 128, 16-bit inputs: 0.14·B·N·D bytes).
   Memory: the normalised copies (input dtype), the fp32 gradient accumulators, O(B) statistics and temporaries
   of NORMALIZE_ROWS rows, i.e. O((B + N + Mq)·D).
 
@@ -53,6 +61,10 @@ SCALE, ALPHA, MARGIN, COEF, POS_COEF = (tl.constexpr(k) for k in range(5))
 EPILOGUE_BLOCK_M, EPILOGUE_BLOCK_N, EPILOGUE_WARPS = 4, 256, 4  # sm_90: 48 registers unguided, 116 guided
 TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 8, 2
 MAX_BLOCK_DO, BACKWARD_WARPS = 128, 8  # sm_90: 128-wide fp32 output tiles with 8 warps compile without spills
+# Backward tiles, without and with a guide: rows (columns) a program owns, columns (rows) it sweeps, output dims
+# per product chunk, pipeline stages. sm_90, 8 warps, 16-bit inputs: no spills (a guide's second similarity tile
+# spills 20-170 bytes at 128 swept or at 2 stages).
+BACKWARD_TILES = {False: (64, 128, 64, 2), True: (64, 64, 64, 1)}
 PARTITION_BLOCK = 1024
 NORMALIZE_ROWS = 8192  # rows normalised (and their normalisation backward) per step of the tiled driver
 
@@ -428,6 +440,57 @@ def _tiled_partition_kernel(max_ptr, total_ptr, pos_logit_ptr, params_ptr, loss_
 
 
 @triton.jit
+def _sweep_tile(own0, start, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS: tl.constexpr,
+                GUIDED: tl.constexpr, RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                ACC: tl.constexpr, BY_COLUMNS: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] tile of a backward program at sweep position start: its own rows from own0 and
+    columns from start (row-parallel), or rows from start and its own columns from own0 (BY_COLUMNS); the rows'
+    positions, ids and guide thresholds as _tile_rows gives them, then the column indices."""
+    if BY_COLUMNS:
+        r0 = start
+        c0 = own0
+    else:
+        r0 = own0
+        c0 = start
+    rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(r0, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr,
+                                                              margin, HAS_IDS, GUIDED, RELATIVE_MARGIN, BLOCK_M, ACC)
+    return rows, ok, pos, own_query, pos_ids, threshold, c0 + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _doc_to_query_grad(s, rows_ok, cols, offset, n_rows, scale, dq_max_ptr, dq_factor_ptr):
+    """doc_to_query's dL/ds laid onto a query_to_doc tile of similarities s: s_dq[i, k] = s_qd[k, offset + i], so
+    G_dq[j - offset, k] at [k, j] (from doc_to_query's row maxima and factors), 0 off its B columns."""
+    i = cols - offset
+    partner = (i >= 0) & (i < n_rows)
+    dq_max = tl.load(dq_max_ptr + i, mask=partner, other=0.0)
+    dq_factor = tl.load(dq_factor_ptr + i, mask=partner, other=0.0)
+    return tl.where(rows_ok[:, None] & partner[None, :], dq_factor[None, :] * tl.exp(scale * s - dq_max[None, :]),
+                    0.0)
+
+
+@triton.jit
+def _add_product_to_own_rows(grad, e_ptr, stride_e, e_rows, e_ok, out_ptr, stride_out, own, own_ok, lo, hi,
+                             BY_COLUMNS: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
+                             WIDEN: tl.constexpr):
+    """out[own, lo:hi] += G·E[e_rows, lo:hi] (row-parallel: G [own, swept], E the columns' embeddings) or
+    Gᵀ·E[e_rows, lo:hi] (BY_COLUMNS: G [swept, own], E the rows'), BLOCK_DO-aligned chunks of the output dims
+    (those straddling lo or hi masked): a read-modify-write of the program's own fp32 output rows, which no
+    other program touches. lo: a multiple of BLOCK_DO or the start of a masked range."""
+    g = grad.to(e_ptr.dtype.element_ty)
+    if BY_COLUMNS:
+        g = tl.trans(g)
+    for o in range(lo // BLOCK_DO * BLOCK_DO, hi, BLOCK_DO):
+        dims = o + tl.arange(0, BLOCK_DO)
+        inside = (dims >= lo) & (dims < hi)
+        e = tl.load(e_ptr + e_rows[:, None] * stride_e + dims[None, :], mask=e_ok[:, None] & inside[None, :],
+                    other=0.0)
+        out = out_ptr + own[:, None] * stride_out + dims[None, :]
+        held = own_ok[:, None] & inside[None, :]
+        tl.store(out, _dot(g, e, tl.load(out, mask=held, other=0.0), WIDEN, ACC), mask=held)
+
+
+@triton.jit
 def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c, stride_gr,
                        stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset, own_query_offset, max_ptr,
                        factor_ptr, out_ptr, stride_out, dq_max_ptr, dq_factor_ptr,
@@ -435,37 +498,29 @@ def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_p
                        RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr, BY_COLUMNS: tl.constexpr,
                        WITH_DOC_TO_QUERY: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """Backward of one block, G = dL/ds recomputed tile by tile. Row-parallel: out[rows, dims] += G·C[:, dims]
-    over every column tile; BY_COLUMNS, column-parallel: out[cols, dims] += Gᵀ·R[:, dims] over every row tile.
+    """Backward of one block, G = dL/ds recomputed once per tile over the full D. Row-parallel (a program owns
+    BLOCK_M rows): for every column tile, out[rows, :] += G·C[cols, :]; BY_COLUMNS, column-parallel (a program
+    owns BLOCK_N columns): for every row tile, out[cols, :] += Gᵀ·R[rows, :].
 
-    WITH_DOC_TO_QUERY (query_to_doc when the query columns are the queries themselves): doc_to_query's block is
-    the transpose of query_to_doc's positive columns, s_dq[i, k] = s_qd[k, offset + i], so its gradient is added
-    here as G_qd[k, j] += G_dq[j - offset, k] (from its statistics at dq_max_ptr, dq_factor_ptr), which gives both
-    of doc_to_query's gradients (dp = G_dq·q, dq = G_dqᵀ·p) in the same pass."""
+    WITH_DOC_TO_QUERY (query_to_doc when the query columns are the queries themselves): doc_to_query's gradient
+    (_doc_to_query_grad) is added to G, which gives both of doc_to_query's gradients (dp = G_dq·q, dq = G_dqᵀ·p)
+    in the same pass."""
     scale = tl.load(params_ptr + SCALE)
     alpha = tl.load(params_ptr + ALPHA)
     margin = tl.load(params_ptr + MARGIN)
     pos_coef = tl.load(params_ptr + POS_COEF)
-    dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     if BY_COLUMNS:
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_N, BLOCK_DO], ACC)
-        n_inner = n_rows
+        own0 = tl.program_id(0) * BLOCK_N
+        n_swept = n_rows
         STEP: tl.constexpr = BLOCK_M
     else:
-        rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
-            tl.program_id(0) * BLOCK_M, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS,
-            GUIDED, RELATIVE_MARGIN, BLOCK_M, ACC)
-        acc = tl.zeros([BLOCK_M, BLOCK_DO], ACC)
-        n_inner = n_cols
+        own0 = tl.program_id(0) * BLOCK_M
+        n_swept = n_cols
         STEP: tl.constexpr = BLOCK_N
-    for start in range(0, n_inner, STEP):
-        if BY_COLUMNS:
-            rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
-                start, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS, GUIDED,
-                RELATIVE_MARGIN, BLOCK_M, ACC)
-        else:
-            cols = start + tl.arange(0, BLOCK_N)
+    for start in range(0, n_swept, STEP):
+        rows, ok, pos, own_query, pos_ids, threshold, cols = _sweep_tile(
+            own0, start, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS, GUIDED,
+            RELATIVE_MARGIN, BLOCK_M, BLOCK_N, ACC, BY_COLUMNS)
         s, x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols,
                             n_rows, n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids,
                             num_positives, scale, alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -474,27 +529,14 @@ def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_p
         factor = tl.load(factor_ptr + rows, mask=ok, other=0.0)  # rows past the batch: R = 0 and never stored
         grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
         if WITH_DOC_TO_QUERY:
-            i = cols - offset
-            partner = (i >= 0) & (i < n_rows)
-            dq_max = tl.load(dq_max_ptr + i, mask=partner, other=0.0)
-            dq_factor = tl.load(dq_factor_ptr + i, mask=partner, other=0.0)
-            grad += tl.where(ok[:, None] & partner[None, :],
-                             dq_factor[None, :] * tl.exp(scale * s - dq_max[None, :]), 0.0)
+            grad += _doc_to_query_grad(s, ok, cols, offset, n_rows, scale, dq_max_ptr, dq_factor_ptr)
         if BY_COLUMNS:
-            r = tl.load(r_ptr + rows[:, None] * stride_r + dims[None, :], mask=ok[:, None] & (dims[None, :] < dim),
-                        other=0.0)
-            acc = _dot(tl.trans(grad.to(r.dtype)), r, acc, WIDEN, ACC)
+            _add_product_to_own_rows(grad, r_ptr, stride_r, rows, ok, out_ptr, stride_out, cols, cols < n_cols, 0,
+                                     dim, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
         else:
-            c = tl.load(c_ptr + cols[:, None] * stride_c + dims[None, :],
-                        mask=(cols[:, None] < n_cols) & (dims[None, :] < dim), other=0.0)
-            acc = _dot(grad.to(c.dtype), c, acc, WIDEN, ACC)
-    if BY_COLUMNS:
-        out = out_ptr + cols[:, None] * stride_out + dims[None, :]
-        inside = (cols[:, None] < n_cols) & (dims[None, :] < dim)
-    else:
-        out = out_ptr + rows[:, None] * stride_out + dims[None, :]
-        inside = ok[:, None] & (dims[None, :] < dim)
-    tl.store(out, tl.load(out, mask=inside, other=0.0) + acc, mask=inside)
+            _add_product_to_own_rows(grad, c_ptr, stride_c, cols, cols < n_cols, out_ptr, stride_out, rows, ok, 0,
+                                     dim, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
+        tl.debug_barrier()  # this tile's output stores land before the next tile's loads of the same rows
 
 
 class _Block(NamedTuple):
@@ -597,20 +639,21 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     loss = loss_rows.sum() / B
     if not need_grad:
         return loss, None, None, None
-    block_do = min(MAX_BLOCK_DO, max(16, triton.next_power_of_2(layout.dim)))
+    own, swept, block_do, stages = BACKWARD_TILES[guided]
+    block_do = min(block_do, max(16, triton.next_power_of_2(layout.dim)))
     fused_dq = "doc_to_query" in options.directions and not gathered  # its gradient comes with query_to_doc's
     dq = KIND_CODES["doc_to_query"]
     for block in blocks:
         kind = KIND_CODES[block.kind]
         if fused_dq and block.kind == "doc_to_query":
             continue
-        for by_columns, out, count, tile in ((False, block.grad_rows, B, TILE_M),
-                                             (True, block.grad_cols, block.cols.size(0), TILE_N)):
-            _tiled_grad_kernel[(triton.cdiv(count, tile), triton.cdiv(layout.dim, block_do))](
+        for by_columns, out, count in ((False, block.grad_rows, B), (True, block.grad_cols, block.cols.size(0))):
+            tiles = dict(BLOCK_M=swept, BLOCK_N=own) if by_columns else dict(BLOCK_M=own, BLOCK_N=swept)
+            _tiled_grad_kernel[(triton.cdiv(count, own),)](
                 *arguments(block), maxima[kind], factors[kind], out, out.stride(0), maxima[dq], factors[dq],
-                KIND=kind, **constants, BY_COLUMNS=by_columns, BLOCK_DO=block_do,
+                KIND=kind, **dict(constants, **tiles), BY_COLUMNS=by_columns, BLOCK_DO=block_do,
                 WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", num_warps=BACKWARD_WARPS,
-                num_stages=TILE_STAGES)
+                num_stages=stages)
     grad_queries = _normalized_backward_in_chunks_(grad_q, q, q_norm)
     grad_docs = _normalized_backward_in_chunks_(grad_d, d, d_norm).view(docs.shape)
     grad_all = _normalized_backward_in_chunks_(grad_Q, Q, Q_norm) if gathered else None

@@ -3,6 +3,7 @@
 
 #include "cpu/contrastive.h"
 #include "cpu/matryoshka.h"
+#include "cpu/normalize.h"
 #include "cpu/ranking.h"
 #ifdef FASTCACHE_WITH_CUDA
 #include "cuda/contrastive_epilogue_torch.h"
@@ -16,6 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matryoshka_epilogue_cpu", &fastcache::matryoshka_epilogue_cpu,
         "Fused Matryoshka epilogue on CPU: segment products -> per-segment gradients in place; returns (weighted "
         "per-row losses, row radial sums, column radial sums)");
+  m.def("l2_normalize_cpu", &fastcache::l2_normalize_cpu,
+        "L2 row normalisation on CPU as F.normalize: (x / max(|x|, eps) in dtype, the divisors [rows, 1])");
+  m.def("l2_normalize_backward_cpu_", &fastcache::l2_normalize_backward_cpu_,
+        "Backward of the L2 row normalisation on CPU, in place on grad (returns it)");
   m.def("lambda_loss_cpu", &fastcache::lambda_loss_cpu,
         "LambdaLoss on CPU: per-query pair-loss sums, pair counts and d(sum)/dlogits");
   m.def("plistmle_cpu", &fastcache::plistmle_cpu, "Position-aware ListMLE on CPU: per-query losses and gradients");

@@ -239,21 +239,26 @@ def check_inputs(
     return ContrastiveLayout(rows, positives, columns, dim, query_columns, own_query_offset)
 
 
-def _normalized(x: Tensor, dtype: torch.dtype, cosine: bool) -> tuple[Tensor, Tensor | None]:
+def _normalized(x: Tensor, dtype: torch.dtype, cosine: bool, native: bool = False) -> tuple[Tensor, Tensor | None]:
     """x in the compute dtype, L2-normalised per row when ``cosine`` (as F.normalize), and the divisors
-    max(‖x‖, eps) [rows, 1]. At most one copy of x is made."""
+    max(‖x‖, eps) [rows, 1]. At most one copy of x is made. ``native``: in one C++ pass (csrc/cpu/normalize.cpp;
+    the cpu backend, CPU tensors)."""
     if not cosine:
         return x.to(dtype).contiguous(), None
+    if native:
+        return _backend.EXTENSION.l2_normalize_cpu(x, dtype, NORMALIZE_EPS)
     y = x.to(dtype, memory_format=torch.contiguous_format, copy=True)
     divisor = torch.linalg.vector_norm(y, dim=1, keepdim=True).clamp_min_(NORMALIZE_EPS)
     return y.div_(divisor), divisor
 
 
-def _normalized_backward_(grad: Tensor, normalized: Tensor, divisor: Tensor | None) -> Tensor:
+def _normalized_backward_(grad: Tensor, normalized: Tensor, divisor: Tensor | None, native: bool = False) -> Tensor:
     """dL/dx from dL/dx̂ (overwriting ``grad``) for x̂ = x / max(‖x‖, eps) (``divisor``, from :func:`_normalized`):
-    (g - x̂·(x̂ᵀg)) / ‖x‖, and g / eps where the norm is below eps."""
+    (g - x̂·(x̂ᵀg)) / ‖x‖, and g / eps where the norm is below eps. ``native``: in one C++ pass."""
     if divisor is None:
         return grad
+    if native:
+        return _backend.EXTENSION.l2_normalize_backward_cpu_(grad, normalized, divisor, NORMALIZE_EPS)
     radial = torch.linalg.vecdot(normalized, grad, dim=1).unsqueeze(1).mul_(divisor > NORMALIZE_EPS)
     return grad.addcmul_(normalized, radial, value=-1).div_(divisor)
 
@@ -301,15 +306,16 @@ def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered:
 
 
 def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options: ContrastiveOptions,
-          layout: ContrastiveLayout, epilogue, need_grad: bool, chunk: int, progress: bool):
-    """Loss (compute dtype, 0-d) and, when ``need_grad``, fp32/fp64 gradients w.r.t. queries, docs, all_queries."""
+          layout: ContrastiveLayout, epilogue, need_grad: bool, chunk: int, progress: bool, native: bool):
+    """Loss (compute dtype, 0-d) and, when ``need_grad``, fp32/fp64 gradients w.r.t. queries, docs, all_queries.
+    ``native``: the normalisation and its backward in C++ (the cpu backend)."""
     dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
     cosine = options.similarity == "cos"
     B, P, off = layout.rows, layout.positives, options.offset
-    q, q_norm = _normalized(queries, dtype, cosine)
-    d, d_norm = _normalized(docs.reshape(-1, layout.dim), dtype, cosine)
+    q, q_norm = _normalized(queries, dtype, cosine, native)
+    d, d_norm = _normalized(docs.reshape(-1, layout.dim), dtype, cosine, native)
     gathered = all_queries is not None
-    Q, Q_norm = _normalized(all_queries, dtype, cosine) if gathered else (q, q_norm)
+    Q, Q_norm = _normalized(all_queries, dtype, cosine, native) if gathered else (q, q_norm)
     guided = guide_queries is not None
     gq, gd, ids = guide_and_id_operands(guide_queries, guide_docs, doc_ids, dtype)
     dirs = options.directions
@@ -364,9 +370,9 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     del blocks, guides, out, gout  # free the slab before the normalisation backward
     if not need_grad:
         return loss, None, None, None
-    grad_queries = _normalized_backward_(grad_q, q, q_norm)
-    grad_docs = _normalized_backward_(grad_d, d, d_norm).view(docs.shape)
-    grad_all = _normalized_backward_(grad_Q, Q, Q_norm) if gathered else None
+    grad_queries = _normalized_backward_(grad_q, q, q_norm, native)
+    grad_docs = _normalized_backward_(grad_d, d, d_norm, native).view(docs.shape)
+    grad_all = _normalized_backward_(grad_Q, Q, Q_norm, native) if gathered else None
     return loss, grad_queries, grad_docs, grad_all
 
 
@@ -423,7 +429,7 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options
     else:
         chunk = min(chunk_size, layout.rows)
     return _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, epilogue,
-                 need_grad, chunk, show_progress_bar)
+                 need_grad, chunk, show_progress_bar, native=name == "cpu")
 
 
 class PrecomputedGradLoss(torch.autograd.Function):

@@ -60,11 +60,13 @@ SCALE, ALPHA, MARGIN, COEF, POS_COEF = (tl.constexpr(k) for k in range(5))
 
 EPILOGUE_BLOCK_M, EPILOGUE_BLOCK_N, EPILOGUE_WARPS = 4, 256, 4  # sm_90: 48 registers unguided, 116 guided
 TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 8, 2
-MAX_BLOCK_DO, BACKWARD_WARPS = 128, 8  # sm_90: 128-wide fp32 output tiles with 8 warps compile without spills
-# Backward tiles, without and with a guide: rows (columns) a program owns, columns (rows) it sweeps, output dims
-# per product chunk, pipeline stages. sm_90, 8 warps, 16-bit inputs: no spills (a guide's second similarity tile
-# spills 20-170 bytes at 128 swept or at 2 stages).
-BACKWARD_TILES = {False: (64, 128, 64, 2), True: (64, 64, 64, 1)}
+BACKWARD_WARPS = 8
+# Backward tiles by the embeddings' element size and guide: rows (columns) a program owns, columns (rows) it sweeps,
+# output dims per product chunk, pipeline stages. sm_90 (ptxas, 8 warps): none spills (16 bits: a guide's second
+# similarity tile spills 20-170 bytes at 128 swept or at 2 stages; fp32 (full-precision FMA dots) ~350 bytes at
+# the 16-bit tiles).
+BACKWARD_TILES = {(2, False): (64, 128, 64, 2), (2, True): (64, 64, 64, 1),
+                  **{(size, guided): (32, 64, 32, 1) for size in (4, 8) for guided in (False, True)}}
 PARTITION_BLOCK = 1024
 NORMALIZE_ROWS = 8192  # rows normalised (and their normalisation backward) per step of the tiled driver
 
@@ -639,7 +641,7 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     loss = loss_rows.sum() / B
     if not need_grad:
         return loss, None, None, None
-    own, swept, block_do, stages = BACKWARD_TILES[guided]
+    own, swept, block_do, stages = BACKWARD_TILES[q.element_size(), guided]
     block_do = min(block_do, max(16, triton.next_power_of_2(layout.dim)))
     fused_dq = "doc_to_query" in options.directions and not gathered  # its gradient comes with query_to_doc's
     dq = KIND_CODES["doc_to_query"]

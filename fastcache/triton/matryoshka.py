@@ -10,13 +10,13 @@ R_k = X[:, :d_k]·Y[:, :d_k]ᵀ, prefix-norm reciprocals a_k, b_k, s_k = a_k ⊙
               maximum and sum, kept as [M, K] register tensors; and the positive's logit). The partition (joint
               or per_direction) of each dim follows on O(K·B) vectors, with coef and the positive's coefficient
               scaled by w_k, so G_k = w_k·dL_k/ds_k.
-    backward  the same sweep recomputes R_k; G_k → H_k = G_k ⊙ a_k ⊙ b_kᵀ = dL/dR_k, and, for "cos", the
-              radial sums t_k = Σ G_k ⊙ s_k per row (row-parallel) or column (column-parallel). A program's
-              output tile spans dims [o, o + BLOCK_DO): column c gets Σ_{k: d_k > c} H_k, so the dims that cover
-              the whole tile are summed into one [M, N] gradient before a single product with the embeddings'
-              tile, and a dim that ends inside it (o < d_k < o + BLOCK_DO) takes one more product with that tile
-              masked to its first d_k - o columns: about one product per output tile however many dims.
-              Each program owns its output rows (no atomics): deterministic.
+    backward  a program owns a strip of rows (columns) and sweeps the other side tile by tile; per tile, the
+              same sweep over D recomputes every R_k once; G_k → H_k = G_k ⊙ a_k ⊙ b_kᵀ = dL/dR_k, and, for
+              "cos", the radial sums t_k = Σ G_k ⊙ s_k per own row (column). Output dim c gets
+              Σ_{k: d_k > c} H_k: from the last segment [d_{K-1}, d_K) down, M_K = H_K, M_k = M_{k+1} + H_k
+              (the H_k but the last wait in a per-program fp32 scratch), and segment k of the program's own
+              fp32 gradient rows gets M_k times the swept tile's embeddings, BLOCK_DO dims at a time (a
+              read-modify-write of rows no other program touches, in a fixed order: deterministic).
     norms     a pre-pass gives the K prefix norms of every row (torch, O((B + N + Mq)·D)); after the kernels,
               dX_i[:d_k] -= t_k(i)·a_k(i)²·X_i[:d_k] (fastcache/ops/matryoshka.py's _prefix_norm_backward_).
 
@@ -24,11 +24,14 @@ The embeddings stay raw (not normalised) in their dtype; tl.dot accumulates in f
 the per-dim scaling happens on the fp32 tile. Every option of the single-dim tiled kernels: directions (the
 doc_to_query gradient fused into query_to_doc's when the query columns are the queries), partition modes,
 hardness, guides (never truncated: one guide tile per column tile serves every dim), doc_ids, offset.
-Memory: the fp32 gradient accumulators, O(K·(B + N + Mq)) statistics and the norm pre-pass's temporaries of
-NORMALIZE_ROWS rows, i.e. O((B + N + Mq)·D).
-Cost per direction with 16-bit inputs (128-wide output tiles, GRAD_TILES), like the single-dim tiled kernels at
-D = d_1: about (6 + 4·ceil(d_1 / 128))·B·N·d_1 FLOPs, plus 4·B·N·128 per dim that ends strictly inside an output
-tile (none of 768/512/256/128; 64 does), and up to K exponentials per similarity per sweep instead of one.
+Memory: the fp32 gradient accumulators, O(K·(B + N + Mq)) statistics, the backward's scratch of
+(K - 1)·BLOCK_M·BLOCK_N values per program (4·(K - 1)·64·max(B, N, Mq) bytes with 16-bit GRAD_TILES) and
+the norm pre-pass's temporaries of NORMALIZE_ROWS rows, i.e. O((B + N + Mq)·D).
+FLOPs per direction, like the single-dim tiled kernels at D = d_1: forward 2·B·N·d_1, each backward kernel
+2·B·N·d_1 (recompute) + 2·B·N·d_1 (product): 10·B·N·d_1, plus 2·B·N·BLOCK_DO per backward kernel for each dim
+that ends strictly inside a BLOCK_DO chunk (none of 768/512/256/128/64 with 16-bit inputs' 32-dim chunks), and
+up to K exponentials per similarity per sweep instead of one. Scratch traffic: 8·(K - 1) bytes per similarity per
+backward kernel (a store and a load of each H_k but the last).
 """
 
 from __future__ import annotations
@@ -48,7 +51,6 @@ from fastcache.triton.contrastive import (
     HARDNESS_CODES,
     KIND_CODES,
     MARGIN,
-    MAX_BLOCK_DO,
     NORMALIZE_ROWS,
     PARTITION_BLOCK,
     POS_COEF,
@@ -64,8 +66,11 @@ from fastcache.triton.contrastive import (
     _masked_logits,
     _online_logsumexp,
     _scalars,
+    _add_product_to_own_rows,
+    _doc_to_query_grad,
     _similarity_tile,
     _softmax_grad,
+    _sweep_tile,
     _tile_rows,
     _tiled_partition_kernel,
 )
@@ -155,114 +160,105 @@ def _matryoshka_logsumexp_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr
 @triton.jit
 def _matryoshka_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, dims_ptr, ra_ptr, cb_ptr,
                             stride_r, stride_c, stride_gr, stride_gc, stride_ra, stride_cb, stride_params, n_rows,
-                            n_cols, dim, num_dims, guide_dim, num_positives, offset, own_query_offset, max_ptr,
+                            n_cols, num_dims, guide_dim, num_positives, offset, own_query_offset, max_ptr,
                             factor_ptr, stride_stats, out_ptr, stride_out, radial_ptr, stride_radial, dq_max_ptr,
-                            dq_factor_ptr,
+                            dq_factor_ptr, scratch_ptr,
                             KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
                             RELATIVE_MARGIN: tl.constexpr, COSINE: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DIMS: tl.constexpr, ACC: tl.constexpr,
                             WIDEN: tl.constexpr, BY_COLUMNS: tl.constexpr, WITH_DOC_TO_QUERY: tl.constexpr,
                             BLOCK_DO: tl.constexpr):
-    """Backward of one block over every dim, H_k = dL/dR_k recomputed tile by tile. Row-parallel:
-    out[rows, o:o+BLOCK_DO] += Σ_k H_k·C[:, o:min(o+BLOCK_DO, d_k)] over every column tile; BY_COLUMNS,
-    column-parallel: out[cols, ...] += Σ_k H_kᵀ·R[:, ...] over every row tile. COSINE: the programs of the first
-    output tile add the radial sums Σ G_k ⊙ s_k of their rows (columns) to radial_ptr + k·stride_radial.
+    """Backward of one block over every dim, H_k = dL/dR_k recomputed once per tile. A program owns BLOCK_M rows
+    (row-parallel) or BLOCK_N columns (BY_COLUMNS) and sweeps the other side; per tile:
+    1. one sweep over D (dims ascending) gives every H_k: each but the last into the program's scratch
+       (scratch_ptr + program·(K - 1)·BLOCK_M·BLOCK_N, fp32), the last kept; COSINE: the radial sums
+       Σ G_k ⊙ s_k of the own rows (columns), added to radial_ptr + k·stride_radial after the last tile.
+    2. segment [d_{k-1}, d_k) of the output dims gets M_k = Σ_{j ≥ k} H_j, from the last segment down
+       (M_K = H_K, M_k = M_{k+1} + H_k: sums, never differences, so a huge H_k of a near-zero prefix norm
+       cancels nothing): out[own, seg] += M_k·C[swept, seg] (row-parallel) or M_kᵀ·R[swept, seg] (BY_COLUMNS).
     WITH_DOC_TO_QUERY: doc_to_query's gradient added to query_to_doc's, per dim (as in contrastive.py)."""
     scale = tl.load(params_ptr + SCALE)
     alpha = tl.load(params_ptr + ALPHA)
     margin = tl.load(params_ptr + MARGIN)
-    o0 = tl.program_id(1) * BLOCK_DO
-    out_dims = o0 + tl.arange(0, BLOCK_DO)
     slot = tl.arange(0, DIMS)[None, :]
+    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * ((num_dims - 1) * BLOCK_M * BLOCK_N) + tile
     if BY_COLUMNS:
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_N, BLOCK_DO], ACC)
-        radial = tl.zeros([BLOCK_N, DIMS], ACC)
-        n_inner = n_rows
+        own0 = tl.program_id(0) * BLOCK_N
+        n_swept = n_rows
         STEP: tl.constexpr = BLOCK_M
+        radial = tl.zeros([BLOCK_N, DIMS], ACC)
     else:
-        rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
-            tl.program_id(0) * BLOCK_M, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS,
-            GUIDED, RELATIVE_MARGIN, BLOCK_M, ACC)
-        acc = tl.zeros([BLOCK_M, BLOCK_DO], ACC)
-        radial = tl.zeros([BLOCK_M, DIMS], ACC)
-        n_inner = n_cols
+        own0 = tl.program_id(0) * BLOCK_M
+        n_swept = n_cols
         STEP: tl.constexpr = BLOCK_N
-    for start in range(0, n_inner, STEP):
-        if BY_COLUMNS:
-            rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
-                start, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS, GUIDED,
-                RELATIVE_MARGIN, BLOCK_M, ACC)
-            other = tl.load(r_ptr + rows[:, None] * stride_r + out_dims[None, :],
-                            mask=ok[:, None] & (out_dims[None, :] < dim), other=0.0)
-        else:
-            cols = start + tl.arange(0, BLOCK_N)
-            other = tl.load(c_ptr + cols[:, None] * stride_c + out_dims[None, :],
-                            mask=(cols[:, None] < n_cols) & (out_dims[None, :] < dim), other=0.0)
+        radial = tl.zeros([BLOCK_M, DIMS], ACC)
+    for start in range(0, n_swept, STEP):
+        rows, ok, pos, own_query, pos_ids, threshold, cols = _sweep_tile(
+            own0, start, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS, GUIDED,
+            RELATIVE_MARGIN, BLOCK_M, BLOCK_N, ACC, BY_COLUMNS)
         g = tl.zeros([BLOCK_M, BLOCK_N], ACC)
         if GUIDED:
             g = _similarity_tile(gr_ptr, gc_ptr, stride_gr, stride_gc, rows, cols, n_rows, n_cols, guide_dim,
                                  BLOCK_M, BLOCK_N, BLOCK_K, ACC, False)
         raw = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-        whole = tl.zeros([BLOCK_M, BLOCK_N], ACC)  # Σ H_k over the dims that cover the whole output tile
+        suffix = tl.zeros([BLOCK_M, BLOCK_N], ACC)  # H_K after the sweep, then M_k
         for k in range(0, num_dims):
             raw, s, hi, a, b = _next_dim(raw, k, dims_ptr, r_ptr, c_ptr, stride_r, stride_c, rows, cols, n_rows,
                                          n_cols, ra_ptr, cb_ptr, stride_ra, stride_cb, COSINE, BLOCK_K, ACC, WIDEN)
-            if hi > o0:
-                x = _masked_logits(s, g, cols, n_cols, pos, own_query, threshold, ids_ptr, pos_ids, num_positives,
-                                   scale, alpha, KIND, HARDNESS, GUIDED, HAS_IDS)
-                m = tl.load(max_ptr + k * stride_stats + rows, mask=ok, other=0.0)
-                factor = tl.load(factor_ptr + k * stride_stats + rows, mask=ok, other=0.0)
-                grad = _softmax_grad(x, m, factor, tl.load(params_ptr + k * stride_params + POS_COEF), cols, pos,
-                                     KIND)
-                if WITH_DOC_TO_QUERY:
-                    i = cols - offset
-                    partner = (i >= 0) & (i < n_rows)
-                    dq_max = tl.load(dq_max_ptr + k * stride_stats + i, mask=partner, other=0.0)
-                    dq_factor = tl.load(dq_factor_ptr + k * stride_stats + i, mask=partner, other=0.0)
-                    grad += tl.where(ok[:, None] & partner[None, :],
-                                     dq_factor[None, :] * tl.exp(scale * s - dq_max[None, :]), 0.0)
-                if COSINE:
-                    if BY_COLUMNS:
-                        radial += tl.where(slot == k, tl.sum(grad * s, 0)[:, None], 0.0)
-                    else:
-                        radial += tl.where(slot == k, tl.sum(grad * s, 1)[:, None], 0.0)
-                    grad = grad * a[:, None] * b[None, :]
-                if hi >= o0 + BLOCK_DO:
-                    whole += grad
-                else:  # dim k ends inside the output tile: its own product with the tile's first hi - o0 dims
-                    part = tl.where(out_dims[None, :] < hi, other, 0.0).to(other.dtype)
-                    if BY_COLUMNS:
-                        acc = _dot(tl.trans(grad.to(other.dtype)), part, acc, WIDEN, ACC)
-                    else:
-                        acc = _dot(grad.to(other.dtype), part, acc, WIDEN, ACC)
-        if BY_COLUMNS:
-            acc = _dot(tl.trans(whole.to(other.dtype)), other, acc, WIDEN, ACC)
-        else:
-            acc = _dot(whole.to(other.dtype), other, acc, WIDEN, ACC)
-    if BY_COLUMNS:
-        own, own_ok = cols, cols < n_cols
-    else:
-        own, own_ok = rows, ok
-    out = out_ptr + own[:, None] * stride_out + out_dims[None, :]
-    inside = own_ok[:, None] & (out_dims[None, :] < dim)
-    tl.store(out, tl.load(out, mask=inside, other=0.0) + acc, mask=inside)
+            x = _masked_logits(s, g, cols, n_cols, pos, own_query, threshold, ids_ptr, pos_ids, num_positives,
+                               scale, alpha, KIND, HARDNESS, GUIDED, HAS_IDS)
+            m = tl.load(max_ptr + k * stride_stats + rows, mask=ok, other=0.0)
+            factor = tl.load(factor_ptr + k * stride_stats + rows, mask=ok, other=0.0)
+            grad = _softmax_grad(x, m, factor, tl.load(params_ptr + k * stride_params + POS_COEF), cols, pos, KIND)
+            if WITH_DOC_TO_QUERY:
+                grad += _doc_to_query_grad(s, ok, cols, offset, n_rows, scale, dq_max_ptr + k * stride_stats,
+                                           dq_factor_ptr + k * stride_stats)
+            if COSINE:
+                if BY_COLUMNS:
+                    radial += tl.where(slot == k, tl.sum(grad * s, 0)[:, None], 0.0)
+                else:
+                    radial += tl.where(slot == k, tl.sum(grad * s, 1)[:, None], 0.0)
+                grad = grad * a[:, None] * b[None, :]
+            suffix = grad
+            if k + 1 < num_dims:  # the last one stays in registers
+                tl.store(scratch + k * (BLOCK_M * BLOCK_N), grad)
+        tl.debug_barrier()  # the scratch stores land before the loads below
+        for j in range(0, num_dims):  # segments from the last: M_k = M_{k+1} + H_k
+            k = num_dims - 1 - j
+            lo = tl.load(dims_ptr + k - 1, mask=k > 0, other=0)
+            hi = tl.load(dims_ptr + k)
+            if BY_COLUMNS:
+                _add_product_to_own_rows(suffix, r_ptr, stride_r, rows, ok, out_ptr, stride_out, cols, cols < n_cols,
+                                         lo, hi, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
+            else:
+                _add_product_to_own_rows(suffix, c_ptr, stride_c, cols, cols < n_cols, out_ptr, stride_out, rows, ok,
+                                         lo, hi, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
+            if k > 0:
+                suffix += tl.load(scratch + (k - 1) * (BLOCK_M * BLOCK_N))
+        tl.debug_barrier()  # this tile's output stores and scratch loads before the next tile's
     if COSINE:
-        if tl.program_id(1) == 0:
-            sums = radial_ptr + slot * stride_radial + own[:, None]
-            held = own_ok[:, None] & (slot < num_dims)
-            tl.store(sums, tl.load(sums, mask=held, other=0.0) + radial, mask=held)
+        if BY_COLUMNS:
+            own = own0 + tl.arange(0, BLOCK_N)
+            own_ok = own < n_cols
+        else:
+            own = own0 + tl.arange(0, BLOCK_M)
+            own_ok = own < n_rows
+        sums = radial_ptr + slot * stride_radial + own[:, None]
+        held = own_ok[:, None] & (slot < num_dims)
+        tl.store(sums, tl.load(sums, mask=held, other=0.0) + radial, mask=held)
 
 
-# Backward tiles by the embeddings' element size: (rows, columns, output dims). sm_90 (ptxas, 8 warps): 16-bit
-# inputs (tensor-core dots) no spills without a guide, at most 56 bytes with one (64 columns: 48 bytes without);
-# fp32 (full-precision FMA dots) at most 40 bytes (128 output dims: ~1 KB); fp64 none (64-wide tiles: ~800 bytes).
-GRAD_TILES = {2: (TILE_M, 32, MAX_BLOCK_DO), 4: (TILE_M, 64, 64), 8: (32, 32, 32)}
+# Backward tiles by the embeddings' element size: rows (columns) a program owns, columns (rows) it sweeps, output
+# dims per product chunk, pipeline stages. sm_90 (ptxas, 8 warps): no spills, guided or not (16 bits: 16-170
+# bytes at 64 output dims or 2 stages; fp32, full-precision FMA dots: 250-450 bytes at 64 owned or swept).
+GRAD_TILES = {2: (64, 64, 32, 1), 4: (32, 32, 32, 1), 8: (32, 32, 32, 1)}
 
 
 class _Operand(NamedTuple):
-    """One embedding tensor as the kernels see it: raw values (contiguous, input dtype), [K, n] prefix-norm
-    reciprocals (dims ascending; None for "dot"), the gradient accumulator and the [K, n] radial sums."""
+    """One embedding tensor as the kernels see it: raw values (unit stride along D, input dtype), [K, n]
+    prefix-norm reciprocals (dims ascending; None for "dot"), the gradient accumulator and the [K, n] radial
+    sums."""
 
     x: Tensor
     reciprocal: Tensor | None
@@ -282,6 +278,11 @@ class _Block(NamedTuple):
     cols: _Operand
     guide_rows: Tensor | None
     guide_cols: Tensor | None
+
+
+def _unit_stride(x: Tensor) -> Tensor:
+    """x itself where its values are adjacent along D (the kernels take its row stride), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _prefix_norms(x: Tensor, dims: tuple[int, ...], acc: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -315,9 +316,9 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
     B, P, off, K = layout.rows, layout.positives, options.offset, len(dims)
     device = queries.device
     gathered = all_queries is not None
-    tensors = {"q": queries.contiguous(), "d": docs.reshape(-1, layout.dim).contiguous()}
+    tensors = {"q": _unit_stride(queries), "d": _unit_stride(docs.reshape(-1, layout.dim))}
     if gathered:
-        tensors["Q"] = all_queries.contiguous()
+        tensors["Q"] = _unit_stride(all_queries)
     norms = {name: _prefix_norms(x, dims, acc) for name, x in tensors.items()} if cosine else {}
     operands = {name: _Operand(x, norms[name][1].flip(0).contiguous() if cosine else None,
                                torch.zeros(x.shape, dtype=acc, device=device) if need_grad else None,
@@ -380,8 +381,10 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
     loss = (loss_rows.sum(1) * torch.tensor(weights_ascending, dtype=acc, device=device)).sum() / B
     if not need_grad:
         return loss, None, None, None
-    tile_m, tile_n, block_do = GRAD_TILES[queries.element_size()]
+    own, swept, block_do, stages = GRAD_TILES[queries.element_size()]
     block_do = min(block_do, max(16, triton.next_power_of_2(dims[0])))
+    programs = triton.cdiv(max(x.size(0) for x in tensors.values()), own)
+    scratch = torch.empty(max(1, programs * (K - 1) * own * swept), dtype=acc, device=device)
     fused_dq = "doc_to_query" in options.directions and not gathered  # its gradient comes with query_to_doc's
     dq = KIND_CODES["doc_to_query"]
     for block in blocks:
@@ -390,14 +393,13 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
             continue
         for by_columns, side in ((False, block.rows), (True, block.cols)):
             radial = side.radial if cosine else side.grad
-            _matryoshka_grad_kernel[(triton.cdiv(side.x.size(0), tile_n if by_columns else tile_m),
-                                     triton.cdiv(dims[0], block_do))](
-                *arguments(block), params.stride(0), *sizes(block), layout.dim, K, *common, maxima[0, kind],
-                factors[0, kind], maxima.stride(0), side.grad, side.grad.stride(0), radial, radial.stride(0),
-                maxima[0, dq], factors[0, dq], KIND=kind, **dict(constants, BLOCK_M=tile_m, BLOCK_N=tile_n),
-                BY_COLUMNS=by_columns, BLOCK_DO=block_do,
-                WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", num_warps=BACKWARD_WARPS,
-                num_stages=TILE_STAGES)
+            tiles = dict(BLOCK_M=swept, BLOCK_N=own) if by_columns else dict(BLOCK_M=own, BLOCK_N=swept)
+            _matryoshka_grad_kernel[(triton.cdiv(side.x.size(0), own),)](
+                *arguments(block), params.stride(0), *sizes(block), K, *common, maxima[0, kind], factors[0, kind],
+                maxima.stride(0), side.grad, side.grad.stride(0), radial, radial.stride(0), maxima[0, dq],
+                factors[0, dq], scratch, KIND=kind, **dict(constants, **tiles), BY_COLUMNS=by_columns,
+                BLOCK_DO=block_do, WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc",
+                num_warps=BACKWARD_WARPS, num_stages=stages)
     grads = {}
     for name, operand in operands.items():
         grads[name] = operand.grad

@@ -4,9 +4,11 @@ Both strategies of backend "triton": slab (torch GEMMs + the Triton epilogue) an
 backward kernels, nothing bigger than a tile), against the dense reference (fastcache/reference.py): every
 direction / partition / hardness / similarity variant in float64, odd shapes (B = 1, B and N across several tiles
 and not multiples of the tile, D = 1000 once), offsets, gathered queries, guides with both margin strategies,
-duplicate ids, NaN-padded inputs and blocks, float32 / bfloat16 / float16 against the reference's own error, the
-strategy setting and its errors, and a fastcache loss class run with FASTCACHE_BACKEND=triton. The interpreter is
-slow: shapes are small. The same kernels on a real GPU: tests/test_contrastive_gpu.py.
+duplicate ids, NaN-padded inputs and blocks, the tiled backward's loops with small tiles on kernel operands inside
+NaN-filled buffers, float32 / bfloat16 / float16 against the reference's own error, the strategy setting and its
+errors, a fastcache loss class run with FASTCACHE_BACKEND=triton, and every kernel compiled for sm_90 (ptxas:
+registers, no spills; no atomics). The interpreter is slow: shapes are small. The same kernels on a real GPU:
+tests/test_contrastive_gpu.py.
 """
 
 from __future__ import annotations
@@ -391,9 +393,9 @@ def test_available_reports_the_cuda_epilogue_reason():
 # 6. the same kernels compiled for the GPU (no GPU needed): what the interpreter does not check
 # ---------------------------------------------------------------------------------------------------------------
 
-# compile_kernel(fn, constexprs, element, num_warps, num_stages): fn compiled for sm_90, ptxas -v's registers and spills
+# compile_kernel(fn, constexprs, element, num_warps, num_stages): fn compiled for sm_90: registers, spills, atomics
 SM90_COMPILER = r'''
-import subprocess, tempfile
+import re, subprocess, tempfile
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
@@ -406,7 +408,8 @@ POINTERS = {"ids_ptr": "*i64", "gr_ptr": "*fp32", "gc_ptr": "*fp32", "gpos_ptr":
             "out_ptr": "*fp32", "loss_ptr": "*fp32", "dq_max_ptr": "*fp32", "dq_factor_ptr": "*fp32"}
 
 def compile_kernel(fn, constexprs, element, num_warps, num_stages):
-    """The kernel compiled for sm_90 (embeddings of type element); ptxas -v's registers and line on spills."""
+    """The kernel compiled for sm_90 (embeddings of type element): ptxas -v's registers and line on spills, and
+    the number of atomic instructions in its PTX."""
     signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, f"*{element}") if n.endswith("_ptr")
                  else "i32" for n in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature,
@@ -418,7 +421,9 @@ def compile_kernel(fn, constexprs, element, num_warps, num_stages):
         done = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx.name, "-o", "/dev/null"],
                               capture_output=True, text=True, check=True)
     registers = [line.split("Used ")[1].split(",")[0] for line in done.stderr.splitlines() if "Used " in line][-1]
-    return registers + ", " + [line.strip() for line in done.stderr.splitlines() if "spill" in line][-1]
+    atomics = sum(bool(re.match(r"\s*(@!?%\w+\s+)?(atom|red)\.", line)) for line in compiled.asm["ptx"].splitlines())
+    spills = [line.strip() for line in done.stderr.splitlines() if "spill" in line][-1]
+    return f"{registers}, {spills}, {atomics} atomics"
 '''
 
 _COMPILE_FOR_SM90 = SM90_COMPILER + r'''
@@ -456,10 +461,11 @@ def compile_for_sm90(script: str) -> list[str]:
 
 
 def test_kernels_compile_for_sm90_without_spills():
-    """Every kernel (its most demanding options) compiled by Triton for sm_90 in a process without the
-    interpreter: GPU-only rules hold (constexpr globals, dot shapes and types), and ptxas reports no register
-    spills for the chosen tile sizes."""
+    """Every kernel (its most demanding options; the backward with each tile choice of 16-bit and fp32 inputs)
+    compiled by Triton for sm_90 in a process without the interpreter: GPU-only rules hold (constexpr globals,
+    dot shapes and types), ptxas reports no register spills for the chosen tile sizes, and no kernel has an
+    atomic instruction (the gradients' sums run in a fixed order)."""
     lines = compile_for_sm90(_COMPILE_FOR_SM90)
     assert len(lines) == 11, lines
     for line in lines:
-        assert "0 bytes spill stores, 0 bytes spill loads" in line, line
+        assert "0 bytes spill stores, 0 bytes spill loads, 0 atomics" in line, line

@@ -24,7 +24,7 @@ masks; ``_online_logsumexp``; ``_softmax_grad``) serves two strategies:
   full-precision products, not TF32). FLOPs per direction: forward 2·B·N·D, each backward kernel 2·B·N·D to
   recompute the similarities and 2·B·N·D for its product: 10·B·N·D (the slab: 6·B·N·D, keeping whole row chunks
   of the blocks instead; a guide adds 2·B·N·D_guide per kernel). Memory traffic of a backward kernel (program
-  owning O rows or columns, sweeping tiles of W, e bytes per embedding value): per similarity-dimension product
+  owning O rows or columns, sweeping tiles of W, e bytes per embedding value): per (row, column, dim) triple
   the own strip's e/W and the swept tile's 2e/O (recompute and product) plus the fp32 read-modify-write's 8/W
   bytes, i.e. B·N·D·((e + 8)/W + 2e/O) bytes against its 4·B·N·D FLOPs, mostly L2 hits (BACKWARD_TILES without
   a guide, O = 64, W = 128, 16-bit inputs: 0.14·B·N·D bytes).
@@ -62,7 +62,7 @@ EPILOGUE_BLOCK_M, EPILOGUE_BLOCK_N, EPILOGUE_WARPS = 4, 256, 4  # sm_90: 48 regi
 TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 8, 2
 BACKWARD_WARPS = 8
 # Backward tiles by the embeddings' element size and guide: rows (columns) a program owns, columns (rows) it sweeps,
-# output dims per product chunk, pipeline stages. sm_90 (ptxas, 8 warps): none spills (16 bits: a guide's second
+# output dims per product chunk, pipeline stages. sm_90 (ptxas, 8 warps): no spills (16 bits: a guide's second
 # similarity tile spills 20-170 bytes at 128 swept or at 2 stages; fp32 (full-precision FMA dots) ~350 bytes at
 # the 16-bit tiles).
 BACKWARD_TILES = {(2, False): (64, 128, 64, 2), (2, True): (64, 64, 64, 1),
@@ -472,16 +472,19 @@ def _doc_to_query_grad(s, rows_ok, cols, offset, n_rows, scale, dq_max_ptr, dq_f
 
 
 @triton.jit
-def _add_product_to_own_rows(grad, e_ptr, stride_e, e_rows, e_ok, out_ptr, stride_out, own, own_ok, lo, hi,
-                             BY_COLUMNS: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
+def _add_product_to_own_rows(grad, r_ptr, c_ptr, stride_r, stride_c, rows, ok, cols, n_cols, out_ptr, stride_out, lo,
+                             hi, BY_COLUMNS: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
                              WIDEN: tl.constexpr):
-    """out[own, lo:hi] += G·E[e_rows, lo:hi] (row-parallel: G [own, swept], E the columns' embeddings) or
-    Gᵀ·E[e_rows, lo:hi] (BY_COLUMNS: G [swept, own], E the rows'), BLOCK_DO-aligned chunks of the output dims
-    (those straddling lo or hi masked): a read-modify-write of the program's own fp32 output rows, which no
-    other program touches. lo: a multiple of BLOCK_DO or the start of a masked range."""
-    g = grad.to(e_ptr.dtype.element_ty)
+    """A [BLOCK_M, BLOCK_N] tile's G into the program's own output rows, dims lo..hi-1: out[rows, lo:hi] +=
+    G·C[cols, lo:hi] (row-parallel), out[cols, lo:hi] += Gᵀ·R[rows, lo:hi] (BY_COLUMNS); BLOCK_DO-aligned chunks
+    of the output dims (those straddling lo or hi masked), each a read-modify-write of fp32 rows that no other
+    program touches."""
     if BY_COLUMNS:
-        g = tl.trans(g)
+        g = tl.trans(grad.to(r_ptr.dtype.element_ty))
+        e_ptr, stride_e, e_rows, e_ok, own, own_ok = r_ptr, stride_r, rows, ok, cols, cols < n_cols
+    else:
+        g = grad.to(c_ptr.dtype.element_ty)
+        e_ptr, stride_e, e_rows, e_ok, own, own_ok = c_ptr, stride_c, cols, cols < n_cols, rows, ok
     for o in range(lo // BLOCK_DO * BLOCK_DO, hi, BLOCK_DO):
         dims = o + tl.arange(0, BLOCK_DO)
         inside = (dims >= lo) & (dims < hi)
@@ -532,12 +535,8 @@ def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_p
         grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
         if WITH_DOC_TO_QUERY:
             grad += _doc_to_query_grad(s, ok, cols, offset, n_rows, scale, dq_max_ptr, dq_factor_ptr)
-        if BY_COLUMNS:
-            _add_product_to_own_rows(grad, r_ptr, stride_r, rows, ok, out_ptr, stride_out, cols, cols < n_cols, 0,
-                                     dim, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
-        else:
-            _add_product_to_own_rows(grad, c_ptr, stride_c, cols, cols < n_cols, out_ptr, stride_out, rows, ok, 0,
-                                     dim, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
+        _add_product_to_own_rows(grad, r_ptr, c_ptr, stride_r, stride_c, rows, ok, cols, n_cols, out_ptr, stride_out,
+                                 0, dim, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
         tl.debug_barrier()  # this tile's output stores land before the next tile's loads of the same rows
 
 

@@ -228,12 +228,8 @@ def _matryoshka_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, par
             k = num_dims - 1 - j
             lo = tl.load(dims_ptr + k - 1, mask=k > 0, other=0)
             hi = tl.load(dims_ptr + k)
-            if BY_COLUMNS:
-                _add_product_to_own_rows(suffix, r_ptr, stride_r, rows, ok, out_ptr, stride_out, cols, cols < n_cols,
-                                         lo, hi, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
-            else:
-                _add_product_to_own_rows(suffix, c_ptr, stride_c, cols, cols < n_cols, out_ptr, stride_out, rows, ok,
-                                         lo, hi, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
+            _add_product_to_own_rows(suffix, r_ptr, c_ptr, stride_r, stride_c, rows, ok, cols, n_cols, out_ptr,
+                                     stride_out, lo, hi, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
             if k > 0:
                 suffix += tl.load(scratch + (k - 1) * (BLOCK_M * BLOCK_N))
         tl.debug_barrier()  # this tile's output stores and scratch loads before the next tile's

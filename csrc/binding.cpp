@@ -14,6 +14,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcache compiled kernels";
   m.def("contrastive_epilogue_cpu", &fastcache::contrastive_epilogue_cpu,
         "Fused contrastive softmax-gradient epilogue on CPU (in place, returns per-row losses)");
+  m.def("contrastive_slab_cpu", &fastcache::contrastive_slab_cpu,
+        "The contrastive loss's slab strategy on CPU in one call (normalisation, GEMMs, epilogue, gradients): "
+        "(loss, grad_queries, grad_docs, grad_all_queries)");
   m.def("matryoshka_epilogue_cpu", &fastcache::matryoshka_epilogue_cpu,
         "Fused Matryoshka epilogue on CPU: segment products -> per-segment gradients in place; returns (weighted "
         "per-row losses, row radial sums, column radial sums)");

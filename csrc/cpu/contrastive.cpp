@@ -15,11 +15,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "contrastive_row.h"
+#include "normalize.h"
 
 namespace fastcache {
 namespace {
@@ -153,6 +156,106 @@ at::Tensor contrastive_epilogue_cpu(
     epilogue(blocks, nblocks, rows, p, loss.data_ptr<scalar_t>());
   });
   return loss;
+}
+
+namespace {
+
+// x in the compute dtype, contiguous, L2-normalised per row when cosine; the divisors (undefined for dot).
+std::pair<at::Tensor, at::Tensor> operand(const at::Tensor& x, at::ScalarType dtype, bool cosine, double eps) {
+  if (!cosine) return {x.to(dtype).contiguous(), at::Tensor()};
+  auto [y, divisor] = l2_normalize_cpu(x, dtype, eps);
+  return {y, divisor};
+}
+
+std::optional<at::Tensor> operand_backward(at::Tensor& grad, const at::Tensor& x, const at::Tensor& divisor,
+                                           double eps) {
+  return divisor.defined() ? l2_normalize_backward_cpu_(grad, x, divisor, eps) : grad;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const std::optional<at::Tensor>& all_queries,
+                     const std::optional<at::Tensor>& guide_queries, const std::optional<at::Tensor>& guide_docs,
+                     const std::optional<at::Tensor>& doc_ids, bool query_to_query, bool doc_to_query,
+                     bool doc_to_doc, bool cosine, double eps, int64_t num_positives, int64_t offset,
+                     int64_t own_query_offset, double scale, int64_t hardness_mode, double hardness_strength,
+                     bool joint, int64_t margin_strategy, double margin, int64_t chunk, bool need_grad) {
+  TORCH_CHECK(queries.dim() == 2 && docs.dim() == 2 && docs.size(1) == queries.size(1),
+              "queries and docs must be 2-D with the same number of dims");
+  TORCH_CHECK(chunk >= 1, "chunk must be positive, got ", chunk);
+  const at::ScalarType dtype = queries.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool gathered = all_queries.has_value(), guided = guide_queries.has_value();
+  TORCH_CHECK(guided == guide_docs.has_value(), "guide_queries and guide_docs must be given together");
+  auto [q, q_div] = operand(queries, dtype, cosine, eps);
+  auto [d, d_div] = operand(docs, dtype, cosine, eps);
+  auto [Q, Q_div] = gathered ? operand(*all_queries, dtype, cosine, eps) : std::make_pair(q, q_div);
+  const int64_t B = q.size(0), P = num_positives;
+  TORCH_CHECK(offset >= 0 && offset + B <= P && P <= d.size(0), "offset ", offset, " with ", B, " rows exceeds the ",
+              P, " positives of ", d.size(0), " candidates");
+  const at::Tensor dd_cols = guided ? d.narrow(0, 0, P) : d;  // doc_to_doc: every document, or (GIST) positives
+  const auto block = [&](int64_t width) { return at::empty({std::min(chunk, B), width}, q.options()); };
+  at::Tensor qd = block(d.size(0)), qq, dq, dd, gqd, gqq, gdd;
+  if (query_to_query) qq = block(Q.size(0));
+  if (doc_to_query) dq = block(Q.size(0));
+  if (doc_to_doc) dd = block(dd_cols.size(0));
+  if (guided) {
+    TORCH_CHECK(!gathered && !doc_to_query, "a guide excludes all_queries and doc_to_query");
+    gqd = at::empty_like(qd);
+    if (query_to_query) gqq = at::empty_like(qq);
+    if (doc_to_doc) gdd = at::empty_like(dd);
+  }
+  at::Tensor grad_q, grad_d, grad_Q;
+  if (need_grad) {
+    grad_q = at::zeros_like(q);
+    grad_d = at::zeros_like(d);
+    grad_Q = gathered ? at::zeros_like(Q) : grad_q;
+  }
+  const auto rows_of = [](const at::Tensor& t, int64_t r0, int64_t c) { return t.narrow(0, r0, c); };
+  const auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+  double loss = 0.0;
+  for (int64_t r0 = 0; r0 < B; r0 += chunk) {
+    const int64_t c = std::min(chunk, B - r0);
+    const at::Tensor qc = rows_of(q, r0, c), pc = rows_of(d, offset + r0, c);
+    at::Tensor s_qd = rows_of(qd, 0, c), s_qq, s_dq, s_dd, g_qd, g_qq, g_dd;
+    at::mm_out(s_qd, qc, d.t());
+    if (query_to_query) at::mm_out(s_qq = rows_of(qq, 0, c), qc, Q.t());
+    if (doc_to_query) at::mm_out(s_dq = rows_of(dq, 0, c), pc, Q.t());
+    if (doc_to_doc) at::mm_out(s_dd = rows_of(dd, 0, c), pc, dd_cols.t());
+    if (guided) {
+      const at::Tensor gqc = rows_of(*guide_queries, r0, c);
+      at::mm_out(g_qd = rows_of(gqd, 0, c), gqc, guide_docs->t());
+      if (query_to_query) at::mm_out(g_qq = rows_of(gqq, 0, c), gqc, guide_queries->t());
+      if (doc_to_doc) {
+        at::mm_out(g_dd = rows_of(gdd, 0, c), rows_of(*guide_docs, offset + r0, c), guide_docs->narrow(0, 0, P).t());
+      }
+    }
+    loss += contrastive_epilogue_cpu(s_qd, opt(s_qq), opt(s_dq), opt(s_dd), opt(g_qd), opt(g_qq), opt(g_dd), doc_ids,
+                                     r0, B, P, offset, own_query_offset, scale, hardness_mode, hardness_strength,
+                                     joint, margin_strategy, margin, need_grad)
+                .sum(at::kDouble)
+                .item<double>();
+    if (!need_grad) continue;
+    // the blocks now hold dL/ds: the similarity GEMMs' gradients
+    rows_of(grad_q, r0, c).addmm_(s_qd, d);
+    grad_d.addmm_(s_qd.t(), qc);
+    if (query_to_query) {
+      rows_of(grad_q, r0, c).addmm_(s_qq, Q);
+      grad_Q.addmm_(s_qq.t(), qc);
+    }
+    if (doc_to_query) {
+      rows_of(grad_d, offset + r0, c).addmm_(s_dq, Q);
+      grad_Q.addmm_(s_dq.t(), pc);
+    }
+    if (doc_to_doc) {
+      rows_of(grad_d, offset + r0, c).addmm_(s_dd, dd_cols);
+      grad_d.narrow(0, 0, dd_cols.size(0)).addmm_(s_dd.t(), pc);
+    }
+  }
+  at::Tensor total = at::scalar_tensor(loss / static_cast<double>(B), q.options());
+  if (!need_grad) return {total, std::nullopt, std::nullopt, std::nullopt};
+  return {total, operand_backward(grad_q, q, q_div, eps), operand_backward(grad_d, d, d_div, eps),
+          gathered ? operand_backward(grad_Q, Q, Q_div, eps) : std::nullopt};
 }
 
 }  // namespace fastcache

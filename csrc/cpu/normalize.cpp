@@ -21,8 +21,9 @@
 namespace fastcache {
 namespace {
 
-// Rows per parallel task: enough elements (~16K) that a task outweighs the cost of handing it to a thread.
-int64_t grain(int64_t dim) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1)); }
+// Rows per parallel task: ATen's grain for elementwise work (32K elements), so that small batches stay on one
+// thread (a parallel region costs more than normalising 64 rows of 384).
+int64_t grain(int64_t dim) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(dim, 1)); }
 
 // Σ_j a_j·b_j in fp64, in 8 independent lanes so that the loop vectorises without reassociation.
 template <typename A, typename B>

@@ -103,15 +103,21 @@ def epilogue_torch(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids
     return loss_rows
 
 
+def compiled_options(options) -> tuple:
+    """The options as the compiled kernels take them: scale, hardness code and strength, joint, margin strategy
+    code, margin."""
+    return (float(options.scale), _HARDNESS_CODES[options.hardness_mode] if options.hardness else 0,
+            float(options.hardness_strength), options.partition_mode == "joint", _MARGIN_CODES[options.margin_strategy],
+            float(options.margin))
+
+
 def _compiled_arguments(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int,
                         layout, options, compute_grad: bool) -> tuple:
     """The arguments of the compiled epilogues (csrc: contrastive_epilogue_cpu, and _cuda plus a stream)."""
     return (
         blocks["query_to_doc"], blocks.get("query_to_query"), blocks.get("doc_to_query"), blocks.get("doc_to_doc"),
         guides.get("query_to_doc"), guides.get("query_to_query"), guides.get("doc_to_doc"), doc_ids,
-        row0, layout.rows, layout.positives, options.offset, layout.own_query_offset, float(options.scale),
-        _HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, float(options.hardness_strength),
-        options.partition_mode == "joint", _MARGIN_CODES[options.margin_strategy], float(options.margin),
+        row0, layout.rows, layout.positives, options.offset, layout.own_query_offset, *compiled_options(options),
         compute_grad)
 
 

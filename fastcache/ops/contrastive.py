@@ -26,7 +26,7 @@ Two strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
 - slab: rows in chunks; per chunk, GEMMs into chunk×columns blocks, one fused epilogue (C++, CUDA, Triton or
   PyTorch: fastcache/ops/contrastive_epilogue.py) that turns the blocks into dL/ds in place (and gives the per-row
   losses), then GEMMs that accumulate dL/dq, dL/dd, dL/dQ. Memory O(chunk·(N + Mq)) on top of O((B + N + Mq)·D),
-  the chunk chosen from a memory budget.
+  the chunk chosen from a memory budget. On the cpu backend the whole loop is one C++ call (``_slab_cpu``).
 - tiled (Triton, fastcache/triton/contrastive.py): no block is ever held beyond one tile; a forward pass keeps
   per-row statistics, the backward recomputes the tiles. Memory O((B + N + Mq)·D).
 """

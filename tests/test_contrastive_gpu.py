@@ -117,6 +117,18 @@ def test_low_precision_no_worse_than_reference(combo, dtype, case):
         assert_no_worse_than_reference(k, ours, reference, truth, torch.float32 if k == "loss" else dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_slab_gemms_keep_low_precision_operands(dtype):
+    """bf16/fp16 inputs get the slab's GEMMs in their own dtype (tensor-core rate) when torch has mm/addmm's
+    fp32-output overloads (torch >= 2.8, as on the GPU machine); fp32 inputs keep fp32 GEMMs."""
+    from fastcache.ops.contrastive import low_precision_gemms
+
+    if not hasattr(torch.ops.aten.mm, "dtype_out"):
+        pytest.skip(f"torch {torch.__version__} has no fp32-output mm for {dtype} operands (torch >= 2.8)")
+    assert low_precision_gemms(torch.empty(1, 1, device=CUDA, dtype=dtype))
+    assert not low_precision_gemms(torch.empty(1, 1, device=CUDA))
+
+
 def test_tiled_is_deterministic(combo):
     if combo["strategy"] != "tiled":
         pytest.skip("tiled only")

@@ -287,6 +287,38 @@ def test_low_precision_no_worse_than_reference(backend, dtype, case, path):
         assert_no_worse_than_reference(k, ours, reference, truth, torch.float32 if k == "loss" else dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(LOW_PRECISION_CASES))
+def test_low_precision_gemms_no_worse_than_reference(monkeypatch, dtype, case):
+    """The slab with its GEMMs in the inputs' dtype, as bf16/fp16 CUDA inputs get it (low_precision_gemms), run on
+    CPU: mm/addmm's fp32-output overloads exist on CUDA only, so they are emulated by fp32 products of the same
+    bf16/fp16 operands (a product of two such numbers is exact in fp32; cuBLAS accumulates in fp32 too). Checks
+    the rest: operands normalised in their dtype, dL/ds rounded for the gradient GEMMs, the normalisation and its
+    backward in chunks of rows (2 here)."""
+    import fastcache.ops.contrastive as op
+
+    low_operands = []
+
+    def mm_into(out, a, b):
+        low_operands.append(a.dtype == b.dtype == dtype)
+        out.copy_(a.float() @ b.float())
+
+    def addmm_into(acc, a, b):
+        low_operands.append(a.dtype == b.dtype == dtype)
+        acc.add_(a.float() @ b.float())
+
+    monkeypatch.setattr(op, "low_precision_gemms", lambda x: x.dtype == dtype)
+    monkeypatch.setattr(op, "NORMALIZE_ROWS", 2)
+    monkeypatch.setattr(op, "_mm_into", mm_into)
+    monkeypatch.setattr(op, "_addmm_into", addmm_into)
+    shape, options = LOW_PRECISION_CASES[case]
+    runs = low_precision_runs(shape, options, dtype,
+                              lambda batch: op_loss_and_grad(batch, backend="torch", chunk_size=3, **options))
+    assert low_operands and all(low_operands)
+    for k, (truth, reference, ours) in runs.items():
+        assert_no_worse_than_reference(k, ours, reference, truth, torch.float32 if k == "loss" else dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_output_dtypes(backend, dtype):
     batch = make_batch(3, 4, columns=2, positives=5, offset=1, gathered=True, docs_3d=True, dtype=dtype)

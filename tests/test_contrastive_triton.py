@@ -169,15 +169,15 @@ def test_nan_padded_inputs(strategy, layout):
 
 def test_tiled_normalises_in_row_chunks(monkeypatch):
     """The tiled driver normalises (and back-propagates the normalisation) NORMALIZE_ROWS rows at a time."""
-    from fastcache.triton import contrastive as triton_contrastive
+    from fastcache.ops import contrastive as op
 
-    monkeypatch.setattr(triton_contrastive, "NORMALIZE_ROWS", 3)
+    monkeypatch.setattr(op, "NORMALIZE_ROWS", 3)
     batch = make_batch(7, 5, columns=2, positives=8, offset=1, gathered=True, seed=13)
     check(batch, "tiled", offset=1, directions=ALL)
 
 
-def _nan_padded_kernel_copy(original):
-    """tiled's _kernel_copy whose copies are views inside NaN-filled buffers (row stride D + 3, NaN rows and
+def _nan_padded_operands(original):
+    """tiled's _normalized_in_own_dtype whose copies are views inside NaN-filled buffers (row stride D + 3, NaN rows and
     columns around): the kernels read past no mask without a NaN showing."""
     def copy(x, acc, cosine):
         y, norm = original(x, acc, cosine)
@@ -198,7 +198,8 @@ def test_tiled_backward_tiles_and_chunks_on_nan_padded_operands(monkeypatch, gui
 
     monkeypatch.setattr(triton_contrastive, "BACKWARD_TILES",
                         {key: (16, 32, 16, 1) for key in triton_contrastive.BACKWARD_TILES})
-    monkeypatch.setattr(triton_contrastive, "_kernel_copy", _nan_padded_kernel_copy(triton_contrastive._kernel_copy))
+    monkeypatch.setattr(triton_contrastive, "_normalized_in_own_dtype",
+                        _nan_padded_operands(triton_contrastive._normalized_in_own_dtype))
     if guided:
         batch = make_batch(37, dim, columns=2, positives=40, offset=3, docs_3d=True, guide_dim=5, seed=18)
         check(batch, "tiled", directions=(QD, QQ, DD), offset=3, margin=0.05, hardness_mode="all_negatives",

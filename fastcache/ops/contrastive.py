@@ -54,6 +54,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_SLAB_BYTES = 64 * 2**20  # similarity blocks per chunk at most (speed: larger chunks fall out of cache)
 GEMM_WORKSPACE_BYTES = 16 * 2**20  # what the BLAS keeps for packing (measured: ~14 MiB for CPU torch.mm)
 MIN_SLAB_ROWS = 256  # strategy auto on CUDA: a budget that holds fewer rows per chunk selects the tiled strategy
+NORMALIZE_ROWS = 8192  # rows normalised (and their normalisation backward) per step when the operands keep their dtype
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, which sentence-transformers' cos_sim uses
 
 
@@ -263,6 +264,31 @@ def _normalized_backward_(grad: Tensor, normalized: Tensor, divisor: Tensor | No
     return grad.addcmul_(normalized, radial, value=-1).div_(divisor)
 
 
+def _normalized_in_own_dtype(x: Tensor, acc: torch.dtype, cosine: bool) -> tuple[Tensor, Tensor | None]:
+    """x as a GEMM operand in its own dtype (the tiled kernels; the slab's low-precision GEMMs): contiguous,
+    L2-normalised per row when ``cosine`` (in ``acc``, NORMALIZE_ROWS rows at a time so that the ``acc`` temporary
+    stays small); and the row divisors max(‖x‖, eps) that ``_normalized_backward_`` takes."""
+    if not cosine:
+        return x.contiguous(), None
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    norms = torch.empty(x.size(0), 1, dtype=acc, device=x.device)
+    for r0 in range(0, x.size(0), NORMALIZE_ROWS):
+        y, norm = _normalized(x[r0:r0 + NORMALIZE_ROWS], acc, True)
+        out[r0:r0 + NORMALIZE_ROWS] = y
+        norms[r0:r0 + NORMALIZE_ROWS] = norm
+    return out, norms
+
+
+def _normalized_backward_in_chunks_(grad: Tensor, normalized: Tensor, norm: Tensor | None) -> Tensor:
+    """``_normalized_backward_`` (in place on the ``acc`` gradient) NORMALIZE_ROWS rows at a time, the normalised
+    rows widened to the gradient's dtype one chunk at a time."""
+    if norm is not None:
+        for r0 in range(0, grad.size(0), NORMALIZE_ROWS):
+            rows = slice(r0, r0 + NORMALIZE_ROWS)
+            _normalized_backward_(grad[rows], normalized[rows].to(grad.dtype), norm[rows])
+    return grad
+
+
 def guide_and_id_operands(guide_queries: Tensor | None, guide_docs: Tensor | None, doc_ids: Tensor | None,
                           dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """What every strategy takes from the guide and the ids: the guide embeddings L2-normalised in ``dtype`` (the
@@ -276,7 +302,7 @@ def guide_and_id_operands(guide_queries: Tensor | None, guide_docs: Tensor | Non
 
 
 def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered: bool, guide_dim: int, budget: int,
-               itemsize: int, workspace_blocks: int = 1, cache_cap: bool = True) -> int:
+               itemsize: int, workspace_blocks: float = 1, cache_cap: bool = True) -> int:
     """Rows per chunk so that the slab workspace stays within ``budget`` bytes.
 
     The fixed part holds the normalised copies and the gradient accumulators of queries, docs and (when
@@ -295,7 +321,7 @@ def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered:
     per_row = block_row * (workspace_blocks + (1 if guide_dim else 0))
     fixed = (2 * (layout.rows + n + (mq if gathered else 0)) * layout.dim + (layout.rows + n) * guide_dim) * itemsize
     fixed += GEMM_WORKSPACE_BYTES
-    rows = min(layout.rows, max(1, (budget - fixed) // per_row))
+    rows = min(layout.rows, max(1, int((budget - fixed) // per_row)))
     if cache_cap:
         rows = min(rows, max(16, MAX_SLAB_BYTES // block_row))
     if rows < min(16, layout.rows):
@@ -305,17 +331,51 @@ def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered:
     return rows
 
 
+def low_precision_gemms(x: Tensor) -> bool:
+    """Whether the slab's GEMMs take ``x``'s own dtype: bf16/fp16 CUDA tensors, with a torch whose mm/addmm write
+    fp32 results from bf16/fp16 operands (the ``out_dtype`` overloads, torch >= 2.8). Else they run in fp32."""
+    return x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16) and all(
+        hasattr(op, "dtype_out") for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+
+
+def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out = a·b, out in its own dtype (fp32 from bf16/fp16 operands: cuBLAS accumulates in fp32)."""
+    if a.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        torch.mm(a, b, out.dtype, out=out)
+
+
+def _addmm_into(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a·b, acc in its own dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        torch.addmm(acc, a, b, acc.dtype, out=acc)
+
+
 def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options: ContrastiveOptions,
           layout: ContrastiveLayout, epilogue, need_grad: bool, chunk: int, progress: bool, native: bool):
     """Loss (compute dtype, 0-d) and, when ``need_grad``, fp32/fp64 gradients w.r.t. queries, docs, all_queries.
-    ``native``: the normalisation and its backward in C++ (the cpu backend)."""
+    ``native``: the normalisation and its backward in C++ (the cpu backend). With :func:`low_precision_gemms` the
+    normalised embeddings and, for the gradient GEMMs, dL/ds keep the inputs' dtype (fp32 results: the blocks,
+    the epilogue and the gradients stay fp32); otherwise everything is in the compute dtype."""
     dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
     cosine = options.similarity == "cos"
     B, P, off = layout.rows, layout.positives, options.offset
-    q, q_norm = _normalized(queries, dtype, cosine, native)
-    d, d_norm = _normalized(docs.reshape(-1, layout.dim), dtype, cosine, native)
+    low = low_precision_gemms(queries)
+
+    def operand(x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return _normalized_in_own_dtype(x, dtype, cosine) if low else _normalized(x, dtype, cosine, native)
+
+    def operand_backward_(grad: Tensor, x: Tensor, divisor: Tensor | None) -> Tensor:
+        return _normalized_backward_in_chunks_(grad, x, divisor) if low else \
+            _normalized_backward_(grad, x, divisor, native)
+
+    q, q_norm = operand(queries)
+    d, d_norm = operand(docs.reshape(-1, layout.dim))
     gathered = all_queries is not None
-    Q, Q_norm = _normalized(all_queries, dtype, cosine, native) if gathered else (q, q_norm)
+    Q, Q_norm = operand(all_queries) if gathered else (q, q_norm)
     guided = guide_queries is not None
     gq, gd, ids = guide_and_id_operands(guide_queries, guide_docs, doc_ids, dtype)
     dirs = options.directions
@@ -326,10 +386,13 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     blocks = {k: torch.empty(chunk, widths[k], dtype=dtype, device=q.device) for k in dirs}
     guide_dirs = [k for k in dirs if guided]
     guides = {k: torch.empty(chunk, widths[k], dtype=dtype, device=q.device) for k in guide_dirs}
+    # dL/ds as the gradient GEMMs' operand: the blocks themselves, or their copies in the embeddings' dtype
+    operands = {k: torch.empty(chunk, widths[k], dtype=q.dtype, device=q.device) for k in dirs} if low and need_grad \
+        else blocks
     if need_grad:
-        grad_q = torch.zeros_like(q)
-        grad_d = torch.zeros_like(d)
-        grad_Q = torch.zeros_like(Q) if gathered else grad_q
+        grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        grad_d = torch.zeros(d.shape, dtype=dtype, device=q.device)
+        grad_Q = torch.zeros(Q.shape, dtype=dtype, device=q.device) if gathered else grad_q
     loss = torch.zeros((), dtype=dtype, device=q.device)
     # a tqdm bar costs ~0.2 ms per call even when disabled
     starts = trange(0, B, chunk, desc="contrastive loss", leave=False) if progress else range(0, B, chunk)
@@ -337,13 +400,13 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         r1 = min(r0 + chunk, B)
         qc, pc = q[r0:r1], d[off + r0:off + r1]
         out = {k: v[:r1 - r0] for k, v in blocks.items()}
-        torch.mm(qc, d.T, out=out["query_to_doc"])
+        _mm_into(out["query_to_doc"], qc, d.T)
         if "query_to_query" in dirs:
-            torch.mm(qc, Q.T, out=out["query_to_query"])
+            _mm_into(out["query_to_query"], qc, Q.T)
         if "doc_to_query" in dirs:
-            torch.mm(pc, Q.T, out=out["doc_to_query"])
+            _mm_into(out["doc_to_query"], pc, Q.T)
         if "doc_to_doc" in dirs:
-            torch.mm(pc, dd_cols.T, out=out["doc_to_doc"])
+            _mm_into(out["doc_to_doc"], pc, dd_cols.T)
         gout = {k: v[:r1 - r0] for k, v in guides.items()}
         if guided:
             torch.mm(gq[r0:r1], gd.T, out=gout["query_to_doc"])
@@ -355,24 +418,25 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         if not need_grad:
             continue
         # out now holds dL/ds for each block; accumulate the similarity GEMMs' gradients
-        grad_q[r0:r1].addmm_(out["query_to_doc"], d)
-        grad_d.addmm_(out["query_to_doc"].T, qc)
+        g = {k: v[:r1 - r0].copy_(out[k]) if low else out[k] for k, v in operands.items()}
+        _addmm_into(grad_q[r0:r1], g["query_to_doc"], d)
+        _addmm_into(grad_d, g["query_to_doc"].T, qc)
         if "query_to_query" in dirs:
-            grad_q[r0:r1].addmm_(out["query_to_query"], Q)
-            grad_Q.addmm_(out["query_to_query"].T, qc)
+            _addmm_into(grad_q[r0:r1], g["query_to_query"], Q)
+            _addmm_into(grad_Q, g["query_to_query"].T, qc)
         if "doc_to_query" in dirs:
-            grad_d[off + r0:off + r1].addmm_(out["doc_to_query"], Q)
-            grad_Q.addmm_(out["doc_to_query"].T, pc)
+            _addmm_into(grad_d[off + r0:off + r1], g["doc_to_query"], Q)
+            _addmm_into(grad_Q, g["doc_to_query"].T, pc)
         if "doc_to_doc" in dirs:
-            grad_d[off + r0:off + r1].addmm_(out["doc_to_doc"], dd_cols)
-            grad_d[:dd_cols.size(0)].addmm_(out["doc_to_doc"].T, pc)
+            _addmm_into(grad_d[off + r0:off + r1], g["doc_to_doc"], dd_cols)
+            _addmm_into(grad_d[:dd_cols.size(0)], g["doc_to_doc"].T, pc)
     loss = loss / B
-    del blocks, guides, out, gout  # free the slab before the normalisation backward
+    del blocks, guides, operands, out, gout  # free the slab before the normalisation backward
     if not need_grad:
         return loss, None, None, None
-    grad_queries = _normalized_backward_(grad_q, q, q_norm, native)
-    grad_docs = _normalized_backward_(grad_d, d, d_norm, native).view(docs.shape)
-    grad_all = _normalized_backward_(grad_Q, Q, Q_norm, native) if gathered else None
+    grad_queries = operand_backward_(grad_q, q, q_norm)
+    grad_docs = operand_backward_(grad_d, d, d_norm).view(docs.shape)
+    grad_all = operand_backward_(grad_Q, Q, Q_norm) if gathered else None
     return loss, grad_queries, grad_docs, grad_all
 
 
@@ -438,8 +502,10 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options
     itemsize = 8 if queries.dtype == torch.float64 else 4
     if chunk_size is None:
         budget = _backend.memory_budget(memory_budget)
-        chunk = chunk_rows(layout, options, all_queries is not None, guide_dim, budget, itemsize,
-                           contrastive_epilogue.WORKSPACE_BLOCKS[name], cache_cap=queries.device.type == "cpu")
+        # + half a block for dL/ds in bf16/fp16, the low-precision gradient GEMMs' operand
+        workspace = contrastive_epilogue.WORKSPACE_BLOCKS[name] + (0.5 if low_precision_gemms(queries) else 0)
+        chunk = chunk_rows(layout, options, all_queries is not None, guide_dim, budget, itemsize, workspace,
+                           cache_cap=queries.device.type == "cpu")
     else:
         chunk = min(chunk_size, layout.rows)
     if name == "cpu" and not show_progress_bar:

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcache.ops.contrastive import _normalized, _normalized_backward_, guide_and_id_operands
+from fastcache.ops.contrastive import _normalized_backward_in_chunks_, _normalized_in_own_dtype, guide_and_id_operands
 
 QUERY_TO_DOC = tl.constexpr(0)
 QUERY_TO_QUERY = tl.constexpr(1)
@@ -68,7 +68,6 @@ BACKWARD_WARPS = 8
 BACKWARD_TILES = {(2, False): (64, 128, 64, 2), (2, True): (64, 64, 64, 1),
                   **{(size, guided): (32, 64, 32, 1) for size in (4, 8) for guided in (False, True)}}
 PARTITION_BLOCK = 1024
-NORMALIZE_ROWS = 8192  # rows normalised (and their normalisation backward) per step of the tiled driver
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -552,31 +551,6 @@ class _Block(NamedTuple):
     grad_cols: Tensor | None
 
 
-def _kernel_copy(x: Tensor, acc: torch.dtype, cosine: bool) -> tuple[Tensor, Tensor | None]:
-    """x for the kernels: contiguous, in its own dtype, L2-normalised per row when ``cosine`` (in ``acc``, as the
-    slab does, NORMALIZE_ROWS rows at a time so that the ``acc`` temporary stays small); and the row divisors
-    max(‖x‖, eps) that ``_normalized_backward_`` takes."""
-    if not cosine:
-        return x.contiguous(), None
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    norms = torch.empty(x.size(0), 1, dtype=acc, device=x.device)
-    for r0 in range(0, x.size(0), NORMALIZE_ROWS):
-        y, norm = _normalized(x[r0:r0 + NORMALIZE_ROWS], acc, True)
-        out[r0:r0 + NORMALIZE_ROWS] = y
-        norms[r0:r0 + NORMALIZE_ROWS] = norm
-    return out, norms
-
-
-def _normalized_backward_in_chunks_(grad: Tensor, normalized: Tensor, norm: Tensor | None) -> Tensor:
-    """``_normalized_backward_`` (in place on the ``acc`` gradient) NORMALIZE_ROWS rows at a time, the normalised
-    rows widened to the gradient's dtype one chunk at a time."""
-    if norm is not None:
-        for r0 in range(0, grad.size(0), NORMALIZE_ROWS):
-            rows = slice(r0, r0 + NORMALIZE_ROWS)
-            _normalized_backward_(grad[rows], normalized[rows].to(grad.dtype), norm[rows])
-    return grad
-
-
 def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
                       need_grad: bool):
     """The tiled strategy; returns what ``_slab`` returns: the loss (0-d, fp32 or fp64) and, when ``need_grad``,
@@ -584,10 +558,10 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     acc = torch.float64 if queries.dtype == torch.float64 else torch.float32
     cosine = options.similarity == "cos"
     B, P, off = layout.rows, layout.positives, options.offset
-    q, q_norm = _kernel_copy(queries, acc, cosine)
-    d, d_norm = _kernel_copy(docs.reshape(-1, layout.dim), acc, cosine)
+    q, q_norm = _normalized_in_own_dtype(queries, acc, cosine)
+    d, d_norm = _normalized_in_own_dtype(docs.reshape(-1, layout.dim), acc, cosine)
     gathered = all_queries is not None
-    Q, Q_norm = _kernel_copy(all_queries, acc, cosine) if gathered else (q, q_norm)
+    Q, Q_norm = _normalized_in_own_dtype(all_queries, acc, cosine) if gathered else (q, q_norm)
     p = d[off:off + B]
     guided = guide_queries is not None
     gq, gd, ids = guide_and_id_operands(guide_queries, guide_docs, doc_ids, acc)

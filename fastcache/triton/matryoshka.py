@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcache.ops.contrastive import guide_and_id_operands
+from fastcache.ops.contrastive import NORMALIZE_ROWS, guide_and_id_operands
 from fastcache.ops.matryoshka import _prefix_norm_backward_, _prefix_reciprocal_norms
 from fastcache.triton.contrastive import (
     ALPHA,
@@ -51,7 +51,6 @@ from fastcache.triton.contrastive import (
     HARDNESS_CODES,
     KIND_CODES,
     MARGIN,
-    NORMALIZE_ROWS,
     PARTITION_BLOCK,
     POS_COEF,
     QUERY_TO_DOC,

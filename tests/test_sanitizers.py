@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 FLAGS = "-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -fno-wrapv"
 # the CPU test subset run under the sanitizers: the C++ contrastive epilogue on every option, layout, stress input
-# and dtype (the op tests and the property tests), and the other C++ kernels' op tests (ranking, Matryoshka)
+# and dtype (the op tests and the property tests), and the other C++ kernels' op tests (ranking, Matryoshka, the
+# row normalisation)
 SANITIZED_TESTS = [f"tests/{name}" for name in (
     "test_contrastive_op.py", "test_contrastive_duplicates.py", "test_properties_contrastive.py",
-    "test_ranking_op.py", "test_matryoshka_op.py") if (TESTS / name).exists()]
+    "test_ranking_op.py", "test_matryoshka_op.py", "test_normalize_cpu.py") if (TESTS / name).exists()]
 # (not: the low-precision statistics and budget / thread-count tests, which exercise no other C++ path; and the
 # "GPU backend on CPU tensors raises" check, which this module's Triton interpreter makes runnable)
 SELECTION = ("cpu and not low_precision and not deterministic_across_thread and not budget "

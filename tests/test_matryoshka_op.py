@@ -168,6 +168,26 @@ def test_cpu_backend_runs_the_fused_epilogue(extension, monkeypatch):
     assert_matches(actual, expected)
 
 
+@pytest.mark.parametrize(("block_bytes", "rows_per_thread"), [(None, 10), (1, None)], ids=["cap", "floor"])
+def test_fused_chunk_keeps_the_segment_blocks_in_cache(extension, monkeypatch, block_bytes, rows_per_thread):
+    """Without chunk_size, the fused path caps a chunk's K segment blocks at FUSED_BLOCK_BYTES per thread, and takes
+    at least MIN_FUSED_ROWS rows: more chunks than the budget alone makes, the same result."""
+    from fastcache.ops import matryoshka
+
+    batch = make_batch(100, 9, columns=2, seed=19)
+    expected = op_loss_and_grad(batch, dims=[9, 5, 2], backend="cpu", chunk_size=100)
+    row_bytes = 3 * 200 * 8  # 3 dims' blocks of 200 float64 candidate columns
+    monkeypatch.setattr(matryoshka, "FUSED_BLOCK_BYTES", block_bytes or rows_per_thread * row_bytes)
+    monkeypatch.setattr(matryoshka, "MIN_FUSED_ROWS", 7)
+    rows = 7 if rows_per_thread is None else rows_per_thread * torch.get_num_threads()
+    calls = []
+    fused = extension.matryoshka_epilogue_cpu
+    monkeypatch.setattr(extension, "matryoshka_epilogue_cpu", lambda *a: calls.append(a[0][0].size(1)) or fused(*a))
+    actual = op_loss_and_grad(batch, dims=[9, 5, 2], backend="cpu")
+    assert calls == [min(rows, 100 - r0) for r0 in range(0, 100, rows)]
+    assert_matches(actual, expected)
+
+
 def test_loss_without_gradients(backend):
     """Inputs that need no gradient: the forward-only epilogue gives the same loss."""
     batch = make_batch(6, 12, columns=2, seed=19)

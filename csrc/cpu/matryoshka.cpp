@@ -2,13 +2,15 @@
 //
 // Dims d_0 > ... > d_{K-1}, segments S_k = [d_{k+1}, d_k) (d_K = 0). Input, per enabled direction (rows X
 // against columns Y), the K raw segment products P_k = X[:, S_k]·Y[:, S_k]ᵀ of rows i = row0 .. row0+c-1, the
-// prefix-norm reciprocals a_k(i), b_k(j) (none for "dot": a = b = 1) and the dim weights w_k. Per row, from the
-// smallest dim up: R_k = Σ_{k' >= k} P_k' (the prefix product), s_k = a_k·R_k·b_k, then the contrastive row
-// epilogue of contrastive_row.h on s_k (every option) gives the row's loss L_k and g_k = dL_k/ds_k. Out:
+// prefix-norm reciprocals a_k(i), b_k(j) (none for "dot": a = b = 1) and the dim weights w_k. Per row: first the
+// prefix products R_k = Σ_{k' >= k} P_k' of every dim, from the smallest up (the one read of the K segment rows);
+// then, from the largest dim down, s_k = a_k·R_k·b_k through the contrastive row epilogue of contrastive_row.h
+// (every option), which gives the row's loss L_k and g_k = dL_k/ds_k. Out:
 //   loss_i = Σ_k w_k·L_k(i)
-//   in place of P_j: A_j = Σ_{k <= j} w_k·a_k·g_k·b_k   (what the backward GEMMs of segment j take)
+//   in place of P_j: A_j = Σ_{k <= j} w_k·a_k·g_k·b_k   (what the backward GEMMs of segment j take: A_j is
+//                    A_{j-1}, written just before, plus dim j's term, so each segment row is written once)
 //   row radial t_k(i) = w_k·Σ_j g_k·s_k and column radial u_k(j) = w_k·Σ_i g_k·s_k   (cosine only)
-// Each row reads its K segment rows once and writes them once; the per-dim work stays in a row-sized scratch.
+// The per-dim work stays in a scratch of K + 1 rows per direction (the R_k, the row being rewritten).
 // Rows run in parallel in a fixed number of groups (set by c alone); each group sums its columns' radial terms
 // on its own, and the groups' sums are added in group order: results do not depend on the thread count.
 #include "matryoshka.h"
@@ -39,6 +41,7 @@ template <typename T>
 struct Direction {
   T* p = nullptr;                 // segment k's row r at p + k * ld_segment + r * ld_row
   int64_t ld_segment = 0, ld_row = 0, n = 0;
+  T* segment(int64_t k, int64_t r) const { return p + k * ld_segment + r * ld_row; }
   const T* g = nullptr;           // guide row r at g + r * ldg, or nullptr
   int64_t ldg = 0;
   const int64_t* ids = nullptr;   // candidate ids of the columns, or nullptr
@@ -61,24 +64,72 @@ struct Job {
   T* partial = nullptr;   // [groups, K, total_columns] column radial sums per group
 };
 
-// Rows of groups [g0, g1).
+// dim k's gradient of one direction's row, added to the running total: A_k = A_{k-1} + w·a·g·b, written to the
+// segment row k (A_{k-1} is segment row k-1, written just before; "first": k = 0, no A_{k-1}). With cosine
+// similarity, also the radial sums of w·g·s (row: returned; columns: added to column[]). e holds exp(logit - max):
+// g = factor·e, minus scale/B at the positive column pos (pos < 0: none in this direction).
+template <bool first, bool cosine, typename T>
+FASTCACHE_INLINE double gradient_row(const T* e, T f, T wa, T positive, const T* R, const T* b, const T* previous,
+                                     T* out, T* column, int64_t n, int64_t pos) {
+  const T before = first || pos < 0 ? T(0) : previous[pos];
+  T lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const T gw = e[j + l] * f * wa;
+      if constexpr (cosine) {
+        const T radial = gw * R[j + l] * b[j + l];  // w·g·s
+        out[j + l] = first ? gw * b[j + l] : previous[j + l] + gw * b[j + l];
+        column[j + l] += radial;
+        lane[l] += radial;
+      } else {
+        out[j + l] = first ? gw : previous[j + l] + gw;
+      }
+    }
+  }
+  double sum = 0.0;
+  for (int l = 0; l < kLanes; ++l) sum += lane[l];
+  for (; j < n; ++j) {
+    const T gw = e[j] * f * wa;
+    if constexpr (cosine) {
+      const T radial = gw * R[j] * b[j];
+      out[j] = first ? gw * b[j] : previous[j] + gw * b[j];
+      column[j] += radial;
+      sum += radial;
+    } else {
+      out[j] = first ? gw : previous[j] + gw;
+    }
+  }
+  if (pos >= 0) {  // the positive's -scale/B: replace its terms
+    const T gw = (e[pos] * f - positive) * wa;
+    if constexpr (cosine) {
+      const T old = e[pos] * f * wa * R[pos] * b[pos], radial = gw * R[pos] * b[pos];
+      out[pos] = before + gw * b[pos];
+      column[pos] += radial - old;
+      sum += static_cast<double>(radial) - old;
+    } else {
+      out[pos] = before + gw;
+    }
+  }
+  return sum;
+}
+
+// Rows of groups [g0, g1). Per row: the prefix products of every dim from one read of the segment rows, then the
+// dims from the largest down, each one's gradient added to the running total A and written over its segment row.
 template <typename T>
 FASTCACHE_INLINE void matryoshka_groups(const Job<T>& job, int64_t g0, int64_t g1) {
   const int64_t K = job.K;
   const bool grad = job.p.compute_grad;
   int64_t scratch_size = 0;
-  for (int d = 0; d < job.ndirs; ++d) scratch_size += (2 + K) * job.dirs[d].n;
-  std::vector<T> scratch(scratch_size);  // per direction: prefix R, similarities / dL/ds, K weighted gradients
-  T* running[4];
+  for (int d = 0; d < job.ndirs; ++d) scratch_size += (1 + K) * job.dirs[d].n;
+  std::vector<T> scratch(scratch_size);  // per direction: the K prefix products R_k, then the similarities / exps
+  T* prefix[4];
   T* x[4];
-  T* weighted[4];
   int64_t at = 0;
   for (int d = 0; d < job.ndirs; ++d) {
-    const int64_t n = job.dirs[d].n;
-    running[d] = scratch.data() + at;
-    x[d] = running[d] + n;
-    weighted[d] = x[d] + n;
-    at += (2 + K) * n;
+    prefix[d] = scratch.data() + at;
+    x[d] = prefix[d] + K * job.dirs[d].n;
+    at += (1 + K) * job.dirs[d].n;
   }
   std::vector<T> own;
   RowBlock<T> rows[4];
@@ -86,23 +137,29 @@ FASTCACHE_INLINE void matryoshka_groups(const Job<T>& job, int64_t g0, int64_t g
   for (int64_t group = g0; group < g1; ++group) {
     const int64_t begin = group * job.rows / job.groups, end = (group + 1) * job.rows / job.groups;
     for (int64_t r = begin; r < end; ++r) {
+      for (int d = 0; d < job.ndirs; ++d) {  // R_k = R_{k+1} + P_k, from the smallest dim up
+        const Direction<T>& D = job.dirs[d];
+        const int64_t n = D.n;
+        std::copy(D.segment(K - 1, r), D.segment(K - 1, r) + n, prefix[d] + (K - 1) * n);
+        for (int64_t k = K - 2; k >= 0; --k) {
+          const T* segment = D.segment(k, r);
+          const T* smaller = prefix[d] + (k + 1) * n;
+          T* R = prefix[d] + k * n;
+          for (int64_t j = 0; j < n; ++j) R[j] = smaller[j] + segment[j];
+        }
+      }
       double loss = 0.0;
-      for (int64_t k = K - 1; k >= 0; --k) {  // the smallest dim first: its prefix is part of every larger one
-        for (int d = 0; d < job.ndirs; ++d) {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int d = 0; d < job.ndirs; ++d) {  // s_k = a_k·R_k·b_k into the row the contrastive epilogue rewrites
           const Direction<T>& D = job.dirs[d];
-          const T* segment = D.p + k * D.ld_segment + r * D.ld_row;
-          T* R = running[d];
+          const T* R = prefix[d] + k * D.n;
           T* s = x[d];
-          const T a = D.a ? D.a[k * D.lda + r] : T(1);
-          const T* b = D.a ? D.b + k * D.ldb : nullptr;
-          if (k == K - 1 && b) {  // R_k = R_{k+1} + P_k and s_k = a_k·R_k·b_k, in one pass
-            for (int64_t j = 0; j < D.n; ++j) s[j] = (R[j] = segment[j]) * a * b[j];
-          } else if (b) {
-            for (int64_t j = 0; j < D.n; ++j) s[j] = (R[j] += segment[j]) * a * b[j];
-          } else if (k == K - 1) {
-            for (int64_t j = 0; j < D.n; ++j) s[j] = R[j] = segment[j];
+          if (D.a) {
+            const T a = D.a[k * D.lda + r];
+            const T* b = D.b + k * D.ldb;
+            for (int64_t j = 0; j < D.n; ++j) s[j] = R[j] * a * b[j];
           } else {
-            for (int64_t j = 0; j < D.n; ++j) s[j] = R[j] += segment[j];
+            std::copy(R, R + D.n, s);
           }
           rows[d] = RowBlock<T>{s, D.g ? D.g + r * D.ldg : nullptr, D.ids, D.n, D.kind};
         }
@@ -110,64 +167,32 @@ FASTCACHE_INLINE void matryoshka_groups(const Job<T>& job, int64_t g0, int64_t g
         loss += job.weights[k] * static_cast<double>(row_loss(rows, job.ndirs, job.p.row0 + r, job.p, own, factor));
         if (!grad) continue;
         const T w = static_cast<T>(job.weights[k]);
-        for (int d = 0; d < job.ndirs; ++d) {  // x holds e = exp(logit - max): g_k = factor·e (- scale/B at pos)
+        for (int d = 0; d < job.ndirs; ++d) {
           const Direction<T>& D = job.dirs[d];
-          const T* e = x[d];
-          const T f = factor[d];
           const int64_t pos = d == 0 ? job.p.offset + job.p.row0 + r : -1;  // rows[0] is query_to_doc
-          T* out = weighted[d] + k * D.n;
-          if (!D.a) {
-            for (int64_t j = 0; j < D.n; ++j) out[j] = w * (e[j] * f);
-            if (pos >= 0) out[pos] = w * (e[pos] * f - positive);
+          T* out = D.segment(k, r);
+          const T* previous = k > 0 ? D.segment(k - 1, r) : nullptr;
+          if (!D.a) {  // direct calls: inlined into each instruction set's clone
+            if (k == 0) {
+              gradient_row<true, false, T>(x[d], factor[d], w, positive, nullptr, nullptr, previous, out, nullptr, D.n,
+                                           pos);
+            } else {
+              gradient_row<false, false, T>(x[d], factor[d], w, positive, nullptr, nullptr, previous, out, nullptr,
+                                            D.n, pos);
+            }
             continue;
           }
           const T wa = w * D.a[k * D.lda + r];
+          const T* R = prefix[d] + k * D.n;
           const T* b = D.b + k * D.ldb;
-          const T* R = running[d];
           T* column = job.partial + (group * K + k) * job.total_columns + D.column_offset;
-          T lane[kLanes] = {};
-          int64_t j = 0;
-          for (; j + kLanes <= D.n; j += kLanes) {
-            for (int l = 0; l < kLanes; ++l) {
-              const T gw = e[j + l] * f * wa;
-              const T radial = gw * R[j + l] * b[j + l];  // w·g·s
-              out[j + l] = gw * b[j + l];
-              column[j + l] += radial;
-              lane[l] += radial;
-            }
-          }
-          double sum = 0.0;
-          for (int l = 0; l < kLanes; ++l) sum += lane[l];
-          for (; j < D.n; ++j) {
-            const T gw = e[j] * f * wa;
-            const T radial = gw * R[j] * b[j];
-            out[j] = gw * b[j];
-            column[j] += radial;
-            sum += radial;
-          }
-          if (pos >= 0) {  // the positive's -scale/B: replace its terms
-            const T gw = (e[pos] * f - positive) * wa, before = e[pos] * f * wa * R[pos] * b[pos];
-            const T radial = gw * R[pos] * b[pos];
-            out[pos] = gw * b[pos];
-            column[pos] += radial - before;
-            sum += static_cast<double>(radial) - before;
-          }
+          const double sum =
+              k == 0 ? gradient_row<true, true, T>(x[d], factor[d], wa, positive, R, b, previous, out, column, D.n, pos)
+                     : gradient_row<false, true, T>(x[d], factor[d], wa, positive, R, b, previous, out, column, D.n, pos);
           D.row_radial[k * job.rows + r] = static_cast<T>(sum);
         }
       }
       job.loss[r] = static_cast<T>(loss);
-      if (!grad) continue;
-      for (int d = 0; d < job.ndirs; ++d) {  // A_j = Σ_{k <= j} weighted_k, written over the segment rows
-        const Direction<T>& D = job.dirs[d];
-        for (int64_t k = 0; k < K; ++k) {
-          T* total = weighted[d] + k * D.n;
-          if (k > 0) {
-            const T* previous = total - D.n;
-            for (int64_t j = 0; j < D.n; ++j) total[j] += previous[j];
-          }
-          std::copy(total, total + D.n, D.p + k * D.ld_segment + r * D.ld_row);
-        }
-      }
     }
   }
 }

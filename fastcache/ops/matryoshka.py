@@ -20,7 +20,9 @@ Exact: the loss and gradients of summing :func:`fastcache.contrastive_loss` over
 
 Backend "cpu" runs it fused (csrc/cpu/matryoshka.cpp): per chunk and direction K segment GEMMs into K blocks
 P_k, one C++ call that walks each row once (prefix sums, every dim's epilogue, radial sums) and leaves A_k in
-place of P_k, then the backward GEMMs; K blocks per direction. The other slab backends run their contrastive
+place of P_k, then the backward GEMMs; K blocks per direction, chunks of at most FUSED_BLOCK_BYTES of them per
+thread (blocks that stay in cache: the GEMMs write them, the epilogue reads and rewrites them, the backward reads
+them twice). The other slab backends run their contrastive
 epilogue dim by dim on the running prefix: K + 2 blocks per direction (the running R, each dim's gradient block,
 one product temporary) plus the epilogue's workspace.
 The tiled strategy (Triton, ``strategy="tiled"``): fastcache/triton/matryoshka.py, the same maths on tiles.
@@ -50,6 +52,22 @@ from fastcache.ops.contrastive import (
     guide_and_id_operands,
     one_pass,
 )
+
+
+# The fused CPU path's K segment blocks per chunk, per thread: GEMM outputs the epilogue reads back and the backward
+# GEMMs read twice, kept within a core's share of the last-level cache. Measured at B=4096, N=8192, D=384, 5 dims
+# (bench/matryoshka_table.py's shape, interleaved runs): 96-128 rows (15-20 MiB) on 1 thread and 256 on 2 take
+# 1.57-1.69x the single-dim loss stage, against 1.9x at the budget's ~1300 rows (200 MiB, out of cache).
+FUSED_BLOCK_BYTES = 20 * 2**20
+MIN_FUSED_ROWS = 16  # the slab's own floor for speed (chunk_rows warns below it)
+
+
+def _column_counts(layout, guided: bool) -> dict[str, int]:
+    """Columns of each direction's blocks: candidates, or the query columns; doc_to_doc against the positives only
+    when guided (GISTEmbedLoss)."""
+    return {"query_to_doc": layout.candidates, "query_to_query": layout.query_columns,
+            "doc_to_query": layout.query_columns,
+            "doc_to_doc": layout.positives if guided else layout.candidates}
 
 
 def check_dims(dims, weights, dim: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -212,9 +230,11 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     dirs = sorted(options.directions, key=DIRECTIONS.index)
     tensors = {"q": q, "d": d, "Q": Q}
     # each direction: (row operand, row start relative to the chunk's first row, column operand, column count)
-    dd_width = P if guided else d.size(0)
-    operands = {"query_to_doc": ("q", 0, "d", d.size(0)), "query_to_query": ("q", 0, "Q", Q.size(0)),
-                "doc_to_query": ("d", off, "Q", Q.size(0)), "doc_to_doc": ("d", off, "d", dd_width)}
+    width = _column_counts(layout, guided)
+    operands = {"query_to_doc": ("q", 0, "d", width["query_to_doc"]),
+                "query_to_query": ("q", 0, "Q", width["query_to_query"]),
+                "doc_to_query": ("d", off, "Q", width["doc_to_query"]),
+                "doc_to_doc": ("d", off, "d", width["doc_to_doc"])}
     fused = epilogue is None
     if fused:  # K segment products per direction, overwritten with the per-segment gradient totals
         segs = {k: torch.empty(K, chunk, operands[k][3], dtype=dtype, device=q.device) for k in dirs}
@@ -300,6 +320,9 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, w
         blocks = len(dims) if fused else len(dims) + 1 + contrastive_epilogue.WORKSPACE_BLOCKS[name]
         chunk = chunk_rows(layout, options, all_queries is not None, guide_dim,
                            _backend.memory_budget(memory_budget), itemsize, blocks)
+        if fused and queries.device.type == "cpu":
+            row_bytes = blocks * itemsize * sum(_column_counts(layout, guide_dim > 0)[k] for k in options.directions)
+            chunk = min(chunk, max(MIN_FUSED_ROWS, FUSED_BLOCK_BYTES * torch.get_num_threads() // row_bytes))
     else:
         chunk = min(chunk_size, layout.rows)
     return _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, dims, weights,

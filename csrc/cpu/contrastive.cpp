@@ -76,7 +76,11 @@ void epilogue_rows_double(Block<double>* blocks, int nblocks, int64_t begin, int
 
 template <typename T>
 void epilogue(Block<T>* blocks, int nblocks, int64_t rows, const Params& p, T* loss) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  int64_t row_width = 0;
+  for (int k = 0; k < nblocks; ++k) row_width += blocks[k].n;
+  // rows per task: ATen's grain for elementwise work (32K values), so that a small chunk stays on one thread
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(row_width, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, float>) {
       epilogue_rows_float(blocks, nblocks, begin, end, p, loss);
     } else {

@@ -39,13 +39,21 @@ def _loss_and_grads(**settings):
 
 @pytest.fixture
 def epilogue_calls(monkeypatch):
-    """Counts the calls of each backend's epilogue (the one place where the backends differ)."""
+    """Counts the calls of each backend's epilogue (the one place where the backends differ); for "cpu" also its
+    whole slab in one C++ call (fastcache/ops/contrastive.py ``_slab_cpu``, which runs the C++ epilogue inside)."""
+    import fastcache.ops.contrastive as op
+
     calls = {name: 0 for name in contrastive_epilogue.EPILOGUES}
+
+    def counting(function, name):
+        def count(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return count
+
     for name, function in list(contrastive_epilogue.EPILOGUES.items()):
-        def counting(*args, _name=name, _function=function, **kwargs):
-            calls[_name] += 1
-            return _function(*args, **kwargs)
-        monkeypatch.setitem(contrastive_epilogue.EPILOGUES, name, counting)
+        monkeypatch.setitem(contrastive_epilogue.EPILOGUES, name, counting(function, name))
+    monkeypatch.setattr(op, "_slab_cpu", counting(op._slab_cpu, "cpu"))
     return calls
 
 

@@ -301,6 +301,14 @@ def guide_and_id_operands(guide_queries: Tensor | None, guide_docs: Tensor | Non
     return gq, gd, ids
 
 
+def block_columns(layout: ContrastiveLayout, guided: bool) -> dict[str, int]:
+    """Columns of each direction's similarity block: the candidates, or the query columns; doc_to_doc against the
+    positives only when guided (GISTEmbedLoss)."""
+    return {"query_to_doc": layout.candidates, "query_to_query": layout.query_columns,
+            "doc_to_query": layout.query_columns,
+            "doc_to_doc": layout.positives if guided else layout.candidates}
+
+
 def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered: bool, guide_dim: int, budget: int,
                itemsize: int, workspace_blocks: float = 1, cache_cap: bool = True) -> int:
     """Rows per chunk so that the slab workspace stays within ``budget`` bytes.
@@ -314,9 +322,7 @@ def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered:
     """
     n = layout.candidates
     mq = layout.query_columns
-    width = {"query_to_doc": n, "query_to_query": mq, "doc_to_query": mq, "doc_to_doc": n}
-    if guide_dim:
-        width.update(query_to_query=layout.rows, doc_to_doc=layout.positives)
+    width = block_columns(layout, guide_dim > 0)
     block_row = sum(width[d] for d in options.directions) * itemsize
     per_row = block_row * (workspace_blocks + (1 if guide_dim else 0))
     fixed = (2 * (layout.rows + n + (mq if gathered else 0)) * layout.dim + (layout.rows + n) * guide_dim) * itemsize
@@ -381,8 +387,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     dirs = options.directions
     # doc_to_doc candidates: every document, or (guided, GISTEmbedLoss) the positives only
     dd_cols = d[:P] if guided else d
-    widths = {"query_to_doc": d.size(0), "query_to_query": Q.size(0), "doc_to_query": Q.size(0),
-              "doc_to_doc": dd_cols.size(0)}
+    widths = block_columns(layout, guided)
     blocks = {k: torch.empty(chunk, widths[k], dtype=dtype, device=q.device) for k in dirs}
     guide_dirs = [k for k in dirs if guided]
     guides = {k: torch.empty(chunk, widths[k], dtype=dtype, device=q.device) for k in guide_dirs}

@@ -47,6 +47,7 @@ from fastcache.ops.contrastive import (
     PrecomputedGradLoss,
     _parse,
     _strategy,
+    block_columns,
     check_inputs,
     chunk_rows,
     guide_and_id_operands,
@@ -60,14 +61,6 @@ from fastcache.ops.contrastive import (
 # 1.57-1.69x the single-dim loss stage, against 1.9x at the budget's ~1300 rows (200 MiB, out of cache).
 FUSED_BLOCK_BYTES = 20 * 2**20
 MIN_FUSED_ROWS = 16  # the slab's own floor for speed (chunk_rows warns below it)
-
-
-def _column_counts(layout, guided: bool) -> dict[str, int]:
-    """Columns of each direction's blocks: candidates, or the query columns; doc_to_doc against the positives only
-    when guided (GISTEmbedLoss)."""
-    return {"query_to_doc": layout.candidates, "query_to_query": layout.query_columns,
-            "doc_to_query": layout.query_columns,
-            "doc_to_doc": layout.positives if guided else layout.candidates}
 
 
 def check_dims(dims, weights, dim: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -230,7 +223,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     dirs = sorted(options.directions, key=DIRECTIONS.index)
     tensors = {"q": q, "d": d, "Q": Q}
     # each direction: (row operand, row start relative to the chunk's first row, column operand, column count)
-    width = _column_counts(layout, guided)
+    width = block_columns(layout, guided)
     operands = {"query_to_doc": ("q", 0, "d", width["query_to_doc"]),
                 "query_to_query": ("q", 0, "Q", width["query_to_query"]),
                 "doc_to_query": ("d", off, "Q", width["doc_to_query"]),
@@ -321,7 +314,7 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, w
         chunk = chunk_rows(layout, options, all_queries is not None, guide_dim,
                            _backend.memory_budget(memory_budget), itemsize, blocks)
         if fused and queries.device.type == "cpu":
-            row_bytes = blocks * itemsize * sum(_column_counts(layout, guide_dim > 0)[k] for k in options.directions)
+            row_bytes = blocks * itemsize * sum(block_columns(layout, guide_dim > 0)[k] for k in options.directions)
             chunk = min(chunk, max(MIN_FUSED_ROWS, FUSED_BLOCK_BYTES * torch.get_num_threads() // row_bytes))
     else:
         chunk = min(chunk_size, layout.rows)

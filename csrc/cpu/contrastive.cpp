@@ -10,6 +10,10 @@
 // and then, in place, s <- dL/ds = scale * coef_b * softmax_b(logits) (- scale / B at the positive), where
 // coef_b = 1/B (joint) or 1/(B * n_blocks) (per_direction) and L = mean over the B local rows. The hardness
 // penalty is detached, so d logit / d s = scale everywhere.
+//
+// contrastive_slab_cpu (at the end): the slab strategy around this epilogue in one call: rows normalised
+// (normalize.cpp), per chunk s = X·Yᵀ into the blocks, the epilogue, then dX += (dL/ds)·Y and dY += (dL/ds)ᵀ·X per
+// direction, then the normalisation backward.
 #include "contrastive.h"
 
 #include <ATen/Dispatch.h>

@@ -281,6 +281,45 @@ def test_low_precision_no_worse_than_reference(backend, dtype, case):
         assert_no_worse_than_reference(k, ours, ref, truth, torch.float32 if k == "loss" else dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(LOW_PRECISION_CASES))
+def test_low_precision_gemms_no_worse_than_reference(monkeypatch, dtype, case):
+    """The per-dim slab with its GEMMs in the inputs' dtype, as bf16/fp16 CUDA inputs get it, run on CPU with mm and
+    addmm's fp32-output overloads (CUDA only) emulated by exact fp32 products of the same operands (as in
+    tests/test_contrastive_op.py): embeddings kept in their dtype, prefix norms and their backward in chunks of 2
+    rows, segment gradient totals rounded for the backward GEMMs."""
+    import fastcache.ops.matryoshka as op
+
+    low_operands = []
+
+    def mm_into(out, a, b):
+        low_operands.append(a.dtype == b.dtype == dtype)
+        out.copy_(a.float() @ b.float())
+
+    def addmm_into(acc, a, b):
+        low_operands.append(a.dtype == b.dtype == dtype)
+        acc.add_(a.float() @ b.float())
+
+    monkeypatch.setattr(op, "low_precision_gemms", lambda x: x.dtype == dtype)
+    monkeypatch.setattr(op, "NORMALIZE_ROWS", 2)
+    monkeypatch.setattr(op, "_mm_into", mm_into)
+    monkeypatch.setattr(op, "_addmm_into", addmm_into)
+    shape, options = LOW_PRECISION_CASES[case]
+    runs = {}
+    for seed in (13, 14, 15):
+        batch = make_batch(**shape, dtype=dtype, seed=seed)
+        outputs = [reference(cast(batch, torch.float64), **options), reference(batch, **options),
+                   PATHS["loss_and_grad"](batch, backend="torch", chunk_size=4, **options)]
+        assert all(g.dtype == dtype for g in outputs[2][1].values())
+        for k in ["loss", *outputs[2][1]]:
+            values = [o[0] if k == "loss" else o[1][k] for o in outputs]
+            for lst, value in zip(runs.setdefault(k, ([], [], [])), values):
+                lst.append(value)
+    assert low_operands and all(low_operands)
+    for k, (truth, ref, ours) in runs.items():
+        assert_no_worse_than_reference(k, ours, ref, truth, torch.float32 if k == "loss" else dtype)
+
+
 @pytest.mark.parametrize("layout", ["slice", "transposed", "every_other_col"])
 def test_strided_nan_padded_inputs(backend, layout):
     batch = make_batch(3, 7, columns=2, positives=6, offset=2, gathered=True, seed=10)

@@ -42,15 +42,19 @@ from fastcache.ops.contrastive_epilogue import _HARDNESS_CODES, _MARGIN_CODES
 from fastcache.ops.contrastive import (
     DIRECTIONS,
     NORMALIZE_EPS,
+    NORMALIZE_ROWS,
     ContrastiveLossAndGrad,
     ContrastiveOptions,
     PrecomputedGradLoss,
+    _addmm_into,
+    _mm_into,
     _parse,
     _strategy,
     block_columns,
     check_inputs,
     chunk_rows,
     guide_and_id_operands,
+    low_precision_gemms,
     one_pass,
 )
 
@@ -109,13 +113,35 @@ def _prefix_norm_backward_(grad: Tensor, x: Tensor, dims: tuple[int, ...], norms
     return grad
 
 
+def _prefix_norms(x: Tensor, dims: tuple[int, ...], acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """[K, n] prefix norms and their reciprocals (dims descending, as the slab's), in ``acc``, NORMALIZE_ROWS rows
+    at a time so that the ``acc`` copy stays small."""
+    norms = torch.empty(len(dims), x.size(0), dtype=acc, device=x.device)
+    reciprocals = torch.empty_like(norms)
+    for r0 in range(0, x.size(0), NORMALIZE_ROWS):
+        rows = slice(r0, r0 + NORMALIZE_ROWS)
+        norms[:, rows], reciprocals[:, rows] = _prefix_reciprocal_norms(x[rows].to(acc), dims, True)
+    return norms, reciprocals
+
+
+def _prefix_norm_backward_in_chunks_(grad: Tensor, x: Tensor, dims: tuple[int, ...], norms: tuple[Tensor, Tensor],
+                                     radial: Tensor) -> Tensor:
+    """``_prefix_norm_backward_`` (dims descending) NORMALIZE_ROWS rows at a time, x widened one chunk at a time."""
+    for r0 in range(0, grad.size(0), NORMALIZE_ROWS):
+        rows = slice(r0, r0 + NORMALIZE_ROWS)
+        _prefix_norm_backward_(grad[rows], x[rows].to(grad.dtype), dims, (norms[0][:, rows], norms[1][:, rows]),
+                               radial[:, rows])
+    return grad
+
+
 def _segment_gemms_(grad, grad_t, tensors, operand, rows, total: Tensor, lo: int, hi: int) -> None:
     """The backward GEMMs of segment [lo, hi) of one direction: dX[rows, seg] += A·Y[:, seg] and, into the
     transposed column-operand gradient, dYᵀ[seg] += X[rows, seg]ᵀ·A (a narrow segment's GEMM writes a few long rows
     there rather than many short ones: measured ~25% faster than dY[:, seg] += Aᵀ·X[rows, seg] on CPU)."""
     x, _, y, width = operand
-    grad[x][rows, lo:hi].addmm_(total, tensors[y][:width, lo:hi])
-    grad_t[y][lo:hi, :width].addmm_(tensors[x][rows, lo:hi].T, total)
+    total = total.to(tensors[y].dtype)  # the operands' dtype: a bf16/fp16 copy for low-precision GEMMs
+    _addmm_into(grad[x][rows, lo:hi], total, tensors[y][:width, lo:hi])
+    _addmm_into(grad_t[y][lo:hi, :width], tensors[x][rows, lo:hi].T, total)
 
 
 def _fused_cpu_chunk(segs, gout, ids, r0, c, layout, options, dims, weights, tensors, norms, operands, rows, grad,
@@ -164,9 +190,9 @@ def _per_dim_chunk(raw, grads, product, gout, ids, r0, c, layout, options, dims,
             x, _, y, width = operands[name]
             xc, yc, block = tensors[x][rows[name]], tensors[y][:width], raw[name][:c]
             if k == K - 1:
-                torch.mm(xc[:, :hi], yc[:, :hi].T, out=block)
+                _mm_into(block, xc[:, :hi], yc[:, :hi].T)
             else:
-                block.addmm_(xc[:, lo:hi], yc[:, lo:hi].T)
+                _addmm_into(block, xc[:, lo:hi], yc[:, lo:hi].T)
             out[name] = grads[k][name][:c]
             if cosine:  # s_k = a_k ⊙ R_k ⊙ b_k
                 torch.mul(block, norms[x][1][k, rows[name], None], out=out[name])
@@ -212,12 +238,14 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
     cosine = options.similarity == "cos"
     B, P, off, K = layout.rows, layout.positives, options.offset, len(dims)
-    q = queries.to(dtype).contiguous()
-    d = docs.reshape(-1, layout.dim).to(dtype).contiguous()
+    # GEMM operands: the embeddings in the compute dtype, or in their own (low_precision_gemms: bf16/fp16 on CUDA)
+    operand_dtype = queries.dtype if low_precision_gemms(queries) else dtype
+    q = queries.to(operand_dtype).contiguous()
+    d = docs.reshape(-1, layout.dim).to(operand_dtype).contiguous()
     gathered = all_queries is not None
-    Q = all_queries.to(dtype).contiguous() if gathered else q
-    norms = {"q": _prefix_reciprocal_norms(q, dims, cosine), "d": _prefix_reciprocal_norms(d, dims, cosine)}
-    norms["Q"] = _prefix_reciprocal_norms(Q, dims, cosine) if gathered else norms["q"]
+    Q = all_queries.to(operand_dtype).contiguous() if gathered else q
+    norms = {name: _prefix_norms(x, dims, dtype) if cosine else None for name, x in (("q", q), ("d", d))}
+    norms["Q"] = (_prefix_norms(Q, dims, dtype) if cosine else None) if gathered else norms["q"]
     guided = guide_queries is not None
     gq, gd, ids = guide_and_id_operands(guide_queries, guide_docs, doc_ids, dtype)
     dirs = sorted(options.directions, key=DIRECTIONS.index)
@@ -244,13 +272,13 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         for name in dirs:
             x, _, y, _ = operands[name]
             x, y = (x, y) if gathered else (x.replace("Q", "q"), y.replace("Q", "q"))
-            grad.setdefault(x, torch.zeros_like(tensors[x]))
-            grad_t.setdefault(y, tensors[y].new_zeros(layout.dim, tensors[y].size(0)))
+            grad.setdefault(x, torch.zeros(tensors[x].shape, dtype=dtype, device=q.device))
+            grad_t.setdefault(y, torch.zeros(layout.dim, tensors[y].size(0), dtype=dtype, device=q.device))
         for store in (grad, grad_t) if not gathered else ():
             if "q" in store:
                 store["Q"] = store["q"]
-        radial = {"q": q.new_zeros(K, B), "d": d.new_zeros(K, d.size(0))}
-        radial["Q"] = Q.new_zeros(K, Q.size(0)) if gathered else radial["q"]
+        radial = {name: torch.zeros(K, x.size(0), dtype=dtype, device=q.device) for name, x in (("q", q), ("d", d))}
+        radial["Q"] = torch.zeros(K, Q.size(0), dtype=dtype, device=q.device) if gathered else radial["q"]
     loss = torch.zeros((), dtype=dtype, device=q.device)
     # a tqdm bar costs ~0.2 ms per call even when disabled
     starts = trange(0, B, chunk, desc="matryoshka loss", leave=False) if progress else range(0, B, chunk)
@@ -285,8 +313,10 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         rows_part, columns_part = grad.get(name), grad_t.get(name)
         if columns_part is not None:
             rows_part = columns_part.T.contiguous() if rows_part is None else rows_part.add_(columns_part.T)
-        total[name] = torch.zeros_like(tensors[name]) if rows_part is None else rows_part
-        _prefix_norm_backward_(total[name], tensors[name], dims, norms[name], radial[name])
+        total[name] = torch.zeros(tensors[name].shape, dtype=dtype, device=q.device) if rows_part is None \
+            else rows_part
+        if cosine:
+            _prefix_norm_backward_in_chunks_(total[name], tensors[name], dims, norms[name], radial[name])
     return loss, total["q"], total["d"].view(docs.shape), total["Q"] if gathered else None
 
 
@@ -310,7 +340,9 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, w
         itemsize = 8 if queries.dtype == torch.float64 else 4
         # per direction: fused, one segment block per dim; else the running prefix product, one gradient block
         # per dim, the radial product temporary and the epilogue's workspace
-        blocks = len(dims) if fused else len(dims) + 1 + contrastive_epilogue.WORKSPACE_BLOCKS[name]
+        # (+ half a block: a segment's gradient total in bf16/fp16 for low-precision GEMMs)
+        blocks = len(dims) if fused else len(dims) + 1 + contrastive_epilogue.WORKSPACE_BLOCKS[name] + (
+            0.5 if low_precision_gemms(queries) else 0)
         chunk = chunk_rows(layout, options, all_queries is not None, guide_dim,
                            _backend.memory_budget(memory_budget), itemsize, blocks)
         if fused and queries.device.type == "cpu":

@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcache.ops.contrastive import NORMALIZE_ROWS, guide_and_id_operands
-from fastcache.ops.matryoshka import _prefix_norm_backward_, _prefix_reciprocal_norms
+from fastcache.ops.contrastive import guide_and_id_operands
+from fastcache.ops.matryoshka import _prefix_norm_backward_in_chunks_, _prefix_norms
 from fastcache.triton.contrastive import (
     ALPHA,
     BACKWARD_WARPS,
@@ -278,27 +278,6 @@ class _Block(NamedTuple):
 def _unit_stride(x: Tensor) -> Tensor:
     """x itself where its values are adjacent along D (the kernels take its row stride), else a contiguous copy."""
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _prefix_norms(x: Tensor, dims: tuple[int, ...], acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """[K, n] prefix norms and their reciprocals (dims descending, as the slab's), in ``acc``, NORMALIZE_ROWS rows
-    at a time so that the ``acc`` copy stays small."""
-    norms = torch.empty(len(dims), x.size(0), dtype=acc, device=x.device)
-    reciprocals = torch.empty_like(norms)
-    for r0 in range(0, x.size(0), NORMALIZE_ROWS):
-        rows = slice(r0, r0 + NORMALIZE_ROWS)
-        norms[:, rows], reciprocals[:, rows] = _prefix_reciprocal_norms(x[rows].to(acc), dims, True)
-    return norms, reciprocals
-
-
-def _prefix_norm_backward_in_chunks_(grad: Tensor, x: Tensor, dims: tuple[int, ...], norms: tuple[Tensor, Tensor],
-                                     radial: Tensor) -> Tensor:
-    """``_prefix_norm_backward_`` (dims descending) NORMALIZE_ROWS rows at a time, x widened one chunk at a time."""
-    for r0 in range(0, grad.size(0), NORMALIZE_ROWS):
-        rows = slice(r0, r0 + NORMALIZE_ROWS)
-        _prefix_norm_backward_(grad[rows], x[rows].to(grad.dtype), dims, (norms[0][:, rows], norms[1][:, rows]),
-                               radial[:, rows])
-    return grad
 
 
 def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,

@@ -1,5 +1,6 @@
 """Shared test helpers: seeded embedding batches, NaN-padded strided views, the ops (contrastive, Matryoshka) and
-their dense references run side by side, and the per-dtype tolerances of the low-precision comparisons.
+their dense references run side by side, the per-dtype tolerances of the low-precision comparisons, and the CPU
+emulation of the slab's low-precision CUDA GEMMs.
 
 Low-precision tolerance (``assert_no_worse_than_reference``). The truth is the dense reference in float64 on the
 low-precision inputs cast to float64 (so the inputs are the same numbers). For each output (the loss and every
@@ -301,3 +302,26 @@ def load_host_emulation(source: str, build_directory):
         build_directory=str(build_directory),
         verbose=False,
     )
+
+
+def emulate_low_precision_gemms(monkeypatch, module, dtype: torch.dtype) -> list[bool]:
+    """Run ``module``'s slab (fastcache.ops.contrastive or .matryoshka) as bf16/fp16 CUDA inputs get it, on CPU:
+    low_precision_gemms says yes for ``dtype``, the normalisation goes 2 rows at a time, and mm/addmm's
+    fp32-output overloads (CUDA only) are emulated by fp32 products of the same operands (exact: a product of two
+    bf16/fp16 numbers is exact in fp32; cuBLAS accumulates in fp32 too). Returns a list that records, per GEMM,
+    whether both operands were in ``dtype``."""
+    low_operands = []
+
+    def mm_into(out, a, b):
+        low_operands.append(a.dtype == b.dtype == dtype)
+        out.copy_(a.float() @ b.float())
+
+    def addmm_into(acc, a, b):
+        low_operands.append(a.dtype == b.dtype == dtype)
+        acc.add_(a.float() @ b.float())
+
+    monkeypatch.setattr(module, "low_precision_gemms", lambda x: x.dtype == dtype)
+    monkeypatch.setattr(module, "NORMALIZE_ROWS", 2)
+    monkeypatch.setattr(module, "_mm_into", mm_into)
+    monkeypatch.setattr(module, "_addmm_into", addmm_into)
+    return low_operands

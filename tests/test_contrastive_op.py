@@ -21,6 +21,7 @@ from helpers import (
     OP_PATHS,
     assert_matches,
     assert_no_worse_than_reference,
+    emulate_low_precision_gemms,
     cast,
     make_batch,
     nan_padded,
@@ -291,26 +292,12 @@ def test_low_precision_no_worse_than_reference(backend, dtype, case, path):
 @pytest.mark.parametrize("case", list(LOW_PRECISION_CASES))
 def test_low_precision_gemms_no_worse_than_reference(monkeypatch, dtype, case):
     """The slab with its GEMMs in the inputs' dtype, as bf16/fp16 CUDA inputs get it (low_precision_gemms), run on
-    CPU: mm/addmm's fp32-output overloads exist on CUDA only, so they are emulated by fp32 products of the same
-    bf16/fp16 operands (a product of two such numbers is exact in fp32; cuBLAS accumulates in fp32 too). Checks
-    the rest: operands normalised in their dtype, dL/ds rounded for the gradient GEMMs, the normalisation and its
-    backward in chunks of rows (2 here)."""
+    CPU with those GEMMs emulated (tests/helpers.py emulate_low_precision_gemms). Checks the rest: operands
+    normalised in their dtype, dL/ds rounded for the gradient GEMMs, the normalisation and its backward in chunks
+    of rows."""
     import fastcache.ops.contrastive as op
 
-    low_operands = []
-
-    def mm_into(out, a, b):
-        low_operands.append(a.dtype == b.dtype == dtype)
-        out.copy_(a.float() @ b.float())
-
-    def addmm_into(acc, a, b):
-        low_operands.append(a.dtype == b.dtype == dtype)
-        acc.add_(a.float() @ b.float())
-
-    monkeypatch.setattr(op, "low_precision_gemms", lambda x: x.dtype == dtype)
-    monkeypatch.setattr(op, "NORMALIZE_ROWS", 2)
-    monkeypatch.setattr(op, "_mm_into", mm_into)
-    monkeypatch.setattr(op, "_addmm_into", addmm_into)
+    low_operands = emulate_low_precision_gemms(monkeypatch, op, dtype)
     shape, options = LOW_PRECISION_CASES[case]
     runs = low_precision_runs(shape, options, dtype,
                               lambda batch: op_loss_and_grad(batch, backend="torch", chunk_size=3, **options))

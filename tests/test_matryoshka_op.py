@@ -23,6 +23,7 @@ from helpers import (
     MATRYOSHKA_OP_PATHS as PATHS,
     assert_matches,
     assert_no_worse_than_reference,
+    emulate_low_precision_gemms,
     cast,
     make_batch,
     nan_padded,
@@ -284,26 +285,12 @@ def test_low_precision_no_worse_than_reference(backend, dtype, case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", list(LOW_PRECISION_CASES))
 def test_low_precision_gemms_no_worse_than_reference(monkeypatch, dtype, case):
-    """The per-dim slab with its GEMMs in the inputs' dtype, as bf16/fp16 CUDA inputs get it, run on CPU with mm and
-    addmm's fp32-output overloads (CUDA only) emulated by exact fp32 products of the same operands (as in
-    tests/test_contrastive_op.py): embeddings kept in their dtype, prefix norms and their backward in chunks of 2
-    rows, segment gradient totals rounded for the backward GEMMs."""
+    """The per-dim slab with its GEMMs in the inputs' dtype, as bf16/fp16 CUDA inputs get it, run on CPU with those
+    GEMMs emulated (tests/helpers.py emulate_low_precision_gemms): embeddings kept in their dtype, prefix norms and
+    their backward in chunks of rows, segment gradient totals rounded for the backward GEMMs."""
     import fastcache.ops.matryoshka as op
 
-    low_operands = []
-
-    def mm_into(out, a, b):
-        low_operands.append(a.dtype == b.dtype == dtype)
-        out.copy_(a.float() @ b.float())
-
-    def addmm_into(acc, a, b):
-        low_operands.append(a.dtype == b.dtype == dtype)
-        acc.add_(a.float() @ b.float())
-
-    monkeypatch.setattr(op, "low_precision_gemms", lambda x: x.dtype == dtype)
-    monkeypatch.setattr(op, "NORMALIZE_ROWS", 2)
-    monkeypatch.setattr(op, "_mm_into", mm_into)
-    monkeypatch.setattr(op, "_addmm_into", addmm_into)
+    low_operands = emulate_low_precision_gemms(monkeypatch, op, dtype)
     shape, options = LOW_PRECISION_CASES[case]
     runs = {}
     for seed in (13, 14, 15):

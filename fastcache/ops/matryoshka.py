@@ -38,7 +38,6 @@ from tqdm.auto import trange
 
 from fastcache import _backend
 from fastcache.ops import contrastive_epilogue
-from fastcache.ops.contrastive_epilogue import _HARDNESS_CODES, _MARGIN_CODES
 from fastcache.ops.contrastive import (
     DIRECTIONS,
     NORMALIZE_EPS,
@@ -161,9 +160,7 @@ def _fused_cpu_chunk(segs, gout, ids, r0, c, layout, options, dims, weights, ten
     loss_rows, row_radial, column_radial = _backend.EXTENSION.matryoshka_epilogue_cpu(
         [segs[n][:, :c] for n in dirs], [DIRECTIONS.index(n) for n in dirs], [gout[n] for n in dirs] if gout else [],
         ids, row_scales, column_scales, list(weights), r0, layout.rows, layout.positives, options.offset,
-        layout.own_query_offset, float(options.scale),
-        _HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, float(options.hardness_strength),
-        options.partition_mode == "joint", _MARGIN_CODES[options.margin_strategy], float(options.margin), need_grad)
+        layout.own_query_offset, *contrastive_epilogue.compiled_options(options), need_grad)
     if need_grad:
         for i, name in enumerate(dirs):
             x, _, y, width = operands[name]

@@ -309,6 +309,21 @@ def block_columns(layout: ContrastiveLayout, guided: bool) -> dict[str, int]:
             "doc_to_doc": layout.positives if guided else layout.candidates}
 
 
+def guide_blocks(guides: dict[str, Tensor], gq: Tensor | None, gd: Tensor | None, r0: int, r1: int, offset: int,
+                 positives: int) -> dict[str, Tensor]:
+    """The guide's similarity blocks of rows r0 .. r1-1 (GISTEmbedLoss), written into the first rows of ``guides``
+    (one buffer per guided direction; empty without a guide): query_to_doc gq·gdᵀ, query_to_query gq·gqᵀ
+    (anchor-anchor), doc_to_doc p·gd[:P]ᵀ (positive-positive)."""
+    out = {k: v[:r1 - r0] for k, v in guides.items()}
+    if "query_to_doc" in out:
+        torch.mm(gq[r0:r1], gd.T, out=out["query_to_doc"])
+    if "query_to_query" in out:
+        torch.mm(gq[r0:r1], gq.T, out=out["query_to_query"])
+    if "doc_to_doc" in out:
+        torch.mm(gd[offset + r0:offset + r1], gd[:positives].T, out=out["doc_to_doc"])
+    return out
+
+
 def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered: bool, guide_dim: int, budget: int,
                itemsize: int, workspace_blocks: float = 1, cache_cap: bool = True) -> int:
     """Rows per chunk so that the slab workspace stays within ``budget`` bytes.
@@ -412,13 +427,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
             _mm_into(out["doc_to_query"], pc, Q.T)
         if "doc_to_doc" in dirs:
             _mm_into(out["doc_to_doc"], pc, dd_cols.T)
-        gout = {k: v[:r1 - r0] for k, v in guides.items()}
-        if guided:
-            torch.mm(gq[r0:r1], gd.T, out=gout["query_to_doc"])
-            if "query_to_query" in dirs:
-                torch.mm(gq[r0:r1], gq.T, out=gout["query_to_query"])
-            if "doc_to_doc" in dirs:
-                torch.mm(gd[off + r0:off + r1], gd[:P].T, out=gout["doc_to_doc"])
+        gout = guide_blocks(guides, gq, gd, r0, r1, off, P)
         loss += epilogue(out, gout, ids, r0, layout, options, need_grad).sum()
         if not need_grad:
             continue

@@ -53,6 +53,7 @@ from fastcache.ops.contrastive import (
     check_inputs,
     chunk_rows,
     guide_and_id_operands,
+    guide_blocks,
     low_precision_gemms,
     one_pass,
 )
@@ -283,13 +284,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         r1 = min(r0 + chunk, B)
         c = r1 - r0
         rows = {k: slice(operands[k][1] + r0, operands[k][1] + r1) for k in dirs}
-        gout = {k: v[:c] for k, v in guides.items()}
-        if guided:
-            torch.mm(gq[r0:r1], gd.T, out=gout["query_to_doc"])
-            if "query_to_query" in dirs:
-                torch.mm(gq[r0:r1], gq.T, out=gout["query_to_query"])
-            if "doc_to_doc" in dirs:
-                torch.mm(gd[off + r0:off + r1], gd[:P].T, out=gout["doc_to_doc"])
+        gout = guide_blocks(guides, gq, gd, r0, r1, off, P)
         common = (gout, ids, r0, c, layout, options, dims, weights, tensors, norms, operands, rows, grad, grad_t,
                   radial)
         if fused:

@@ -9,6 +9,7 @@ fallback. ``FASTCACHE_STRATEGY`` (auto | slab | tiled) or an op's ``strategy=`` 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -30,7 +31,9 @@ def _load_extension():
 EXTENSION, EXTENSION_ERROR = _load_extension()
 
 
+@functools.cache
 def triton_version() -> str | None:
+    """Triton's version, None when it is not installed (asked once: a failed import costs ~20 us per call)."""
     try:
         import triton
     except ImportError:

@@ -180,6 +180,16 @@ std::optional<at::Tensor> operand_backward(at::Tensor& grad, const at::Tensor& x
   return divisor.defined() ? l2_normalize_backward_cpu_(grad, x, divisor, eps) : grad;
 }
 
+// Σ of a contiguous float32/float64 vector (the per-row losses of a chunk), in fp64, without an ATen reduction.
+double sum_in_double(const at::Tensor& values) {
+  double total = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sum_in_double", [&] {
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < values.numel(); ++i) total += v[i];
+  });
+  return total;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
@@ -213,12 +223,25 @@ contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const st
     if (query_to_query) gqq = at::empty_like(qq);
     if (doc_to_doc) gdd = at::empty_like(dd);
   }
+  // Gradient accumulators: the first product into each is written (mm), the later ones added (addmm), so no zero
+  // fill. The rows of grad_q come first from their own chunk, unless grad_Q is grad_q (not gathered) and a
+  // query-column direction adds to the rows of later chunks: then grad_q starts at zero.
   at::Tensor grad_q, grad_d, grad_Q;
+  const bool q_zeroed = !gathered && (query_to_query || doc_to_query);
+  bool d_fresh = true, Q_fresh = gathered;
   if (need_grad) {
-    grad_q = at::zeros_like(q);
-    grad_d = at::zeros_like(d);
-    grad_Q = gathered ? at::zeros_like(Q) : grad_q;
+    grad_q = q_zeroed ? at::zeros_like(q) : at::empty_like(q);
+    grad_d = at::empty_like(d);
+    grad_Q = gathered ? at::empty_like(Q) : grad_q;
   }
+  const auto product_into = [](at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool& fresh) {
+    if (fresh) {
+      at::mm_out(out, a, b);
+      fresh = false;
+    } else {
+      out.addmm_(a, b);
+    }
+  };
   const auto rows_of = [](const at::Tensor& t, int64_t r0, int64_t c) { return t.narrow(0, r0, c); };
   const auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
   double loss = 0.0;
@@ -238,22 +261,22 @@ contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const st
         at::mm_out(g_dd = rows_of(gdd, 0, c), rows_of(*guide_docs, offset + r0, c), guide_docs->narrow(0, 0, P).t());
       }
     }
-    loss += contrastive_epilogue_cpu(s_qd, opt(s_qq), opt(s_dq), opt(s_dd), opt(g_qd), opt(g_qq), opt(g_dd), doc_ids,
-                                     r0, B, P, offset, own_query_offset, scale, hardness_mode, hardness_strength,
-                                     joint, margin_strategy, margin, need_grad)
-                .sum(at::kDouble)
-                .item<double>();
+    loss += sum_in_double(contrastive_epilogue_cpu(s_qd, opt(s_qq), opt(s_dq), opt(s_dd), opt(g_qd), opt(g_qq),
+                                                   opt(g_dd), doc_ids, r0, B, P, offset, own_query_offset, scale,
+                                                   hardness_mode, hardness_strength, joint, margin_strategy, margin,
+                                                   need_grad));
     if (!need_grad) continue;
     // the blocks now hold dL/ds: the similarity GEMMs' gradients
-    rows_of(grad_q, r0, c).addmm_(s_qd, d);
-    grad_d.addmm_(s_qd.t(), qc);
+    bool q_rows_fresh = !q_zeroed;
+    product_into(rows_of(grad_q, r0, c), s_qd, d, q_rows_fresh);
+    product_into(grad_d, s_qd.t(), qc, d_fresh);
     if (query_to_query) {
       rows_of(grad_q, r0, c).addmm_(s_qq, Q);
-      grad_Q.addmm_(s_qq.t(), qc);
+      product_into(grad_Q, s_qq.t(), qc, Q_fresh);
     }
     if (doc_to_query) {
       rows_of(grad_d, offset + r0, c).addmm_(s_dq, Q);
-      grad_Q.addmm_(s_dq.t(), pc);
+      product_into(grad_Q, s_dq.t(), pc, Q_fresh);
     }
     if (doc_to_doc) {
       rows_of(grad_d, offset + r0, c).addmm_(s_dd, dd_cols);
@@ -262,6 +285,7 @@ contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const st
   }
   at::Tensor total = at::scalar_tensor(loss / static_cast<double>(B), q.options());
   if (!need_grad) return {total, std::nullopt, std::nullopt, std::nullopt};
+  if (Q_fresh) grad_Q.zero_();  // gathered, but no direction has query columns
   return {total, operand_backward(grad_q, q, q_div, eps), operand_backward(grad_d, d, d_div, eps),
           gathered ? operand_backward(grad_Q, Q, Q_div, eps) : std::nullopt};
 }

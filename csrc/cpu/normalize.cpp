@@ -1,10 +1,12 @@
 // L2 row normalisation as torch.nn.functional.normalize computes it, and its backward, one pass per row each.
 //
 // Forward, per row x (any floating dtype, read once; the output in the compute dtype T, fp32 or fp64):
-//   divisor = max(‖x‖, eps) (the sum of squares accumulated in fp64),  x̂ = x / divisor
+//   divisor = max(‖x‖, eps) (the sum of squares accumulated in fp64),  x̂ = x · (1 / divisor)
 // Backward of x̂ = x / max(‖x‖, eps), in place on g = dL/dx̂ (T):
-//   dL/dx = (g - x̂·(x̂ᵀg)) / divisor     where ‖x‖ > eps (the radial part of g removed)
-//   dL/dx = g / eps                      where ‖x‖ <= eps (the divisor is the constant eps there)
+//   dL/dx = (g - x̂·(x̂ᵀg)) · (1 / divisor)     where ‖x‖ > eps (the radial part of g removed)
+//   dL/dx = g · (1 / eps)                      where ‖x‖ <= eps (the divisor is the constant eps there)
+// The reciprocal is rounded once per row (from fp64) and multiplied: within an ulp of F.normalize's division,
+// and several times faster (a vector division costs ~10 cycles; 64 rows of 384 were division-bound).
 // The contrastive op's slab strategy normalises its queries and documents with these on the cpu backend: the same
 // maths as its PyTorch form (four and six ATen ops per tensor), without the intermediate passes and dispatches
 // that dominate small batches.
@@ -44,9 +46,10 @@ FASTCACHE_INLINE void normalize_rows(const In* x, int64_t ldx, T* y, T* divisor,
   for (int64_t r = begin; r < end; ++r) {
     const In* xr = x + r * ldx;
     T* yr = y + r * dim;
-    const T d = static_cast<T>(std::max(std::sqrt(dot_lanes(xr, xr, dim)), eps));
-    for (int64_t j = 0; j < dim; ++j) yr[j] = static_cast<T>(xr[j]) / d;
-    divisor[r] = d;
+    const double d = std::max(std::sqrt(dot_lanes(xr, xr, dim)), eps);
+    const T inverse = static_cast<T>(1.0 / d);
+    for (int64_t j = 0; j < dim; ++j) yr[j] = static_cast<T>(xr[j]) * inverse;
+    divisor[r] = static_cast<T>(d);
   }
 }
 
@@ -56,9 +59,10 @@ FASTCACHE_INLINE void normalize_backward_rows(T* g, const T* y, const T* divisor
   for (int64_t r = begin; r < end; ++r) {
     T* gr = g + r * dim;
     const T* yr = y + r * dim;
-    const T d = divisor[r];
-    const T radial = static_cast<double>(d) > eps ? static_cast<T>(dot_lanes(yr, gr, dim)) : T(0);
-    for (int64_t j = 0; j < dim; ++j) gr[j] = (gr[j] - yr[j] * radial) / d;
+    const double d = divisor[r];
+    const T radial = d > eps ? static_cast<T>(dot_lanes(yr, gr, dim)) : T(0);
+    const T inverse = static_cast<T>(1.0 / d);
+    for (int64_t j = 0; j < dim; ++j) gr[j] = (gr[j] - yr[j] * radial) * inverse;
   }
 }
 

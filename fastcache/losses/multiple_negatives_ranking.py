@@ -96,13 +96,14 @@ def cached_loss_stage(loss, reps: list[list[Tensor]], with_backward: bool,
 def accumulate_into(reps: list[list[Tensor]], result: ContrastiveLossAndGrad) -> Tensor:
     """What loss.backward() does to the leaves ``reps`` (per column, the mini-batches concatenated into the op's
     queries and docs), from the op's precomputed gradients; returns the detached loss."""
-    grad_docs = result.grad_docs.reshape(len(reps) - 1, -1, result.grad_docs.size(-1))
-    for column, grad in zip(reps, (result.grad_queries, *grad_docs)):
-        for r, g in zip(column, grad.split([r.size(0) for r in column])):
-            if r.grad is None:
-                r.grad = g
-            else:
-                r.grad += g
+    docs = [r for column in reps[1:] for r in column]
+    grads = (*result.grad_queries.split_with_sizes([r.size(0) for r in reps[0]]),
+             *result.grad_docs.reshape(-1, result.grad_docs.size(-1)).split_with_sizes([r.size(0) for r in docs]))
+    for r, g in zip((*reps[0], *docs), grads):
+        if r.grad is None:
+            r.grad = g
+        else:
+            r.grad += g
     return result.loss.detach()
 
 
@@ -137,6 +138,11 @@ def fused_mnrl_loss(loss: st_losses.MultipleNegativesRankingLoss, embeddings: li
 class DuplicateMasking:
     """The keyword ``mask_duplicates`` (beyond upstream, default off): a candidate whose text is identical to a
     row's positive (same non-padding token ids, see fastcache.losses.duplicates) is not that row's negative."""
+
+    # the ops of the loss stage (loss_op): fastcache's MatryoshkaLoss sets them on its inner loss; None: the
+    # contrastive op (class attributes, so that the lookup at every step does not fail through Module.__getattr__)
+    fused_op: Callable | None = None
+    fused_op_and_grad: Callable | None = None
 
     def __init__(self, *args, mask_duplicates: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)

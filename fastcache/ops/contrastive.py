@@ -33,6 +33,7 @@ Two strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -482,7 +483,7 @@ def _strategy(layout, options, gathered: bool, guide_dim: int, device: torch.dev
         if asked not in ("auto", "triton"):
             raise RuntimeError(f"strategy 'tiled' runs Triton kernels: it needs backend 'triton', got {asked!r}")
         return "tiled", _backend.resolve_backend(device, available, "triton")
-    name = _backend.resolve_backend(device, available, backend)
+    name = _backend.resolve_backend(device, available, asked)
     if requested == "slab" or device.type == "cpu" or chunk_size is not None or asked not in ("auto", "triton") \
             or available["triton"] is not None:
         return "slab", name
@@ -561,15 +562,28 @@ def one_pass(run, queries: Tensor, docs: Tensor, all_queries: Tensor | None) -> 
 _SETTINGS = ("backend", "strategy", "memory_budget", "chunk_size", "show_progress_bar")
 
 
+@functools.lru_cache(maxsize=256)
+def _validated_options(items: tuple) -> ContrastiveOptions:
+    """ContrastiveOptions of the (name, type, value) triples ``items``, validated once per distinct set (a loss
+    passes the same options at every step). The type is part of the key: 1 == 1.0 == True, but only an int is a
+    valid offset."""
+    return ContrastiveOptions(**{name: value for name, _, value in items})
+
+
 def _parse(kwargs: dict) -> tuple[ContrastiveOptions, dict]:
     """Split keyword arguments into validated options and run settings."""
     settings = {k: kwargs.pop(k, None) for k in _SETTINGS}
     settings["show_progress_bar"] = bool(settings["show_progress_bar"])
-    unknown = set(kwargs) - set(ContrastiveOptions.__dataclass_fields__)
+    unknown = kwargs.keys() - ContrastiveOptions.__dataclass_fields__.keys()
     if unknown:
         raise TypeError(f"unknown argument(s) {sorted(unknown)}; options are "
                         f"{list(ContrastiveOptions.__dataclass_fields__)} and settings {list(_SETTINGS)}")
-    return ContrastiveOptions(**kwargs), settings
+    items = tuple((name, type(value), value) for name, value in sorted(kwargs.items()))
+    try:
+        hash(items)
+    except TypeError:  # an unhashable value (e.g. directions as a list): validate it uncached
+        return ContrastiveOptions(**kwargs), settings
+    return _validated_options(items), settings
 
 
 def contrastive_loss(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Mapping
 
 import torch
 
@@ -60,7 +61,7 @@ def requested_strategy(strategy: str | None = None) -> str:
     return _requested(strategy, "FASTCACHE_STRATEGY", STRATEGIES, "strategy")
 
 
-def resolve_backend(device: torch.device, available: dict[str, str | None], backend: str | None = None) -> str:
+def resolve_backend(device: torch.device, available: Mapping[str, str | None], backend: str | None = None) -> str:
     """Pick the backend for tensors on ``device``.
 
     ``available`` maps each backend an op implements to ``None`` when it can run here, or to the reason it

@@ -180,6 +180,35 @@ std::optional<at::Tensor> operand_backward(at::Tensor& grad, const at::Tensor& x
   return divisor.defined() ? l2_normalize_backward_cpu_(grad, x, divisor, eps) : grad;
 }
 
+// Whether n values are all finite: Σ v·0 stays 0 unless a NaN or ±Inf is among them (then it is NaN); branch-free,
+// so it vectorises (v·0 is not folded away without -ffast-math).
+template <typename T>
+FASTCACHE_INLINE bool finite_values(const T* v, int64_t n) {
+  T lane[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) lane[l] += v[i + l] * T(0);
+  T total = 0;
+  for (int l = 0; l < 16; ++l) total += lane[l];
+  for (; i < n; ++i) total += v[i] * T(0);
+  return total == T(0);
+}
+
+FASTCACHE_SIMD_CLONES bool finite_values_float(const float* v, int64_t n) { return finite_values(v, n); }
+bool finite_range(const float* v, int64_t n) { return finite_values_float(v, n); }
+bool finite_range(const double* v, int64_t n) { return finite_values(v, n); }
+
+// Whether every value of a contiguous float32/float64 tensor is finite (the op's NaN / Inf check of its inputs).
+bool all_finite(const at::Tensor& x) {
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "all_finite", [&] {
+    const scalar_t* v = x.data_ptr<scalar_t>();
+    return at::parallel_reduce(
+        0, x.numel(), at::internal::GRAIN_SIZE, true,
+        [&](int64_t begin, int64_t end, bool finite) { return finite && finite_range(v + begin, end - begin); },
+        [](bool a, bool b) { return a && b; });
+  });
+}
+
 // Σ of a contiguous float32/float64 vector (the per-row losses of a chunk), in fp64, without an ATen reduction.
 double sum_in_double(const at::Tensor& values) {
   double total = 0.0;
@@ -208,6 +237,11 @@ contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const st
   auto [q, q_div] = operand(queries, dtype, cosine, eps);
   auto [d, d_div] = operand(docs, dtype, cosine, eps);
   auto [Q, Q_div] = gathered ? operand(*all_queries, dtype, cosine, eps) : std::make_pair(q, q_div);
+  // the inputs' NaN / Inf check (the Python op leaves it to this call): a non-finite input value makes its row of the
+  // operand non-finite (normalised: NaN or Inf over a finite or infinite norm)
+  TORCH_CHECK_VALUE(all_finite(q), "queries contains NaN or Inf");
+  TORCH_CHECK_VALUE(all_finite(d), "docs contains NaN or Inf");
+  TORCH_CHECK_VALUE(!gathered || all_finite(Q), "all_queries contains NaN or Inf");
   const int64_t B = q.size(0), P = num_positives;
   TORCH_CHECK(offset >= 0 && offset + B <= P && P <= d.size(0), "offset ", offset, " with ", B, " rows exceeds the ",
               P, " positives of ", d.size(0), " candidates");

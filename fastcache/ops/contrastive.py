@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -138,7 +139,7 @@ class ContrastiveLossAndGrad(NamedTuple):
     grad_all_queries: Tensor | None
 
 
-def _check_tensor(name: str, t, ndims: tuple[int, ...]) -> None:
+def _check_tensor(name: str, t, ndims: tuple[int, ...], finite: bool = True) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() not in ndims:
@@ -147,8 +148,15 @@ def _check_tensor(name: str, t, ndims: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
     if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): the batch needs at least one row and one dim")
-    if not all_finite(t):
+    if finite and not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_finite(**tensors: Tensor | None) -> None:
+    """A ValueError naming the first of ``tensors`` (None skipped) that holds a NaN or Inf."""
+    for name, t in tensors.items():
+        if t is not None and not all_finite(t):
+            raise ValueError(f"{name} contains NaN or Inf")
 
 
 def all_finite(t: Tensor) -> bool:
@@ -170,14 +178,16 @@ def check_inputs(
     guide_docs: Tensor | None,
     options: ContrastiveOptions,
     doc_ids: Tensor | None = None,
+    finite: bool = True,
 ) -> ContrastiveLayout:
-    """Validate the inputs against each other and the options; return the layout."""
-    _check_tensor("queries", queries, (2,))
-    _check_tensor("docs", docs, (2, 3))
+    """Validate the inputs against each other and the options; return the layout. ``finite=False`` leaves the
+    NaN / Inf check of queries, docs and all_queries to the caller (the cpu slab's C++ pass makes it)."""
+    _check_tensor("queries", queries, (2,), finite)
+    _check_tensor("docs", docs, (2, 3), finite)
     rows, dim = queries.shape
     named = {"queries": queries, "docs": docs}
     if all_queries is not None:
-        _check_tensor("all_queries", all_queries, (2,))
+        _check_tensor("all_queries", all_queries, (2,), finite)
         named["all_queries"] = all_queries
         if all_queries.size(1) != dim:
             raise ValueError(f"all_queries has {all_queries.size(1)} dims, queries have {dim}")
@@ -469,7 +479,7 @@ def _slab_cpu(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, op
     return loss, grad_queries, None if grad_docs is None else grad_docs.view(docs.shape), grad_all
 
 
-def _strategy(layout, options, gathered: bool, guide_dim: int, device: torch.device, available: dict, backend,
+def _strategy(layout, options, gathered: bool, guide_dim: int, device: torch.device, available: Mapping, backend,
               strategy, memory_budget, chunk_size) -> tuple[str, str]:
     """(strategy, backend) for this call.
 
@@ -498,13 +508,16 @@ def _strategy(layout, options, gathered: bool, guide_dim: int, device: torch.dev
 
 def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, need_grad, *, backend, strategy,
          memory_budget, chunk_size, show_progress_bar):
-    layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options, doc_ids)
+    layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options, doc_ids, finite=False)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     available = contrastive_epilogue.available(queries.device)
     guide_dim = 0 if guide_queries is None else guide_queries.size(1)
     strategy, name = _strategy(layout, options, all_queries is not None, guide_dim, queries.device, available,
                                backend, strategy, memory_budget, chunk_size)
+    native = strategy == "slab" and name == "cpu" and not show_progress_bar  # one C++ call: _slab_cpu
+    if not native:  # (the C++ call checks the embeddings it reads for NaN / Inf itself)
+        check_finite(queries=queries, docs=docs, all_queries=all_queries)
     if strategy == "tiled":
         from fastcache.triton.contrastive import contrastive_tiled
 
@@ -523,7 +536,7 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options
                            cache_cap=queries.device.type == "cpu")
     else:
         chunk = min(chunk_size, layout.rows)
-    if name == "cpu" and not show_progress_bar:
+    if native:
         return _slab_cpu(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, need_grad,
                          chunk)
     return _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, epilogue,
@@ -563,11 +576,10 @@ _SETTINGS = ("backend", "strategy", "memory_budget", "chunk_size", "show_progres
 
 
 @functools.lru_cache(maxsize=256)
-def _validated_options(items: tuple) -> ContrastiveOptions:
-    """ContrastiveOptions of the (name, type, value) triples ``items``, validated once per distinct set (a loss
-    passes the same options at every step). The type is part of the key: 1 == 1.0 == True, but only an int is a
-    valid offset."""
-    return ContrastiveOptions(**{name: value for name, _, value in items})
+def _validated_options(names: tuple, types: tuple, values: tuple) -> ContrastiveOptions:
+    """ContrastiveOptions(names=values), validated once per distinct set (a loss passes the same options at every
+    step). The types are part of the key: 1 == 1.0 == True, but only an int is a valid offset."""
+    return ContrastiveOptions(**dict(zip(names, values)))
 
 
 def _parse(kwargs: dict) -> tuple[ContrastiveOptions, dict]:
@@ -578,12 +590,11 @@ def _parse(kwargs: dict) -> tuple[ContrastiveOptions, dict]:
     if unknown:
         raise TypeError(f"unknown argument(s) {sorted(unknown)}; options are "
                         f"{list(ContrastiveOptions.__dataclass_fields__)} and settings {list(_SETTINGS)}")
-    items = tuple((name, type(value), value) for name, value in sorted(kwargs.items()))
+    values = tuple(kwargs.values())
     try:
-        hash(items)
-    except TypeError:  # an unhashable value (e.g. directions as a list): validate it uncached
+        return _validated_options(tuple(kwargs), tuple(map(type, values)), values), settings
+    except TypeError:  # an unhashable value (e.g. directions as a list): validated without the cache
         return ContrastiveOptions(**kwargs), settings
-    return _validated_options(items), settings
 
 
 def contrastive_loss(

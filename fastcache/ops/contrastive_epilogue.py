@@ -12,6 +12,11 @@ row's positive are masked in query_to_doc and doc_to_doc). L is the mean over th
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 from torch import Tensor
 
@@ -152,14 +157,20 @@ GPU_EPILOGUES = ("cuda", "triton")
 _FASTEST: dict[tuple, str] = {}
 
 
-def available(device: torch.device) -> dict[str, str | None]:
-    """Backends of this op and, for each, None when it can run on ``device`` or the reason it cannot."""
-    return {
+def available(device: torch.device) -> Mapping[str, str | None]:
+    """Backends of this op and, for each, None when it can run on ``device`` or the reason it cannot (read-only:
+    the answer only changes with ``TRITON_INTERPRET``, so it is worked out once per device and value)."""
+    return _available(device, os.environ.get("TRITON_INTERPRET"))
+
+
+@functools.lru_cache(maxsize=64)
+def _available(device: torch.device, triton_interpret: str | None) -> Mapping[str, str | None]:
+    return MappingProxyType({
         "cpu": _backend.cpu_kernel_status(device),
         "torch": None,
         "cuda": _backend.cuda_kernel_status(device, "contrastive_epilogue_cuda"),
         "triton": _backend.triton_kernel_status(device),
-    }
+    })
 
 
 def _pow2_bucket(n: int) -> int:

@@ -231,6 +231,8 @@ contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const st
   TORCH_CHECK(queries.dim() == 2 && docs.dim() == 2 && docs.size(1) == queries.size(1),
               "queries and docs must be 2-D with the same number of dims");
   TORCH_CHECK(chunk >= 1, "chunk must be positive, got ", chunk);
+  // no autograd here (the op hands its gradients over itself): the ATen calls skip its dispatch layers
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType dtype = queries.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool gathered = all_queries.has_value(), guided = guide_queries.has_value();
   TORCH_CHECK(guided == guide_docs.has_value(), "guide_queries and guide_docs must be given together");

@@ -114,8 +114,7 @@ class ContrastiveOptions:
         return self.hardness_mode is not None and self.hardness_strength > 0
 
 
-@dataclass(frozen=True)
-class ContrastiveLayout:
+class ContrastiveLayout(NamedTuple):
     """Sizes of one call: B rows, P positives, C candidate columns (N = C·P), D dims, Mq query columns."""
 
     rows: int
@@ -472,11 +471,14 @@ def _slab_cpu(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, op
     dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
     gq, gd, ids = guide_and_id_operands(guide_queries, guide_docs, doc_ids, dtype)
     dirs = options.directions
+    flat_docs = docs if docs.dim() == 2 else docs.reshape(-1, layout.dim)
     loss, grad_queries, grad_docs, grad_all = _backend.EXTENSION.contrastive_slab_cpu(
-        queries, docs.reshape(-1, layout.dim), all_queries, gq, gd, ids, "query_to_query" in dirs,
-        "doc_to_query" in dirs, "doc_to_doc" in dirs, options.similarity == "cos", NORMALIZE_EPS, layout.positives,
-        options.offset, layout.own_query_offset, *contrastive_epilogue.compiled_options(options), chunk, need_grad)
-    return loss, grad_queries, None if grad_docs is None else grad_docs.view(docs.shape), grad_all
+        queries, flat_docs, all_queries, gq, gd, ids, "query_to_query" in dirs, "doc_to_query" in dirs,
+        "doc_to_doc" in dirs, options.similarity == "cos", NORMALIZE_EPS, layout.positives, options.offset,
+        layout.own_query_offset, *contrastive_epilogue.compiled_options(options), chunk, need_grad)
+    if grad_docs is not None and flat_docs is not docs:
+        grad_docs = grad_docs.view(docs.shape)
+    return loss, grad_queries, grad_docs, grad_all
 
 
 def _strategy(layout, options, gathered: bool, guide_dim: int, device: torch.device, available: Mapping, backend,
@@ -568,8 +570,12 @@ def one_pass(run, queries: Tensor, docs: Tensor, all_queries: Tensor | None) -> 
     dtypes of the inputs they belong to."""
     with torch.no_grad():
         loss, gq, gd, gaq = run(True)
-    return ContrastiveLossAndGrad(loss, gq.to(queries.dtype), gd.to(docs.dtype),
-                                  None if gaq is None else gaq.to(all_queries.dtype))
+
+    def like(grad: Tensor, x: Tensor) -> Tensor:
+        return grad if grad.dtype == x.dtype else grad.to(x.dtype)
+
+    return ContrastiveLossAndGrad(loss, like(gq, queries), like(gd, docs),
+                                  None if gaq is None else like(gaq, all_queries))
 
 
 _SETTINGS = ("backend", "strategy", "memory_budget", "chunk_size", "show_progress_bar")

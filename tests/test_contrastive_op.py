@@ -657,6 +657,34 @@ def test_bad_input_raises_value_error(fn, case):
         fn(queries, docs, **kwargs)
 
 
+@pytest.mark.parametrize("path", ["cpu", "cpu_progress_bar", "torch"])  # the C++ call's own check; Python's
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", ["queries", "docs", "all_queries"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs_are_named_on_every_path(path, similarity, dtype, name, value):
+    """One NaN or ±Inf anywhere in an embedding input (here the last value of a 3-D docs tensor or of a gathered
+    all_queries) is a ValueError naming it, whichever path checks it."""
+    batch = make_batch(3, 7, columns=2, seed=8, dtype=dtype)
+    inputs = {"queries": batch["queries"], "docs": batch["docs"].reshape(2, 3, 7),
+              "all_queries": torch.cat([batch["queries"], batch["queries"].flip(0)])[:3]}
+    inputs[name] = inputs[name].clone()
+    inputs[name].view(-1)[-1] = value
+    settings = dict(backend=path.split("_")[0], show_progress_bar=path.endswith("bar"))
+    with pytest.raises(ValueError, match=rf"^{name} contains NaN or Inf"):
+        contrastive_loss_and_grad(inputs["queries"], inputs["docs"], all_queries=inputs["all_queries"],
+                                  similarity=similarity, **settings)
+
+
+def test_large_finite_inputs_are_not_taken_for_non_finite():
+    """fp32 values whose squares overflow fp32 (1e30) are finite: the C++ path's check passes them, and its cosine
+    similarity (the norm accumulated in fp64) is that of the unscaled rows. (F.normalize, hence the reference and
+    sentence-transformers, overflows to an infinite norm there and gives zero vectors.)"""
+    batch = make_batch(3, 7, columns=2, seed=9, dtype=torch.float32)
+    result = contrastive_loss_and_grad(batch["queries"] * 1e30, batch["docs"] * 1e30, backend="cpu")
+    torch.testing.assert_close(result.loss, contrastive_loss_reference(batch["queries"], batch["docs"]))
+
+
 @pytest.mark.parametrize("case", [c for c in BAD_INPUTS if not any(
     s in c for s in ("chunk_size", "backend", "memory_budget"))])
 def test_reference_rejects_the_same_inputs(case):

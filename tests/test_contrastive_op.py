@@ -676,6 +676,24 @@ def test_non_finite_inputs_are_named_on_every_path(path, similarity, dtype, name
                                   similarity=similarity, **settings)
 
 
+def test_options_validated_once_are_told_apart_by_type():
+    """The op validates each distinct option set once: a value equal to a valid one but of another type (1.0 or
+    True for offset=1) is still rejected after the valid one was used, and unhashable values (directions as a
+    list) are validated too."""
+    batch = make_batch(3, 4, columns=2, seed=3, dtype=torch.float32)
+    all_queries = torch.cat([batch["queries"], batch["queries"][:1]])
+    docs = torch.cat([batch["docs"][:3], all_queries[3:], batch["docs"][3:], batch["docs"][:1]])
+    contrastive_loss_and_grad(batch["queries"], docs, all_queries=all_queries, offset=1)
+    for offset in (1.0, True):
+        with pytest.raises(ValueError, match="offset must be a non-negative int"):
+            contrastive_loss_and_grad(batch["queries"], docs, all_queries=all_queries, offset=offset)
+    as_list = contrastive_loss_and_grad(batch["queries"], batch["docs"], directions=[QD, QQ])
+    as_tuple = contrastive_loss_and_grad(batch["queries"], batch["docs"], directions=(QD, QQ))
+    assert torch.equal(as_list.loss, as_tuple.loss)
+    with pytest.raises(ValueError, match="directions: unknown"):
+        contrastive_loss_and_grad(batch["queries"], batch["docs"], directions=[QD, "doc_to_everything"])
+
+
 def test_large_finite_inputs_are_not_taken_for_non_finite():
     """fp32 values whose squares overflow fp32 (1e30) are finite: the C++ path's check passes them, and its cosine
     similarity (the norm accumulated in fp64) is that of the unscaled rows. (F.normalize, hence the reference and

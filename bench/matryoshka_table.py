@@ -6,7 +6,8 @@ MatryoshkaLoss and the single-dimension cached loss.
     python bench/matryoshka_table.py --fastcache-only --threads 1 --repeats 5 \
         --out bench/results/matryoshka_cpu_fastcache_1thread.json   # the two fastcache cases (seconds, not minutes)
     python bench/matryoshka_table.py --fastcache-only --threads 1 --profile   # where each case's time goes
-    python bench/matryoshka_table.py --threads 1 --floor --repeats 5   # the two ops part by part (the 1.3x floor)
+    python bench/matryoshka_table.py --threads 1 --floor --repeats 5 \
+        --out bench/results/matryoshka_cpu_floor_1thread.json   # the two ops part by part (what bounds the ratio)
 
 Every case is the loss stage of a cached (GradCache) MultipleNegativesRankingLoss, as its forward runs it once the
 mini-batches are embedded: ``calculate_loss(reps, with_backward=True)`` on random fp32 embeddings handed over as
@@ -120,13 +121,14 @@ def profile(cases: list[Case], repeats: int) -> None:
               f"{(total - forward - backward) * 1e3:.0f} |")
 
 
-def floor(B: int, D: int, dims: tuple[int, ...], repeats: int, seed: int = 0, **_) -> None:
+def floor(B: int, D: int, dims: tuple[int, ...], repeats: int, seed: int = 0, **_) -> dict:
     """Print what bounds the fused loss stage against the single-dim one, part by part: both ops' loss and gradient
     calls (fastcache.ops, cosine, scale 20, N = 2B candidates), and their chunk loops rebuilt from the same calls with
     a clock around each part: the forward GEMMs (K segment products per chunk, or one), the C++ epilogue
     (matryoshka_epilogue_cpu on the K blocks, or contrastive_epilogue_cpu on one), the backward GEMMs (dX and dYᵀ
     per segment, or dX and dY), at the chunk heights the ops choose. Minimum over ``repeats`` interleaved runs.
-    What the op spends beyond its parts (normalisation, radial sums, Python) is the last column."""
+    What the op spends beyond its parts (normalisation, radial sums, Python) is the last column. Returns the
+    table (seconds) and the chunk heights."""
     from fastcache import _backend, contrastive_loss_and_grad
     from fastcache.ops import contrastive as C
     from fastcache.ops import contrastive_epilogue
@@ -199,6 +201,9 @@ def floor(B: int, D: int, dims: tuple[int, ...], repeats: int, seed: int = 0, **
               f"{(whole - forward - epilogue - backward) * 1e3:.0f} |")
     ratios = [f / s for f, s in zip(best["fused"], best["single"])]
     print("| fused ÷ single | " + " | ".join(f"{r:.2f}" for r in ratios[:4]) + " | |")
+    parts_s = ("total_s", "forward_gemms_s", "epilogue_s", "backward_gemms_s")
+    return {"chunk_rows": {"fused": fused_rows, "single": single_rows},
+            "ops": {name: dict(zip(parts_s, times)) for name, times in best.items()}}
 
 
 def targets(t: dict[str, float]) -> list[dict]:
@@ -242,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: 1-minute load average {load_at_start[0]:.2f} before the run: the timings will be noisy",
               file=sys.stderr)
     if args.floor:
-        floor(**shape, repeats=args.repeats)
+        report = floor(**shape, repeats=args.repeats)
+        if args.out is not None:
+            save_json({"machine": run_machine(load_at_start), "shape": {**shape, "dims": list(shape["dims"])},
+                       "dtype": "float32", "repeats": args.repeats, "floor": report}, args.out)
         return 0
     cases = [make_case(name, **shape) for name in args.cases]
     if args.profile:

@@ -6,6 +6,8 @@ MatryoshkaLoss and the single-dimension cached loss.
     python bench/matryoshka_table.py --fastcache-only --threads 1 --repeats 5 \
         --out bench/results/matryoshka_cpu_fastcache_1thread.json   # the two fastcache cases (seconds, not minutes)
     python bench/matryoshka_table.py --fastcache-only --threads 1 --profile   # where each case's time goes
+    python bench/matryoshka_table.py --threads 1 --floor --repeats 5 \
+        --out bench/results/matryoshka_cpu_floor_1thread.json   # the two ops part by part (what bounds the ratio)
 
 Every case is the loss stage of a cached (GradCache) MultipleNegativesRankingLoss, as its forward runs it once the
 mini-batches are embedded: ``calculate_loss(reps, with_backward=True)`` on random fp32 embeddings handed over as
@@ -119,6 +121,91 @@ def profile(cases: list[Case], repeats: int) -> None:
               f"{(total - forward - backward) * 1e3:.0f} |")
 
 
+def floor(B: int, D: int, dims: tuple[int, ...], repeats: int, seed: int = 0, **_) -> dict:
+    """Print what bounds the fused loss stage against the single-dim one, part by part: both ops' loss and gradient
+    calls (fastcache.ops, cosine, scale 20, N = 2B candidates), and their chunk loops rebuilt from the same calls with
+    a clock around each part: the forward GEMMs (K segment products per chunk, or one), the C++ epilogue
+    (matryoshka_epilogue_cpu on the K blocks, or contrastive_epilogue_cpu on one), the backward GEMMs (dX and dYᵀ
+    per segment, or dX and dY), at the chunk heights the ops choose. Minimum over ``repeats`` interleaved runs.
+    What the op spends beyond its parts (normalisation, radial sums, Python) is the last column. Returns the
+    table (seconds) and the chunk heights."""
+    from fastcache import _backend, contrastive_loss_and_grad
+    from fastcache.ops import contrastive as C
+    from fastcache.ops import contrastive_epilogue
+    from fastcache.ops import matryoshka as M
+
+    extension = _backend.EXTENSION
+    generator = torch.Generator().manual_seed(seed)
+    queries, docs = torch.randn(B, D, generator=generator), torch.randn(2 * B, D, generator=generator)
+    options = C.ContrastiveOptions()
+    layout = C.check_inputs(queries, docs, None, None, None, options)
+    compiled = contrastive_epilogue.compiled_options(options)
+    q, d = (torch.nn.functional.normalize(x, dim=1) for x in (queries, docs))
+    N, K = d.size(0), len(dims)
+    segments = list(zip(dims[1:] + (0,), dims))
+    norms_q, norms_d = M._prefix_norms(queries, dims, torch.float32), M._prefix_norms(docs, dims, torch.float32)
+    fused_rows = M.slab_rows(layout, options, False, 0, K, "cpu", queries)
+    single_rows = C.chunk_rows(layout, options, False, 0, _backend.memory_budget(None), 4,
+                               contrastive_epilogue.WORKSPACE_BLOCKS["cpu"])
+
+    def parts(fused: bool) -> list[float]:
+        rows = fused_rows if fused else single_rows
+        blocks = torch.empty(K if fused else 1, rows, N)
+        bounds = segments if fused else [(0, D)]
+        grad_q, grad_d = torch.zeros(B, D), torch.zeros(D, N) if fused else torch.zeros(N, D)
+        clock = [0.0, 0.0, 0.0]
+        for r0 in range(0, B, rows):
+            c = min(rows, B - r0)
+            start = time.perf_counter()
+            for k, (lo, hi) in enumerate(bounds):
+                torch.mm(q[r0:r0 + c, lo:hi], d[:, lo:hi].T, out=blocks[k, :c])
+            middle = time.perf_counter()
+            if fused:
+                extension.matryoshka_epilogue_cpu([blocks[:, :c]], [0], [], None, [norms_q[1][:, r0:r0 + c]],
+                                                  [norms_d[1]], [1.0] * K, r0, B, B, 0, 0, *compiled, True)
+            else:
+                extension.contrastive_epilogue_cpu(blocks[0, :c], None, None, None, None, None, None, None, r0, B,
+                                                   B, 0, 0, *compiled, True)
+            end = time.perf_counter()
+            for k, (lo, hi) in enumerate(bounds):
+                grad_q[r0:r0 + c, lo:hi].addmm_(blocks[k, :c], d[:, lo:hi])
+                if fused:  # the fused op's transposed column gradient (ops/matryoshka.py: _segment_gemms_)
+                    grad_d[lo:hi].addmm_(q[r0:r0 + c, lo:hi].T, blocks[k, :c])
+                else:
+                    grad_d.addmm_(blocks[k, :c].T, q[r0:r0 + c])
+            clock[0] += middle - start
+            clock[1] += end - middle
+            clock[2] += time.perf_counter() - end
+        return clock
+
+    def total(fused: bool) -> float:
+        start = time.perf_counter()
+        if fused:
+            M.matryoshka_contrastive_loss_and_grad(queries, docs, dims=dims)
+        else:
+            contrastive_loss_and_grad(queries, docs)
+        return time.perf_counter() - start
+
+    best = {name: [float("inf")] * 4 for name in ("fused", "single")}
+    for run in range(repeats + 1):  # the first run warms up
+        for name in best:
+            measured = [total(name == "fused")] + parts(name == "fused")
+            if run:
+                best[name] = [min(a, b) for a, b in zip(best[name], measured)]
+    print(f"B={B}, N={2 * B}, D={D}, dims {dims}, fp32, {torch.get_num_threads()} threads; chunk rows: fused "
+          f"{fused_rows}, single {single_rows}; ms, min of {repeats}\n")
+    print("| op | total | forward GEMMs | epilogue | backward GEMMs | rest |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, (whole, forward, epilogue, backward) in best.items():
+        print(f"| {name} | {whole * 1e3:.0f} | {forward * 1e3:.0f} | {epilogue * 1e3:.0f} | {backward * 1e3:.0f} | "
+              f"{(whole - forward - epilogue - backward) * 1e3:.0f} |")
+    ratios = [f / s for f, s in zip(best["fused"], best["single"])]
+    print("| fused ÷ single | " + " | ".join(f"{r:.2f}" for r in ratios[:4]) + " | |")
+    parts_s = ("total_s", "forward_gemms_s", "epilogue_s", "backward_gemms_s")
+    return {"chunk_rows": {"fused": fused_rows, "single": single_rows},
+            "ops": {name: dict(zip(parts_s, times)) for name, times in best.items()}}
+
+
 def targets(t: dict[str, float]) -> list[dict]:
     found = []
     if "fastcache_matryoshka" in t and "fastcache_single" in t:
@@ -146,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the timing table: each case's forward GEMMs, backward GEMMs and the rest")
+    parser.add_argument("--floor", action="store_true",
+                        help="instead of the timing table: the fused and single-dim ops part by part (forward GEMMs, "
+                             "epilogue, backward GEMMs, rest), timed in their chunk loops")
     args = parser.parse_args(argv)
     if args.fastcache_only:
         args.cases = ["fastcache_matryoshka", "fastcache_single"]
@@ -156,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     if load_at_start[0] > 0.5:
         print(f"warning: 1-minute load average {load_at_start[0]:.2f} before the run: the timings will be noisy",
               file=sys.stderr)
+    if args.floor:
+        report = floor(**shape, repeats=args.repeats)
+        if args.out is not None:
+            save_json({"machine": run_machine(load_at_start), "shape": {**shape, "dims": list(shape["dims"])},
+                       "dtype": "float32", "repeats": args.repeats, "floor": report}, args.out)
+        return 0
     cases = [make_case(name, **shape) for name in args.cases]
     if args.profile:
         profile(cases, args.repeats)

@@ -366,3 +366,26 @@ def test_triton_epilogue_in_the_interpreter(variant):
         pytest.skip("the Triton interpreter is off (set TRITON_INTERPRET=1 before importing triton)")
     batch = make_batch(5, 9, columns=2, seed=12)
     check(batch, dims=[9, 5, 2], weights=[1.0, 0.5, 2.0], backend="triton", chunk_size=3, **VARIANTS[variant])
+
+
+def test_bench_floor_quick(extension, tmp_path):
+    """bench/matryoshka_table.py --floor runs end to end at its smoke shape (no timing claims): both ops part by
+    part, at the chunk heights the ops choose (the fused one from slab_rows)."""
+    from fastcache.ops.contrastive import ContrastiveOptions, check_inputs
+    from fastcache.ops.matryoshka import slab_rows
+    from helpers import run_bench_script
+
+    stdout, report = run_bench_script("matryoshka_table.py", tmp_path / "floor.json", "--floor", "--threads", "1")
+    assert "| fused ÷ single |" in stdout
+    floor = report["floor"]
+    assert set(floor["ops"]) == {"fused", "single"}
+    assert all(t > 0 for times in floor["ops"].values() for t in times.values())
+    queries, docs = torch.zeros(256, 64), torch.zeros(512, 64)  # the smoke shape: B=256, N=512, D=64, 5 dims
+    layout = check_inputs(queries, docs, None, None, None, ContrastiveOptions())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = slab_rows(layout, ContrastiveOptions(), False, 0, 5, "cpu", queries)
+    finally:
+        torch.set_num_threads(threads)
+    assert floor["chunk_rows"]["fused"] == expected

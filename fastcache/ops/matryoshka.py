@@ -311,6 +311,25 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     return loss, total["q"], total["d"].view(docs.shape), total["Q"] if gathered else None
 
 
+def slab_rows(layout, options, gathered: bool, guide_dim: int, num_dims: int, backend: str, queries: Tensor,
+              memory_budget=None) -> int:
+    """Rows per chunk of the slab strategy with ``backend``'s epilogue (``queries`` gives the dtype and device):
+    what the memory budget allows, and on CPU with the fused epilogue at most FUSED_BLOCK_BYTES of segment blocks
+    per thread (at least MIN_FUSED_ROWS)."""
+    fused = backend == "cpu"
+    itemsize = 8 if queries.dtype == torch.float64 else 4
+    # per direction: fused, one segment block per dim; else the running prefix product, one gradient block
+    # per dim, the radial product temporary and the epilogue's workspace
+    # (+ half a block: a segment's gradient total in bf16/fp16 for low-precision GEMMs)
+    blocks = num_dims if fused else num_dims + 1 + contrastive_epilogue.WORKSPACE_BLOCKS[backend] + (
+        0.5 if low_precision_gemms(queries) else 0)
+    chunk = chunk_rows(layout, options, gathered, guide_dim, _backend.memory_budget(memory_budget), itemsize, blocks)
+    if fused and queries.device.type == "cpu":
+        row_bytes = blocks * itemsize * sum(block_columns(layout, guide_dim > 0)[k] for k in options.directions)
+        chunk = min(chunk, max(MIN_FUSED_ROWS, FUSED_BLOCK_BYTES * torch.get_num_threads() // row_bytes))
+    return chunk
+
+
 def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, weights, options, need_grad, *,
          backend, memory_budget, chunk_size, show_progress_bar, strategy=None):
     layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options, doc_ids)
@@ -328,17 +347,8 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, w
                                 dims, weights, need_grad)
     fused = name == "cpu"  # the C++ Matryoshka epilogue; other backends run their contrastive epilogue per dim
     if chunk_size is None:
-        itemsize = 8 if queries.dtype == torch.float64 else 4
-        # per direction: fused, one segment block per dim; else the running prefix product, one gradient block
-        # per dim, the radial product temporary and the epilogue's workspace
-        # (+ half a block: a segment's gradient total in bf16/fp16 for low-precision GEMMs)
-        blocks = len(dims) if fused else len(dims) + 1 + contrastive_epilogue.WORKSPACE_BLOCKS[name] + (
-            0.5 if low_precision_gemms(queries) else 0)
-        chunk = chunk_rows(layout, options, all_queries is not None, guide_dim,
-                           _backend.memory_budget(memory_budget), itemsize, blocks)
-        if fused and queries.device.type == "cpu":
-            row_bytes = blocks * itemsize * sum(block_columns(layout, guide_dim > 0)[k] for k in options.directions)
-            chunk = min(chunk, max(MIN_FUSED_ROWS, FUSED_BLOCK_BYTES * torch.get_num_threads() // row_bytes))
+        chunk = slab_rows(layout, options, all_queries is not None, guide_dim, len(dims), name, queries,
+                          memory_budget)
     else:
         chunk = min(chunk_size, layout.rows)
     return _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, dims, weights,

@@ -185,11 +185,12 @@ def test_data_errors(tmp_path):
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_build_loss_every_loss(tiny_model_dir, tiny_model, name):
+def test_build_loss_every_loss(tiny_model_dir, tiny_model, name, tmp_path):
     from sentence_transformers.sentence_transformer import losses as st_losses
 
+    # an output folder of its own: the default (./fastcache-model) exists once `make train` has run here
     config = TrainConfig(model=str(tiny_model_dir), loss=name, gather_across_devices=True,
-                         mini_batch_size=4 if name.startswith("cached-") else None)
+                         mini_batch_size=4 if name.startswith("cached-") else None, output_dir=tmp_path / "model")
     config.check()
     loss = build_loss(tiny_model, config)
     assert type(loss) is getattr(losses, LOSSES[name])

@@ -147,8 +147,8 @@ def _check_tensor(name: str, t, ndims: tuple[int, ...], finite: bool = True) -> 
         raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
     if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): the batch needs at least one row and one dim")
-    if finite and not all_finite(t):
-        raise ValueError(f"{name} contains NaN or Inf")
+    if finite:
+        check_finite(**{name: t})
 
 
 def check_finite(**tensors: Tensor | None) -> None:

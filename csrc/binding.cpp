@@ -20,6 +20,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matryoshka_epilogue_cpu", &fastcache::matryoshka_epilogue_cpu,
         "Fused Matryoshka epilogue on CPU: segment products -> per-segment gradients in place; returns (weighted "
         "per-row losses, row radial sums, column radial sums)");
+  m.def("matryoshka_chunk_cpu", &fastcache::matryoshka_chunk_cpu,
+        "One row chunk of the fused Matryoshka slab on CPU: segment GEMMs, the epilogue, the backward GEMMs and "
+        "radial sums added into the given gradients; returns the sum of the rows' weighted losses");
   m.def("l2_normalize_cpu", &fastcache::l2_normalize_cpu,
         "L2 row normalisation on CPU as F.normalize: (x / max(|x|, eps) in dtype, the divisors [rows, 1])");
   m.def("l2_normalize_backward_cpu_", &fastcache::l2_normalize_backward_cpu_,

@@ -156,11 +156,69 @@ def test_fused_cpu_epilogue_bad_input(extension, change, match):
         extension.matryoshka_epilogue_cpu(*arguments)
 
 
+def _chunk_arguments(c=40, n=50, dim=12, dims=(12, 7, 3), seed=21):
+    """Arguments of the C++ Matryoshka chunk (GEMMs, epilogue, backward GEMMs) for one cosine query_to_doc chunk."""
+    g = torch.Generator().manual_seed(seed)
+    K = len(dims)
+    x, y = torch.randn(c, dim, generator=g), torch.randn(n, dim, generator=g)
+    row_scales, column_scales = torch.rand(K, c, generator=g) + 0.5, torch.rand(K, n, generator=g) + 0.5
+    return ([torch.empty(K, c, n)], [0], [], None, [row_scales], [column_scales], [1.0, 0.5, 0.25], list(dims), [x],
+            [y], [torch.zeros(c, dim)], [torch.zeros(dim, n)], [torch.zeros(K, c)], [torch.zeros(K, n)], 0, c, c, 0, 0,
+            20.0, 0, 0.0, True, 0, 0.0, True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_cpu_chunk_is_the_epilogue_between_segment_gemms(extension, threads):
+    """matryoshka_chunk_cpu = the segment GEMMs, matryoshka_epilogue_cpu, then dX[:, S_k] += A_k·Y[:, S_k] and
+    dYᵀ[S_k] += X[:, S_k]ᵀ·A_k, with the radial sums added to what the targets held (here: ones)."""
+    a = _chunk_arguments(c=70, n=83, dim=13, dims=(13, 8, 2))  # 4 row groups, a 16-lane tail
+    segments, dims, (x,), (y,) = a[0][0], a[7], a[8], a[9]
+    targets = [t[0].fill_(1.0) for t in a[10:14]]
+    bounds = list(zip(dims[1:] + [0], dims))
+    expected_segments = torch.stack([x[:, lo:hi] @ y[:, lo:hi].T for lo, hi in bounds])
+    loss, (row_radial,), (column_radial,) = extension.matryoshka_epilogue_cpu(
+        [expected_segments], *a[1:7], *a[14:])
+    grad_x, grad_y_t = torch.ones_like(x), torch.ones(x.size(1), y.size(0))
+    for k, (lo, hi) in enumerate(bounds):
+        grad_x[:, lo:hi] += expected_segments[k] @ y[:, lo:hi]
+        grad_y_t[lo:hi] += x[:, lo:hi].T @ expected_segments[k]
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        total = extension.matryoshka_chunk_cpu(*a)
+    finally:
+        torch.set_num_threads(previous)
+    assert total == pytest.approx(loss.double().sum().item(), rel=1e-6)
+    for actual, wanted in zip([segments, *targets], [expected_segments, grad_x, grad_y_t, row_radial + 1,
+                                                      column_radial + 1]):
+        torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda a: a.__setitem__(7, [12, 3, 7]), "dims must descend"),
+    (lambda a: a.__setitem__(7, [13, 7, 3]), "at most the operands' 12 columns"),
+    (lambda a: a.__setitem__(7, [12, 7]), "dims: one per weight"),
+    (lambda a: a.__setitem__(9, [a[9][0][:49]]), r"column_operands must have shape \[50, 12\]"),
+    (lambda a: a.__setitem__(8, [a[8][0].double()]), "row_operands must have dtype Float"),
+    (lambda a: a.__setitem__(10, []), "row_grads and column_grads_t: one per direction"),
+    (lambda a: a.__setitem__(11, [a[11][0].T.contiguous().T]), "column_grads_t must be contiguous"),
+    (lambda a: a.__setitem__(12, [a[12][0][:, :39]]), r"row radial sums must have shape \[3, 40\]"),
+    (lambda a: a.__setitem__(13, []), "column_radial: one per direction"),
+], ids=["order", "too_large", "count", "operand_shape", "operand_dtype", "grads", "strided_grad", "row_radial",
+        "column_radial"])
+def test_fused_cpu_chunk_bad_input(extension, change, match):
+    """The chunk's own arguments (dims, operands, gradient and radial targets) are checked before any work."""
+    arguments = list(_chunk_arguments())
+    change(arguments)
+    with pytest.raises(RuntimeError, match=match):
+        extension.matryoshka_chunk_cpu(*arguments)
+
+
 def test_cpu_backend_runs_the_fused_epilogue(extension, monkeypatch):
     """backend="cpu" makes one fused C++ call per chunk (every dim at once); "torch" makes none."""
     calls = []
-    fused = extension.matryoshka_epilogue_cpu
-    monkeypatch.setattr(extension, "matryoshka_epilogue_cpu", lambda *a: calls.append(1) or fused(*a))
+    fused = extension.matryoshka_chunk_cpu
+    monkeypatch.setattr(extension, "matryoshka_chunk_cpu", lambda *a: calls.append(1) or fused(*a))
     batch = make_batch(5, 9, columns=2, seed=18)
     expected = op_loss_and_grad(batch, dims=[9, 5, 2], backend="torch", chunk_size=2)
     assert not calls
@@ -182,8 +240,8 @@ def test_fused_chunk_keeps_the_segment_blocks_in_cache(extension, monkeypatch, b
     monkeypatch.setattr(matryoshka, "MIN_FUSED_ROWS", 7)
     rows = 7 if rows_per_thread is None else rows_per_thread * torch.get_num_threads()
     calls = []
-    fused = extension.matryoshka_epilogue_cpu
-    monkeypatch.setattr(extension, "matryoshka_epilogue_cpu", lambda *a: calls.append(a[0][0].size(1)) or fused(*a))
+    fused = extension.matryoshka_chunk_cpu
+    monkeypatch.setattr(extension, "matryoshka_chunk_cpu", lambda *a: calls.append(a[0][0].size(1)) or fused(*a))
     actual = op_loss_and_grad(batch, dims=[9, 5, 2], backend="cpu")
     assert calls == [min(rows, 100 - r0) for r0 in range(0, 100, rows)]
     assert_matches(actual, expected)

@@ -12,7 +12,14 @@
 //   row radial t_k(i) = w_k·Σ_j g_k·s_k and column radial u_k(j) = w_k·Σ_i g_k·s_k   (cosine only)
 // The per-dim work stays in a scratch of K + 1 rows per direction (the R_k, the row being rewritten).
 // Rows run in parallel in a fixed number of groups (set by c alone); each group sums its columns' radial terms
-// on its own, and the groups' sums are added in group order: results do not depend on the thread count.
+// on its own, and the groups' sums are added in group order: the epilogue's results do not depend on the thread
+// count.
+//
+// matryoshka_chunk_cpu (at the end) runs a whole row chunk of the slab around this epilogue in two parallel
+// regions: over row groups (each task: its rows' segment GEMMs, epilogue and dX GEMMs, on its own thread), then
+// over candidate columns (the dYᵀ GEMMs and the column radial sums). Before, the chunk's ~20 ATen calls each opened
+// a parallel region, each waiting for the slowest thread: with another process busy on one of two cores that made
+// the loss stage ~3.4x slower than on an idle machine.
 #include "matryoshka.h"
 
 #include <ATen/Dispatch.h>
@@ -49,7 +56,8 @@ struct Direction {
   const T* a = nullptr;           // a_k(r) at a[k * lda + r]; nullptr for "dot"
   const T* b = nullptr;           // b_k(j) at b[k * ldb + j]
   int64_t lda = 0, ldb = 0;
-  T* row_radial = nullptr;        // [K, rows] contiguous
+  T* row_radial = nullptr;        // [K, rows]: t_k(r) is added to row_radial[k * ld_radial + r]
+  int64_t ld_radial = 0;          // row_radial's row stride
   int64_t column_offset = 0;      // this direction's columns in a group's partial column sums
 };
 
@@ -189,7 +197,7 @@ FASTCACHE_INLINE void matryoshka_groups(const Job<T>& job, int64_t g0, int64_t g
           const double sum =
               k == 0 ? gradient_row<true, true, T>(x[d], factor[d], wa, positive, R, b, previous, out, column, D.n, pos)
                      : gradient_row<false, true, T>(x[d], factor[d], wa, positive, R, b, previous, out, column, D.n, pos);
-          D.row_radial[k * job.rows + r] = static_cast<T>(sum);
+          D.row_radial[k * D.ld_radial + r] += static_cast<T>(sum);
         }
       }
       job.loss[r] = static_cast<T>(loss);
@@ -221,6 +229,121 @@ void check_matrix(const at::Tensor& t, at::ScalarType dtype, int64_t rows, int64
   TORCH_CHECK(t.stride(1) == 1, name, " must be contiguous along its last dimension");
 }
 
+// Checks the epilogue's arguments and fills job with them; row_radial: per direction the [K, rows] sums the rows'
+// radial terms are added to (cosine with compute_grad; else empty). Returns the groups' column radial sums.
+template <typename T>
+at::Tensor prepare_job(Job<T>& job, const std::vector<at::Tensor>& segments, const std::vector<int64_t>& kinds,
+                       const std::vector<at::Tensor>& guides, const std::optional<at::Tensor>& doc_ids,
+                       const std::vector<at::Tensor>& row_scales, const std::vector<at::Tensor>& column_scales,
+                       const std::vector<double>& weights, const std::vector<at::Tensor>& row_radial,
+                       const Params& p) {
+  const int ndirs = static_cast<int>(segments.size());
+  TORCH_CHECK(ndirs >= 1 && ndirs <= 4, "segments: one tensor per enabled direction (1 to 4), got ", ndirs);
+  TORCH_CHECK(kinds.size() == segments.size(), "kinds: one per segments tensor, got ", kinds.size());
+  const int64_t K = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(K >= 1, "weights: one per dim, at least one");
+  const at::Tensor& first = segments[0];
+  const auto dtype = first.scalar_type();
+  TORCH_CHECK(first.dim() == 3, "segments must be [K, rows, columns] tensors, got ", first.sizes());
+  const int64_t rows = first.size(1);
+  const bool guided = !guides.empty(), cosine = !row_scales.empty();
+  TORCH_CHECK(!guided || guides.size() == segments.size(), "guides: none, or one per direction");
+  TORCH_CHECK(row_scales.size() == column_scales.size() && (!cosine || row_scales.size() == segments.size()),
+              "row_scales and column_scales: none (dot), or one each per direction");
+  TORCH_CHECK(row_radial.size() == (cosine && p.compute_grad ? segments.size() : 0),
+              "row radial sums: one per direction for cosine gradients, else none");
+  TORCH_CHECK(p.num_positives > 0 && p.offset >= 0 && p.row0 >= 0 && p.offset + p.row0 + rows <= p.num_positives,
+              "rows [", p.row0, ", ", p.row0 + rows, ") with offset ", p.offset, " exceed the ", p.num_positives,
+              " positives");
+  TORCH_CHECK(p.batch_size > 0, "batch_size must be positive");
+  TORCH_CHECK(kinds[0] == row::kQueryToDoc, "the first direction must be query_to_doc");
+  if (doc_ids) {
+    TORCH_CHECK(doc_ids->device().is_cpu() && doc_ids->scalar_type() == at::kLong && doc_ids->dim() == 1 &&
+                    doc_ids->is_contiguous() && doc_ids->size(0) == first.size(2),
+                "doc_ids must be a contiguous int64 CPU vector with one id per query_to_doc column");
+  }
+  job.ndirs = ndirs;
+  job.K = K;
+  job.rows = rows;
+  job.weights = weights.data();
+  job.p = p;
+  bool seen[4] = {false, false, false, false};
+  for (int d = 0; d < ndirs; ++d) {
+    const at::Tensor& s = segments[d];
+    const int64_t kind = kinds[d];
+    TORCH_CHECK(kind >= 0 && kind <= 3 && !seen[kind], "kinds must be distinct direction codes 0..3, got ", kind);
+    seen[kind] = true;
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == dtype, "segments must be CPU tensors of one dtype");
+    TORCH_CHECK(s.dim() == 3 && s.size(0) == K && s.size(1) == rows && s.stride(2) == 1,
+                "segments[", d, "] must be [", K, ", ", rows, ", columns] with contiguous rows, got ", s.sizes());
+    const int64_t n = s.size(2);
+    TORCH_CHECK(n >= 1, "segments[", d, "] has no columns");
+    // the columns each kind indexes: the positive (query_to_doc, doc_to_doc), the own query (query_to_query)
+    if (kind == row::kQueryToDoc || kind == row::kDocToDoc) {
+      TORCH_CHECK(n >= p.num_positives, "segments[", d, "] has fewer columns than the ", p.num_positives,
+                  " positives");
+      TORCH_CHECK(!doc_ids || n <= doc_ids->size(0), "doc_ids: fewer ids than segments[", d, "] has columns");
+    }
+    if (kind == row::kQueryToQuery) {
+      TORCH_CHECK(p.own_query_offset >= 0 && p.own_query_offset + p.row0 + rows <= n,
+                  "segments[", d, "]: own query columns exceed its ", n, " columns");
+    }
+    Direction<T>& D = job.dirs[d];
+    D.p = s.data_ptr<T>();
+    D.ld_segment = s.stride(0);
+    D.ld_row = s.stride(1);
+    D.n = n;
+    D.kind = static_cast<Kind>(kind);
+    if (doc_ids && (kind == row::kQueryToDoc || kind == row::kDocToDoc)) D.ids = doc_ids->data_ptr<int64_t>();
+    if (guided) {
+      TORCH_CHECK(kind != row::kDocToQuery, "doc_to_query has no guided form");
+      check_matrix(guides[d], dtype, rows, n, "guides");
+      D.g = guides[d].data_ptr<T>();
+      D.ldg = guides[d].stride(0);
+    }
+    if (cosine) {
+      check_matrix(row_scales[d], dtype, K, rows, "row_scales");
+      check_matrix(column_scales[d], dtype, K, n, "column_scales");
+      D.a = row_scales[d].data_ptr<T>();
+      D.lda = row_scales[d].stride(0);
+      D.b = column_scales[d].data_ptr<T>();
+      D.ldb = column_scales[d].stride(0);
+      if (p.compute_grad) {
+        check_matrix(row_radial[d], dtype, K, rows, "row radial sums");
+        D.row_radial = row_radial[d].data_ptr<T>();
+        D.ld_radial = row_radial[d].stride(0);
+      }
+    }
+    D.column_offset = job.total_columns;
+    job.total_columns += n;
+  }
+  job.groups = std::clamp<int64_t>(rows / kRowsPerGroup, 1, kMaxGroups);
+  at::Tensor partial =
+      at::zeros({cosine && p.compute_grad ? job.groups * K * job.total_columns : 0}, first.options());
+  job.partial = partial.data_ptr<T>();
+  return partial;
+}
+
+// Adds the groups' column radial sums of direction d, columns [j0, j1), to out[k * ld + j], in group order.
+template <typename T>
+void add_column_radial(const Job<T>& job, int d, T* out, int64_t ld, int64_t j0, int64_t j1) {
+  const int64_t total = job.total_columns, offset = job.dirs[d].column_offset;
+  for (int64_t k = 0; k < job.K; ++k) {
+    for (int64_t j = j0; j < j1; ++j) {
+      T sum = 0;
+      for (int64_t group = 0; group < job.groups; ++group) sum += job.partial[(group * job.K + k) * total + offset + j];
+      out[k * ld + j] += sum;
+    }
+  }
+}
+
+Params make_params(int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset, int64_t own_query_offset,
+                   double scale, int64_t hardness_mode, double hardness_strength, bool joint, int64_t margin_strategy,
+                   double margin, bool compute_grad) {
+  return Params{row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_strength, margin,
+                hardness_mode, margin_strategy, joint, compute_grad};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> matryoshka_epilogue_cpu(
@@ -229,114 +352,133 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> matryos
     std::vector<double> weights, int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset,
     int64_t own_query_offset, double scale, int64_t hardness_mode, double hardness_strength, bool joint,
     int64_t margin_strategy, double margin, bool compute_grad) {
-  const int ndirs = static_cast<int>(segments.size());
-  TORCH_CHECK(ndirs >= 1 && ndirs <= 4, "segments: one tensor per enabled direction (1 to 4), got ", ndirs);
-  TORCH_CHECK(kinds.size() == segments.size(), "kinds: one per segments tensor, got ", kinds.size());
-  const int64_t K = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(K >= 1, "weights: one per dim, at least one");
+  TORCH_CHECK(!segments.empty(), "segments: one tensor per enabled direction (1 to 4), got 0");
   const at::Tensor& first = segments[0];
   TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble,
               "segments must be float32 or float64, got ", first.scalar_type());
-  const auto dtype = first.scalar_type();
   TORCH_CHECK(first.dim() == 3, "segments must be [K, rows, columns] tensors, got ", first.sizes());
-  const int64_t rows = first.size(1);
-  const bool guided = !guides.empty(), cosine = !row_scales.empty();
-  TORCH_CHECK(!guided || guides.size() == segments.size(), "guides: none, or one per direction");
-  TORCH_CHECK(row_scales.size() == column_scales.size() && (!cosine || row_scales.size() == segments.size()),
-              "row_scales and column_scales: none (dot), or one each per direction");
-  TORCH_CHECK(num_positives > 0 && offset >= 0 && row0 >= 0 && offset + row0 + rows <= num_positives,
-              "rows [", row0, ", ", row0 + rows, ") with offset ", offset, " exceed the ", num_positives,
-              " positives");
-  TORCH_CHECK(batch_size > 0, "batch_size must be positive");
-  TORCH_CHECK(kinds[0] == row::kQueryToDoc, "the first direction must be query_to_doc");
-  if (doc_ids) {
-    TORCH_CHECK(doc_ids->device().is_cpu() && doc_ids->scalar_type() == at::kLong && doc_ids->dim() == 1 &&
-                    doc_ids->is_contiguous() && doc_ids->size(0) == first.size(2),
-                "doc_ids must be a contiguous int64 CPU vector with one id per query_to_doc column");
+  const int64_t K = static_cast<int64_t>(weights.size()), rows = first.size(1);
+  const bool radial = compute_grad && !row_scales.empty();
+  std::vector<at::Tensor> row_radial, column_radial;
+  for (size_t d = 0; radial && d < segments.size(); ++d) {
+    row_radial.push_back(at::zeros({K, rows}, first.options()));
+    column_radial.push_back(at::zeros({K, segments[d].size(2)}, first.options()));
   }
   at::Tensor loss = at::empty({rows}, first.options());
-  std::vector<at::Tensor> row_radial, column_radial;
-
-  AT_DISPATCH_FLOATING_TYPES(dtype, "matryoshka_epilogue_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "matryoshka_epilogue_cpu", [&] {
     Job<scalar_t> job;
-    job.ndirs = ndirs;
-    job.K = K;
-    job.rows = rows;
-    job.weights = weights.data();
-    job.p = Params{row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_strength, margin,
-                   hardness_mode, margin_strategy, joint, compute_grad};
+    const at::Tensor partial =
+        prepare_job(job, segments, kinds, guides, doc_ids, row_scales, column_scales, weights, row_radial,
+                    make_params(row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_mode,
+                                hardness_strength, joint, margin_strategy, margin, compute_grad));
     job.loss = loss.data_ptr<scalar_t>();
-    bool seen[4] = {false, false, false, false};
-    for (int d = 0; d < ndirs; ++d) {
-      const at::Tensor& s = segments[d];
-      const int64_t kind = kinds[d];
-      TORCH_CHECK(kind >= 0 && kind <= 3 && !seen[kind], "kinds must be distinct direction codes 0..3, got ", kind);
-      seen[kind] = true;
-      TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == dtype, "segments must be CPU tensors of one dtype");
-      TORCH_CHECK(s.dim() == 3 && s.size(0) == K && s.size(1) == rows && s.stride(2) == 1,
-                  "segments[", d, "] must be [", K, ", ", rows, ", columns] with contiguous rows, got ", s.sizes());
-      const int64_t n = s.size(2);
-      TORCH_CHECK(n >= 1, "segments[", d, "] has no columns");
-      // the columns each kind indexes: the positive (query_to_doc, doc_to_doc), the own query (query_to_query)
-      if (kind == row::kQueryToDoc || kind == row::kDocToDoc) {
-        TORCH_CHECK(n >= num_positives, "segments[", d, "] has fewer columns than the ", num_positives, " positives");
-        TORCH_CHECK(!doc_ids || n <= doc_ids->size(0), "doc_ids: fewer ids than segments[", d, "] has columns");
-      }
-      if (kind == row::kQueryToQuery) {
-        TORCH_CHECK(own_query_offset >= 0 && own_query_offset + row0 + rows <= n,
-                    "segments[", d, "]: own query columns exceed its ", n, " columns");
-      }
-      Direction<scalar_t>& D = job.dirs[d];
-      D.p = s.data_ptr<scalar_t>();
-      D.ld_segment = s.stride(0);
-      D.ld_row = s.stride(1);
-      D.n = n;
-      D.kind = static_cast<Kind>(kind);
-      if (doc_ids && (kind == row::kQueryToDoc || kind == row::kDocToDoc)) D.ids = doc_ids->data_ptr<int64_t>();
-      if (guided) {
-        TORCH_CHECK(kind != row::kDocToQuery, "doc_to_query has no guided form");
-        check_matrix(guides[d], dtype, rows, n, "guides");
-        D.g = guides[d].data_ptr<scalar_t>();
-        D.ldg = guides[d].stride(0);
-      }
-      if (cosine) {
-        check_matrix(row_scales[d], dtype, K, rows, "row_scales");
-        check_matrix(column_scales[d], dtype, K, n, "column_scales");
-        D.a = row_scales[d].data_ptr<scalar_t>();
-        D.lda = row_scales[d].stride(0);
-        D.b = column_scales[d].data_ptr<scalar_t>();
-        D.ldb = column_scales[d].stride(0);
-        if (compute_grad) {
-          row_radial.push_back(at::empty({K, rows}, first.options()));
-          D.row_radial = row_radial.back().data_ptr<scalar_t>();
-        }
-      }
-      D.column_offset = job.total_columns;
-      job.total_columns += n;
-    }
-    job.groups = std::clamp<int64_t>(rows / kRowsPerGroup, 1, kMaxGroups);
-    const bool radial = compute_grad && cosine;
-    at::Tensor partial = at::zeros({radial ? job.groups * K * job.total_columns : 0}, first.options());
-    job.partial = partial.data_ptr<scalar_t>();
     at::parallel_for(0, job.groups, 1, [&](int64_t g0, int64_t g1) { run_groups(job, g0, g1); });
-    if (!radial) return;
-    for (int d = 0; d < ndirs; ++d) {  // the groups' column sums, added in group order
-      const Direction<scalar_t>& D = job.dirs[d];
-      column_radial.push_back(at::empty({K, D.n}, first.options()));
-      scalar_t* out = column_radial.back().data_ptr<scalar_t>();
-      const scalar_t* part = job.partial;
-      const int64_t total = job.total_columns, groups = job.groups, n = D.n, off = D.column_offset;
-      at::parallel_for(0, K * n, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t e = begin; e < end; ++e) {
-          const int64_t k = e / n, j = e % n;
-          scalar_t sum = 0;
-          for (int64_t group = 0; group < groups; ++group) sum += part[(group * K + k) * total + off + j];
-          out[e] = sum;
-        }
+    for (int d = 0; d < static_cast<int>(column_radial.size()); ++d) {
+      at::parallel_for(0, job.dirs[d].n, 4096, [&](int64_t j0, int64_t j1) {
+        add_column_radial(job, d, column_radial[d].data_ptr<scalar_t>(), job.dirs[d].n, j0, j1);
       });
     }
   });
   return {loss, row_radial, column_radial};
+}
+
+double matryoshka_chunk_cpu(
+    std::vector<at::Tensor> segments, std::vector<int64_t> kinds, std::vector<at::Tensor> guides,
+    std::optional<at::Tensor> doc_ids, std::vector<at::Tensor> row_scales, std::vector<at::Tensor> column_scales,
+    std::vector<double> weights, std::vector<int64_t> dims, std::vector<at::Tensor> row_operands,
+    std::vector<at::Tensor> column_operands, std::vector<at::Tensor> row_grads,
+    std::vector<at::Tensor> column_grads_t, std::vector<at::Tensor> row_radial, std::vector<at::Tensor> column_radial,
+    int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset, int64_t own_query_offset, double scale,
+    int64_t hardness_mode, double hardness_strength, bool joint, int64_t margin_strategy, double margin,
+    bool compute_grad) {
+  const size_t ndirs = segments.size();
+  TORCH_CHECK(ndirs >= 1, "segments: one tensor per enabled direction (1 to 4), got 0");
+  const at::Tensor& first = segments[0];
+  TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble,
+              "segments must be float32 or float64, got ", first.scalar_type());
+  TORCH_CHECK(first.dim() == 3, "segments must be [K, rows, columns] tensors, got ", first.sizes());
+  const auto dtype = first.scalar_type();
+  const int64_t K = static_cast<int64_t>(weights.size()), rows = first.size(1);
+  TORCH_CHECK(dims.size() == weights.size(), "dims: one per weight, got ", dims.size(), " and ", weights.size());
+  TORCH_CHECK(row_operands.size() == ndirs && column_operands.size() == ndirs,
+              "row_operands and column_operands: one per direction");
+  const int64_t D = row_operands[0].dim() == 2 ? row_operands[0].size(1) : 0;
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK(dims[k] > (k + 1 < K ? dims[k + 1] : 0) && dims[k] <= D,
+                "dims must descend, be positive and at most the operands' ", D, " columns");
+  }
+  const bool cosine = !row_scales.empty();
+  const size_t grads = compute_grad ? ndirs : 0, radials = compute_grad && cosine ? ndirs : 0;
+  TORCH_CHECK(row_grads.size() == grads && column_grads_t.size() == grads,
+              "row_grads and column_grads_t: one per direction with compute_grad, else none");
+  TORCH_CHECK(column_radial.size() == radials, "column_radial: one per direction for cosine gradients, else none");
+  for (size_t d = 0; d < ndirs; ++d) {
+    const int64_t n = segments[d].dim() == 3 ? segments[d].size(2) : 0;
+    check_matrix(row_operands[d], dtype, rows, D, "row_operands");
+    check_matrix(column_operands[d], dtype, n, D, "column_operands");
+    if (d < grads) {
+      check_matrix(row_grads[d], dtype, rows, D, "row_grads");
+      check_matrix(column_grads_t[d], dtype, D, n, "column_grads_t");
+    }
+    if (d < radials) check_matrix(column_radial[d], dtype, K, n, "column_radial");
+  }
+  at::Tensor loss = at::empty({rows}, first.options());
+  double sum = 0.0;  // of the rows' losses
+  AT_DISPATCH_FLOATING_TYPES(dtype, "matryoshka_chunk_cpu", [&] {
+    Job<scalar_t> job;
+    const at::Tensor partial =
+        prepare_job(job, segments, kinds, guides, doc_ids, row_scales, column_scales, weights, row_radial,
+                    make_params(row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_mode,
+                                hardness_strength, joint, margin_strategy, margin, compute_grad));
+    job.loss = loss.data_ptr<scalar_t>();
+    // segment k = [dims[k + 1], dims[k]) of a tensor's dimension dim
+    const auto segment = [&](const at::Tensor& t, int64_t k, int64_t dim = 1) {
+      const int64_t lo = k + 1 < K ? dims[k + 1] : 0;
+      return t.narrow(dim, lo, dims[k] - lo);
+    };
+    // Rows: each task takes whole row groups, their segment products, epilogue and dX GEMMs on one thread (a
+    // GEMM inside a parallel region runs on the calling thread).
+    at::parallel_for(0, job.groups, 1, [&](int64_t g0, int64_t g1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: no autograd graph in the workers either
+      const int64_t r0 = g0 * rows / job.groups, r1 = g1 * rows / job.groups;
+      for (size_t d = 0; d < ndirs; ++d) {
+        const at::Tensor x = row_operands[d].narrow(0, r0, r1 - r0);
+        for (int64_t k = 0; k < K; ++k) {
+          at::Tensor out = segments[d][k].narrow(0, r0, r1 - r0);
+          at::mm_out(out, segment(x, k), segment(column_operands[d], k).t());
+        }
+      }
+      run_groups(job, g0, g1);
+      for (size_t d = 0; d < grads; ++d) {
+        const at::Tensor grad = row_grads[d].narrow(0, r0, r1 - r0);
+        for (int64_t k = 0; k < K; ++k) {
+          segment(grad, k).addmm_(segments[d][k].narrow(0, r0, r1 - r0), segment(column_operands[d], k));
+        }
+      }
+    });
+    for (int64_t r = 0; r < rows; ++r) sum += job.loss[r];
+    if (!compute_grad) return;
+    // Columns: each task takes a range of candidate columns (the same range of every direction, so that directions
+    // with the same column operand never share an element across tasks): the dYᵀ GEMMs and the column radial sums.
+    int64_t width = 0;
+    for (size_t d = 0; d < ndirs; ++d) width = std::max(width, job.dirs[d].n);
+    at::parallel_for(0, width, 256, [&](int64_t j0, int64_t j1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (size_t d = 0; d < ndirs; ++d) {
+        const int64_t end = std::min(j1, job.dirs[d].n);
+        if (end <= j0) continue;
+        const at::Tensor grad = column_grads_t[d].narrow(1, j0, end - j0);
+        for (int64_t k = 0; k < K; ++k) {
+          segment(grad, k, 0).addmm_(segment(row_operands[d], k).t(), segments[d][k].narrow(1, j0, end - j0));
+        }
+        if (d < radials) {
+          add_column_radial(job, static_cast<int>(d), column_radial[d].data_ptr<scalar_t>(),
+                            column_radial[d].stride(0), j0, end);
+        }
+      }
+    });
+  });
+  return sum;
 }
 
 }  // namespace fastcache

@@ -18,11 +18,11 @@ sum from the largest dim): dX[:, S_j] += A_j·Y[:, S_j] and dY[:, S_j] += A_jᵀ
 with t_k(i) = Σ_j g_k s_k (and the column sums for Y), dX_i[:d_k] -= t_k(i)·X_i[:d_k] / ‖X_i[:d_k]‖².
 Exact: the loss and gradients of summing :func:`fastcache.contrastive_loss` over the dims, up to rounding.
 
-Backend "cpu" runs it fused (csrc/cpu/matryoshka.cpp): per chunk and direction K segment GEMMs into K blocks
-P_k, one C++ call that walks each row once (prefix sums, every dim's epilogue, radial sums) and leaves A_k in
-place of P_k, then the backward GEMMs; K blocks per direction, chunks of at most FUSED_BLOCK_BYTES of them per
-thread (blocks that stay in cache: the GEMMs write them, the epilogue reads and rewrites them, the backward reads
-them twice). The other slab backends run their contrastive epilogue dim by dim on the running prefix: K + 2 blocks
+Backend "cpu" runs it fused, one C++ call per chunk (csrc/cpu/matryoshka.cpp ``matryoshka_chunk_cpu``): per
+direction K segment GEMMs into K blocks P_k, an epilogue that walks each row once (prefix sums, every dim's
+epilogue, radial sums) and leaves A_k in place of P_k, then the backward GEMMs; K blocks per direction, chunks of
+at most FUSED_BLOCK_BYTES of them per thread (blocks that stay in cache: the GEMMs write them, the epilogue reads
+and rewrites them, the backward reads them twice). The other slab backends run their contrastive epilogue dim by dim on the running prefix: K + 2 blocks
 per direction (the running R, each dim's gradient block, one product temporary) plus the epilogue's workspace.
 The tiled strategy (Triton, ``strategy="tiled"``): fastcache/triton/matryoshka.py, the same maths on tiles.
 """
@@ -144,32 +144,27 @@ def _segment_gemms_(grad, grad_t, tensors, operand, rows, total: Tensor, lo: int
 
 
 def _fused_cpu_chunk(segs, gout, ids, r0, c, layout, options, dims, weights, tensors, norms, operands, rows, grad,
-                     grad_t, radial, need_grad: bool) -> Tensor:
-    """One chunk through the C++ Matryoshka epilogue (csrc/cpu/matryoshka.cpp): K segment GEMMs per direction
-    into K blocks, one call for every dim (the blocks come back as the per-segment gradient totals A_k, with the
-    radial sums), then the segment GEMMs of the backward. Returns the chunk's weighted loss sum."""
+                     grad_t, radial, need_grad: bool) -> float:
+    """One chunk in one C++ call (csrc/cpu/matryoshka.cpp ``matryoshka_chunk_cpu``): per direction K segment GEMMs
+    into K blocks, the epilogue of every dim (the blocks come back as the per-segment gradient totals A_k), the
+    segment GEMMs of the backward and the radial sums, added into ``grad``, ``grad_t`` and ``radial``. Returns the
+    chunk's weighted loss sum."""
     dirs = list(segs)
-    segments = list(zip(dims[1:] + (0,), dims))
-    for name in dirs:
-        x, _, y, width = operands[name]
-        for k, (lo, hi) in enumerate(segments):
-            torch.mm(tensors[x][rows[name], lo:hi], tensors[y][:width, lo:hi].T, out=segs[name][k, :c])
     cosine = norms["q"] is not None
-    row_scales = [norms[operands[n][0]][1][:, rows[n]] for n in dirs] if cosine else []
-    column_scales = [norms[operands[n][2]][1][:, :operands[n][3]] for n in dirs] if cosine else []
-    loss_rows, row_radial, column_radial = _backend.EXTENSION.matryoshka_epilogue_cpu(
+    rows_of = [operands[n][0] for n in dirs]
+    columns_of = [(operands[n][2], operands[n][3]) for n in dirs]
+    radial_sums = need_grad and cosine
+    return _backend.EXTENSION.matryoshka_chunk_cpu(
         [segs[n][:, :c] for n in dirs], [DIRECTIONS.index(n) for n in dirs], [gout[n] for n in dirs] if gout else [],
-        ids, row_scales, column_scales, list(weights), r0, layout.rows, layout.positives, options.offset,
-        layout.own_query_offset, *contrastive_epilogue.compiled_options(options), need_grad)
-    if need_grad:
-        for i, name in enumerate(dirs):
-            x, _, y, width = operands[name]
-            if cosine:
-                radial[x][:, rows[name]] += row_radial[i]
-                radial[y][:, :width] += column_radial[i]
-            for k, (lo, hi) in enumerate(segments):
-                _segment_gemms_(grad, grad_t, tensors, operands[name], rows[name], segs[name][k, :c], lo, hi)
-    return loss_rows.sum()
+        ids, [norms[x][1][:, rows[n]] for x, n in zip(rows_of, dirs)] if cosine else [],
+        [norms[y][1][:, :width] for y, width in columns_of] if cosine else [], list(weights), list(dims),
+        [tensors[x][rows[n]] for x, n in zip(rows_of, dirs)], [tensors[y][:width] for y, width in columns_of],
+        [grad[x][rows[n]] for x, n in zip(rows_of, dirs)] if need_grad else [],
+        [grad_t[y][:, :width] for y, width in columns_of] if need_grad else [],
+        [radial[x][:, rows[n]] for x, n in zip(rows_of, dirs)] if radial_sums else [],
+        [radial[y][:, :width] for y, width in columns_of] if radial_sums else [],
+        r0, layout.rows, layout.positives, options.offset, layout.own_query_offset,
+        *contrastive_epilogue.compiled_options(options), need_grad)
 
 
 def _per_dim_chunk(raw, grads, product, gout, ids, r0, c, layout, options, dims, weights, tensors, norms, operands,

@@ -107,7 +107,7 @@ FUSED_VARIANTS = {k: VARIANTS[k] for k in ("plain", "dot", "all_dirs_joint", "qd
 
 @pytest.mark.parametrize("variant", list(FUSED_VARIANTS))
 def test_fused_cpu_epilogue_row_groups(extension, variant):
-    """The C++ Matryoshka epilogue splits a chunk's rows into groups (16 rows each, at most 16) whose column radial
+    """The C++ Matryoshka epilogue splits a chunk's rows into groups (16 rows each, at most 64) whose column radial
     sums are added at the end: 70 rows in one chunk make 4 uneven groups, 146 candidate columns leave a tail of
     the 16-lane loops, and a second chunk of 3 rows is one group."""
     batch = make_batch(73, 21, columns=2, seed=16)
@@ -168,10 +168,12 @@ def _chunk_arguments(c=40, n=50, dim=12, dims=(12, 7, 3), seed=21):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_cpu_chunk_is_the_epilogue_between_segment_gemms(extension, threads):
+@pytest.mark.parametrize("rows", [70, 1100], ids=["4_groups", "64_groups"])
+def test_fused_cpu_chunk_is_the_epilogue_between_segment_gemms(extension, threads, rows):
     """matryoshka_chunk_cpu = the segment GEMMs, matryoshka_epilogue_cpu, then dX[:, S_k] += A_k·Y[:, S_k] and
-    dYᵀ[S_k] += X[:, S_k]ᵀ·A_k, with the radial sums added to what the targets held (here: ones)."""
-    a = _chunk_arguments(c=70, n=83, dim=13, dims=(13, 8, 2))  # 4 row groups, a 16-lane tail
+    dYᵀ[S_k] += X[:, S_k]ᵀ·A_k, with the radial sums added to what the targets held (here: ones). 70 rows make 4
+    uneven row groups, 1100 the most groups (64, of 17-18 rows); 13 more columns than rows leave a 16-lane tail."""
+    a = _chunk_arguments(c=rows, n=rows + 13, dim=13, dims=(13, 8, 2))
     segments, dims, (x,), (y,) = a[0][0], a[7], a[8], a[9]
     targets = [t[0].fill_(1.0) for t in a[10:14]]
     bounds = list(zip(dims[1:] + [0], dims))

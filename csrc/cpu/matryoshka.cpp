@@ -41,7 +41,9 @@ using row::row_loss;
 using row::RowBlock;
 
 constexpr int64_t kRowsPerGroup = 16;  // rows per group (at most kMaxGroups groups per call)
-constexpr int64_t kMaxGroups = 16;
+// matryoshka_chunk_cpu's row tasks are whole groups: up to 64 threads share a chunk's GEMMs and epilogue (the
+// groups' column sums take kMaxGroups·K·columns values)
+constexpr int64_t kMaxGroups = 64;
 constexpr int kLanes = 16;             // independent partial sums of a row's radial term (vectorised)
 
 template <typename T>
@@ -337,6 +339,16 @@ void add_column_radial(const Job<T>& job, int d, T* out, int64_t ld, int64_t j0,
   }
 }
 
+// The first direction's segments (each entry's dtype and row count come from it), checked.
+const at::Tensor& first_segments(const std::vector<at::Tensor>& segments) {
+  TORCH_CHECK(!segments.empty(), "segments: one tensor per enabled direction (1 to 4), got 0");
+  const at::Tensor& first = segments[0];
+  TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble,
+              "segments must be float32 or float64, got ", first.scalar_type());
+  TORCH_CHECK(first.dim() == 3, "segments must be [K, rows, columns] tensors, got ", first.sizes());
+  return first;
+}
+
 Params make_params(int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset, int64_t own_query_offset,
                    double scale, int64_t hardness_mode, double hardness_strength, bool joint, int64_t margin_strategy,
                    double margin, bool compute_grad) {
@@ -352,12 +364,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> matryos
     std::vector<double> weights, int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset,
     int64_t own_query_offset, double scale, int64_t hardness_mode, double hardness_strength, bool joint,
     int64_t margin_strategy, double margin, bool compute_grad) {
-  TORCH_CHECK(!segments.empty(), "segments: one tensor per enabled direction (1 to 4), got 0");
-  const at::Tensor& first = segments[0];
-  TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble,
-              "segments must be float32 or float64, got ", first.scalar_type());
-  TORCH_CHECK(first.dim() == 3, "segments must be [K, rows, columns] tensors, got ", first.sizes());
+  const at::Tensor& first = first_segments(segments);
   const int64_t K = static_cast<int64_t>(weights.size()), rows = first.size(1);
+  const Params p = make_params(row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_mode,
+                               hardness_strength, joint, margin_strategy, margin, compute_grad);
   const bool radial = compute_grad && !row_scales.empty();
   std::vector<at::Tensor> row_radial, column_radial;
   for (size_t d = 0; radial && d < segments.size(); ++d) {
@@ -368,9 +378,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> matryos
   AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "matryoshka_epilogue_cpu", [&] {
     Job<scalar_t> job;
     const at::Tensor partial =
-        prepare_job(job, segments, kinds, guides, doc_ids, row_scales, column_scales, weights, row_radial,
-                    make_params(row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_mode,
-                                hardness_strength, joint, margin_strategy, margin, compute_grad));
+        prepare_job(job, segments, kinds, guides, doc_ids, row_scales, column_scales, weights, row_radial, p);
     job.loss = loss.data_ptr<scalar_t>();
     at::parallel_for(0, job.groups, 1, [&](int64_t g0, int64_t g1) { run_groups(job, g0, g1); });
     for (int d = 0; d < static_cast<int>(column_radial.size()); ++d) {
@@ -392,13 +400,11 @@ double matryoshka_chunk_cpu(
     int64_t hardness_mode, double hardness_strength, bool joint, int64_t margin_strategy, double margin,
     bool compute_grad) {
   const size_t ndirs = segments.size();
-  TORCH_CHECK(ndirs >= 1, "segments: one tensor per enabled direction (1 to 4), got 0");
-  const at::Tensor& first = segments[0];
-  TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble,
-              "segments must be float32 or float64, got ", first.scalar_type());
-  TORCH_CHECK(first.dim() == 3, "segments must be [K, rows, columns] tensors, got ", first.sizes());
+  const at::Tensor& first = first_segments(segments);
   const auto dtype = first.scalar_type();
   const int64_t K = static_cast<int64_t>(weights.size()), rows = first.size(1);
+  const Params p = make_params(row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_mode,
+                               hardness_strength, joint, margin_strategy, margin, compute_grad);
   TORCH_CHECK(dims.size() == weights.size(), "dims: one per weight, got ", dims.size(), " and ", weights.size());
   TORCH_CHECK(row_operands.size() == ndirs && column_operands.size() == ndirs,
               "row_operands and column_operands: one per direction");
@@ -427,9 +433,7 @@ double matryoshka_chunk_cpu(
   AT_DISPATCH_FLOATING_TYPES(dtype, "matryoshka_chunk_cpu", [&] {
     Job<scalar_t> job;
     const at::Tensor partial =
-        prepare_job(job, segments, kinds, guides, doc_ids, row_scales, column_scales, weights, row_radial,
-                    make_params(row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_mode,
-                                hardness_strength, joint, margin_strategy, margin, compute_grad));
+        prepare_job(job, segments, kinds, guides, doc_ids, row_scales, column_scales, weights, row_radial, p);
     job.loss = loss.data_ptr<scalar_t>();
     // segment k = [dims[k + 1], dims[k]) of a tensor's dimension dim
     const auto segment = [&](const at::Tensor& t, int64_t k, int64_t dim = 1) {

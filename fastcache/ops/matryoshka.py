@@ -20,10 +20,11 @@ Exact: the loss and gradients of summing :func:`fastcache.contrastive_loss` over
 
 Backend "cpu" runs it fused, one C++ call per chunk (csrc/cpu/matryoshka.cpp ``matryoshka_chunk_cpu``): per
 direction K segment GEMMs into K blocks P_k, an epilogue that walks each row once (prefix sums, every dim's
-epilogue, radial sums) and leaves A_k in place of P_k, then the backward GEMMs; K blocks per direction, chunks of
-at most FUSED_BLOCK_BYTES of them per thread (blocks that stay in cache: the GEMMs write them, the epilogue reads
-and rewrites them, the backward reads them twice). The other slab backends run their contrastive epilogue dim by dim on the running prefix: K + 2 blocks
-per direction (the running R, each dim's gradient block, one product temporary) plus the epilogue's workspace.
+epilogue, radial sums) and leaves A_k in place of P_k, then the backward GEMMs; K blocks per direction, chunks of at
+most FUSED_BLOCK_BYTES of them per thread (blocks that stay in cache: the GEMMs write them, the epilogue reads and
+rewrites them, the backward reads them twice). The other slab backends run their contrastive epilogue dim by dim on
+the running prefix: K + 2 blocks per direction (the running R, each dim's gradient block, one product temporary)
+plus the epilogue's workspace.
 The tiled strategy (Triton, ``strategy="tiled"``): fastcache/triton/matryoshka.py, the same maths on tiles.
 """
 

@@ -167,7 +167,7 @@ def _chunk_arguments(c=40, n=50, dim=12, dims=(12, 7, 3), seed=21):
             20.0, 0, 0.0, True, 0, 0.0, True)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 8])
 @pytest.mark.parametrize("rows", [70, 1100], ids=["4_groups", "64_groups"])
 def test_fused_cpu_chunk_is_the_epilogue_between_segment_gemms(extension, threads, rows):
     """matryoshka_chunk_cpu = the segment GEMMs, matryoshka_epilogue_cpu, then dX[:, S_k] += A_k·Y[:, S_k] and

@@ -81,6 +81,16 @@ def _load(cls, name: str | None, option: str, **kwargs):
                          f"{type(error).__name__}: {first_line}") from error
 
 
+def load_reranker(config: RerankConfig):
+    """The CrossEncoder to train, with one output. A checkpoint without that head (the default) gets a new one,
+    initialised from ``config.seed``, so that a run's metrics before training repeat."""
+    import torch
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    torch.manual_seed(config.seed)
+    return _load(CrossEncoder, config.model, "--model", num_labels=1, max_length=config.max_seq_length)
+
+
 def reranking_samples(retriever, split, candidates: int = EVAL_CANDIDATES) -> list[dict]:
     """Per held-out query: its relevant passages and, as negatives, the retriever's top ``candidates`` others."""
     import torch
@@ -120,11 +130,11 @@ def run_reranker_training(config: RerankConfig) -> dict:
     split = split_for_retrieval(rows, config.eval_size, seed=config.seed)
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.util import mine_hard_negatives
 
     retriever = _load(SentenceTransformer, config.retriever, "--retriever")
-    model = _load(CrossEncoder, config.model, "--model", num_labels=1, max_length=config.max_seq_length)
+    model = load_reranker(config)
     pairs = Dataset.from_dict({"anchor": [r[0] for r in split.train], "positive": [r[1] for r in split.train]})
     train_dataset = mine_hard_negatives(pairs, retriever, corpus=list(split.corpus.values()),
                                         num_negatives=config.negatives, output_format="labeled-list",

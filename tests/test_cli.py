@@ -315,6 +315,18 @@ def test_matryoshka_when_available(tiny_model_dir, pairs_file, tmp_path):
     assert json.loads((out / SUMMARY_FILE).read_text())["settings"]["loss_class"] == "MatryoshkaLoss"
 
 
+def test_train_reranker_new_head_is_seeded(tiny_model_dir):
+    """A checkpoint without a one-logit head (as the default all-MiniLM-L6-v2) gets one initialised from --seed: the
+    same seed gives the same head, so the metrics before training repeat; another seed gives another head."""
+    pytest.importorskip("fastcache.cross_encoder.losses")
+    from fastcache.train_reranker import RerankConfig, load_reranker
+
+    heads = [dict(load_reranker(RerankConfig(model=str(tiny_model_dir), seed=seed)).named_parameters())
+             ["0.model.classifier.weight"] for seed in (0, 0, 1)]
+    assert torch.equal(heads[0], heads[1])
+    assert not torch.equal(heads[0], heads[2])
+
+
 def test_train_reranker_end_to_end(tiny_cross_encoder_dir, tiny_model_dir, pairs_file, tmp_path, capsys):
     ce_losses = pytest.importorskip("fastcache.cross_encoder.losses")
     from sentence_transformers.cross_encoder import CrossEncoder

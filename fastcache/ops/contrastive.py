@@ -46,6 +46,7 @@ from tqdm.auto import trange
 
 from fastcache import _backend
 from fastcache.ops import contrastive_epilogue
+from fastcache.ops._autograd_guard import check_real_device, refuse_double_backward, refuse_functorch
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PARTITION_MODES = ("joint", "per_direction")
@@ -141,6 +142,7 @@ class ContrastiveLossAndGrad(NamedTuple):
 def _check_tensor(name: str, t, ndims: tuple[int, ...], finite: bool = True) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_real_device(name, t)
     if t.dim() not in ndims:
         raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimensions, got shape {tuple(t.shape)}")
     if t.dtype not in DTYPES:
@@ -364,9 +366,44 @@ def chunk_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered:
 
 def low_precision_gemms(x: Tensor) -> bool:
     """Whether the slab's GEMMs take ``x``'s own dtype: bf16/fp16 CUDA tensors, with a torch whose mm/addmm write
-    fp32 results from bf16/fp16 operands (the ``out_dtype`` overloads, torch >= 2.8). Else they run in fp32."""
-    return x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16) and all(
-        hasattr(op, "dtype_out") for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+    fp32 results from bf16/fp16 operands (the ``out_dtype`` overloads: checked by a real call,
+    :func:`out_dtype_gemm_failure`). Else they run in fp32."""
+    return x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16) and \
+        out_dtype_gemm_failure(x.device, x.dtype) is None
+
+
+@functools.cache
+def out_dtype_gemm_failure(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when ``torch.mm(a, b, float32)`` and ``torch.addmm(acc, a, b, float32, out=acc)`` work for ``dtype``
+    operands on ``device`` and give the right product (a 2×2 call, once per device and dtype), else why not; the
+    reason is also given once as a warning (the slab then runs its GEMMs in fp32: slower, same results). Only
+    recent PyTorch builds accept the overloads, and an overload can exist and still reject the call."""
+    try:
+        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype, device=device)
+        product = torch.mm(a, a, torch.float32)
+        acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+        torch.addmm(acc, a, a, torch.float32, out=acc)
+        expected = torch.tensor([[7.0, 10.0], [15.0, 22.0]], device=device)
+        if product.dtype != torch.float32 or not torch.equal(product, expected) or not torch.equal(acc, expected + 1):
+            raise RuntimeError(f"wrong result {product.tolist()}, {acc.tolist()}")
+    except (RuntimeError, NotImplementedError, TypeError) as error:
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        warnings.warn(f"fastcache: the slab's GEMMs run in float32 for {dtype} inputs on {device}: this torch cannot "
+                      f"write float32 products of {dtype} operands ({reason})", RuntimeWarning, stacklevel=2)
+        return reason
+    return None
+
+
+LOW_PRECISION_GRAD_MAX = 2.0**14  # the largest |dL/ds| a 16-bit GEMM operand gets (fp16's largest value: 65504)
+
+
+def operand_grad_scale(bound: float) -> float:
+    """A power of two p with p·bound ≤ LOW_PRECISION_GRAD_MAX, for gradient entries bounded by ``bound``
+    (|dL/ds| ≤ scale/B for the contrastive loss: coef·p_ij ≤ scale/B, and at the positive coef·p - scale/B).
+    dL/ds becomes a bf16/fp16 GEMM operand as p·dL/ds and the fp32 products are divided by p (exact: a power of
+    two). Unscaled, the negatives' entries, ~scale/(B·N) (2e-9 at B=65536, N=131072, scale 20), fall below fp16's
+    smallest subnormal (6e-8) and their gradients vanish."""
+    return 2.0 ** min(126, max(-126, math.floor(math.log2(LOW_PRECISION_GRAD_MAX / bound))))
 
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
@@ -424,6 +461,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         grad_d = torch.zeros(d.shape, dtype=dtype, device=q.device)
         grad_Q = torch.zeros(Q.shape, dtype=dtype, device=q.device) if gathered else grad_q
     loss = torch.zeros((), dtype=dtype, device=q.device)
+    grad_scale = operand_grad_scale(options.scale / B)
     # a tqdm bar costs ~0.2 ms per call even when disabled
     starts = trange(0, B, chunk, desc="contrastive loss", leave=False) if progress else range(0, B, chunk)
     for r0 in starts:
@@ -441,8 +479,8 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         loss += epilogue(out, gout, ids, r0, layout, options, need_grad).sum()
         if not need_grad:
             continue
-        # out now holds dL/ds for each block; accumulate the similarity GEMMs' gradients
-        g = {k: v[:r1 - r0].copy_(out[k]) if low else out[k] for k, v in operands.items()}
+        # out now holds dL/ds for each block; accumulate the similarity GEMMs' gradients (low: of grad_scale·dL/ds)
+        g = {k: torch.mul(out[k], grad_scale, out=v[:r1 - r0]) if low else out[k] for k, v in operands.items()}
         _addmm_into(grad_q[r0:r1], g["query_to_doc"], d)
         _addmm_into(grad_d, g["query_to_doc"].T, qc)
         if "query_to_query" in dirs:
@@ -458,6 +496,9 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     del blocks, guides, operands, out, gout  # free the slab before the normalisation backward
     if not need_grad:
         return loss, None, None, None
+    if low:
+        for grad in {id(t): t for t in (grad_q, grad_d, grad_Q)}.values():
+            grad.div_(grad_scale)
     grad_queries = operand_backward_(grad_q, q, q_norm)
     grad_docs = operand_backward_(grad_d, d, d_norm).view(docs.shape)
     grad_all = operand_backward_(grad_Q, Q, Q_norm) if gathered else None
@@ -548,21 +589,31 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options
 class PrecomputedGradLoss(torch.autograd.Function):
     """A loss whose forward pass also computes its gradients: ``run(need_grad)`` returns (loss, dL/dqueries,
     dL/ddocs, dL/dall_queries or None); backward scales them by the incoming gradient. Other inputs (guides, ids)
-    are inside ``run`` and get no gradient."""
+    are inside ``run`` and get no gradient. First-order only: a backward with ``create_graph=True`` raises.
+
+    The gradients are kept in their inputs' dtypes; fp16 ones as p·g with p a power of two (``operand_grad_scale``
+    of their largest entry), undone in backward after the incoming gradient is applied: a loss scale (AMP's
+    GradScaler, 2^16 by default) then brings entries far below fp16's range (~2e-9 per negative at B=65536) back
+    up instead of finding them flushed to 0."""
 
     @staticmethod
     def forward(ctx, run, queries, docs, all_queries):
         need_grad = any(ctx.needs_input_grad[1:])
         loss, gq, gd, gaq = run(need_grad)
         if need_grad:
-            ctx.save_for_backward(gq.to(queries.dtype), gd.to(docs.dtype),
-                                  None if gaq is None else gaq.to(all_queries.dtype))
+            pairs = ((gq, queries), (gd, docs), (gaq, all_queries))
+            largest = max((float(g.abs().max()) for g, x in pairs if g is not None and x.dtype == torch.float16),
+                          default=0.0)
+            ctx.grad_scale = operand_grad_scale(largest) if largest > 0 else 1.0
+            ctx.save_for_backward(*(None if g is None else g.mul(ctx.grad_scale).to(x.dtype)
+                                    if x.dtype == torch.float16 else g.to(x.dtype) for g, x in pairs))
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        return (None, *(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors))
+        refuse_double_backward("fastcache's contrastive op")
+        return (None, *(None if g is None else g * grad_loss.to(g.dtype) if g.dtype != torch.float16 else
+                        (g.float() * (grad_loss.float() / ctx.grad_scale)).to(g.dtype) for g in ctx.saved_tensors))
 
 
 def one_pass(run, queries: Tensor, docs: Tensor, all_queries: Tensor | None) -> ContrastiveLossAndGrad:
@@ -655,6 +706,7 @@ def contrastive_loss(
 
     Returns: the mean loss, a 0-d float32 tensor (float64 for float64 inputs).
     """
+    refuse_functorch("fastcache.contrastive_loss")
     options, settings = _parse(options)
     guides = [t.detach() if isinstance(t, Tensor) else t for t in (guide_queries, guide_docs)]
 

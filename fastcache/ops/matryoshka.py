@@ -38,6 +38,7 @@ from tqdm.auto import trange
 
 from fastcache import _backend
 from fastcache.ops import contrastive_epilogue
+from fastcache.ops._autograd_guard import refuse_functorch
 from fastcache.ops.contrastive import (
     DIRECTIONS,
     NORMALIZE_EPS,
@@ -56,6 +57,7 @@ from fastcache.ops.contrastive import (
     guide_blocks,
     low_precision_gemms,
     one_pass,
+    operand_grad_scale,
 )
 
 
@@ -134,12 +136,24 @@ def _prefix_norm_backward_in_chunks_(grad: Tensor, x: Tensor, dims: tuple[int, .
     return grad
 
 
-def _segment_gemms_(grad, grad_t, tensors, operand, rows, total: Tensor, lo: int, hi: int) -> None:
+def segment_grad_scale(norms: dict, weights: tuple[float, ...], scale: float, rows: int) -> float:
+    """operand_grad_scale for the segment gradient totals A_k = Σ_{k' ≤ k} w_k'·a_k' ⊙ G_k' ⊙ b_k' as 16-bit
+    operands: |A| ≤ Σ_k |w_k|·(scale/B)·â_k², â_k the largest prefix-norm reciprocal of any operand at dim k
+    (``norms``: name -> (norms, reciprocals) [K, n], or None for "dot", where â = 1)."""
+    reciprocals = [n[1] for n in norms.values() if n is not None]
+    largest = torch.stack([r.amax(1) for r in reciprocals]).amax(0).tolist() if reciprocals else [1.0] * len(weights)
+    return operand_grad_scale(sum(abs(w) * scale / rows * a * a for w, a in zip(weights, largest)))
+
+
+def _segment_gemms_(grad, grad_t, tensors, operand, rows, total: Tensor, lo: int, hi: int, grad_scale: float) -> None:
     """The backward GEMMs of segment [lo, hi) of one direction: dX[rows, seg] += A·Y[:, seg] and, into the
     transposed column-operand gradient, dYᵀ[seg] += X[rows, seg]ᵀ·A (a narrow segment's GEMM writes a few long rows
-    there rather than many short ones: measured ~25% faster than dY[:, seg] += Aᵀ·X[rows, seg] on CPU)."""
+    there rather than many short ones: measured ~25% faster than dY[:, seg] += Aᵀ·X[rows, seg] on CPU). For
+    low-precision GEMMs A becomes a bf16/fp16 copy of grad_scale·A (:func:`segment_grad_scale`; the caller
+    divides the sums by it)."""
     x, _, y, width = operand
-    total = total.to(tensors[y].dtype)  # the operands' dtype: a bf16/fp16 copy for low-precision GEMMs
+    if total.dtype != tensors[y].dtype:
+        total = total.mul(grad_scale).to(tensors[y].dtype)
     _addmm_into(grad[x][rows, lo:hi], total, tensors[y][:width, lo:hi])
     _addmm_into(grad_t[y][lo:hi, :width], tensors[x][rows, lo:hi].T, total)
 
@@ -169,7 +183,7 @@ def _fused_cpu_chunk(segs, gout, ids, r0, c, layout, options, dims, weights, ten
 
 
 def _per_dim_chunk(raw, grads, product, gout, ids, r0, c, layout, options, dims, weights, tensors, norms, operands,
-                   rows, grad, grad_t, radial, epilogue, need_grad: bool) -> Tensor:
+                   rows, grad, grad_t, radial, epilogue, need_grad: bool, grad_scale: float) -> Tensor:
     """One chunk through a contrastive epilogue (any backend) dim by dim: segment GEMMs accumulated into the
     running prefix product, each dim's s_k into the epilogue, gradients summed per segment before the backward
     GEMMs. Returns the chunk's weighted loss sum."""
@@ -219,7 +233,7 @@ def _per_dim_chunk(raw, grads, product, gout, ids, r0, c, layout, options, dims,
                 total.addcmul_(grads[k][name][:c], scale_columns)
             else:
                 total.add_(grads[k][name][:c])
-            _segment_gemms_(grad, grad_t, tensors, operands[name], rows[name], total, lo, hi)
+            _segment_gemms_(grad, grad_t, tensors, operands[name], rows[name], total, lo, hi, grad_scale)
     return loss
 
 
@@ -273,6 +287,8 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         radial = {name: torch.zeros(K, x.size(0), dtype=dtype, device=q.device) for name, x in (("q", q), ("d", d))}
         radial["Q"] = torch.zeros(K, Q.size(0), dtype=dtype, device=q.device) if gathered else radial["q"]
     loss = torch.zeros((), dtype=dtype, device=q.device)
+    low = operand_dtype != dtype
+    grad_scale = segment_grad_scale(norms, weights, options.scale, B) if low and need_grad else 1.0
     # a tqdm bar costs ~0.2 ms per call even when disabled
     starts = trange(0, B, chunk, desc="matryoshka loss", leave=False) if progress else range(0, B, chunk)
     for r0 in starts:
@@ -285,7 +301,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         if fused:
             loss += _fused_cpu_chunk(segs, *common, need_grad)
         else:
-            loss += _per_dim_chunk(raw, grads, product, *common, epilogue, need_grad)
+            loss += _per_dim_chunk(raw, grads, product, *common, epilogue, need_grad, grad_scale)
     loss = loss / B
     # free the slab before the normalisation backward
     del guides
@@ -295,6 +311,9 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         del raw, grads, product
     if not need_grad:
         return loss, None, None, None
+    if low:
+        for g in {id(t): t for t in (*grad.values(), *grad_t.values())}.values():
+            g.div_(grad_scale)
     total = {}
     for name in names:
         rows_part, columns_part = grad.get(name), grad_t.get(name)
@@ -377,6 +396,7 @@ def matryoshka_contrastive_loss(
 
     Returns: the weighted sum of the per-dim mean losses, a 0-d float32 tensor (float64 for float64 inputs).
     """
+    refuse_functorch("fastcache.ops.matryoshka.matryoshka_contrastive_loss")
     options, settings = _parse(options)
     guides = [t.detach() if isinstance(t, Tensor) else t for t in (guide_queries, guide_docs)]
 

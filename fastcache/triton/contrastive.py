@@ -43,7 +43,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcache.ops.contrastive import _normalized_backward_in_chunks_, _normalized_in_own_dtype, guide_and_id_operands
+from fastcache.ops.contrastive import (
+    _normalized_backward_in_chunks_,
+    _normalized_in_own_dtype,
+    guide_and_id_operands,
+    operand_grad_scale,
+)
 
 QUERY_TO_DOC = tl.constexpr(0)
 QUERY_TO_QUERY = tl.constexpr(1)
@@ -55,8 +60,10 @@ ALL_NEGATIVES = tl.constexpr(3)
 
 KIND_CODES = {"query_to_doc": 0, "query_to_query": 1, "doc_to_query": 2, "doc_to_doc": 3}
 HARDNESS_CODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
-# Scalars travel in a small tensor of the compute dtype (Python floats would reach the kernel as fp32).
-SCALE, ALPHA, MARGIN, COEF, POS_COEF = (tl.constexpr(k) for k in range(5))
+# Scalars travel in a small tensor of the compute dtype (Python floats would reach the kernel as fp32). GRAD_SCALE:
+# the power of two that dL/ds is multiplied by before it becomes a 16-bit dot operand (ops/contrastive.py's
+# operand_grad_scale); the gradient accumulators hold GRAD_SCALE·dL/dx until the host divides.
+SCALE, ALPHA, MARGIN, COEF, POS_COEF, GRAD_SCALE = (tl.constexpr(k) for k in range(6))
 
 EPILOGUE_BLOCK_M, EPILOGUE_BLOCK_N, EPILOGUE_WARPS = 4, 256, 4  # sm_90: 48 registers unguided, 116 guided
 TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 8, 2
@@ -243,10 +250,11 @@ def _slab_epilogue_kernel(qd_ptr, qq_ptr, dq_ptr, dd_ptr, gqd_ptr, gqq_ptr, gdd_
     scale = tl.load(params_ptr + SCALE)
     alpha = tl.load(params_ptr + ALPHA)
     threshold = tl.zeros([BLOCK_M], ACC)
+    r64 = r.to(tl.int64)  # a slab block may hold more than 2^31 values
     if GUIDED:
-        guide_pos = tl.load(gqd_ptr + r * ldg_qd + pos, mask=row_ok, other=0.0)
+        guide_pos = tl.load(gqd_ptr + r64 * ldg_qd + pos, mask=row_ok, other=0.0)
         threshold = _guide_threshold(guide_pos, tl.load(params_ptr + MARGIN), RELATIVE_MARGIN)
-    pos_logit = scale * tl.load(qd_ptr + r * ld_qd + pos, mask=row_ok, other=0.0)
+    pos_logit = scale * tl.load(qd_ptr + r64 * ld_qd + pos, mask=row_ok, other=0.0)
     m_qd, t_qd = _slab_block_logsumexp(qd_ptr, ld_qd, gqd_ptr, ldg_qd, n_qd, r, row_ok, pos, own_query, threshold,
                                        ids_ptr, pos_ids, num_positives, scale, alpha, QUERY_TO_DOC, HARDNESS, GUIDED,
                                        HAS_IDS, BLOCK_M, BLOCK_N, ACC)
@@ -286,9 +294,11 @@ def _slab_epilogue_kernel(qd_ptr, qq_ptr, dq_ptr, dd_ptr, gqd_ptr, gqq_ptr, gdd_
                              GUIDED, HAS_IDS, BLOCK_N)
 
 
-def _scalars(dtype: torch.dtype, device: torch.device, options, coef: float, pos_coef: float) -> Tensor:
-    """The kernels' floating-point scalars (indexed by SCALE, ALPHA, MARGIN, COEF, POS_COEF)."""
-    values = [options.scale, options.hardness_strength if options.hardness else 0.0, options.margin, coef, pos_coef]
+def _scalars(dtype: torch.dtype, device: torch.device, options, coef: float, pos_coef: float,
+             grad_scale: float = 1.0) -> Tensor:
+    """The kernels' floating-point scalars (indexed by SCALE, ALPHA, MARGIN, COEF, POS_COEF, GRAD_SCALE)."""
+    values = [options.scale, options.hardness_strength if options.hardness else 0.0, options.margin, coef, pos_coef,
+              grad_scale]
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
@@ -345,10 +355,10 @@ def _similarity_tile(a_ptr, b_ptr, stride_a, stride_b, rows, cols, n_rows, n_col
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for k0 in range(0, dim, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows[:, None] * stride_a + k[None, :], mask=(rows[:, None] < n_rows) & (k[None, :] < dim),
-                    other=0.0)
-        b = tl.load(b_ptr + cols[None, :] * stride_b + k[:, None], mask=(cols[None, :] < n_cols) & (k[:, None] < dim),
-                    other=0.0)
+        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_a + k[None, :],
+                    mask=(rows[:, None] < n_rows) & (k[None, :] < dim), other=0.0)
+        b = tl.load(b_ptr + cols[None, :].to(tl.int64) * stride_b + k[:, None],
+                    mask=(cols[None, :] < n_cols) & (k[:, None] < dim), other=0.0)
         acc = _dot(a, b, acc, WIDEN, ACC)
     return acc
 
@@ -471,25 +481,26 @@ def _doc_to_query_grad(s, rows_ok, cols, offset, n_rows, scale, dq_max_ptr, dq_f
 
 
 @triton.jit
-def _add_product_to_own_rows(grad, r_ptr, c_ptr, stride_r, stride_c, rows, ok, cols, n_cols, out_ptr, stride_out, lo,
-                             hi, BY_COLUMNS: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
+def _add_product_to_own_rows(grad, grad_scale, r_ptr, c_ptr, stride_r, stride_c, rows, ok, cols, n_cols, out_ptr,
+                             stride_out, lo, hi, BY_COLUMNS: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
                              WIDEN: tl.constexpr):
     """A [BLOCK_M, BLOCK_N] tile's G into the program's own output rows, dims lo..hi-1: out[rows, lo:hi] +=
-    G·C[cols, lo:hi] (row-parallel), out[cols, lo:hi] += Gᵀ·R[rows, lo:hi] (BY_COLUMNS); BLOCK_DO-aligned chunks
-    of the output dims (those straddling lo or hi masked), each a read-modify-write of fp32 rows that no other
-    program touches."""
+    G'·C[cols, lo:hi] (row-parallel), out[cols, lo:hi] += G'ᵀ·R[rows, lo:hi] (BY_COLUMNS), with G' = grad_scale·G
+    in the embeddings' dtype (a power of two that keeps 16-bit entries above fp16's smallest subnormal; the host
+    divides the sums by it); BLOCK_DO-aligned chunks of the output dims (those straddling lo or hi masked), each a
+    read-modify-write of fp32 rows that no other program touches."""
     if BY_COLUMNS:
-        g = tl.trans(grad.to(r_ptr.dtype.element_ty))
+        g = tl.trans((grad * grad_scale).to(r_ptr.dtype.element_ty))
         e_ptr, stride_e, e_rows, e_ok, own, own_ok = r_ptr, stride_r, rows, ok, cols, cols < n_cols
     else:
-        g = grad.to(c_ptr.dtype.element_ty)
+        g = (grad * grad_scale).to(c_ptr.dtype.element_ty)
         e_ptr, stride_e, e_rows, e_ok, own, own_ok = c_ptr, stride_c, cols, cols < n_cols, rows, ok
     for o in range(lo // BLOCK_DO * BLOCK_DO, hi, BLOCK_DO):
         dims = o + tl.arange(0, BLOCK_DO)
         inside = (dims >= lo) & (dims < hi)
-        e = tl.load(e_ptr + e_rows[:, None] * stride_e + dims[None, :], mask=e_ok[:, None] & inside[None, :],
-                    other=0.0)
-        out = out_ptr + own[:, None] * stride_out + dims[None, :]
+        e = tl.load(e_ptr + e_rows[:, None].to(tl.int64) * stride_e + dims[None, :],
+                    mask=e_ok[:, None] & inside[None, :], other=0.0)
+        out = out_ptr + own[:, None].to(tl.int64) * stride_out + dims[None, :]
         held = own_ok[:, None] & inside[None, :]
         tl.store(out, _dot(g, e, tl.load(out, mask=held, other=0.0), WIDEN, ACC), mask=held)
 
@@ -534,8 +545,8 @@ def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_p
         grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
         if WITH_DOC_TO_QUERY:
             grad += _doc_to_query_grad(s, ok, cols, offset, n_rows, scale, dq_max_ptr, dq_factor_ptr)
-        _add_product_to_own_rows(grad, r_ptr, c_ptr, stride_r, stride_c, rows, ok, cols, n_cols, out_ptr, stride_out,
-                                 0, dim, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
+        _add_product_to_own_rows(grad, tl.load(params_ptr + GRAD_SCALE), r_ptr, c_ptr, stride_r, stride_c, rows, ok,
+                                 cols, n_cols, out_ptr, stride_out, 0, dim, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
         tl.debug_barrier()  # this tile's output stores land before the next tile's loads of the same rows
 
 
@@ -584,7 +595,8 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     blocks = [make[k]() for k in options.directions]
     joint = options.partition_mode == "joint"
     coef = options.scale / B / (1 if joint else len(blocks))
-    params = _scalars(acc, q.device, options, coef, options.scale / B)
+    grad_scale = operand_grad_scale(options.scale / B)
+    params = _scalars(acc, q.device, options, coef, options.scale / B, grad_scale)
     constants = dict(HARDNESS=HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, GUIDED=guided,
                      HAS_IDS=ids is not None, RELATIVE_MARGIN=options.margin_strategy == "relative",
                      BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K, ACC=_acc_type(acc),
@@ -629,6 +641,8 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
                 KIND=kind, **dict(constants, **tiles), BY_COLUMNS=by_columns, BLOCK_DO=block_do,
                 WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", num_warps=BACKWARD_WARPS,
                 num_stages=stages)
+    for grad in {id(t): t for t in (grad_q, grad_d, grad_Q)}.values():
+        grad.div_(grad_scale)
     grad_queries = _normalized_backward_in_chunks_(grad_q, q, q_norm)
     grad_docs = _normalized_backward_in_chunks_(grad_d, d, d_norm).view(docs.shape)
     grad_all = _normalized_backward_in_chunks_(grad_Q, Q, Q_norm) if gathered else None

@@ -44,10 +44,11 @@ import triton.language as tl
 from torch import Tensor
 
 from fastcache.ops.contrastive import guide_and_id_operands
-from fastcache.ops.matryoshka import _prefix_norm_backward_in_chunks_, _prefix_norms
+from fastcache.ops.matryoshka import _prefix_norm_backward_in_chunks_, _prefix_norms, segment_grad_scale
 from fastcache.triton.contrastive import (
     ALPHA,
     BACKWARD_WARPS,
+    GRAD_SCALE,
     HARDNESS_CODES,
     KIND_CODES,
     MARGIN,
@@ -82,10 +83,10 @@ def _segment_product(a_ptr, b_ptr, stride_a, stride_b, rows, cols, n_rows, n_col
     for k0 in range(lo // BLOCK_K * BLOCK_K, hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         inside = (k >= lo) & (k < hi)
-        a = tl.load(a_ptr + rows[:, None] * stride_a + k[None, :], mask=(rows[:, None] < n_rows) & inside[None, :],
-                    other=0.0)
-        b = tl.load(b_ptr + cols[None, :] * stride_b + k[:, None], mask=(cols[None, :] < n_cols) & inside[:, None],
-                    other=0.0)
+        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_a + k[None, :],
+                    mask=(rows[:, None] < n_rows) & inside[None, :], other=0.0)
+        b = tl.load(b_ptr + cols[None, :].to(tl.int64) * stride_b + k[:, None],
+                    mask=(cols[None, :] < n_cols) & inside[:, None], other=0.0)
         acc = _dot(a, b, acc, WIDEN, ACC)
     return acc
 
@@ -227,8 +228,8 @@ def _matryoshka_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, par
             k = num_dims - 1 - j
             lo = tl.load(dims_ptr + k - 1, mask=k > 0, other=0)
             hi = tl.load(dims_ptr + k)
-            _add_product_to_own_rows(suffix, r_ptr, c_ptr, stride_r, stride_c, rows, ok, cols, n_cols, out_ptr,
-                                     stride_out, lo, hi, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
+            _add_product_to_own_rows(suffix, tl.load(params_ptr + GRAD_SCALE), r_ptr, c_ptr, stride_r, stride_c, rows,
+                                     ok, cols, n_cols, out_ptr, stride_out, lo, hi, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
             if k > 0:
                 suffix += tl.load(scratch + (k - 1) * (BLOCK_M * BLOCK_N))
         tl.debug_barrier()  # this tile's output stores and scratch loads before the next tile's
@@ -315,8 +316,9 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
     joint = options.partition_mode == "joint"
     ascending = torch.tensor(dims[::-1], dtype=torch.int32).to(device)
     weights_ascending = weights[::-1]
+    grad_scale = segment_grad_scale(norms, weights, options.scale, B)  # M_k is bounded like the slab's A_k
     params = torch.stack([_scalars(acc, device, options, w * options.scale / B / (1 if joint else len(blocks)),
-                                   w * options.scale / B) for w in weights_ascending])
+                                   w * options.scale / B, grad_scale) for w in weights_ascending])
     constants = dict(HARDNESS=HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, GUIDED=guided,
                      HAS_IDS=ids is not None, RELATIVE_MARGIN=options.margin_strategy == "relative", COSINE=cosine,
                      BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K, DIMS=max(2, triton.next_power_of_2(K)),
@@ -376,7 +378,7 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
                 num_warps=BACKWARD_WARPS, num_stages=stages)
     grads = {}
     for name, operand in operands.items():
-        grads[name] = operand.grad
+        grads[name] = operand.grad.div_(grad_scale)
         if cosine:
             _prefix_norm_backward_in_chunks_(operand.grad, operand.x, dims, norms[name], operand.radial.flip(0))
     return loss, grads["q"], grads["d"].view(docs.shape), grads["Q"] if gathered else None

@@ -20,6 +20,7 @@ from helpers import (
     assert_no_worse_than_reference,
     make_batch,
     reference_loss_and_grads,
+    relative_error,
 )
 from test_contrastive_op import LOW_PRECISION_CASES, low_precision_runs
 
@@ -151,8 +152,8 @@ def test_auto_strategy_goes_tiled_under_a_small_budget(monkeypatch):
     assert not calls  # 1 MiB holds fewer than MIN_SLAB_ROWS rows: tiled, no epilogue
     roomy = contrastive_loss_and_grad(batch["queries"], batch["docs"], memory_budget=2**30)
     assert calls
-    for a, b in zip(tiny[:3], roomy[:3]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(tiny[:3], roomy[:3]):  # tiles and slab sum in another order: error relative to the scale
+        assert relative_error(a, b) <= 1e-4, relative_error(a, b)
 
 
 def test_tiled_memory_is_linear_in_the_batch():

@@ -5,6 +5,7 @@ import torch
 
 from fastcache import losses
 from fastcache.gradcache import AutoMiniBatch, saved_activation_bytes
+from helpers import max_error
 
 ANCHORS = ["the cat at work", "a dog", "sun today", "nice weather today", "car", "the query document", "cat dog",
            "the sun", "a car at work", "weather", "dog", "query"]
@@ -63,8 +64,12 @@ def test_auto_gives_the_fixed_size_results(tiny_model, tiny_guide_model, cls):
     assert 1 < auto_size < len(ANCHORS)  # the budget really split the batch
     (fixed_loss, fixed_grads), (auto_loss, auto_grads) = results
     torch.testing.assert_close(auto_loss, fixed_loss, rtol=1e-5, atol=1e-6)
+    # parameter gradients are sums over the mini-batches: other sizes add them in another order, so the float
+    # noise is relative to the gradients' scale (the largest entry of any parameter's: some parameters' gradients
+    # are analytically zero, pure noise), not per element (an AMD EPYC failed a per-element atol of 1e-6)
+    scale = max(float(g.abs().max()) for g in fixed_grads)
     for a, b in zip(auto_grads, fixed_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert max_error(a, b) <= 1e-4 * scale, (max_error(a, b), scale)
 
 
 def test_validation(tiny_model, monkeypatch):

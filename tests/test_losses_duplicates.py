@@ -87,6 +87,6 @@ def test_config_and_validation(tiny_model):
     assert "mask_duplicates" not in losses.MultipleNegativesRankingLoss(tiny_model).get_config_dict()
     with pytest.raises(ValueError, match="mask_duplicates must be True or False"):
         losses.MultipleNegativesRankingLoss(tiny_model, mask_duplicates="yes")
-    with pytest.raises(ValueError, match="mask_duplicates needs similarity_fct"):
+    with pytest.raises(ValueError, match="mask_duplicates=True needs the fused loss, and similarity_fct"):
         losses.CachedMultipleNegativesRankingLoss(tiny_model, similarity_fct=functools.partial(cos_sim),
                                                   mask_duplicates=True)

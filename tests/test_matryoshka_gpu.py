@@ -16,7 +16,8 @@ import torch
 
 from fastcache.ops import contrastive_epilogue
 from fastcache.ops.matryoshka import matryoshka_contrastive_loss_and_grad
-from helpers import MATRYOSHKA_OP_PATHS, assert_matches, make_batch, matryoshka_reference_loss_and_grads
+from helpers import (MATRYOSHKA_OP_PATHS, assert_matches, make_batch, matryoshka_reference_loss_and_grads,
+                     relative_error)
 from test_matryoshka_triton import assert_low_precision_no_worse_than_reference
 
 pytestmark = [
@@ -116,8 +117,8 @@ def test_auto_strategy_goes_tiled_under_a_small_budget(monkeypatch):
     roomy = matryoshka_contrastive_loss_and_grad(batch["queries"], batch["docs"], dims=five_dims(32),
                                                  memory_budget=2**30)
     assert not calls
-    for a, b in zip(tiny[:3], roomy[:3]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(tiny[:3], roomy[:3]):  # tiles and slab sum in another order: error relative to the scale
+        assert relative_error(a, b) <= 1e-4, relative_error(a, b)
 
 
 def test_tiled_memory_is_linear_in_the_batch():

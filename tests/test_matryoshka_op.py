@@ -27,6 +27,7 @@ from helpers import (
     cast,
     make_batch,
     nan_padded,
+    relative_error,
 )
 from helpers import matryoshka_op_autograd as op_autograd
 from helpers import matryoshka_op_loss_and_grad as op_loss_and_grad
@@ -193,7 +194,8 @@ def test_fused_cpu_chunk_is_the_epilogue_between_segment_gemms(extension, thread
     assert total == pytest.approx(loss.double().sum().item(), rel=1e-6)
     for actual, wanted in zip([segments, *targets], [expected_segments, grad_x, grad_y_t, row_radial + 1,
                                                       column_radial + 1]):
-        torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5)
+        # GEMM sums, blocked by thread count and SIMD width: compared against each tensor's scale
+        assert actual.shape == wanted.shape and relative_error(actual, wanted) <= 1e-5, relative_error(actual, wanted)
 
 
 @pytest.mark.parametrize(("change", "match"), [

@@ -3,10 +3,20 @@
 GIST (guided in-sample selection of negatives) is the contrastive op with guide embeddings: a candidate is
 masked when the guide finds it more similar to the anchor than the anchor's positive, minus a margin. The
 anchor-anchor and positive-positive blocks are the op's query_to_query and doc_to_doc directions in guided form.
+
+Arguments: every value sentence-transformers accepts is accepted, numbers of any kind converted to Python floats.
+The op takes scale = 1 / temperature finite and positive and a finite margin; any other value keeps the upstream
+maths for that instance, with upstream's result: ``temperature=0`` or ``inf`` gives NaN (as upstream: the loss
+has no finite limit), a negative temperature NaN as upstream (a finite answer exists, the masked candidates left
+out, but it needs the op to take a negative scale), a margin of +-inf or NaN upstream's finite loss (NaN or -inf:
+no candidate is masked; +inf: every candidate but the positive). ``mask_duplicates=True`` needs the fused op and
+raises a ValueError naming the argument otherwise. Autocast: float32 loss, see
+:mod:`fastcache.losses.multiple_negatives_ranking`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from contextlib import nullcontext
 
@@ -18,6 +28,7 @@ from sentence_transformers.util import all_gather_with_grad, get_rank
 from torch import Tensor
 
 from fastcache.gradcache import FusedGradCacheMixin
+from fastcache.losses.arguments import as_float, describe, finite_float
 from fastcache.losses.multiple_negatives_ranking import (DuplicateMasking, cached_loss_stage, check_columns,
                                                         check_same_layout_on_every_rank, gathering, loss_op)
 from fastcache.ops.contrastive import ContrastiveLossAndGrad
@@ -47,11 +58,11 @@ def fused_gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tenso
         torch.stack(candidates),
         guide_queries=guide_anchors,
         guide_docs=torch.stack(guide_candidates),
-        scale=1.0 / loss.temperature,
+        scale=1.0 / as_float(loss.temperature),
         similarity="cos",
         directions=directions,
         offset=offset,
-        margin=loss.margin,
+        margin=as_float(loss.margin),
         margin_strategy=loss.margin_strategy,
         doc_ids=None if doc_ids is None else doc_ids.to(anchors.device),
     )
@@ -64,10 +75,26 @@ def retokenized_for_guide(loss, features: dict[str, Tensor]) -> dict:
     return {k: v.to(loss.guide.device) if isinstance(v, Tensor) else v for k, v in loss.guide.preprocess(texts).items()}
 
 
-class GISTEmbedLoss(DuplicateMasking, st_losses.GISTEmbedLoss):
+class _GISTOptions(DuplicateMasking):
+    """The options of the GIST losses that the fused op takes."""
+
+    def unfused_reason(self) -> str | None:
+        temperature = as_float(self.temperature)
+        scale = 1.0 / temperature if temperature else None  # the op's scale: finite and positive
+        if scale is None or not (math.isfinite(scale) and scale > 0):
+            return f"{describe('temperature', self.temperature)} is not a positive number with a finite inverse"
+        if finite_float(self.margin) is None:
+            return f"{describe('margin', self.margin)} is not a finite number"
+        return None
+
+
+class GISTEmbedLoss(_GISTOptions, st_losses.GISTEmbedLoss):
     """sentence-transformers' GISTEmbedLoss, loss stage fused by fastcache."""
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        if not self.fused:
+            self.check_duplicate_masking()
+            return super().forward(sentence_features, labels)
         sentence_features = list(sentence_features)
         doc_ids = self.duplicate_ids(sentence_features)
         # the guide embeds shallow copies: it writes its outputs into the features it is given
@@ -82,7 +109,7 @@ class GISTEmbedLoss(DuplicateMasking, st_losses.GISTEmbedLoss):
         return fused_gist_loss(self, embeddings, guide_embeddings, doc_ids)
 
 
-class CachedGISTEmbedLoss(DuplicateMasking, FusedGradCacheMixin, st_losses.CachedGISTEmbedLoss):
+class CachedGISTEmbedLoss(_GISTOptions, FusedGradCacheMixin, st_losses.CachedGISTEmbedLoss):
     """sentence-transformers' CachedGISTEmbedLoss, loss stage fused by fastcache, with fastcache's gradient cache."""
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
@@ -105,6 +132,9 @@ class CachedGISTEmbedLoss(DuplicateMasking, FusedGradCacheMixin, st_losses.Cache
                        with_backward: bool = False, doc_ids: Tensor | None = None) -> Tensor:
         if len(reps) != len(reps_guided):
             raise ValueError("reps and reps_guided must have the same length")
+        if not self.fused:
+            self.check_duplicate_masking()
+            return super().calculate_loss(reps, reps_guided, with_backward=with_backward)
         embeddings, guide_embeddings = [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided]
         return cached_loss_stage(
             self, reps, with_backward,

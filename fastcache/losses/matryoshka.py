@@ -7,11 +7,13 @@ GISTEmbedLoss, CachedGISTEmbedLoss), fastcache's MatryoshkaLoss hands it
 :func:`fastcache.ops.matryoshka.matryoshka_contrastive_loss` instead of the single-dimension op: the model runs
 once, the loss of every dimension comes from one sweep over the embedding dimension, and under gradient caching
 the mini-batches are replayed once for all dimensions. Any other inner loss gets sentence-transformers' own
-MatryoshkaLoss behaviour.
+MatryoshkaLoss behaviour, and so do dims that are not integers (NumPy and tensor integers are taken as ints) and
+weights that are not finite numbers (upstream's loss, NaN or inf).
 """
 
 from __future__ import annotations
 
+import operator
 import random
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -20,6 +22,7 @@ from typing import Literal
 from sentence_transformers.sentence_transformer import losses as st_losses
 from torch import Tensor, nn
 
+from fastcache.losses.arguments import finite_float
 from fastcache.losses.multiple_negatives_ranking import DuplicateMasking
 from fastcache.ops.contrastive import ContrastiveLossAndGrad
 from fastcache.ops.matryoshka import matryoshka_contrastive_loss, matryoshka_contrastive_loss_and_grad
@@ -33,7 +36,8 @@ def matryoshka_op(dims: Sequence[int], weights: Sequence[float],
     the inner loss's similarity_fct."""
     merged: dict[int, float] = {}
     for dim, weight in zip(dims, weights):
-        merged[dim] = merged.get(dim, 0.0) + float(weight)
+        dim = operator.index(dim)  # NumPy / tensor integers, as upstream's slicing takes them
+        merged[dim] = merged.get(dim, 0.0) + finite_float(weight)
 
     fused = matryoshka_contrastive_loss_and_grad if with_grad else matryoshka_contrastive_loss
 
@@ -57,6 +61,15 @@ def fuses(loss: nn.Module) -> bool:
     return getattr(loss, "guide", None) is not getattr(loss, "model", None)
 
 
+def fusable_dims_and_weights(dims: Sequence, weights: Sequence) -> bool:
+    """Whether the fused op takes these dims (integers of any kind) and weights (finite numbers of any kind)."""
+    try:
+        [operator.index(dim) for dim in dims]
+    except TypeError:
+        return False
+    return all(finite_float(weight) is not None for weight in weights)
+
+
 class MatryoshkaLoss(st_losses.MatryoshkaLoss):
     """sentence-transformers' MatryoshkaLoss (same signature, validation, warnings, config and results); with a
     fastcache contrastive inner loss, all dimensions go through one fused op call and one gradient-cache replay."""
@@ -65,7 +78,7 @@ class MatryoshkaLoss(st_losses.MatryoshkaLoss):
                  matryoshka_weights: Sequence[float] | Sequence[int] | None = None, n_dims_per_step: int = -1) -> None:
         own_calculate_loss = loss.__dict__.get("calculate_loss")
         super().__init__(model, loss, matryoshka_dims, matryoshka_weights, n_dims_per_step)
-        self.fused = fuses(loss)
+        self.fused = fuses(loss) and fusable_dims_and_weights(self.matryoshka_dims, self.matryoshka_weights)
         if self.fused and self.uses_gradient_cache:  # one fused call for every dim replaces upstream's per-dim loop
             if own_calculate_loss is None:
                 del loss.calculate_loss

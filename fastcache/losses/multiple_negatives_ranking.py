@@ -4,6 +4,18 @@ Each class subclasses the sentence-transformers class of the same name (same con
 citation, and ``isinstance`` for the trainer and MatryoshkaLoss) and replaces only the loss maths: the embeddings
 go through :func:`fastcache.contrastive_loss`, with no B×N matrix built in Python. A ``similarity_fct`` other
 than ``cos_sim`` / ``dot_score`` has no fused form and keeps the upstream maths.
+
+Arguments: every value sentence-transformers accepts is accepted. Numbers of any kind (NumPy scalars, one-element
+tensors) are converted to Python floats for the op (fastcache.losses.arguments). A value outside the op's range
+keeps the upstream maths for that instance, with upstream's result: ``scale=inf`` (NaN, as upstream: the loss has
+no finite limit), a non-finite ``hardness_strength``, a ``scale`` tensor that requires grad (upstream trains it).
+``mask_duplicates=True`` needs the fused op and raises a ValueError naming the argument otherwise.
+
+Autocast: under ``torch.autocast`` (bf16 or fp16) the loss is float32, where upstream's MultipleNegatives(Symmetric)
+RankingLoss returns the autocast dtype (its similarity matmul runs in bf16; upstream's GIST losses return float32,
+as these do). The fused op accumulates in float32 and rounds nothing to bf16: under CPU bf16 autocast on the tests'
+tiny BERT (5 batches), upstream's loss is up to 7.3e-3 (symmetric: 1.3e-2) relative from the loss without autocast,
+fastcache's up to 1.6e-5 (tests/test_drop_in_arguments.py pins both).
 """
 
 from __future__ import annotations
@@ -19,12 +31,11 @@ from sentence_transformers.util import all_gather_with_grad, cos_sim, dot_score,
 from torch import Tensor
 
 from fastcache.gradcache import FusedGradCacheMixin
+from fastcache.losses.arguments import as_float, describe, finite_float, positive_float
 from fastcache.losses.duplicates import candidate_ids
 from fastcache.ops.contrastive import ContrastiveLossAndGrad, contrastive_loss, contrastive_loss_and_grad
 
 _FUSED_SIMILARITIES = {cos_sim: "cos", dot_score: "dot"}
-# the losses whose similarity_fct decides whether the fused op applies (GIST always uses cosine)
-_FUSED_FAMILY = (st_losses.MultipleNegativesRankingLoss, st_losses.CachedMultipleNegativesRankingLoss)
 
 
 def fused_similarity(similarity_fct: Callable) -> str | None:
@@ -125,12 +136,12 @@ def fused_mnrl_loss(loss: st_losses.MultipleNegativesRankingLoss, embeddings: li
         torch.cat(docs) if len(docs) > 1 else docs[0],
         all_queries=all_queries,
         offset=0 if all_queries is None else get_rank() * queries.size(0),
-        scale=loss.scale,
+        scale=as_float(loss.scale),
         similarity=similarity,
         directions=loss.directions,
         partition_mode=loss.partition_mode,
         hardness_mode=loss.hardness_mode,
-        hardness_strength=loss.hardness_strength,
+        hardness_strength=as_float(loss.hardness_strength),
         doc_ids=None if doc_ids is None else doc_ids.reshape(-1).to(queries.device),
     )
 
@@ -148,15 +159,24 @@ class DuplicateMasking:
         super().__init__(*args, **kwargs)
         if not isinstance(mask_duplicates, bool):
             raise ValueError(f"mask_duplicates must be True or False, got {mask_duplicates!r}")
-        if mask_duplicates and not self.fused:
-            raise ValueError("mask_duplicates needs similarity_fct=cos_sim or dot_score (the fused loss)")
         self.mask_duplicates = mask_duplicates
+        self.check_duplicate_masking()
+
+    def unfused_reason(self) -> str | None:
+        """Why this configuration has no fused form (the loss then runs sentence-transformers' maths), naming the
+        argument; None when the loss stage runs through the fused op."""
+        raise NotImplementedError
 
     @property
     def fused(self) -> bool:
-        """Whether the loss stage runs through the fused op: always for GIST (cosine), for the
-        MultipleNegativesRankingLoss family with similarity_fct cos_sim or dot_score."""
-        return not isinstance(self, _FUSED_FAMILY) or fused_similarity(self.similarity_fct) is not None
+        """Whether the loss stage runs through the fused op (:meth:`unfused_reason` is None)."""
+        return self.unfused_reason() is None
+
+    def check_duplicate_masking(self) -> None:
+        """mask_duplicates needs the fused op: a ValueError naming the argument that rules it out."""
+        reason = None if not self.mask_duplicates else self.unfused_reason()
+        if reason is not None:
+            raise ValueError(f"mask_duplicates=True needs the fused loss, and {reason}")
 
     def duplicate_ids(self, sentence_features: list[dict[str, Tensor]]) -> Tensor | None:
         """[C, P] ids of the candidate columns (every rank's rows when gathering), None when not masking."""
@@ -176,33 +196,48 @@ class DuplicateMasking:
         return config
 
 
-class _FusedMNRL(DuplicateMasking):
+class _MNRLOptions(DuplicateMasking):
+    """The options of the MultipleNegativesRankingLoss family that the fused op takes."""
+
+    def unfused_reason(self) -> str | None:
+        if fused_similarity(self.similarity_fct) is None:
+            name = getattr(self.similarity_fct, "__name__", repr(self.similarity_fct))
+            return f"similarity_fct={name} has no fused form (cos_sim and dot_score have)"
+        if positive_float(self.scale) is None:
+            return f"{describe('scale', self.scale)} is not a finite positive number without gradient"
+        if finite_float(self.hardness_strength) is None:
+            return f"{describe('hardness_strength', self.hardness_strength)} is not a finite number"
+        return None
+
+
+class _FusedMNRL(_MNRLOptions):
     """compute_loss_from_embeddings of the MultipleNegativesRankingLoss family through the fused op."""
 
     def forward(self, sentence_features, labels: Tensor | None) -> Tensor:
         if not self.mask_duplicates:
             return super().forward(sentence_features, labels)
+        self.check_duplicate_masking()
         sentence_features = list(sentence_features)
         doc_ids = self.duplicate_ids(sentence_features)
         embeddings = embed_columns(self.model, sentence_features)
         return fused_mnrl_loss(self, embeddings, fused_similarity(self.similarity_fct), doc_ids)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
-        similarity = fused_similarity(self.similarity_fct)
-        if similarity is None:
+        if not self.fused:
             return super().compute_loss_from_embeddings(embeddings, labels)
-        return fused_mnrl_loss(self, embeddings, similarity)
+        return fused_mnrl_loss(self, embeddings, fused_similarity(self.similarity_fct))
 
 
-class _FusedCachedMNRL(DuplicateMasking):
+class _FusedCachedMNRL(_MNRLOptions):
     """calculate_loss of the cached (GradCache) MultipleNegativesRankingLoss family through the fused op: one
     pass gives the loss and every embedding's gradient, which the gradient cache (fastcache.gradcache) replays."""
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False, doc_ids: Tensor | None = None) -> Tensor:
-        similarity = fused_similarity(self.similarity_fct)
-        if similarity is None:
+        if not self.fused:
+            self.check_duplicate_masking()
             return super().calculate_loss(reps, labels, with_backward=with_backward)
+        similarity = fused_similarity(self.similarity_fct)
         embeddings = [torch.cat(column) for column in reps]
         return cached_loss_stage(self, reps, with_backward,
                                  lambda with_grad: fused_mnrl_loss(self, embeddings, similarity, doc_ids, with_grad))

@@ -5,15 +5,27 @@ the weighting-scheme classes are sentence-transformers' own, subclassed, and sen
 objects are accepted as they are. A scheme with its own ``forward`` has no fused form: the upstream maths runs.
 Deliberate difference: a batch without any pair (e.g. all labels equal) gives 0 with zero gradients where
 sentence-transformers gives NaN.
+
+Arguments: every value sentence-transformers accepts is accepted, NumPy / tensor numbers converted to Python ones.
+``k=0`` (or None) means every document, as upstream's ``self.k or n``; ``reduction_log`` other than "natural"
+means binary, as upstream. Values the op does not take keep the upstream maths for that instance, with upstream's
+result: ``k < 0`` (upstream drops the last |k| ranks), ``sigma <= 0`` or non-finite, ``eps <= 0`` or non-finite
+(with ``eps=0`` upstream's log(0) makes the loss inf once a pair's sigmoid underflows, where the finite answer
+-log_b sigmoid(sigma·diff) exists: that needs the op to take eps=0), a NDCGLoss2PPScheme ``mu`` that is negative
+or not finite.
 """
 
 from __future__ import annotations
+
+import math
+import operator
 
 from sentence_transformers.cross_encoder.losses import lambda_loss as st_lambda
 from sentence_transformers.cross_encoder.losses import rank_net as st_rank_net
 from torch import Tensor
 
 from fastcache.cross_encoder.losses.listwise import ListwiseLossMixin
+from fastcache.losses.arguments import as_float, positive_float
 from fastcache.ops.ranking import lambda_loss
 
 
@@ -55,21 +67,46 @@ def scheme_weighting(scheme) -> dict | None:
                 if type(scheme.ndcg_loss2).forward is not st_lambda.NDCGLoss2Scheme.forward or \
                         type(scheme.lambda_rank).forward is not st_lambda.LambdaRankScheme.forward:
                     return None
-                return {"weighting": name, "mu": float(scheme.mu)}
+                mu = as_float(scheme.mu)
+                if mu is None or not math.isfinite(mu) or mu < 0:
+                    return None
+                return {"weighting": name, "mu": mu}
             return {"weighting": name}
     return None
+
+
+def truncation(k) -> int | None | bool:
+    """The op's ``k``: None for every document (upstream's ``self.k or n``: None or 0), a positive int; False when
+    the op has no form for it (a negative k, or not an integer)."""
+    if k is None:
+        return None
+    try:
+        k = operator.index(k)
+    except TypeError:
+        return False
+    return None if k == 0 else k if k > 0 else False
 
 
 class LambdaLossMixin(ListwiseLossMixin):
     """The LambdaLoss maths of sentence-transformers' LambdaLoss and RankNetLoss, fused."""
 
-    @property
-    def fused(self) -> bool:
-        return scheme_weighting(self.weighting_scheme) is not None
+    def unfused_reason(self) -> str | None:
+        if scheme_weighting(self.weighting_scheme) is None:
+            return (f"weighting_scheme {type(self.weighting_scheme).__name__} has its own forward or a mu that is "
+                    "not a finite non-negative number")
+        if truncation(self.k) is False:
+            return f"k={self.k!r} is not None, 0 or a positive integer"
+        if positive_float(self.sigma) is None:
+            return f"sigma={self.sigma!r} is not a finite positive number"
+        if positive_float(self.eps) is None:
+            return f"eps={self.eps!r} is not a finite positive number"
+        return None
 
     def ranking_loss(self, logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
-        return lambda_loss(logits, labels, mask, k=self.k, sigma=self.sigma, eps=self.eps,
-                           reduction_log=self.reduction_log, **scheme_weighting(self.weighting_scheme))
+        return lambda_loss(logits, labels, mask, k=truncation(self.k), sigma=positive_float(self.sigma),
+                           eps=positive_float(self.eps),
+                           reduction_log="natural" if self.reduction_log == "natural" else "binary",
+                           **scheme_weighting(self.weighting_scheme))
 
 
 class LambdaLoss(LambdaLossMixin, st_lambda.LambdaLoss):

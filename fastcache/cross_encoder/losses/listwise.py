@@ -36,16 +36,27 @@ class ListwiseLossMixin:
     ``cache_gradients`` (keyword, default False): gradient caching as in the module docstring, mini-batches of
     ``mini_batch_size`` pairs (None: as many pairs as there are queries, as upstream)."""
 
-    fused = True  # False: the upstream maths runs (a configuration the fused ops do not cover)
-
     def __init__(self, *args, cache_gradients: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(cache_gradients, bool):
             raise ValueError(f"cache_gradients must be a bool, got {cache_gradients!r}")
-        if cache_gradients and not self.fused:
-            raise ValueError(f"cache_gradients=True needs the fused loss; {type(self).__name__} is configured with "
-                             "maths that fastcache does not fuse")
         self.cache_gradients = cache_gradients
+        self.check_cache_gradients()
+
+    def unfused_reason(self) -> str | None:
+        """Why this configuration has no fused form (the upstream maths runs), naming the argument; None when the
+        fused op computes the loss."""
+        return None
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused op computes the loss (:meth:`unfused_reason` is None)."""
+        return self.unfused_reason() is None
+
+    def check_cache_gradients(self) -> None:
+        reason = self.unfused_reason() if self.cache_gradients else None
+        if reason is not None:
+            raise ValueError(f"cache_gradients=True needs the fused loss, and {type(self).__name__}'s {reason}")
 
     def ranking_loss(self, logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
         """The loss of padded scores [Q, n] (after ``activation_fn``), labels [Q, n] and the validity mask."""
@@ -83,6 +94,7 @@ class ListwiseLossMixin:
 
     def forward(self, inputs: list, labels: list[Tensor], prompt: str | None = None, task: str | None = None) -> Tensor:
         if not self.fused:
+            self.check_cache_gradients()
             return super().forward(inputs, labels, prompt=prompt, task=task)
         name = type(self).__name__
         if isinstance(labels, Tensor):

@@ -7,12 +7,19 @@
 
 Every default works offline. Under `torchrun --nproc_per_node=K -m fastcache train ... --gather-across-devices`
 training runs with DistributedDataParallel (gloo on CPU).
+
+Bad input (an option, a FASTCACHE_* variable, the data, the --output-dir) is one line on stderr and exit status 2,
+before any work where it can be known then; SIGTERM and Ctrl-C end a command through its cleanup (temporary and
+staging folders removed) with status 143 and 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -192,6 +199,48 @@ def _bench(args) -> int:
     return 0
 
 
+def _info() -> int:
+    """`fastcache info`: fastcache.info() as JSON; a malformed FASTCACHE_* variable is reported in it (under
+    "settings_errors", and as "error: ..." for a budget info() could not read) and as one line on stderr, exit 2."""
+    import fastcache
+    from fastcache import _backend
+
+    errors = _backend.setting_errors()
+    unreadable = {name: os.environ.pop(name) for name in ("FASTCACHE_MEMORY_BUDGET",) if name in errors}
+    try:
+        report = fastcache.info()
+    finally:
+        os.environ.update(unreadable)
+    if "FASTCACHE_MEMORY_BUDGET" in errors:
+        report["memory_budget_bytes"] = f"error: {errors['FASTCACHE_MEMORY_BUDGET']}"
+    if errors:
+        report["settings_errors"] = errors
+    print(json.dumps(report, indent=2))
+    for message in errors.values():
+        print(f"fastcache info: error: {message}", file=sys.stderr)
+    return 2 if errors else 0
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``with`` blocks and ``finally`` clauses clean up."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    def raise_terminated(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: leave the signal alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastcache", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,21 +251,23 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
-        import fastcache
-
-        print(json.dumps(fastcache.info(), indent=2))
-        return 0
+        return _info()
     from fastcache.data import DataError
+    from fastcache.output_dir import OutputDirError
     from fastcache.train import TrainError
 
     try:
-        return {"train": _train, "train-reranker": _train_reranker, "bench": _bench}[args.command](args)
-    except (DataError, TrainError) as error:  # bad input: one line, no traceback
+        with _sigterm_raises():
+            return {"train": _train, "train-reranker": _train_reranker, "bench": _bench}[args.command](args)
+    except (DataError, TrainError, OutputDirError) as error:  # bad input: one line, no traceback
         print(f"fastcache {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastcache {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"fastcache {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ Backends: ``cpu`` (the compiled C++ kernels of ``fastcache._C``), ``torch`` (pur
 interpreter when ``TRITON_INTERPRET=1`` is set). ``FASTCACHE_BACKEND`` (auto | torch | cpu | cuda | triton) or an
 op's ``backend=`` argument overrides the automatic choice; a choice that cannot run is an error, never a silent
 fallback. ``FASTCACHE_STRATEGY`` (auto | slab | tiled) or an op's ``strategy=`` argument picks the algorithm.
+
+Sizes (``FASTCACHE_MEMORY_BUDGET`` / ``memory_budget=``, ``FASTCACHE_MINI_BATCH_BUDGET`` /
+``mini_batch_memory_budget=``) follow one rule, :func:`parse_size`: an int number of bytes, or a string such as
+``268435456``, ``64MiB`` or ``1.5GiB``, from the argument or the variable alike; zero, negative or fractional-byte
+values are rejected with a message that shows what was written. :func:`setting_errors` checks every variable at
+once, for commands that must refuse bad settings before doing any work.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ import functools
 import os
 import re
 from collections.abc import Mapping
+from fractions import Fraction
 
 import torch
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 STRATEGIES = ("auto", "slab", "tiled")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
+SETTINGS = ("FASTCACHE_BACKEND", "FASTCACHE_STRATEGY", "FASTCACHE_MEMORY_BUDGET", "FASTCACHE_MINI_BATCH_BUDGET")
 
 
 def _load_extension():
@@ -43,11 +51,15 @@ def triton_version() -> str | None:
 
 
 def _requested(argument: str | None, variable: str, choices: tuple[str, ...], what: str) -> str:
-    """The argument, else the environment variable, else ``auto``; validated against ``choices``."""
-    name = (argument if argument is not None else os.environ.get(variable, "auto")).strip().lower()
+    """The argument, else the environment variable (unset or empty: ``auto``); validated against ``choices``."""
+    source = what if argument is not None else variable
+    value = argument if argument is not None else (os.environ.get(variable, "").strip() or "auto")
+    if not isinstance(value, str):
+        raise ValueError(f"{source} must be one of {', '.join(choices)} (a string); got {value!r} "
+                         f"({type(value).__name__})")
+    name = value.strip().lower()
     if name not in choices:
-        source = what if argument is not None else variable
-        raise ValueError(f"{source} must be one of {', '.join(choices)}; got {name!r}")
+        raise ValueError(f"{source} must be one of {', '.join(choices)}; got {value!r}")
     return name
 
 
@@ -121,20 +133,63 @@ def cuda_kernel_status(device: torch.device, function: str) -> str | None:
     return None
 
 
-def parse_bytes(text: str, name: str = "FASTCACHE_MEMORY_BUDGET") -> int:
-    """'268435456', '256MiB', '256MB', '1.5GiB', '512k' -> bytes (binary units for K/M/G/T with or without 'i')."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
-    if not match:
-        raise ValueError(f"{name} must be a size such as 268435456, 256MiB or 1GiB; got {text!r}")
-    number, unit = float(match.group(1)), match.group(2)
-    return int(number * 1024 ** " kmgt".index(unit or " "))
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*")
 
 
-def memory_budget(budget: int | None = None) -> int:
+def parse_size(value: int | str, name: str, default_of: str | None = None) -> int:
+    """A positive whole number of bytes from an int or a string: '268435456', '256MiB', '256MB', '1.5GiB', '512k'
+    (K/M/G/T are binary units, with or without 'i' and 'B'). ``name`` (the argument, or the variable that sets the
+    default of the argument ``default_of``) starts the error message, which shows ``value`` as written."""
+    if default_of is None:
+        expected = f"{name} must be a positive number of bytes (a whole number: an int, or a string such as '256MiB')"
+    else:
+        expected = (f"{name} must be a size such as 268435456, 256MiB or 1.5GiB (a positive whole number of bytes; it "
+                    f"sets the default of {default_of}=)")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{expected}; got {value!r} ({type(value).__name__})")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.fullmatch(value.lower())
+        if not match:
+            raise ValueError(f"{expected}; got {value!r}")
+        exact = Fraction(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " ")
+        if exact.denominator != 1:
+            raise ValueError(f"{expected}; got {value!r} ({float(exact):g} bytes: not a whole number)")
+        size = int(exact)
+    if size <= 0:
+        raise ValueError(f"{expected}; got {value!r}")
+    return size
+
+
+def size_setting(argument: int | str | None, what: str, variable: str, default: int) -> int:
+    """Bytes from the argument (named ``what``), else the environment ``variable`` (unset or empty: ``default``),
+    by :func:`parse_size`."""
+    if argument is not None:
+        return parse_size(argument, what)
+    text = os.environ.get(variable, "")
+    return parse_size(text, variable, default_of=what) if text.strip() else default
+
+
+def memory_budget(budget: int | str | None = None) -> int:
     """The workspace budget in bytes: the argument, else ``FASTCACHE_MEMORY_BUDGET``, else 256 MiB."""
-    if budget is None:
-        env = os.environ.get("FASTCACHE_MEMORY_BUDGET")
-        budget = parse_bytes(env) if env else DEFAULT_MEMORY_BUDGET
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes; got {budget!r}")
-    return budget
+    return size_setting(budget, "memory_budget", "FASTCACHE_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET)
+
+
+def setting_errors() -> dict[str, str]:
+    """Each FASTCACHE_* variable of :data:`SETTINGS` that is set to a value its reader would reject, with the
+    reader's one-line message (empty when all are valid; which backend can run is :func:`resolve_backend`'s
+    question)."""
+    checks = {"FASTCACHE_BACKEND": requested_backend, "FASTCACHE_STRATEGY": requested_strategy,
+              "FASTCACHE_MEMORY_BUDGET": memory_budget,
+              "FASTCACHE_MINI_BATCH_BUDGET": lambda: size_setting(None, "mini_batch_memory_budget",
+                                                                  "FASTCACHE_MINI_BATCH_BUDGET", 1)}
+    errors = {}
+    for variable, check in checks.items():
+        if not os.environ.get(variable, "").strip():
+            continue
+        try:
+            check()
+        except ValueError as error:
+            errors[variable] = str(error)
+    return errors

@@ -5,6 +5,7 @@ retrieval evaluation (queries, corpus, relevant documents) for sentence-transfor
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import inspect
 import random
@@ -79,6 +80,37 @@ class Columns:
     negative: str | None = None
 
 
+def _check_text(path: Path, source: str, kind: str) -> None:
+    """A local file is not empty, and a text format (json, csv) is UTF-8 and not only whitespace (read in blocks:
+    the parsers decode rows lazily, so a bad byte would otherwise surface as a traceback in the row checks)."""
+    if path.stat().st_size == 0:
+        raise DataError(f"--dataset {source!r}: the file is empty")
+    if kind == "parquet":
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line, blank = 0, 1, True
+    with path.open("rb") as file:
+        while block := file.read(1 << 20):
+            pending = decoder.getstate()[0]  # the start of a character cut by the previous block (no newline)
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as error:
+                seen = pending + block
+                line += seen[:error.start].count(b"\n")
+                raise DataError(f"--dataset {source!r}: not UTF-8 text (byte {seen[error.start]:#04x} at offset "
+                                f"{offset - len(pending) + error.start}, line {line}); save it as UTF-8") from None
+            offset += len(block)
+            line += block.count(b"\n")
+            blank = blank and not block.strip()
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"--dataset {source!r}: not UTF-8 text (it ends inside a character); save it as "
+                            "UTF-8") from None
+    if blank:
+        raise DataError(f"--dataset {source!r}: the file holds only whitespace, no rows")
+
+
 def _load_rows(source: str, split: str):
     """A ``datasets.Dataset`` from a local jsonl/json/csv/parquet path or a Hugging Face dataset name."""
     path = Path(source)
@@ -89,14 +121,18 @@ def _load_rows(source: str, split: str):
         if kind is None:
             raise DataError(f"--dataset {source!r}: unknown file type {path.suffix!r}; expected one of "
                             f"{', '.join(LOCAL_FORMATS)}")
+        _check_text(path, source, kind)
     import datasets
 
     if path.is_file():
         try:
-            return datasets.load_dataset(kind, data_files=str(path), split="train")
+            table = datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as error:  # noqa: BLE001 - a parser error of any kind is one message
             raise DataError(f"--dataset {source!r}: could not read it as {kind}: "
                             f"{type(error).__name__}: {error}") from error
+        if len(table) == 0:
+            raise DataError(f"--dataset {source!r}: no rows in it")
+        return table
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as error:  # noqa: BLE001 - offline, unknown name, unknown split: one message

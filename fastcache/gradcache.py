@@ -9,12 +9,12 @@ Only one mini-batch of activations is alive at a time. This is sentence-transfor
 splitting, token budgets, RNG replay and model calls are reused) with two additions: under
 DistributedDataParallel the replays run under ``no_sync`` and the accumulated gradients are all-reduced once
 per step, instead of once per mini-batch of every column; and ``mini_batch_size="auto"`` sizes the mini-batches
-from a memory budget (``mini_batch_memory_budget=`` or ``FASTCACHE_MINI_BATCH_BUDGET``, default 2 GiB).
+from a memory budget (``mini_batch_memory_budget=`` or ``FASTCACHE_MINI_BATCH_BUDGET``, default 2 GiB; bytes or a
+size string such as '512MiB', by the same rule as ``FASTCACHE_MEMORY_BUDGET``).
 """
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from functools import partial
 
@@ -24,7 +24,7 @@ from sentence_transformers.base.losses.gradcache import _create_minibatch, _mini
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from fastcache._backend import parse_bytes
+from fastcache._backend import size_setting
 
 _BUCKET_BYTES = 64 * 2**20  # gradients all-reduced together, like DDP's buckets
 
@@ -102,6 +102,13 @@ def saved_activation_bytes(model: torch.nn.Module, features: dict[str, Tensor]) 
     return sum(saved.values())
 
 
+def mini_batch_budget(budget: int | str | None = None) -> int:
+    """Bytes of activations per mini-batch for ``mini_batch_size="auto"``: the argument, else
+    ``FASTCACHE_MINI_BATCH_BUDGET``, else 2 GiB; an int or a size string such as '512MiB'
+    (fastcache._backend.parse_size: zero, negative and fractional-byte values are errors)."""
+    return size_setting(budget, "mini_batch_memory_budget", "FASTCACHE_MINI_BATCH_BUDGET", DEFAULT_MINI_BATCH_BUDGET)
+
+
 class AutoMiniBatch:
     """``mini_batch_size="auto"``: the largest mini-batch whose replay fits ``budget`` bytes of activations.
 
@@ -144,13 +151,10 @@ class FusedGradCacheMixin:
             raise ValueError(f"mini_batch_size must be a positive int or 'auto', got {size!r}")
         if size == "auto" and not self.fused:
             raise ValueError("mini_batch_size='auto' needs the fused loss (similarity_fct=cos_sim or dot_score)")
-        budget = mini_batch_memory_budget
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
-            raise ValueError(f"mini_batch_memory_budget must be a positive number of bytes, got {budget!r}")
-        if budget is None and size == "auto":
-            env = os.environ.get("FASTCACHE_MINI_BATCH_BUDGET")
-            budget = parse_bytes(env, "FASTCACHE_MINI_BATCH_BUDGET") if env else DEFAULT_MINI_BATCH_BUDGET
-        self.auto_mini_batch = AutoMiniBatch(budget or DEFAULT_MINI_BATCH_BUDGET)
+        budget = DEFAULT_MINI_BATCH_BUDGET
+        if mini_batch_memory_budget is not None or size == "auto":  # the variable matters only to "auto"
+            budget = mini_batch_budget(mini_batch_memory_budget)
+        self.auto_mini_batch = AutoMiniBatch(budget)
 
     def _ranges(self, features: dict[str, Tensor]) -> list[tuple[int, int]]:
         """The mini-batches of one column: upstream's (by size or token budget), or sized from the memory budget."""

@@ -4,8 +4,9 @@ The run: load the model and the data (fastcache.data), hold out queries for a re
 NDCG@10, MRR@10 and Recall@10 with sentence-transformers' InformationRetrievalEvaluator, train with
 SentenceTransformerTrainer (DDP when started by torchrun), measure the metrics again, time the loss stage of
 fastcache's loss against sentence-transformers' class of the same name on the same embeddings, and save the model
-with a run summary (``fastcache_run.json``). The model is written to a temporary folder next to the destination
-and renamed at the end, so an interrupted run leaves no half-written model where the final one belongs.
+with a run summary (``fastcache_run.json``). The model is written to a staging folder next to the destination
+and renamed at the end (fastcache.output_dir: an interrupted run leaves no half-written model where the final one
+belongs, and --overwrite replaces only a model folder that fastcache wrote).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fastcache import output_dir as output_dir_rules
 from fastcache.data import BUILTIN, Columns, load_pairs, split_for_retrieval
+from fastcache.output_dir import SUMMARY_FILE
 
 LOSSES = {
     "mnrl": "MultipleNegativesRankingLoss",
@@ -29,7 +32,6 @@ LOSSES = {
     "gist": "GISTEmbedLoss",
     "cached-gist": "CachedGISTEmbedLoss",
 }
-SUMMARY_FILE = "fastcache_run.json"
 METRICS = {"ndcg@10": "cosine_ndcg@10", "mrr@10": "cosine_mrr@10", "recall@10": "cosine_recall@10"}
 DEFAULT_MINI_BATCH_SIZE = 32  # sentence-transformers' default for the cached losses
 
@@ -91,6 +93,9 @@ class TrainConfig(RunConfig):
         if self.guide_model is not None and "gist" not in self.loss:
             raise TrainError(f"--guide-model applies to the GIST losses only, not --loss {self.loss}")
         check_run_options(self, {"--compare-batch-size": self.compare_batch_size})
+        from fastcache.ops import contrastive_epilogue
+
+        check_settings(contrastive_epilogue.available, "contrastive loss")
         if self.batch_size < 2:
             raise TrainError(f"--batch-size must be at least 2 (in-batch negatives), got {self.batch_size}")
         if self.matryoshka_dims is not None:
@@ -99,6 +104,34 @@ class TrainConfig(RunConfig):
             if _matryoshka_class() is None:
                 raise TrainError("--matryoshka-dims needs fastcache.losses.MatryoshkaLoss, which this version of "
                                  "fastcache does not have yet")
+
+
+def check_settings(available, op: str) -> None:
+    """Raise :class:`TrainError` for a FASTCACHE_* variable that is malformed (fastcache._backend.setting_errors) or
+    names a backend / strategy that cannot run on the training device; ``available`` maps a device to the loss
+    op's backends (None or why not), ``op`` names the op in the message. Checked before any work."""
+    import torch
+
+    from fastcache import _backend
+
+    errors = _backend.setting_errors()
+    if errors:
+        raise TrainError("; ".join(errors.values()))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = available(device)
+    backend, strategy = _backend.requested_backend(), _backend.requested_strategy()
+    who = f"FASTCACHE_BACKEND={backend!r}"
+    if strategy == "tiled" and "triton" in backends:
+        if backend not in ("auto", "triton"):
+            raise TrainError(f"FASTCACHE_STRATEGY='tiled' runs Triton kernels: it needs FASTCACHE_BACKEND auto or "
+                             f"triton, got {backend!r}")
+        backend, who = "triton", "FASTCACHE_STRATEGY='tiled' (Triton kernels)"
+    if backend == "auto":
+        return
+    if backend not in backends:
+        raise TrainError(f"{who}: the {op} has no such backend (it has: {', '.join(backends)})")
+    if backends[backend] is not None:
+        raise TrainError(f"{who} cannot run on the training device ({device.type}): {backends[backend]}")
 
 
 def check_run_options(config: RunConfig, positive: dict) -> None:
@@ -116,8 +149,9 @@ def check_run_options(config: RunConfig, positive: dict) -> None:
     if config.max_steps == 0 or config.max_steps < -1:
         raise TrainError(f"--max-steps must be a positive number of steps (or -1: use --epochs), got "
                          f"{config.max_steps}")
-    if config.output_dir.exists() and not config.overwrite:
-        raise TrainError(f"--output-dir {str(config.output_dir)!r} exists; pass --overwrite to replace it")
+    reason = output_dir_rules.refusal(config.output_dir, config.overwrite)
+    if reason:
+        raise TrainError(reason)
 
 
 def _matryoshka_class():
@@ -235,17 +269,6 @@ def _versions() -> dict:
             "python": sys.version.split()[0], "backend": fastcache.info()["contrastive_loss"]}
 
 
-def _publish(staging: Path, destination: Path) -> None:
-    """Move the finished ``staging`` folder to ``destination``, replacing an older one only once the new is whole."""
-    old = None
-    if destination.exists():
-        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-        destination.rename(old)
-    staging.rename(destination)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -306,22 +329,29 @@ def run_training(config: TrainConfig) -> dict:
         "versions": _versions(),
         "seconds_total": time.perf_counter() - started,
     }
-    save_run(model, summary, config.output_dir)
+    save_run(model, summary, config.output_dir, config.overwrite)
     return summary
 
 
-def save_run(model, summary: dict, output_dir: Path) -> None:
-    """The model and its run summary (:data:`SUMMARY_FILE`) into ``output_dir``, through a temporary folder next to
-    it that is renamed into place once complete."""
-    destination = output_dir.resolve()
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+def save_run(model, summary: dict, output_dir: Path, overwrite: bool) -> None:
+    """The model and its run summary (:data:`SUMMARY_FILE`, with the list of the folder's other entries) into
+    ``output_dir``, through a staging folder next to it that is renamed into place once complete, by the rules of
+    :mod:`fastcache.output_dir` (a refusal raises :class:`TrainError` and keeps the staging folder)."""
+    destination = Path(os.path.abspath(output_dir))
+    staging = output_dir_rules.make_staging(destination)
+    kept = False
     try:
         model.save(str(staging))
-        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        _publish(staging, destination)
+        files = output_dir_rules.entries(staging)
+        (staging / SUMMARY_FILE).write_text(json.dumps({**summary, "files": files}, indent=2) + "\n")
+        try:
+            output_dir_rules.publish(staging, destination, overwrite)
+        except output_dir_rules.OutputDirError as error:
+            kept = True  # the trained model stays in the staging folder, which the message names
+            raise TrainError(str(error)) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not kept:  # an interrupted save; after a publish there is nothing left here
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _names_hub_repository(dataset: str, *models: str | None) -> bool:

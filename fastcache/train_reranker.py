@@ -27,11 +27,14 @@ from fastcache.train import (
     _say,
     _versions,
     check_run_options,
+    check_settings,
     save_run,
 )
 
 RERANK_LOSSES = {"lambda": "LambdaLoss", "listnet": "ListNetLoss", "listmle": "ListMLELoss",
                  "plistmle": "PListMLELoss"}
+RANKING_KERNELS = {"lambda": "lambda_loss_cuda", "listnet": "listnet_cuda", "listmle": "plistmle_cuda",
+                   "plistmle": "plistmle_cuda"}  # each loss's CUDA kernel in fastcache._C (fastcache.ops.ranking)
 EVAL_CANDIDATES = 30
 
 
@@ -55,6 +58,10 @@ class RerankConfig(RunConfig):
                                  **({} if self.mini_batch_size is None else
                                     {"--mini-batch-size": self.mini_batch_size})})
         _listwise_losses()
+        from fastcache.ops import ranking
+
+        check_settings(lambda device: ranking.available(device, RANKING_KERNELS[self.loss]),
+                       f"{RERANK_LOSSES[self.loss]} op")
 
 
 def _listwise_losses():
@@ -172,5 +179,5 @@ def run_reranker_training(config: RerankConfig) -> dict:
         "versions": _versions(),
         "seconds_total": time.perf_counter() - started,
     }
-    save_run(model, summary, config.output_dir)
+    save_run(model, summary, config.output_dir, config.overwrite)
     return summary

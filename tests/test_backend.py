@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import fastcache
+import fastcache.losses
 from fastcache import _backend
 from fastcache.ops import contrastive_epilogue
 
@@ -297,3 +299,70 @@ def test_triton_on_cpu_needs_the_interpreter_before_triton_is_imported():
                           env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith("OK")
+
+
+# ------------------------------------------------------------------ argument types and the one rule for sizes
+
+
+@pytest.mark.parametrize("name", ["backend", "strategy"])
+@pytest.mark.parametrize("value", [1, True, b"cpu"])
+def test_non_string_backend_or_strategy_is_a_value_error(no_backend_env, name, value):
+    """Issue 17.10: backend=1 was an AttributeError from ``.strip()``."""
+    queries, docs = _inputs()
+    expected = rf"^{name} must be one of .* \(a string\); got {re.escape(repr(value))} \({type(value).__name__}\)$"
+    with pytest.raises(ValueError, match=expected):
+        fastcache.contrastive_loss(queries, docs, **{name: value})
+    with pytest.raises(ValueError, match=expected):
+        getattr(_backend, f"requested_{name}")(value)
+
+
+def test_empty_backend_variable_means_auto(monkeypatch):
+    monkeypatch.setenv("FASTCACHE_BACKEND", " ")
+    monkeypatch.setenv("FASTCACHE_STRATEGY", "")
+    assert _backend.requested_backend() == _backend.requested_strategy() == "auto"
+    assert _backend.setting_errors() == {}
+
+
+@pytest.mark.parametrize("value,expected", [("64MiB", 64 * 2**20), (" 1.5GiB ", 3 * 2**29), (2**26, 2**26),
+                                            ("67108864", 2**26), ("65536k", 2**26)])
+def test_sizes_are_accepted_as_argument_and_variable(no_backend_env, monkeypatch, tiny_model, value, expected):
+    """Issue 17.11: memory_budget="64MiB" was rejected as an argument though the variable accepted it."""
+    assert _backend.memory_budget(value) == expected
+    queries, docs = _inputs()
+    fastcache.contrastive_loss(queries, docs, memory_budget=value)
+    cached = fastcache.losses.CachedMultipleNegativesRankingLoss
+    assert cached(tiny_model, mini_batch_size="auto", mini_batch_memory_budget=value).auto_mini_batch.budget == expected
+    if isinstance(value, str):
+        monkeypatch.setenv("FASTCACHE_MEMORY_BUDGET", value)
+        monkeypatch.setenv("FASTCACHE_MINI_BATCH_BUDGET", value)
+        assert _backend.memory_budget() == expected
+        assert cached(tiny_model, mini_batch_size="auto").auto_mini_batch.budget == expected
+
+
+@pytest.mark.parametrize("value", ["0", "0.5", "-1", "0.0001k", "abc", "", 0, -5, 1.5, True])
+@pytest.mark.parametrize("where", ["argument", "variable"])
+@pytest.mark.parametrize("budget", ["memory", "mini_batch"])
+def test_bad_sizes_are_rejected_showing_what_was_written(no_backend_env, monkeypatch, tiny_model, value, where,
+                                                          budget):
+    """Issue 17.11: FASTCACHE_MINI_BATCH_BUDGET=0 fell back to 2 GiB silently, FASTCACHE_MEMORY_BUDGET=0.5 reported
+    "got 0"; now zero, negative and fractional-byte sizes are errors everywhere, quoting the value as written."""
+    if where == "variable" and not isinstance(value, str):
+        pytest.skip("variables are strings")
+    if value == "" and where == "variable":
+        pytest.skip("an empty variable is unset: the default")
+    variable, argument = {"memory": ("FASTCACHE_MEMORY_BUDGET", "memory_budget"),
+                          "mini_batch": ("FASTCACHE_MINI_BATCH_BUDGET", "mini_batch_memory_budget")}[budget]
+    monkeypatch.delenv("FASTCACHE_MINI_BATCH_BUDGET", raising=False)
+    kwargs = {}
+    if where == "variable":
+        monkeypatch.setenv(variable, value)
+    else:
+        kwargs[argument] = value
+    name = variable if where == "variable" else argument
+    with pytest.raises(ValueError, match=rf"^{name} must be .*; got {re.escape(repr(value))}"):
+        if budget == "memory":
+            fastcache.contrastive_loss(*_inputs(), **kwargs)
+        else:
+            fastcache.losses.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size="auto", **kwargs)
+    if where == "variable":
+        assert set(_backend.setting_errors()) == {variable}

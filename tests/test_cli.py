@@ -5,6 +5,7 @@ half-written model)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -233,6 +234,10 @@ def test_train_end_to_end(tiny_model_dir, pairs_file, tmp_path, capsys):
     start = SentenceTransformer(str(tiny_model_dir), device="cpu").encode(texts, convert_to_tensor=True)
     assert trained.shape == start.shape and not torch.allclose(trained, start, atol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    assert summary["files"] == sorted(p.name for p in out.iterdir() if p.name != SUMMARY_FILE)
 
 
 def test_train_gist_with_auto_mini_batches(tiny_model_dir, pairs_file, tmp_path):
@@ -250,6 +255,7 @@ def test_interrupted_run_leaves_the_old_model(tiny_model_dir, pairs_file, tmp_pa
     out = tmp_path / "model"
     out.mkdir()
     (out / "old.txt").write_text("the previous model")
+    (out / SUMMARY_FILE).write_text(json.dumps({"files": ["old.txt"]}))  # a model folder fastcache wrote
 
     def interrupted_save(self, path, *args, **kwargs):
         (tmp_path / "saving-into").write_text(str(path))
@@ -260,7 +266,7 @@ def test_interrupted_run_leaves_the_old_model(tiny_model_dir, pairs_file, tmp_pa
     code = main(_train_args(tiny_model_dir, pairs_file, out, "--overwrite", "--max-steps", "1"))
     assert code == 130
     assert "interrupted" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [SUMMARY_FILE, "old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "saving-into"]  # the partial folder is gone
 
 

@@ -27,11 +27,11 @@ int emulated_splits = 1;     // lambda_loss: thread blocks per query
 
 template <typename T>
 const char* lambda_on_host(const T* sorted_logits, const T* sorted_labels, const int64_t* order,
-                           const int64_t* lengths, const T* max_dcg, int64_t Q, int64_t n,
+                           const int64_t* lengths, const T* gains, int64_t Q, int64_t n,
                            const LambdaLossParams& params, T* grad, double* loss_sum, double* pair_count) {
   if (n < 1 || n > kMaxLambdaList) return "lambda_loss: the CUDA kernel takes lists of 1 to 4096 documents";
   emulation::run_grid(Q * emulated_splits, emulated_threads, [&] {
-    lambda_loss_kernel<T>(sorted_logits, sorted_labels, order, lengths, max_dcg, n, emulated_splits, params, grad,
+    lambda_loss_kernel<T>(sorted_logits, sorted_labels, order, lengths, gains, n, emulated_splits, params, grad,
                           loss_sum, pair_count);
   });
   return nullptr;
@@ -57,17 +57,17 @@ const char* listnet_on_host(const T* logits, const T* labels, const bool* mask, 
 }  // namespace
 
 const char* lambda_loss_f32(const float* sorted_logits, const float* sorted_labels, const int64_t* order,
-                            const int64_t* lengths, const float* max_dcg, int64_t Q, int64_t n,
+                            const int64_t* lengths, const float* gains, int64_t Q, int64_t n,
                             const LambdaLossParams& params, float* grad, double* loss_sum, double* pair_count, int,
                             CUstream_st*) {
-  return lambda_on_host(sorted_logits, sorted_labels, order, lengths, max_dcg, Q, n, params, grad, loss_sum,
+  return lambda_on_host(sorted_logits, sorted_labels, order, lengths, gains, Q, n, params, grad, loss_sum,
                         pair_count);
 }
 const char* lambda_loss_f64(const double* sorted_logits, const double* sorted_labels, const int64_t* order,
-                            const int64_t* lengths, const double* max_dcg, int64_t Q, int64_t n,
+                            const int64_t* lengths, const double* gains, int64_t Q, int64_t n,
                             const LambdaLossParams& params, double* grad, double* loss_sum, double* pair_count, int,
                             CUstream_st*) {
-  return lambda_on_host(sorted_logits, sorted_labels, order, lengths, max_dcg, Q, n, params, grad, loss_sum,
+  return lambda_on_host(sorted_logits, sorted_labels, order, lengths, gains, Q, n, params, grad, loss_sum,
                         pair_count);
 }
 const char* plistmle_f32(const float* logits, const int64_t* order, const int64_t* lengths, const float* weights,

@@ -82,6 +82,16 @@ def run_op(op, logits, labels, mask, **options):
     return loss.detach(), x.grad
 
 
+def assert_grad_close(grad, want, rel: float, atol: float = 1e-12):
+    """Gradient entries are sums of pair (or rank) terms, rounded in whatever order a backend adds them: an entry
+    whose terms cancel keeps the rounding of the terms, not its own size. So compare every entry relative to the
+    largest entry of ``want`` (their common scale), never each to itself, plus ``atol``: the rounding of terms of
+    size up to 1 where every entry cancels (ListMLE's -1 + e^(s - log(e^s + eps)) on a list of one)."""
+    scale = want.double().abs().max()
+    error = (grad.double() - want.double()).abs().max()
+    assert error <= rel * scale + atol, (float(error), float(scale))
+
+
 def run_reference(reference, logits, labels, mask, **options):
     x = logits.detach().to(torch.float64).requires_grad_()
     loss = reference(x, labels, mask, **options)
@@ -99,8 +109,8 @@ def test_matches_reference_float64(name, backend, shape):
         loss, grad = run_op(op, logits, y, mask, backend=backend, **options)
         want_loss, want_grad = run_reference(reference, logits, y, mask, **reference_options)
         assert loss.dtype == torch.float64 and grad.dtype == torch.float64
-        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(grad[mask], want_grad[mask], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)  # a sum of non-negative terms
+        assert_grad_close(grad[mask], want_grad[mask], 1e-10)
         assert (grad[~mask] == 0).all()  # padding: zero gradient, NaN never read
 
 
@@ -143,7 +153,7 @@ def test_padding_invariance(name, backend):
         op2, _, options2, _ = resolve(name, mask2)
         loss2, grad2 = run_op(op2, logits2, y2, mask2, backend=backend, **options2)
         torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(grad2.gather(1, spread)[mask], grad[mask], rtol=1e-10, atol=1e-14)
+        assert_grad_close(grad2.gather(1, spread)[mask], grad[mask], 1e-12)
         assert (grad2[~mask2] == 0).all()
 
 
@@ -173,7 +183,7 @@ def test_lambda_without_pairs_is_zero(weighting, backend):
         want_loss, want_grad = run_reference(lambda_loss_reference, s, y, m, weighting=weighting)
         assert torch.isfinite(loss) and torch.isfinite(grad[m]).all()
         torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(grad[m], want_grad[m], rtol=1e-9, atol=1e-12)
+        assert_grad_close(grad[m], want_grad[m], 1e-10)
         if weighting != "ndcg_loss1":
             assert loss == 0 and (grad == 0).all()
 
@@ -192,7 +202,7 @@ def test_all_padding_rows_and_length_one(backend):
         loss, grad = run_op(op, logits, y, mask, backend=backend, **options)
         want_loss, want_grad = run_reference(reference, logits, y, mask, **reference_options)
         torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(grad[mask], want_grad[mask], rtol=1e-9, atol=1e-12)
+        assert_grad_close(grad[mask], want_grad[mask], 1e-10)
         assert (grad[1] == 0).all()
 
 
@@ -209,7 +219,7 @@ def test_large_logits_stay_finite(backend):
             assert torch.isfinite(shifted_loss) and torch.isfinite(shifted_grad[mask]).all()
             rtol = 1e-9 if dtype == torch.float64 else 2e-3  # float32 spacing at 1000 is 6e-5
             torch.testing.assert_close(shifted_loss, loss, rtol=rtol, atol=rtol)
-            torch.testing.assert_close(shifted_grad[mask], grad[mask], rtol=rtol, atol=rtol)
+            assert_grad_close(shifted_grad[mask], grad[mask], rtol)
 
 
 @pytest.mark.parametrize("name", ["lambda_ndcg_loss2pp", "listmle", "listnet"])
@@ -223,7 +233,7 @@ def test_lists_of_4096(name):
     want_loss, want_grad = run_op(op, logits, y, mask, backend="torch", **options)
     assert torch.isfinite(loss) and torch.isfinite(grad[mask]).all()
     torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(grad[mask], want_grad[mask], rtol=1e-8, atol=1e-14)
+    assert_grad_close(grad[mask], want_grad[mask], 1e-10)
 
 
 def test_plistmle_default_weights_are_upstreams_without_overflow():

@@ -5,7 +5,10 @@
 // the maths (it may hold NaN). The maths of each loss is in fastcache/ops/ranking.py; here:
 //
 // LambdaLoss (sentence-transformers' formulation). Per query, the valid documents sorted by logit (descending,
-// ties by position): s_p, y_p at rank p. G_p = (2^max(y_p,0) - 1) / max(maxDCG@k, eps), 1/D_p = 1/log2(p + 2).
+// ties by position): s_p, y_p at rank p. G_p = (2^max(y_p,0) - 1) / max(maxDCG@k, eps), 1/D_p = 1/log2(p + 2),
+// computed in float64 relative to the row's largest label t = max(y, 0) (numerator and denominator times 2^-t):
+// 2^(y-t)·(1 - 2^-y) / max(sum_r 2^(y_(r)-t)·(1 - 2^-y_(r)) / D_r, eps·2^-t), so no label overflows 2^y.
+// A weighting's terms are computed only when it uses them (0·inf is NaN).
 // A pair (p, q), both ranks < k and both labels finite, counts when y_p > y_q (NDCGLoss1: every pair, p = q too):
 //     loss_pq = -c · max(w_pq · max(log sigmoid(sigma · clamp(s_p - s_q, ±1e8)), log eps), log eps)
 // c = 1 (natural) or 1/ln 2 (binary). Each unordered pair p < q is visited once and both of its directions
@@ -41,6 +44,7 @@ namespace {
 #endif
 
 enum Weighting { kNone = 0, kNDCGLoss1 = 1, kNDCGLoss2 = 2, kLambdaRank = 3, kNDCGLoss2PP = 4 };
+constexpr double kLn2 = 0.693147180559945309417232121458;
 
 // The pair loop works on explicit vectors (GCC vector extensions): the compiler does not vectorise its selects
 // on its own. 8 floats or 4 doubles a step; each clone (AVX-512 / AVX2 / baseline) lowers them to its registers.
@@ -128,10 +132,9 @@ FASTCACHE_RANKING_INLINE void pair_row(const typename Lanes<V>::Scalar* s, const
                                        int64_t p, int64_t kk, const LambdaParams<typename Lanes<V>::Scalar>& prm,
                                        typename Lanes<V>::Scalar* grad, double* loss, double* count) {
   using T = typename Lanes<V>::Scalar;
-  const bool ndcg1 = prm.weighting == kNDCGLoss1;
-  const T w_one = prm.weighting == kNone ? T(1) : T(0);
-  const T w_ndcg2 = prm.weighting == kNDCGLoss2 ? T(1) : prm.weighting == kNDCGLoss2PP ? prm.mu : T(0);
-  const T w_rank = (prm.weighting == kLambdaRank || prm.weighting == kNDCGLoss2PP) ? T(1) : T(0);
+  const int weighting = prm.weighting;
+  const bool ndcg1 = weighting == kNDCGLoss1;
+  const V mu = splat<V>(prm.mu);
   const V zero{}, one = splat<V>(1), limit = splat<V>(T(1e8)), log_eps = splat<V>(prm.log_eps);
   const V sp = splat<V>(s[p]), yp = splat<V>(y[p]), gp = splat<V>(gain[p]), dp = splat<V>(inv_d[p]);
   const V fp = splat<V>(finite[p]), wa_ndcg1 = gp * dp;
@@ -149,10 +152,22 @@ FASTCACHE_RANKING_INLINE void pair_row(const typename Lanes<V>::Scalar* s, const
     const V ls_neg = vmin(-x, zero) - l1p;  // log sigmoid(-x): q above p
     const V sig_pos = x >= zero ? inv : e * inv;
     const V sig_neg = x >= zero ? e * inv : inv;
-    const V gain_diff = vabs(gp - gq);
-    const V w_sym = w_one + w_ndcg2 * load<V>(delta + (q - p)) * gain_diff + w_rank * vabs(dp - dq) * gain_diff;
-    const V wa = ndcg1 ? wa_ndcg1 : w_sym;
-    const V wb = ndcg1 ? gq * dq : w_sym;
+    V wa, wb;  // the weights of (p, q) and (q, p): only the weighting's own terms are computed
+    if (ndcg1) {
+      wa = wa_ndcg1;
+      wb = gq * dq;
+    } else if (weighting == kNone) {
+      wa = wb = one;
+    } else {
+      const V gain_diff = vabs(gp - gq);
+      if (weighting == kNDCGLoss2)
+        wa = load<V>(delta + (q - p)) * gain_diff;
+      else if (weighting == kLambdaRank)
+        wa = vabs(dp - dq) * gain_diff;
+      else  // NDCGLoss2++
+        wa = mu * load<V>(delta + (q - p)) * gain_diff + vabs(dp - dq) * gain_diff;
+      wb = wa;
+    }
     const V both = fp * load<V>(finite + q);
     const V valid_a = ndcg1 ? both : (yp > yq ? both : zero);
     const V valid_b = ndcg1 ? both : (yq > yp ? both : zero);
@@ -221,12 +236,18 @@ void lambda_query(const T* logits, const T* labels, const bool* mask, int64_t n,
     w.ideal[p] = std::max(static_cast<double>(labels[j]), 0.0);  // -inf (irrelevant) counts as 0
   }
   for (int64_t r = 1; r <= m; ++r) w.delta[r] = static_cast<T>(std::abs(1.0 / std::log2(r + 1.0) - 1.0 / std::log2(r + 2.0)));
-  std::partial_sort(w.ideal.begin(), w.ideal.begin() + kk, w.ideal.end(), std::greater<double>());
-  double max_dcg = 0.0;
-  for (int64_t r = 0; r < kk; ++r) max_dcg += (std::exp2(w.ideal[r]) - 1.0) / std::log2(r + 2.0);
-  max_dcg = std::max(max_dcg, prm.eps);
-  for (int64_t p = 0; p < m; ++p)
-    w.gain[p] = static_cast<T>((std::exp2(std::max(static_cast<double>(w.y[p]), 0.0)) - 1.0) / max_dcg);
+  if (prm.weighting != kNone) {  // RankNet uses no gain
+    std::partial_sort(w.ideal.begin(), w.ideal.begin() + kk, w.ideal.end(), std::greater<double>());
+    const double top = w.ideal[0];  // the largest max(y, 0): gains are scaled by 2^-top, so 2^y never overflows
+    const auto scaled_gain = [top](double label) {  // (2^label - 1) · 2^-top for label >= 0, exact near 0
+      return label > 0.0 ? std::exp2(label - top) * -std::expm1(-label * kLn2) : 0.0;
+    };
+    double max_dcg = 0.0;
+    for (int64_t r = 0; r < kk; ++r) max_dcg += scaled_gain(w.ideal[r]) / std::log2(r + 2.0);
+    max_dcg = std::max(max_dcg, prm.eps * std::exp2(-top));
+    for (int64_t p = 0; p < m; ++p)
+      w.gain[p] = static_cast<T>(scaled_gain(std::max(static_cast<double>(w.y[p]), 0.0)) / max_dcg);
+  }
   double total = 0.0, count = 0.0;
   for (int64_t p = 0; p + 1 < kk; ++p)
     pair_row_any(w.s.data(), w.y.data(), w.gain.data(), w.inv_d.data(), w.finite.data(), w.delta.data(), p, kk,

@@ -37,7 +37,7 @@ const char* on_device(int device, Launch launch) {
 
 template <typename T>
 const char* lambda_loss(const T* sorted_logits, const T* sorted_labels, const int64_t* order, const int64_t* lengths,
-                        const T* max_dcg, int64_t Q, int64_t n, const LambdaLossParams& params, T* grad,
+                        const T* gains, int64_t Q, int64_t n, const LambdaLossParams& params, T* grad,
                         double* loss_sum, double* pair_count, int device, CUstream_st* stream) {
   if (n < 1 || n > kMaxLambdaList) return "lambda_loss: the CUDA kernel takes lists of 1 to 4096 documents";
   if (Q < 0 || Q > INT32_MAX) return "lambda_loss: the CUDA kernel takes 0 to 2^31-1 queries";
@@ -60,7 +60,7 @@ const char* lambda_loss(const T* sorted_logits, const T* sorted_labels, const in
       error = cudaFuncSetAttribute(lambda_loss_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
     if (error != cudaSuccess) return error;
     lambda_loss_kernel<T><<<unsigned(Q * splits), kLambdaThreads, shared, stream>>>(
-        sorted_logits, sorted_labels, order, lengths, max_dcg, n, int(splits), params, grad, loss_sum, pair_count);
+        sorted_logits, sorted_labels, order, lengths, gains, n, int(splits), params, grad, loss_sum, pair_count);
     return cudaSuccess;
   });
 }
@@ -92,17 +92,17 @@ const char* listnet(const T* logits, const T* labels, const bool* mask, int64_t 
 }  // namespace
 
 const char* lambda_loss_f32(const float* sorted_logits, const float* sorted_labels, const int64_t* order,
-                            const int64_t* lengths, const float* max_dcg, int64_t Q, int64_t n,
+                            const int64_t* lengths, const float* gains, int64_t Q, int64_t n,
                             const LambdaLossParams& params, float* grad, double* loss_sum, double* pair_count,
                             int device, CUstream_st* stream) {
-  return lambda_loss(sorted_logits, sorted_labels, order, lengths, max_dcg, Q, n, params, grad, loss_sum, pair_count,
+  return lambda_loss(sorted_logits, sorted_labels, order, lengths, gains, Q, n, params, grad, loss_sum, pair_count,
                      device, stream);
 }
 const char* lambda_loss_f64(const double* sorted_logits, const double* sorted_labels, const int64_t* order,
-                            const int64_t* lengths, const double* max_dcg, int64_t Q, int64_t n,
+                            const int64_t* lengths, const double* gains, int64_t Q, int64_t n,
                             const LambdaLossParams& params, double* grad, double* loss_sum, double* pair_count,
                             int device, CUstream_st* stream) {
-  return lambda_loss(sorted_logits, sorted_labels, order, lengths, max_dcg, Q, n, params, grad, loss_sum, pair_count,
+  return lambda_loss(sorted_logits, sorted_labels, order, lengths, gains, Q, n, params, grad, loss_sum, pair_count,
                      device, stream);
 }
 const char* plistmle_f32(const float* logits, const int64_t* order, const int64_t* lengths, const float* weights,

@@ -26,16 +26,17 @@ struct LambdaLossParams {
 
 // LambdaLoss, one thread block per query (several where there are few queries). Row q holds its lengths[q] real
 // documents sorted by logit (descending, ties by position): sorted_logits, sorted_labels (-inf = irrelevant) and
-// their original columns `order`; max_dcg[q] is max(maxDCG@k, eps). Adds loss_sum[q] (sum of the pair losses),
+// their original columns `order`; gains [Q, n] by rank holds G_r = (2^max(y_r,0) - 1) / max(maxDCG@k, eps) (finite,
+// 0 past lengths[q]; the binding computes it in float64 without overflow). Adds loss_sum[q] (sum of the pair losses),
 // pair_count[q] and, when compute_grad, d(loss_sum)/dlogits into grad (original columns) to the outputs, which the
 // caller zero-fills. 1 <= n <= kMaxLambdaList.
 // Returns nullptr on success, else CUDA's description of the error.
 const char* lambda_loss_f32(const float* sorted_logits, const float* sorted_labels, const int64_t* order,
-                            const int64_t* lengths, const float* max_dcg, int64_t Q, int64_t n,
+                            const int64_t* lengths, const float* gains, int64_t Q, int64_t n,
                             const LambdaLossParams& params, float* grad, double* loss_sum, double* pair_count,
                             int device, CUstream_st* stream);
 const char* lambda_loss_f64(const double* sorted_logits, const double* sorted_labels, const int64_t* order,
-                            const int64_t* lengths, const double* max_dcg, int64_t Q, int64_t n,
+                            const int64_t* lengths, const double* gains, int64_t Q, int64_t n,
                             const LambdaLossParams& params, double* grad, double* loss_sum, double* pair_count,
                             int device, CUstream_st* stream);
 

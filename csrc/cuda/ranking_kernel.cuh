@@ -1,10 +1,12 @@
 // The kernels of the learning-to-rank losses on CUDA (the maths of csrc/cpu/ranking.cpp); launched by ranking.cu.
 //
 // LambdaLoss: one thread block per query. The block first fills four shared-memory rows indexed by rank: the
-// gradient (zero), the gains G_r = (2^max(y_r,0) - 1) / maxDCG, 1/D_r = 1/log2(r + 2) and the NDCGLoss2 deltas
+// gradient (zero), the gains G_r = (2^max(y_r,0) - 1) / maxDCG (computed by the binding in float64, scaled by the
+// row's largest label so that 2^y never overflows), 1/D_r = 1/log2(r + 2) and the NDCGLoss2 deltas
 // delta_r = |1/log2(1 + r) - 1/log2(2 + r)|. Warps then take ranks p = warp, warp + warps, ... and a warp's lanes
-// the ranks q > p. Each unordered pair is visited once and both of its directions share one exp and one log1p (as
-// on the CPU): dL/ds_p is reduced in the warp, dL/ds_q is added to the shared gradient row with shared atomics.
+// the ranks q > p; a pair computes only the terms its weighting uses. Each unordered pair is visited once and both
+// of its directions share one exp and one log1p (as on the CPU): dL/ds_p is reduced in the warp, dL/ds_q is added
+// to the shared gradient row with shared atomics.
 // With few queries a query's ranks are shared by several blocks (splits), which add their parts with atomics.
 // Memory: 4n values of shared memory per block, never an [n, n] tensor. PListMLE and ListNet: one thread block per
 // query too, O(n) work (reductions and log-sum-exp scans across the block).
@@ -41,17 +43,12 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-template <typename T>
-__device__ __forceinline__ T gain_of(T label, T max_dcg) {
-  return label > T(0) ? (exp2(label) - T(1)) / max_dcg : T(0);  // -inf and negative labels: no gain
-}
-
 // Block b of the grid takes query b / splits and, of its ranks p, those of warps (b % splits)·warps + warp + k·stride:
 // the splits blocks of a query (more than one where there are few queries for the GPU) add their parts of the loss,
 // the pair count and the gradient to the zero-filled outputs with atomics.
 template <typename T>
 __global__ void __launch_bounds__(kLambdaThreads) lambda_loss_kernel(
-    const T* sorted_logits, const T* sorted_labels, const int64_t* order, const int64_t* lengths, const T* max_dcgs,
+    const T* sorted_logits, const T* sorted_labels, const int64_t* order, const int64_t* lengths, const T* gains,
     int64_t n, int splits, LambdaLossParams prm, T* grad, double* loss_sum, double* pair_count) {
   T* grad_row = reinterpret_cast<T*>(lambda_shared_memory());  // [n] by rank
   T* gain = grad_row + n;                                       // [n] by rank
@@ -63,18 +60,16 @@ __global__ void __launch_bounds__(kLambdaThreads) lambda_loss_kernel(
   const T* y = sorted_labels + q_row * n;
   const int64_t m = lengths[q_row];
   const int64_t kk = prm.k > 0 && prm.k < m ? prm.k : m;
-  const T max_dcg = max_dcgs[q_row];
   for (int64_t r = threadIdx.x; r < n; r += blockDim.x) {
     grad_row[r] = T(0);
-    gain[r] = r < m ? gain_of(y[r], max_dcg) : T(0);
+    gain[r] = r < m ? gains[q_row * n + r] : T(0);
     inv_d[r] = T(1.0 / log2(double(r) + 2.0));
     delta[r] = r == 0 ? T(0) : T(fabs(1.0 / log2(double(r) + 1.0) - 1.0 / log2(double(r) + 2.0)));
   }
   __syncthreads();
-  const bool ndcg1 = prm.weighting == kWeightNDCGLoss1;
-  const T w_one = prm.weighting == kWeightNone ? T(1) : T(0);
-  const T w_ndcg2 = prm.weighting == kWeightNDCGLoss2 ? T(1) : prm.weighting == kWeightNDCGLoss2PP ? T(prm.mu) : T(0);
-  const T w_rank = (prm.weighting == kWeightLambdaRank || prm.weighting == kWeightNDCGLoss2PP) ? T(1) : T(0);
+  const int weighting = prm.weighting;
+  const bool ndcg1 = weighting == kWeightNDCGLoss1;
+  const T mu = T(prm.mu);
   const T sigma = T(prm.sigma), log_eps = T(log(prm.eps)), c = T(prm.binary_log ? 1.0 / log(2.0) : 1.0);
   const T limit = T(kDiffLimit);
   const int warp = threadIdx.x / kRankingWarp, lane = threadIdx.x % kRankingWarp;
@@ -98,9 +93,22 @@ __global__ void __launch_bounds__(kLambdaThreads) lambda_loss_kernel(
       const T inv = T(1) / (T(1) + e);
       const T sig_pos = x >= T(0) ? inv : e * inv, sig_neg = x >= T(0) ? e * inv : inv;
       const T gq = gain[q], dq = inv_d[q];
-      const T gain_diff = fabs(gp - gq);
-      const T w_sym = w_one + w_ndcg2 * delta[q - p] * gain_diff + w_rank * fabs(dp - dq) * gain_diff;
-      const T wa = ndcg1 ? gp * dp : w_sym, wb = ndcg1 ? gq * dq : w_sym;
+      T wa, wb;  // the weights of (p, q) and (q, p): only the weighting's own terms are computed
+      if (ndcg1) {
+        wa = gp * dp;
+        wb = gq * dq;
+      } else if (weighting == kWeightNone) {
+        wa = wb = T(1);
+      } else {
+        const T gain_diff = fabs(gp - gq);
+        if (weighting == kWeightNDCGLoss2)
+          wa = delta[q - p] * gain_diff;
+        else if (weighting == kWeightLambdaRank)
+          wa = fabs(dp - dq) * gain_diff;
+        else  // NDCGLoss2++
+          wa = mu * delta[q - p] * gain_diff + fabs(dp - dq) * gain_diff;
+        wb = wa;
+      }
       const T ta = wa * fmax(ls_pos, log_eps), tb = wb * fmax(ls_neg, log_eps);
       T g = T(0);
       if (valid_a) {

@@ -1,8 +1,8 @@
 // Torch binding of the CUDA learning-to-rank kernels: checks the tensors, prepares what the kernels read (with ATen
-// ops on the tensors' device, on the current stream: each LambdaLoss row sorted by logit, its maxDCG@k and
-// length; each PListMLE row's rank order) and hands raw pointers to the torch-free launchers of ranking.cu. It
-// includes no c10/cuda or ATen/cuda header (the stream comes in as an integer), so it also compiles against a CPU
-// build of torch.
+// ops on the tensors' device, on the current stream: each LambdaLoss row sorted by logit, its gains and length;
+// each PListMLE row's rank order) and hands raw pointers to the torch-free launchers of ranking.cu. It includes no
+// c10/cuda or ATen/cuda header (the stream comes in as an integer), so it also compiles against a CPU build of
+// torch.
 #include "ranking_torch.h"
 
 #include <algorithm>
@@ -42,14 +42,14 @@ CUstream_st* raw_stream(int64_t stream) { return reinterpret_cast<CUstream_st*>(
 
 // The launchers by element type.
 const char* launch_lambda(const float* s, const float* y, const int64_t* order, const int64_t* lengths,
-                          const float* max_dcg, int64_t Q, int64_t n, const kernel::LambdaLossParams& prm,
+                          const float* gains, int64_t Q, int64_t n, const kernel::LambdaLossParams& prm,
                           float* grad, double* loss_sum, double* pair_count, int device, CUstream_st* stream) {
-  return kernel::lambda_loss_f32(s, y, order, lengths, max_dcg, Q, n, prm, grad, loss_sum, pair_count, device, stream);
+  return kernel::lambda_loss_f32(s, y, order, lengths, gains, Q, n, prm, grad, loss_sum, pair_count, device, stream);
 }
 const char* launch_lambda(const double* s, const double* y, const int64_t* order, const int64_t* lengths,
-                          const double* max_dcg, int64_t Q, int64_t n, const kernel::LambdaLossParams& prm,
+                          const double* gains, int64_t Q, int64_t n, const kernel::LambdaLossParams& prm,
                           double* grad, double* loss_sum, double* pair_count, int device, CUstream_st* stream) {
-  return kernel::lambda_loss_f64(s, y, order, lengths, max_dcg, Q, n, prm, grad, loss_sum, pair_count, device, stream);
+  return kernel::lambda_loss_f64(s, y, order, lengths, gains, Q, n, prm, grad, loss_sum, pair_count, device, stream);
 }
 const char* launch_plistmle(const float* s, const int64_t* order, const int64_t* lengths, const float* w, int64_t Q,
                             int64_t n, double eps, bool compute_grad, float* loss, float* grad, double* lhat,
@@ -99,14 +99,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lambda_loss_cuda(
   const at::Tensor sorted_logits = std::get<0>(sorted).contiguous(), order = std::get<1>(sorted).contiguous();
   const at::Tensor sorted_labels = labels.gather(1, order).contiguous();
   const at::Tensor lengths = mask.sum({1}, /*keepdim=*/false, at::kLong).contiguous();
-  // maxDCG@k = sum_{r < k} (2^y_(r) - 1) / log2(r + 2) over the labels sorted descending, negative labels and -inf
-  // counting 0 (padding too), at least eps; in float64
-  const int64_t kk = k > 0 ? std::min(k, n) : n;
-  const at::Tensor ideal = std::get<0>(labels.to(at::kDouble).masked_fill(mask.logical_not(), 0.0).clamp_min(0.0)
-                                           .sort(/*stable=*/false, /*dim=*/1, /*descending=*/true)).narrow(1, 0, kk);
-  const at::Tensor discount = at::arange(2, kk + 2, logits.options().dtype(at::kDouble)).log2();
-  const at::Tensor max_dcg = ((at::exp2(ideal) - 1.0) / discount).sum(1).clamp_min(eps).to(logits.scalar_type())
-                                 .contiguous();
+  // the gains by rank, G_r = (2^y+_r - 1) / max(maxDCG@k, eps) with y+ = max(y, 0) (-inf, negative labels and
+  // padding: 0) and maxDCG@k = sum_{r < k} (2^y+_(r) - 1) / log2(r + 2) over the labels sorted descending; in
+  // float64, numerator and denominator scaled by 2^-top (top: the row's largest y+), so no label overflows 2^y:
+  // (2^y+ - 1)·2^-top = 2^(y+ - top)·(1 - 2^-y+). RankNet uses no gain: zeros.
+  at::Tensor gains = at::zeros_like(sorted_logits);
+  if (weighting != kernel::kWeightNone) {
+    const int64_t kk = k > 0 ? std::min(k, n) : n;
+    const at::Tensor positive = sorted_labels.to(at::kDouble).masked_fill(mask.gather(1, order).logical_not(), 0.0)
+                                    .clamp_min(0.0);
+    const at::Tensor top = positive.amax({1}, /*keepdim=*/true);
+    const at::Tensor scaled = at::exp2(positive - top) * -at::expm1(positive * -0.693147180559945309417232121458);
+    const at::Tensor ideal =
+        std::get<0>(scaled.sort(/*stable=*/false, /*dim=*/1, /*descending=*/true)).narrow(1, 0, kk);
+    const at::Tensor discount = at::arange(2, kk + 2, logits.options().dtype(at::kDouble)).log2();
+    const at::Tensor max_dcg = at::maximum((ideal / discount).sum({1}, /*keepdim=*/true), eps * at::exp2(-top));
+    gains = (scaled / max_dcg).to(logits.scalar_type()).contiguous();
+  }
 
   const auto double_options = logits.options().dtype(at::kDouble);
   at::Tensor loss_sum = at::zeros({Q}, double_options), pair_count = at::zeros({Q}, double_options);
@@ -116,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lambda_loss_cuda(
   with_element_type(logits, [&](auto zero) {
     using T = decltype(zero);
     error = launch_lambda(sorted_logits.data_ptr<T>(), sorted_labels.data_ptr<T>(), order.data_ptr<int64_t>(),
-                          lengths.data_ptr<int64_t>(), max_dcg.data_ptr<T>(), Q, n, params, grad.data_ptr<T>(),
+                          lengths.data_ptr<int64_t>(), gains.data_ptr<T>(), Q, n, params, grad.data_ptr<T>(),
                           loss_sum.data_ptr<double>(), pair_count.data_ptr<double>(), logits.device().index(),
                           raw_stream(stream));
   });

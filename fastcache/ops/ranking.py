@@ -10,6 +10,9 @@ logits) scalar loss; the gradient comes back in the logits' dtype. Ties in a sor
 LambdaLoss (Wang et al. 2018, in sentence-transformers' formulation). Per query, documents sorted by logit
 (descending): s_p, y_p at rank p (0-based), D_p = log2(p + 2), gains G_p = (2^max(y_p,0) - 1) / max(maxDCG@k, eps)
 with maxDCG@k = sum_{r<k} (2^y_(r) - 1) / D_r over the labels sorted descending (negative labels count as 0).
+Every backend computes the gains in float64 with numerator and denominator scaled by 2^-t, t the row's largest
+label (2^(y-t)·(1 - 2^-y) in place of 2^y - 1), so no finite label overflows: a label of 1024 gives the exact value
+(sentence-transformers' float32 2^y is inf from 128 on, and its LambdaLoss NaN). RankNet computes no gain at all.
 A pair (p, q), both ranks < k, both labels finite, with y_p > y_q (NDCGLoss1: every pair, p = q included) has
 
     loss_pq = -log_b max(max(sigmoid(sigma·(s_p - s_q)), eps)^w_pq, eps)     (b = 2 or e: ``reduction_log``)
@@ -23,6 +26,10 @@ A pair (p, q), both ranks < k, both labels finite, with y_p > y_q (NDCGLoss1: ev
 and the loss is the mean of loss_pq over every pair of the batch. The weights do not depend on the logits'
 values (only on their order), so no gradient flows through them. sentence-transformers returns NaN when the
 batch has no pair (e.g. all labels equal); here the loss is 0 with a zero gradient.
+
+Autograd: each op's gradient is computed in its fused forward, so the ops are first-order only. A backward with
+``create_graph=True`` (a gradient penalty, a Hessian) raises a RuntimeError, as do torch.func transforms (vmap,
+grad, ...); meta tensors are a ValueError (the ops read their inputs' values).
 
 PListMLE (Lan et al. 2014). Per query, documents in input order (``respect_input_order``) or sorted by label
 (descending): loss_q = -sum_r w_r (s_r - log(sum_{t>=r} exp(s_t) + eps)), w_r the position weight of rank r among
@@ -52,6 +59,7 @@ import torch
 from torch import Tensor
 
 from fastcache import _backend
+from fastcache.ops._autograd_guard import check_real_device, refuse_double_backward, refuse_functorch
 
 WEIGHTINGS = {"none": 0, "ndcg_loss1": 1, "ndcg_loss2": 2, "lambdarank": 3, "ndcg_loss2pp": 4}
 REDUCTION_LOGS = ("natural", "binary")
@@ -110,6 +118,8 @@ def check_inputs(logits: Tensor, labels: Tensor, mask: Tensor | None) -> tuple[T
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.dtype not in DTYPES:
         raise ValueError("logits must be a [Q, n] tensor of float32, bfloat16, float16 or float64, got "
                          f"{type(logits).__name__} {getattr(logits, 'dtype', '')} {tuple(getattr(logits, 'shape', ()))}")
+    for name, tensor in (("logits", logits), ("labels", labels), ("mask", mask)):
+        check_real_device(name, tensor)
     if logits.size(0) == 0 or logits.size(1) == 0:
         raise ValueError(f"logits must have at least one query and one document, got shape {tuple(logits.shape)}")
     if not isinstance(labels, Tensor) or labels.shape != logits.shape:
@@ -142,23 +152,26 @@ def check_inputs(logits: Tensor, labels: Tensor, mask: Tensor | None) -> tuple[T
 
 class RankingLoss(torch.autograd.Function):
     """One autograd Function for every ranking op: the forward computes the loss and dL/dlogits in one fused
-    call (``compute(with_grad) -> (loss, grad)``) and keeps the gradient; the backward scales it."""
+    call (``compute(with_grad) -> (loss, grad)``) and keeps the gradient; the backward scales it (first order
+    only: a backward with create_graph=True raises, naming ``op``)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, compute: Callable[[bool], tuple[Tensor, Tensor | None]]) -> Tensor:
+    def forward(ctx, logits: Tensor, compute: Callable[[bool], tuple[Tensor, Tensor | None]], op: str) -> Tensor:
         loss, grad = compute(ctx.needs_input_grad[0])
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.input_dtype = logits.dtype
+        ctx.op = op
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        refuse_double_backward(ctx.op)
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype)).to(ctx.input_dtype), None
+        return (grad * grad_output.to(grad.dtype)).to(ctx.input_dtype), None, None
 
 
-def _run(logits: Tensor, compute: Callable[[bool], tuple[Tensor, Tensor | None]]) -> Tensor:
-    return RankingLoss.apply(logits, compute)
+def _run(logits: Tensor, compute: Callable[[bool], tuple[Tensor, Tensor | None]], op: str) -> Tensor:
+    return RankingLoss.apply(logits, compute, f"fastcache.ops.ranking.{op}")
 
 
 def _sort_valid(key: Tensor, mask: Tensor) -> Tensor:
@@ -184,9 +197,7 @@ def _lambda_torch(s: Tensor, y: Tensor, mask: Tensor, opts: LambdaOptions, with_
     top = valid & (position < (opts.k or n))[None, :]
     finite = top & torch.isfinite(y)
     discount = torch.log2(position.to(s.dtype) + 2.0)
-    ideal = y.clamp(min=0.0).sort(dim=1, descending=True).values
-    max_dcg = ((2.0 ** ideal - 1.0) / discount)[:, :opts.k or n].sum(dim=1).clamp(min=opts.eps)
-    gain = (2.0 ** y.clamp(min=0.0) - 1.0) / max_dcg[:, None]
+    gain = _gains(y, opts.k or n, opts.eps).to(s.dtype) if opts.weighting != "none" else None
     inv_d = 1.0 / discount
     c = 1.0 / math.log(2.0) if opts.reduction_log == "binary" else 1.0
     log_eps = math.log(opts.eps)
@@ -201,18 +212,7 @@ def _lambda_torch(s: Tensor, y: Tensor, mask: Tensor, opts: LambdaOptions, with_
         pairs = finite[:, p0:p1, None] & finite[:, None, :]
         if opts.weighting != "ndcg_loss1":
             pairs &= y[:, p0:p1, None] > y[:, None, :]
-        gain_diff = (gain[:, p0:p1, None] - gain[:, None, :]).abs()
-        rank_diff = (position[p0:p1, None] - position[None, :]).abs().to(s.dtype)
-        delta = (1.0 / torch.log2(rank_diff + 1.0) - 1.0 / torch.log2(rank_diff + 2.0)).abs()
-        delta = delta.masked_fill(rank_diff == 0, 0.0)
-        lambdarank = (inv_d[p0:p1, None] - inv_d[None, :]).abs() * gain_diff
-        w = {
-            "none": torch.ones_like(x),
-            "ndcg_loss1": (gain[:, p0:p1] * inv_d[p0:p1])[:, :, None].expand_as(x),
-            "ndcg_loss2": delta * gain_diff,
-            "lambdarank": lambdarank,
-            "ndcg_loss2pp": opts.mu * delta * gain_diff + lambdarank,
-        }[opts.weighting]
+        w = _pair_weights(opts, gain, inv_d, position, p0, p1, x)
         log_sig = torch.nn.functional.logsigmoid(x)
         t = w * log_sig.clamp(min=log_eps)
         loss_sum -= c * torch.where(pairs, t.clamp(min=log_eps), 0.0).sum(dim=(1, 2), dtype=torch.float64)
@@ -223,6 +223,36 @@ def _lambda_torch(s: Tensor, y: Tensor, mask: Tensor, opts: LambdaOptions, with_
             grad[:, p0:p1] += g.sum(dim=2)
             grad -= g.sum(dim=1)
     return loss_sum, count, _scatter_back(order, grad) if with_grad else None
+
+
+def _gains(y: Tensor, k: int, eps: float) -> Tensor:
+    """G = (2^max(y,0) - 1) / max(maxDCG@k, eps) per row of labels ``y`` [Q, n] sorted by logit (-inf / padding: no
+    gain), in float64 and scaled by 2^-t (t: the row's largest max(y, 0)) so that no finite label overflows."""
+    y = y.to(torch.float64).clamp(min=0.0)
+    top = y.amax(dim=1, keepdim=True)
+    scaled = torch.exp2(y - top) * -torch.expm1(-y * math.log(2.0))  # (2^y - 1)·2^-t
+    discount = torch.log2(torch.arange(y.size(1), device=y.device, dtype=torch.float64) + 2.0)
+    max_dcg = (scaled.sort(dim=1, descending=True).values / discount)[:, :k].sum(dim=1, keepdim=True)
+    return scaled / torch.maximum(max_dcg, eps * torch.exp2(-top))
+
+
+def _pair_weights(opts: LambdaOptions, gain: Tensor | None, inv_d: Tensor, position: Tensor, p0: int, p1: int,
+                  x: Tensor) -> Tensor:
+    """The weights w of the pairs (p0 <= p < p1, q), [Q, p1 - p0, n]: only the terms the weighting uses."""
+    if opts.weighting == "none":
+        return torch.ones_like(x)
+    if opts.weighting == "ndcg_loss1":
+        return (gain[:, p0:p1] * inv_d[p0:p1])[:, :, None].expand_as(x)
+    gain_diff = (gain[:, p0:p1, None] - gain[:, None, :]).abs()
+    w = torch.zeros_like(x)
+    if opts.weighting in ("ndcg_loss2", "ndcg_loss2pp"):
+        rank_diff = (position[p0:p1, None] - position[None, :]).abs().to(x.dtype)
+        delta = (1.0 / torch.log2(rank_diff + 1.0) - 1.0 / torch.log2(rank_diff + 2.0)).abs()
+        delta = delta.masked_fill(rank_diff == 0, 0.0)
+        w = w + (opts.mu if opts.weighting == "ndcg_loss2pp" else 1.0) * delta * gain_diff
+    if opts.weighting in ("lambdarank", "ndcg_loss2pp"):
+        w = w + (inv_d[p0:p1, None] - inv_d[None, :]).abs() * gain_diff
+    return w
 
 
 def _lambda_cpu(s: Tensor, y: Tensor, mask: Tensor, opts: LambdaOptions, with_grad: bool):
@@ -248,6 +278,7 @@ def lambda_loss(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, w
     ``weighting``: "none" (None), "ndcg_loss1", "ndcg_loss2", "lambdarank" or "ndcg_loss2pp" (with ``mu``); ``k``
     truncates to NDCG@k; ``sigma`` scales score differences; ``eps`` clamps probabilities and maxDCG;
     ``reduction_log`` is "binary" (log2) or "natural". ``backend``: auto | cpu | cuda | torch."""
+    refuse_functorch("fastcache.ops.ranking.lambda_loss")
     opts = LambdaOptions(weighting or "none", mu, k, sigma, eps, reduction_log)
     s, y, mask = check_inputs(logits, labels, mask)
     status = available(s.device, "lambda_loss_cuda")
@@ -266,7 +297,7 @@ def lambda_loss(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, w
         loss = (loss_sum.sum() * norm).to(s.dtype)
         return loss, grad * norm.to(s.dtype) if with_grad else None
 
-    return _run(logits, compute)
+    return _run(logits, compute, "lambda_loss")
 
 
 def ranknet(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, k: int | None = None,
@@ -326,6 +357,7 @@ def plistmle(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, posi
     """Position-aware ListMLE (see the module docstring). ``position_weights``: None (all 1: ListMLE), or a finite
     non-negative tensor [n] or [Q, n], the weight of rank r among each row's real documents (e.g.
     :func:`plistmle_default_weights`). ``respect_input_order``: documents in input order, else sorted by label."""
+    refuse_functorch("fastcache.ops.ranking.plistmle")
     _check_number("eps", eps, minimum=0.0, strict=True)
     s, y, mask = check_inputs(logits, labels, mask)
     weights = None
@@ -345,7 +377,7 @@ def plistmle(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, posi
         Q = s.size(0)
         return loss_rows.sum() / Q, grad / Q if with_grad else None
 
-    return _run(logits, compute)
+    return _run(logits, compute, "plistmle")
 
 
 def listmle(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, respect_input_order: bool = True,
@@ -382,6 +414,7 @@ _LISTNET_BACKENDS = {"cpu": _listnet_cpu, "torch": _listnet_torch, "cuda": _list
 def listnet(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, backend: str | None = None) -> Tensor:
     """ListNet (see the module docstring): mean over rows of CE(softmax(labels), softmax(logits)) over real
     documents. A row whose real labels are all -inf has no target distribution: a ValueError."""
+    refuse_functorch("fastcache.ops.ranking.listnet")
     s, y, mask = check_inputs(logits, labels, mask)
     no_target = mask.any(dim=1) & ~(mask & (y > float("-inf"))).any(dim=1)
     if no_target.any():
@@ -394,4 +427,4 @@ def listnet(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, backe
         Q = s.size(0)
         return loss_rows.sum() / Q, grad / Q if with_grad else None
 
-    return _run(logits, compute)
+    return _run(logits, compute, "listnet")

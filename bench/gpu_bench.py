@@ -2,9 +2,15 @@
 Triton epilogue) against the dense PyTorch reference, sentence-transformers' cached loss stage and the fused
 cross-entropy peers (Inf-CL, Cut Cross-Entropy, Liger), next to torch.mm's bf16 rate measured in the same run.
 
-    python bench/gpu_bench.py --out OUTDIR                  # the full grid (bench/gpu_suite.sh runs this)
-    python bench/gpu_bench.py --out OUTDIR --budget-s 120   # the same, stopping after ~2 minutes
+    python bench/gpu_bench.py --out OUTDIR                  # the full grid
+    python bench/gpu_bench.py --out OUTDIR --phase headline # the ceiling and the target shape only (the suite's
+    python bench/gpu_bench.py --out OUTDIR --phase rest     #   phase 3), then everything else (its phase 5)
+    python bench/gpu_bench.py --out OUTDIR --budget-s 120   # stopping after ~2 minutes
     python bench/gpu_bench.py --dry-run --out OUTDIR        # tiny shapes on the CPU: every code path, no GPU
+
+Every row goes to OUTDIR/bench_rows.jsonl the moment it is measured (appended, never deleted: a run killed at any
+point keeps every finished row, and a later phase adds to it); gpu_bench.json and gpu_bench.csv are rebuilt from
+all of its rows after each group and at the end (also after SIGINT, which ``timeout --signal=INT`` sends).
 
 The grid: B = N = 16384 and B = 65536, N = 131072 (the positives and one hard-negative column), D = 384 and 768,
 bfloat16 and float32, random embeddings (positive i = query i plus noise), cosine similarity, scale 20, one
@@ -21,16 +27,21 @@ How each implementation computes that loss, L = mean_i [ logsumexp_j 20·cos(q_i
                    h the largest of 256, 128, ... dividing D (its kernels sum over the heads: the full dot product);
   cut_cross_entropy ``cut_cross_entropy.linear_cross_entropy(20·q̂, d̂, arange(B))``: the docs are the classifier,
                    defaults otherwise (filter_eps="high": gradient entries below bf16's resolution are skipped);
+  cut_cross_entropy_exact  the same with ``filter_eps=None`` (every gradient entry: the like-for-like row);
   liger_flce       ``LigerFusedLinearCrossEntropyFunction.apply(20·q̂, d̂, arange(B))`` (its loss is element 0).
 
 Each (shape, dim, dtype) group runs in a fresh subprocess with a timeout; the whole run has a time budget
 (``--budget-s``): groups are ordered by importance (after the ceiling and the quick epilogue groups, the target
 shape B=65536, N=131072, D=768, bf16) and a
 group that the budget no longer allows is recorded as skipped, as is a case whose group timed out. Per case: warm-up
-runs (Triton compiles and autotunes there), then timed runs (CUDA events around each run, after synchronising),
-as many as fit in ``--case-seconds`` (at least 1, at most 5). The peak memory of the last timed run:
+runs (two: the first compiles and autotunes), then timed runs (CUDA events around each run, after synchronising),
+as many as fit in ``--case-seconds`` (at least 3, at most 5). The peak memory of the last timed run:
 ``torch.cuda.max_memory_allocated()`` minus the memory allocated before it (the inputs), and that minus the
-gradients it returns. Effective TFLOP/s counts 6·B·N·D (the three GEMMs S = Q·Dᵀ, dS·D, dSᵀ·Q) per run.
+gradients it returns. Effective TFLOP/s counts 6·B·N·D (the three GEMMs S = Q·Dᵀ, dS·D, dSᵀ·Q) per run. At the
+target shape each fastcache case then runs once more under torch.profiler: its GPU time kernel by kernel (GEMMs,
+epilogue, normalisation, ...), the row's ``kernels``. st_cached_mbs32 takes ~B/32 mini-batch steps: above
+ST_MAX_ROWS queries it runs on the first ST_MAX_ROWS of them against every candidate and its time is scaled by
+B / ST_MAX_ROWS (the row says ``extrapolated_from_rows``; its cost is linear in the queries).
 
 Matryoshka (issue 5): at B = N = 16384, D = 768, bfloat16, the same loss at dims 768/512/256/128/64 (weights 1) in one
 fused call, ``fastcache.ops.matryoshka.matryoshka_contrastive_loss(q, d, dims=...)`` + backward, tiled (the Triton
@@ -68,7 +79,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
+sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]  # bench/ and the repository root (fastcache itself)
 from gpu_ranking import DRY_RANKING, RANKING_CASES, RANKING_SIZES, make_ranking_case  # noqa: E402
 from gpu_ranking import Q as RANKING_Q  # noqa: E402
 
@@ -77,13 +88,15 @@ MIB = 2**20
 SLAB_BUDGET = 4 * 2**30  # memory_budget of the slab cases (the default, 256 MiB, is a CPU cache-sized workspace)
 CEILING_SIZE = 8192  # torch.mm bf16 CEILING_SIZE³, CEILING_PRODUCTS of them per timed run (clocks ramp up)
 CEILING_PRODUCTS = 10
-PEERS = {"inf_cl": "inf-cl", "cut_cross_entropy": "cut-cross-entropy", "liger_flce": "liger-kernel"}
+PEERS = {"inf_cl": "inf-cl", "cut_cross_entropy": "cut-cross-entropy", "cut_cross_entropy_exact": "cut-cross-entropy",
+         "liger_flce": "liger-kernel"}
 CASES = {
     "fastcache_tiled": "fastcache, strategy tiled (Triton)",
     "fastcache_slab_cuda": "fastcache, strategy slab, CUDA epilogue",
     "fastcache_slab_triton": "fastcache, strategy slab, Triton epilogue",
     "inf_cl": "Inf-CL cal_inf_loss",
     "cut_cross_entropy": "Cut Cross-Entropy linear_cross_entropy",
+    "cut_cross_entropy_exact": "Cut Cross-Entropy linear_cross_entropy, filter_eps=None",
     "liger_flce": "Liger fused linear cross-entropy",
     "reference": "dense PyTorch reference",
     "st_cached_mbs32": "sentence-transformers CachedMNRL.calculate_loss, mini_batch_size=32",
@@ -106,10 +119,14 @@ MATRYOSHKA_GRID, DRY_MATRYOSHKA_GRID = (16384, 16384, 768, "bfloat16"), DRY_GRID
 # write, the least any in-place epilogue moves).
 EPILOGUE_CASES = {"epilogue_copy": "copy of the block (bandwidth ceiling)", "epilogue_cuda": "CUDA epilogue",
                   "epilogue_triton": "Triton epilogue", "epilogue_torch": "PyTorch epilogue"}
-EPILOGUE_SHAPES = [(128, 131072), (1024, 16384)]  # the slab's chunk rows at N = 131072 (64 MiB blocks), N = 16384
+EPILOGUE_COLUMNS = (131072, 16384)  # the slab's block widths at the two N; rows: its chunk at SLAB_BUDGET
 DRY_EPILOGUE_SHAPES = [(4, 64)]
+ST_MAX_ROWS = 4096  # st_cached_mbs32 runs at most this many queries (128 mini-batches); longer batches extrapolate
+WARMUPS, MIN_REPEATS, MAX_REPEATS = 2, 3, 5
+ROWS_FILE = "bench_rows.jsonl"
 DRY_CEILING_SIZE = 64
 GROUP_TIMEOUT_S = {"small": 75.0, "large": 150.0}
+PHASES = ("all", "headline", "rest")
 CSV_FIELDS = ["B", "N", "D", "dtype", "case", "label", "min_ms", "median_ms", "repeats", "tflops", "ratio_to_mm",
               "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss", "gbps", "ratio_to_copy", "status"]
 
@@ -206,7 +223,10 @@ def make_case(name: str, B: int, N: int, D: int, dtype_name: str, device: str, d
         model = tiny_sentence_transformer().to(device)
         mbs = 32
         loss_fn = CachedMultipleNegativesRankingLoss(model, scale=SCALE, mini_batch_size=mbs)
-        columns = [lq.detach(), *ld.detach().split(B)]  # anchors, positives, each hard-negative column
+        rows = min(B, ST_MAX_ROWS)  # the first `rows` queries against every candidate: time linear in the queries
+        if rows < B:
+            info.update(extrapolated_from_rows=rows, time_factor=B / rows)
+        columns = [lq.detach()[:rows], *ld.detach().split(B)]  # anchors, positives, each hard-negative column
         reps = [[mb.detach().requires_grad_() for mb in column.split(mbs)] for column in columns]
         leaves = [t for column in reps for t in column]
         info.update(mini_batch_size=mbs)
@@ -230,10 +250,13 @@ def make_case(name: str, B: int, N: int, D: int, dtype_name: str, device: str, d
             raise ValueError(f"inf-cl needs D divisible by 16, 32, 64, 128 or 256; D={D}")
         info.update(head_dim=head_dim)
         return (lambda: backward_of(cal_inf_loss(*_normalized_inputs(lq, ld), head_dim=head_dim))), reset, info
-    if name == "cut_cross_entropy":
+    if name in ("cut_cross_entropy", "cut_cross_entropy_exact"):
         from cut_cross_entropy import linear_cross_entropy
 
-        return (lambda: backward_of(linear_cross_entropy(*_normalized_inputs(lq, ld), targets))), reset, info
+        filtering = {"filter_eps": None} if name == "cut_cross_entropy_exact" else {}
+        info.update(filtering)
+        return (lambda: backward_of(linear_cross_entropy(*_normalized_inputs(lq, ld), targets, **filtering))), \
+            reset, info
     if name == "liger_flce":
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
@@ -275,8 +298,45 @@ def _tensor_bytes(tensors) -> int:
     return tensor_bytes([t for t in tensors if t is not None])
 
 
-def measure(run, reset, case_seconds: float, max_repeats: int = 5) -> dict:
-    """Warm-up, timed runs (CUDA events; perf_counter on CPU) and the peak memory of the last timed run."""
+def epilogue_shapes() -> list[tuple[int, int]]:
+    """(rows, columns) of the slab's real chunks at the target shape's N and at N = 16384 (B = N / 2 queries,
+    bf16 GEMM operands, SLAB_BUDGET): the epilogue benchmark's blocks (~3900 rows at N = 131072)."""
+    from fastcache.ops import contrastive_epilogue
+    from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions, chunk_rows
+
+    shapes = []
+    for columns in EPILOGUE_COLUMNS:
+        layout = ContrastiveLayout(columns // 2, columns // 2, 2, 768, columns // 2, 0)
+        workspace = contrastive_epilogue.WORKSPACE_BLOCKS["cuda"] + 0.5
+        shapes.append((chunk_rows(layout, ContrastiveOptions(), False, 0, SLAB_BUDGET, 4, workspace,
+                                  cache_cap=False), columns))
+    return shapes
+
+
+def kernel_profile(run, reset, top: int = 8) -> list[dict]:
+    """One more run under torch.profiler: the kernels (GPU; CPU ops in a dry run) with the most time, and the
+    rest summed: the run timed phase by phase."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    if reset is not None:
+        reset()
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    events.sort(key=lambda e: -(e.self_device_time_total if cuda else e.self_cpu_time_total))
+    rows = [{"name": e.key[:120], "ms": (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3,
+             "calls": e.count} for e in events]
+    rest = rows[top:]
+    return rows[:top] + ([{"name": "(the rest)", "ms": sum(r["ms"] for r in rest),
+                           "calls": sum(r["calls"] for r in rest)}] if rest else [])
+
+
+def measure(run, reset, case_seconds: float, max_repeats: int = MAX_REPEATS) -> dict:
+    """Warm-ups, timed runs (CUDA events; perf_counter on CPU) and the peak memory of the last timed run."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -305,10 +365,9 @@ def measure(run, reset, case_seconds: float, max_repeats: int = 5) -> dict:
             seconds = time.perf_counter() - begin
         return seconds, out, memory
 
-    warm, _, _ = once(False)
-    if warm < 1.0:  # a second warm-up for fast cases (caches, autotuned configs settle)
+    for _ in range(WARMUPS):  # the first compiles (Triton) and autotunes; the second runs warm
         warm, _, _ = once(False)
-    repeats = max(1, min(max_repeats, int(case_seconds / max(warm, 1e-9))))
+    repeats = max(MIN_REPEATS, min(max_repeats, int(case_seconds / max(warm, 1e-9))))
     times = []
     for index in range(repeats):
         seconds, out, peak = once(track_memory=index == repeats - 1)
@@ -371,6 +430,11 @@ def run_group(group: dict, results_path: Path, case_seconds: float, dry_run: boo
                                                  group.get("dtype") or "bfloat16", device, dry_run)
                 row.update(info)
                 row.update(measure(run, reset, case_seconds))
+                if "time_factor" in info:
+                    for k in ("min_s", "median_s"):
+                        row[k] *= info["time_factor"]
+                if group.get("profile") and (name in FASTCACHE or name in MATRYOSHKA):
+                    row["kernels"] = kernel_profile(run, reset)
                 row["status"] = "ok"
             except MemoryError as error:  # our own "does not fit" estimate
                 row.update(status="skipped", reason=str(error))
@@ -388,7 +452,9 @@ def run_group(group: dict, results_path: Path, case_seconds: float, dry_run: boo
 # the parent: groups in subprocesses, budget, report
 # ---------------------------------------------------------------------------------------------------------------
 
-def _groups(dry_run: bool, cases: list[str], dtypes: list[str]) -> list[dict]:
+def _groups(dry_run: bool, cases: list[str], dtypes: list[str], phase: str = "all") -> list[dict]:
+    """The groups in running order: the ceiling, the target shape (profiled: the headline phase), then the
+    epilogues, the ranking ops, the other shapes and Matryoshka (the rest)."""
     groups = [{"ceiling": True, "cases": ["mm_ceiling"], "size": "small"}]
     single, matryoshka = [c for c in cases if c in CASES], [c for c in cases if c in MATRYOSHKA_CASES]
     for B, N, D, dtype in DRY_GRID if dry_run else GRID:
@@ -400,28 +466,55 @@ def _groups(dry_run: bool, cases: list[str], dtypes: list[str]) -> list[dict]:
     # the epilogues alone: right after the ceiling (they are quick)
     epilogues = [{"epilogue": True, "B": rows, "N": columns, "D": None, "dtype": "float32",
                   "cases": list(EPILOGUE_CASES), "size": "small"}
-                 for rows, columns in (DRY_EPILOGUE_SHAPES if dry_run else EPILOGUE_SHAPES)]
+                 for rows, columns in (DRY_EPILOGUE_SHAPES if dry_run else epilogue_shapes())]
     # the ranking ops (Q queries × n documents as B × N): after the contrastive target shape
     ranking = [{"ranking": True, "B": Q, "N": n, "D": None, "dtype": "float32", "size": "small",
                 "cases": [c for c in cases if c in RANKING_CASES]}
                for Q, n in ([DRY_RANKING] if dry_run else [(RANKING_Q, n) for n in RANKING_SIZES])]
     ranking = [g for g in ranking if g["cases"]]
-    return groups[:1] + epilogues + groups[1:2] + ranking + groups[2:]
+    headline = [dict(groups[1], profile=True)] if len(groups) > 1 else []
+    return {"all": groups[:1] + headline + epilogues + ranking + groups[2:], "headline": groups[:1] + headline,
+            "rest": epilogues + ranking + groups[2:]}[phase]
 
 
-def _read_lines(path: Path) -> list[dict]:
+def _read_lines(path: Path, start: int = 0) -> list[dict]:
+    """The JSON lines of ``path`` from byte ``start`` on (a line cut off by a kill is ignored)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    with path.open("rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def finished_rows(out_dir: Path) -> tuple[list[dict], dict]:
+    """Every finished row in out_dir/ROWS_FILE (the last one per shape and case) and the GPU's details."""
+    rows, info = {}, {}
+    for line in _read_lines(out_dir / ROWS_FILE):
+        if "gpu_info" in line:
+            info.update(line["gpu_info"])
+        elif line.get("status") != "started":
+            rows[tuple(line.get(k) for k in ("B", "N", "D", "dtype", "case"))] = line
+    return list(rows.values()), info
 
 
 def run_all(out_dir: Path, *, dry_run: bool, budget_s: float, case_seconds: float, cases: list[str],
-            dtypes: list[str]) -> dict:
+            dtypes: list[str], phase: str = "all", after_group=None) -> dict:
+    """Each group in a child process that appends its rows to out_dir/ROWS_FILE as it measures them; returns this
+    run's rows (with a row, status and reason, for each case that did not finish) and the GPU's details.
+    ``after_group(rows, info)`` is called after each group (the report is rewritten there)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    lines_path = out_dir / ROWS_FILE
     deadline = time.monotonic() + budget_s
     rows: list[dict] = []
     info: dict = {}
-    for index, group in enumerate(_groups(dry_run, cases, dtypes)):
+    for index, group in enumerate(_groups(dry_run, cases, dtypes, phase)):
         key = {k: group.get(k) for k in ("B", "N", "D", "dtype")}
         left = deadline - time.monotonic()
         timeout = min(GROUP_TIMEOUT_S[group["size"]], left)
@@ -429,8 +522,7 @@ def run_all(out_dir: Path, *, dry_run: bool, budget_s: float, case_seconds: floa
             rows += [{**key, "case": c, "status": "skipped", "reason": f"time budget of {budget_s:.0f} s spent"}
                      for c in group["cases"]]
             continue
-        lines_path = out_dir / f"group_{index}.jsonl"
-        lines_path.unlink(missing_ok=True)
+        start = lines_path.stat().st_size if lines_path.exists() else 0
         command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(group), "--results",
                    str(lines_path), "--case-seconds", str(case_seconds)] + (["--dry-run"] if dry_run else [])
         print(f"group {index}: {key} cases {group['cases']} (timeout {timeout:.0f} s)", file=sys.stderr, flush=True)
@@ -443,7 +535,7 @@ def run_all(out_dir: Path, *, dry_run: bool, budget_s: float, case_seconds: floa
             failure = f"group timed out after {timeout:.0f} s"
         done = {}
         running = None
-        for line in _read_lines(lines_path):
+        for line in _read_lines(lines_path, start):
             if "gpu_info" in line:
                 info.update(line["gpu_info"])
             elif line.get("status") == "started":
@@ -459,9 +551,10 @@ def run_all(out_dir: Path, *, dry_run: bool, budget_s: float, case_seconds: floa
                 rows.append({**key, "case": case, "status": "skipped",
                              "reason": f"{why} (while running this case)" if case == running else
                              f"{why} (before this case started)"})
-        lines_path.unlink(missing_ok=True)
         print(f"  {time.monotonic() - begin:.1f} s" + (f"; {failure}" if failure else ""), file=sys.stderr,
               flush=True)
+        if after_group is not None:
+            after_group(rows, info)
     return {"rows": rows, "gpu": info}
 
 
@@ -635,14 +728,42 @@ def write_csv(rows: list[dict], path: Path) -> None:
             })
 
 
+def write_report(out_dir: Path, this_run: list[dict], info: dict, header: dict) -> dict:
+    """gpu_bench.json and gpu_bench.csv from every finished row on disk (this run's and earlier phases') and this
+    run's rows for cases that did not finish."""
+    finished, disk_info = finished_rows(out_dir)
+    done = {tuple(r.get(k) for k in ("B", "N", "D", "dtype", "case")) for r in finished}
+    rows = finished + [r for r in this_run if tuple(r.get(k) for k in ("B", "N", "D", "dtype", "case")) not in done]
+    mm_rate = add_rates(rows)
+    from fastcache.benchmark import machine_info
+
+    report = {
+        **header,
+        "machine": {**machine_info(), **disk_info, **info, "peers": _peer_versions()},
+        # the device machine gets a copy of the tree without .git: gpu_suite.sh passes the commit in FASTCACHE_COMMIT
+        "commit": os.environ.get("FASTCACHE_COMMIT") or machine_info().get("commit"),
+        "mm_tflops": mm_rate,
+        "cases": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES, **RANKING_CASES},
+        "rows": rows,
+        "loss_spread": loss_spread(rows),
+        "targets": targets(rows),
+    }
+    (out_dir / "gpu_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_csv(rows, out_dir / "gpu_bench.csv")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help="folder for gpu_bench.json and gpu_bench.csv")
+    parser.add_argument("--out", type=Path, help="folder for bench_rows.jsonl, gpu_bench.json and gpu_bench.csv")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on the CPU (fastcache on its torch backend): exercises every code path")
+    parser.add_argument("--phase", choices=PHASES, default="all",
+                        help="headline: the ceiling and the target shape; rest: everything else; all (default)")
     parser.add_argument("--budget-s", type=float, default=330.0, help="time budget of the whole run (default 330)")
     parser.add_argument("--case-seconds", type=float, default=3.0,
-                        help="timed runs per case: as many as fit in this many seconds, 1 to 5 (default 3)")
+                        help=f"timed runs per case: as many as fit in this many seconds, {MIN_REPEATS} to "
+                             f"{MAX_REPEATS} (default 3)")
     every_case = [*CASES, *MATRYOSHKA_CASES, *RANKING_CASES]
     parser.add_argument("--cases", nargs="+", choices=every_case, default=every_case, help="a subset of cases")
     parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16", "float32"],
@@ -656,39 +777,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         parser.error("--out is required")
 
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    measured = run_all(args.out, dry_run=args.dry_run, budget_s=args.budget_s, case_seconds=args.case_seconds,
-                       cases=args.cases, dtypes=args.dtypes)
-    rows = measured["rows"]
-    mm_rate = add_rates(rows)
-    found = targets(rows)
-    spreads = loss_spread(rows)
-    from fastcache.benchmark import machine_info
+    header = {"started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "dry_run": args.dry_run, "phase": args.phase,
+              "settings": {"scale": SCALE, "similarity": "cos", "directions": ["query_to_doc"],
+                           "budget_s": args.budget_s, "case_seconds": args.case_seconds, "warmups": WARMUPS,
+                           "slab_memory_budget": SLAB_BUDGET, "flop_per_run": "6*B*N*D",
+                           "ceiling": f"torch.mm bf16 {CEILING_SIZE}^3", "st_max_rows": ST_MAX_ROWS}}
+    progress = {"rows": [], "info": {}}
 
-    report = {
-        "machine": {**machine_info(), **measured["gpu"], "peers": _peer_versions()},
-        # the device machine gets a copy of the tree without .git: gpu_suite.sh passes the commit in FASTCACHE_COMMIT
-        "commit": os.environ.get("FASTCACHE_COMMIT") or machine_info().get("commit"),
-        "started_utc": started,
-        "dry_run": args.dry_run,
-        "settings": {"scale": SCALE, "similarity": "cos", "directions": ["query_to_doc"], "budget_s": args.budget_s,
-                     "case_seconds": args.case_seconds, "slab_memory_budget": SLAB_BUDGET,
-                     "flop_per_run": "6*B*N*D", "ceiling": f"torch.mm bf16 {CEILING_SIZE}^3"},
-        "mm_tflops": mm_rate,
-        "cases": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES, **RANKING_CASES},
-        "rows": rows,
-        "loss_spread": spreads,
-        "targets": found,
-    }
-    (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_csv(rows, args.out / "gpu_bench.csv")
-    print(markdown_table(rows, mm_rate))
-    for group, spread in spreads.items():
+    def after_group(rows, info):
+        progress.update(rows=list(rows), info=dict(info))
+        write_report(args.out, progress["rows"], progress["info"], header)
+
+    try:
+        run_all(args.out, dry_run=args.dry_run, budget_s=args.budget_s, case_seconds=args.case_seconds,
+                cases=args.cases, dtypes=args.dtypes, phase=args.phase, after_group=after_group)
+    except KeyboardInterrupt:  # timeout --signal=INT: keep what finished (bench_rows.jsonl has every row)
+        header["interrupted"] = True
+        print("interrupted: the report holds the rows that finished", file=sys.stderr, flush=True)
+    report = write_report(args.out, progress["rows"], progress["info"], header)
+    print(markdown_table(report["rows"], report["mm_tflops"]))
+    for group, spread in report["loss_spread"].items():
         print(f"losses at {group} agree to {spread:.1e} (relative)")
-    for item in found:
+    for item in report["targets"]:
         print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")
-    print(f"\nwrote {args.out / 'gpu_bench.json'} and {args.out / 'gpu_bench.csv'}")
-    return 0
+    print(f"\nwrote {args.out / 'gpu_bench.json'} and {args.out / 'gpu_bench.csv'} (every row: {args.out / ROWS_FILE})")
+    return 130 if header.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -77,13 +77,18 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
     with (tmp_path / "gpu_bench.csv").open() as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == gpu_bench.CSV_FIELDS and len(table) == len(rows)
-    assert not list(tmp_path.glob("group_*.jsonl"))  # the children's line files are cleaned up
+    assert not list(tmp_path.glob("group_*.jsonl"))
+    on_disk = [json.loads(line) for line in (tmp_path / gpu_bench.ROWS_FILE).read_text().splitlines()]
+    assert {r["case"] for r in on_disk if r.get("status") == "ok"} == {r["case"] for r in rows if r["status"] == "ok"}
+    profiled = [r for r in rows if r.get("kernels")]  # the target shape's fastcache cases, timed kernel by kernel
+    assert {r["case"] for r in profiled} == {*gpu_bench.FASTCACHE} and all(
+        k["ms"] >= 0 and k["calls"] >= 1 for r in profiled for k in r["kernels"])
 
 
 def test_spent_budget_skips_groups_with_the_reason(gpu_bench, tmp_path):
     measured = gpu_bench.run_all(tmp_path, dry_run=True, budget_s=0, case_seconds=0.01, cases=["reference"],
                                  dtypes=["float32"])
-    assert [r["case"] for r in measured["rows"]] == ["mm_ceiling", *gpu_bench.EPILOGUE_CASES, "reference"]
+    assert [r["case"] for r in measured["rows"]] == ["mm_ceiling", "reference", *gpu_bench.EPILOGUE_CASES]
     assert all(r["status"] == "skipped" and "time budget" in r["reason"] for r in measured["rows"])
 
 
@@ -147,3 +152,93 @@ def test_matryoshka_targets(gpu_bench):
     found = {t["target"].split("(")[1].split(" /")[0]: t for t in gpu_bench.targets(rows)}
     assert found["matryoshka_tiled"]["met"] and found["matryoshka_tiled"]["value"] == "1.20x"
     assert not found["matryoshka_slab_cuda"]["met"]
+
+
+def test_killed_run_keeps_every_finished_row(tmp_path):
+    """The dry run killed mid-way (SIGINT to its process group, as ``timeout --signal=INT`` sends, after its third
+    finished row): every row that finished is on disk, and the report written on the way out holds them."""
+    import os
+    import signal
+    import time
+
+    command = [sys.executable, str(BENCH / "gpu_bench.py"), "--dry-run", "--dtypes", "bfloat16", "--out",
+               str(tmp_path), "--case-seconds", "0.01"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    rows_file = tmp_path / "bench_rows.jsonl"
+
+    def finished() -> list[dict]:
+        if not rows_file.exists():
+            return []
+        lines = [json.loads(line) for line in rows_file.read_text().splitlines() if line.endswith("}")]
+        return [r for r in lines if "case" in r and r.get("status") != "started"]
+
+    deadline = time.monotonic() + 300
+    while len(finished()) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, "the dry run ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    kept = finished()
+    assert len(kept) >= 3
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert report["interrupted"]
+    reported = {(r["case"], r.get("B"), r.get("N")) for r in report["rows"] if r.get("status") == "ok"}
+    assert {(r["case"], r.get("B"), r.get("N")) for r in kept if r["status"] == "ok"} <= reported
+
+
+def test_phases_split_the_plan(gpu_bench, tmp_path):
+    """headline: the ceiling and the target shape (profiled); rest: everything else; together: all of it."""
+    groups = {phase: gpu_bench._groups(True, list(gpu_bench.CASES), ["bfloat16", "float32"], phase)
+              for phase in gpu_bench.PHASES}
+    assert [g["cases"] for g in groups["headline"]] == [["mm_ceiling"], list(gpu_bench.CASES)]
+    assert groups["headline"][1]["profile"] and (groups["headline"][1]["B"], groups["headline"][1]["N"]) == \
+        gpu_bench.DRY_GRID[0][:2]
+    assert groups["all"] == groups["headline"] + groups["rest"]
+
+
+def test_epilogue_blocks_are_the_slab_chunks(gpu_bench):
+    """The epilogue benchmark's blocks are the slab's real chunks at the target shape (thousands of rows, not
+    128: hundreds of CUDA blocks / Triton programs, as in the real run)."""
+    shapes = dict((columns, rows) for rows, columns in gpu_bench.epilogue_shapes())
+    assert 2000 < shapes[131072] < 8192 and shapes[16384] >= 8192
+
+
+def test_st_cached_extrapolates_long_batches(gpu_bench):
+    run, reset, info = gpu_bench.make_case("st_cached_mbs32", 64, 128, 8, "float32", "cpu", True)
+    assert "time_factor" not in info  # B <= ST_MAX_ROWS: the whole batch
+    original = gpu_bench.ST_MAX_ROWS
+    try:
+        gpu_bench.ST_MAX_ROWS = 16
+        run, reset, info = gpu_bench.make_case("st_cached_mbs32", 64, 128, 8, "float32", "cpu", True)
+    finally:
+        gpu_bench.ST_MAX_ROWS = original
+    assert info["extrapolated_from_rows"] == 16 and info["time_factor"] == 4
+    loss, grads = run()
+    assert math.isfinite(float(loss)) and len(grads) == 16 // 32 + 1 + 2 * (64 // 32)
+
+
+def test_suite_dry_run_runs_the_phases_in_order(tmp_path):
+    """bash bench/gpu_suite.sh OUT --dry-run: every phase in the planned order (preflight, correctness, headline,
+    sanitizers, the rest), each exiting 0 (or skipped, with why), at most 8 files, the results on disk."""
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    done = subprocess.run([bash, str(BENCH / "gpu_suite.sh"), str(tmp_path), "--dry-run"], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert list(suite["phases"]) == ["preflight", "correctness_triton", "headline", "correctness_cuda",
+                                     "headline_cuda", "sanitizers", "cuda_tests", "rest"]
+    assert all(p["rc"] == 0 or (p["rc"] is None and "skipped" in p["note"]) for p in suite["phases"].values()), suite
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files == {"suite.json", "suite.log", "preflight.json", "correctness.xml", "bench_rows.jsonl",
+                     "gpu_bench.json", "gpu_bench.csv", "junit_cuda.xml"}
+    assert json.loads((tmp_path / "preflight.json").read_text())["dry_run"]
+    correctness = (tmp_path / "correctness.xml").read_text()
+    assert correctness.count("<testcase") >= 3 and "<failure" not in correctness
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert report["phase"] == "rest"  # the last phase's report holds the headline's rows too
+    assert {"mm_ceiling", "fastcache_tiled", "fastcache_slab_cuda", "epilogue_copy"} <= {r["case"] for r in
+                                                                                       report["rows"]}

@@ -79,7 +79,8 @@ class ContrastiveOptions:
         if isinstance(self.directions, str):
             raise ValueError(f"directions must be a tuple of direction names, got the string {self.directions!r}")
         object.__setattr__(self, "directions", tuple(self.directions))
-        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale <= 0:
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) \
+                or self.scale <= 0:
             raise ValueError(f"scale must be a finite positive number, got {self.scale!r}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
@@ -100,11 +101,12 @@ class ContrastiveOptions:
         if self.hardness_mode not in HARDNESS_MODES:
             raise ValueError(f"hardness_mode must be one of {HARDNESS_MODES}, got {self.hardness_mode!r}")
         strength = self.hardness_strength
-        if not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength < 0:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+                or strength < 0:
             raise ValueError(f"hardness_strength must be a finite non-negative number, got {strength!r}")
         if isinstance(self.offset, bool) or not isinstance(self.offset, int) or self.offset < 0:
             raise ValueError(f"offset must be a non-negative int, got {self.offset!r}")
-        if not isinstance(self.margin, (int, float)) or not math.isfinite(self.margin):
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not math.isfinite(self.margin):
             raise ValueError(f"margin must be a finite number, got {self.margin!r}")
         if self.margin_strategy not in MARGIN_STRATEGIES:
             raise ValueError(f"margin_strategy must be one of {MARGIN_STRATEGIES}, got {self.margin_strategy!r}")
@@ -192,6 +194,11 @@ def check_inputs(
         named["all_queries"] = all_queries
         if all_queries.size(1) != dim:
             raise ValueError(f"all_queries has {all_queries.size(1)} dims, queries have {dim}")
+        mine = all_queries[options.offset:options.offset + rows]
+        if mine.shape == queries.shape and mine.device == queries.device and not torch.equal(mine, queries):
+            raise ValueError(f"all_queries[offset:offset + {rows}] (offset={options.offset}) must be the queries "
+                             "themselves (this process's rows of the gathered batch): check the offset (rank · B) "
+                             "and the gather order")
     if docs.size(-1) != dim:
         raise ValueError(f"docs have {docs.size(-1)} dims, queries have {dim}")
     if docs.dim() == 3:
@@ -261,8 +268,16 @@ def _normalized(x: Tensor, dtype: torch.dtype, cosine: bool, native: bool = Fals
     if native:
         return _backend.EXTENSION.l2_normalize_cpu(x, dtype, NORMALIZE_EPS)
     y = x.to(dtype, memory_format=torch.contiguous_format, copy=True)
-    divisor = torch.linalg.vector_norm(y, dim=1, keepdim=True).clamp_min_(NORMALIZE_EPS)
+    divisor = row_norms(y).clamp_min_(NORMALIZE_EPS)
     return y.div_(divisor), divisor
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """‖x_i‖ per row [rows, 1], without overflow: the squares of x / max_j |x_ij|, then times that maximum (a
+    row of 1e19s has a float32 norm; its squares do not). Cosine is scale-invariant, so huge rows must give the
+    same loss as small ones, as the cpu backend's fp64 sums do."""
+    largest = x.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny)
+    return torch.linalg.vector_norm(x / largest, dim=1, keepdim=True).mul_(largest)
 
 
 def _normalized_backward_(grad: Tensor, normalized: Tensor, divisor: Tensor | None, native: bool = False) -> Tensor:

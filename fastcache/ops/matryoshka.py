@@ -97,8 +97,11 @@ def _prefix_reciprocal_norms(x: Tensor, dims: tuple[int, ...], cosine: bool) -> 
     if not cosine:
         return None
     bounds = dims[::-1]  # ascending: squared norms of the segments, summed from the first dims up
-    squares = torch.stack([x[:, lo:hi].square().sum(dim=1) for lo, hi in zip((0,) + bounds, bounds)])
-    norms = squares.cumsum(0).flip(0).sqrt()
+    # of x / the row's largest magnitude, then times it: no overflow (as row_norms)
+    largest = x.abs().amax(dim=1).clamp_min_(torch.finfo(x.dtype).tiny)
+    scaled = x / largest[:, None]
+    squares = torch.stack([scaled[:, lo:hi].square().sum(dim=1) for lo, hi in zip((0,) + bounds, bounds)])
+    norms = squares.cumsum(0).flip(0).sqrt().mul_(largest)
     return norms, norms.clamp_min(NORMALIZE_EPS).reciprocal()
 
 
@@ -345,6 +348,21 @@ def slab_rows(layout, options, gathered: bool, guide_dim: int, num_dims: int, ba
     return chunk
 
 
+HUGE_ROW = 2.0**32  # rows with a larger entry: their raw prefix products (up to D·max², fp32) could overflow
+
+
+def _row_scale(x: Tensor | None) -> Tensor | None:
+    """None when every entry of x is at most HUGE_ROW in magnitude; else per row a power of two (exact) that
+    brings its largest entry to [1, 2): the raw segment products of huge rows (1e19² = 1e38 per term) overflow
+    fp32, the normalised similarities do not."""
+    if x is None:
+        return None
+    largest = x.detach().abs().amax(dim=-1).double()
+    if float(largest.max()) <= HUGE_ROW:
+        return None
+    return torch.where(largest > 0, torch.exp2(-torch.floor(torch.log2(largest.clamp_min(1e-300)))), 1.0)
+
+
 def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, weights, options, need_grad, *,
          backend, memory_budget, chunk_size, show_progress_bar, strategy=None):
     layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options, doc_ids)
@@ -355,6 +373,16 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, w
     strategy, name = _strategy(layout, options, all_queries is not None, guide_dim, queries.device,
                                contrastive_epilogue.available(queries.device), backend, strategy, memory_budget,
                                chunk_size)
+    if options.similarity == "cos":  # huge rows scaled down (cosine is scale-invariant); the chain rule after
+        scales = [_row_scale(x) for x in (queries, docs, all_queries)]
+        if any(c is not None for c in scales):
+            queries, docs, all_queries = (x if c is None else x * c.view(*x.shape[:-1], 1).to(x.dtype)
+                                          for x, c in zip((queries, docs, all_queries), scales))
+            loss, *grads = _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, weights,
+                                options, need_grad, backend=backend, memory_budget=memory_budget,
+                                chunk_size=chunk_size, show_progress_bar=show_progress_bar, strategy=strategy)
+            return loss, *(g if g is None or c is None else g * c.view(*g.shape[:-1], 1).to(g.dtype)
+                           for g, c in zip(grads, scales))
     if strategy == "tiled":
         from fastcache.triton.matryoshka import matryoshka_tiled
 

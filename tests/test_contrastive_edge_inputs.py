@@ -1,0 +1,73 @@
+"""Inputs that used to give a silent wrong answer in the contrastive and Matryoshka ops (issue 17, items 3 and 5),
+and the one rule for numeric options (no bools).
+
+- Huge rows under cosine (1e19): cosine is scale-invariant, so the loss and the gradient direction must be those of
+  the same rows at scale 1 on every backend. The torch and triton backends used to square the rows in float32
+  (inf norms: loss log N), and the Matryoshka op's raw prefix products overflowed (NaN, inf).
+- ``all_queries`` that does not hold ``queries`` at ``offset`` (a wrong rank offset or gather order) used to be
+  accepted silently: the positives and the own-query mask then belong to other rows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastcache import contrastive_loss_and_grad
+from fastcache.ops.matryoshka import matryoshka_contrastive_loss_and_grad
+from fastcache.reference import contrastive_loss_reference, matryoshka_contrastive_loss_reference
+
+BACKENDS = ["cpu", "torch", "triton"]
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
+
+
+def runnable(backend: str) -> None:
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter is off")
+
+
+def batch():
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(4, 8, generator=gen), torch.randn(8, 8, generator=gen)
+
+
+@pytest.mark.parametrize("matryoshka", [False, True], ids=["contrastive", "matryoshka"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_rows_under_cosine(backend, matryoshka):
+    runnable(backend)
+    q, d = batch()
+    huge = 1e19
+    if matryoshka:
+        truth = matryoshka_contrastive_loss_reference(q.double() * huge, d.double() * huge, dims=[8, 4])
+        out = matryoshka_contrastive_loss_and_grad(q * huge, d * huge, dims=[8, 4], backend=backend)
+        small = matryoshka_contrastive_loss_and_grad(q, d, dims=[8, 4], backend=backend)
+    else:
+        truth = contrastive_loss_reference(q.double() * huge, d.double() * huge)
+        out = contrastive_loss_and_grad(q * huge, d * huge, backend=backend)
+        small = contrastive_loss_and_grad(q, d, backend=backend)
+    assert abs(float(out.loss) - float(truth)) <= 1e-5 * float(truth)
+    # d(loss)/d(c·x) = d(loss)/dx / c: the same gradients, 1e19 times smaller, against their own scale
+    for big, ref in ((out.grad_queries, small.grad_queries), (out.grad_docs, small.grad_docs)):
+        assert float((big.double() * huge - ref.double()).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("matryoshka", [False, True], ids=["contrastive", "matryoshka"])
+def test_all_queries_must_hold_the_queries_at_offset(matryoshka):
+    gen = torch.Generator().manual_seed(4)
+    everyone = torch.randn(6, 8, generator=gen)
+    docs = torch.randn(12, 8, generator=gen)
+    call = (lambda **kw: matryoshka_contrastive_loss_and_grad(dims=[8, 4], **kw)) if matryoshka else \
+        contrastive_loss_and_grad
+    call(queries=everyone[2:4], docs=docs, all_queries=everyone, offset=2)  # right: no error
+    with pytest.raises(ValueError, match=r"all_queries\[offset:offset \+ 2\] \(offset=4\) must be the queries"):
+        call(queries=everyone[2:4], docs=docs, all_queries=everyone, offset=4)
+
+
+@pytest.mark.parametrize("option", ["scale", "hardness_strength", "margin", "offset"])
+def test_bools_are_not_numbers(option):
+    """One rule for every numeric option: True is rejected, as offset=True always was."""
+    q, d = batch()
+    with pytest.raises(ValueError, match=option):
+        contrastive_loss_and_grad(q, d, **{option: True})

@@ -71,3 +71,22 @@ def test_bools_are_not_numbers(option):
     q, d = batch()
     with pytest.raises(ValueError, match=option):
         contrastive_loss_and_grad(q, d, **{option: True})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matryoshka_one_dim_has_no_gradient(backend):
+    """At one dim, cos = sign(x_0)·sign(y_0) is piecewise constant: its gradient is exactly 0 (issue 17, item 4: the
+    kernels' radial subtraction used to leave ~1e-6 to 4e-4 of rounding). With other dims it adds only its loss."""
+    runnable(backend)
+    q, d = batch()
+    alone = matryoshka_contrastive_loss_and_grad(q, d, dims=[1], backend=backend)
+    assert float(alone.grad_queries.abs().max()) == 0.0 and float(alone.grad_docs.abs().max()) == 0.0
+    assert abs(float(alone.loss) - float(matryoshka_contrastive_loss_reference(q.double(), d.double(), dims=[1]))) \
+        <= 1e-6 * float(alone.loss)
+    qq, dd = q.double().requires_grad_(), d.double().requires_grad_()
+    truth = matryoshka_contrastive_loss_reference(qq, dd, dims=[8, 4, 1], weights=[1.0, 2.0, 3.0])
+    truth.backward()
+    out = matryoshka_contrastive_loss_and_grad(q, d, dims=[8, 4, 1], weights=[1.0, 2.0, 3.0], backend=backend)
+    assert abs(float(out.loss) - float(truth)) <= 1e-5 * float(truth)
+    for ours, exact in ((out.grad_queries, qq.grad), (out.grad_docs, dd.grad)):
+        assert float((ours.double() - exact).abs().max()) <= 1e-5 * float(exact.abs().max())

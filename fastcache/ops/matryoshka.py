@@ -373,6 +373,20 @@ def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, w
     strategy, name = _strategy(layout, options, all_queries is not None, guide_dim, queries.device,
                                contrastive_epilogue.available(queries.device), backend, strategy, memory_budget,
                                chunk_size)
+    if need_grad and options.similarity == "cos" and dims[-1] == 1:  # dims descending: the last is the smallest
+        # at one dim, cos = sign(x_0)·sign(y_0) is piecewise constant: its gradient is exactly 0 (the kernels'
+        # radial subtraction would leave rounding, ~1e-6 of the gradient's scale): its loss alone, no gradient
+        settings = dict(backend=backend, memory_budget=memory_budget, chunk_size=chunk_size,
+                        show_progress_bar=show_progress_bar, strategy=strategy)
+        one_dim = _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, (1,), (weights[-1],),
+                       options, False, **settings)[0]
+        if len(dims) > 1:
+            loss, *grads = _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims[:-1],
+                                weights[:-1], options, need_grad, **settings)
+            return loss + one_dim, *grads
+        acc = one_dim.dtype
+        return one_dim, *(None if x is None else torch.zeros(x.shape, dtype=acc, device=x.device)
+                          for x in (queries, docs, all_queries))
     if options.similarity == "cos":  # huge rows scaled down (cosine is scale-invariant); the chain rule after
         scales = [_row_scale(x) for x in (queries, docs, all_queries)]
         if any(c is not None for c in scales):

@@ -225,8 +225,10 @@ def test_suite_dry_run_runs_the_phases_in_order(tmp_path):
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("no bash")
+    import os
+
     done = subprocess.run([bash, str(BENCH / "gpu_suite.sh"), str(tmp_path), "--dry-run"], capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     suite = json.loads((tmp_path / "suite.json").read_text())
     assert list(suite["phases"]) == ["preflight", "correctness_triton", "headline", "correctness_cuda",

@@ -6,11 +6,11 @@
 Every case runs the loss stage forward and backward (the loss and dL/d(embeddings)) on random fp32 embeddings:
 B queries, N = C·B candidates laid out column-major (the B positives, then C-1 hard-negative columns), D dims,
 cosine similarity, scale 20. It times every case in this process (warm-up, then the minimum of the repeats),
-measures each case's peak memory in a fresh subprocess (fastcache/harness.py), prints a markdown table and whether
+measures each case's peak memory in a fresh subprocess (fastcache/app/harness.py), prints a markdown table and whether
 the targets are met, and writes a JSON file with the machine's details (the full run writes
 bench/results/contrastive_cpu.json unless --out says otherwise; --quick writes only with --out).
 
-The cases (:data:`CASES`, :func:`make_case`) are fastcache.benchmark's, shared with ``fastcache bench`` and
+The cases (:data:`CASES`, :func:`make_case`) are fastcache.app.benchmark's, shared with ``fastcache bench`` and
 bench/bench_contrastive.py.
 """
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import add_table_arguments, load_at_start, peak_memory_many, time_case  # noqa: E402
 
 # the cases live in the package (``fastcache bench`` runs them across batch sizes); re-exported for bench/ scripts
-from fastcache.benchmark import BUDGETS_MIB, CASES, make_case, run_machine, save_json  # noqa: E402, F401
+from fastcache.app.benchmark import BUDGETS_MIB, CASES, make_case, run_machine, save_json  # noqa: E402, F401
 
 BENCH_DIR = Path(__file__).resolve().parent
 FULL = {"B": 4096, "N": 8192, "D": 384}

@@ -218,7 +218,7 @@ def make_case(name: str, B: int, N: int, D: int, dtype_name: str, device: str, d
     if name == "st_cached_mbs32":
         from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
 
-        from fastcache.benchmark import tiny_sentence_transformer
+        from fastcache.app.benchmark import tiny_sentence_transformer
 
         model = tiny_sentence_transformer().to(device)
         mbs = 32
@@ -293,7 +293,7 @@ def make_epilogue_case(name: str, rows: int, columns: int, device: str):
 
 
 def _tensor_bytes(tensors) -> int:
-    from fastcache.harness import tensor_bytes
+    from fastcache.app.harness import tensor_bytes
 
     return tensor_bytes([t for t in tensors if t is not None])
 
@@ -735,7 +735,7 @@ def write_report(out_dir: Path, this_run: list[dict], info: dict, header: dict) 
     done = {tuple(r.get(k) for k in ("B", "N", "D", "dtype", "case")) for r in finished}
     rows = finished + [r for r in this_run if tuple(r.get(k) for k in ("B", "N", "D", "dtype", "case")) not in done]
     mm_rate = add_rates(rows)
-    from fastcache.benchmark import machine_info
+    from fastcache.app.benchmark import machine_info
 
     report = {
         **header,

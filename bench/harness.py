@@ -1,4 +1,4 @@
-"""The benchmark harness lives in the package, ``fastcache/harness.py`` (``fastcache bench`` and ``fastcache train``
+"""The benchmark harness lives in the package, ``fastcache/app/harness.py`` (``fastcache bench`` and ``fastcache train``
 use it too); the scripts in bench/ import it from here as ``harness``, with what only those scripts share: their
 common command-line options and the busy-machine warning."""
 
@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from fastcache.harness import (  # noqa: F401 - re-exported for the bench scripts
+from fastcache.app.harness import (  # noqa: F401 - re-exported for the bench scripts
     MIB,
     Case,
     RunOutput,

@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fastcache.benchmark import run_machine, save_json  # noqa: E402
+from fastcache.app.benchmark import run_machine, save_json  # noqa: E402
 from harness import Case, RunOutput, add_table_arguments, load_at_start, peak_memory_many, time_cases  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -93,13 +93,13 @@ MEMORY_TOLERANCE_MIB = 1.0  # "not higher" allows this much: the run-to-run vari
 def synthetic_triplets(n: int, seed: int = SEED) -> tuple[list[str], list[str], list[str]]:
     """``n`` (anchor, positive, hard negative) texts, deterministic and offline.
 
-    The pairs come from Python's own docstrings (fastcache.data.docstring_pairs: a docstring's summary line is the
+    The pairs come from Python's own docstrings (fastcache.app.data.docstring_pairs: a docstring's summary line is the
     anchor, the rest the positive); the hard negative of pair j is the passage of a nearby pair (the same module, as
     a rule). The first round uses the pairs as they are; later rounds (when ``n`` exceeds the pairs) vary them so
     that the texts stay mostly distinct: the anchor gets three words of its passage appended, the positive and the
     negative are a random window of their passage followed by a few words of a random other passage.
     """
-    from fastcache.data import docstring_pairs
+    from fastcache.app.data import docstring_pairs
 
     queries, passages = docstring_pairs(10**6)
     pairs = len(queries)

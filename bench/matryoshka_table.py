@@ -13,7 +13,7 @@ Every case is the loss stage of a cached (GradCache) MultipleNegativesRankingLos
 mini-batches are embedded: ``calculate_loss(reps, with_backward=True)`` on random fp32 embeddings handed over as
 sentence-transformers' gradient cache does (per column, mini-batches of ``mini_batch_size`` rows that require
 grad): the loss and every embedding's gradient, B anchors, B positives and B hard negatives (N = 2B candidates),
-cosine similarity, scale 20. The cases run interleaved (A B C A B C ..., fastcache.harness.time_cases), the table
+cosine similarity, scale 20. The cases run interleaved (A B C A B C ..., fastcache.app.harness.time_cases), the table
 shows the minimum of the repeats and the ratios within the run. The full run (every case) writes
 bench/results/matryoshka_cpu.json unless --out says otherwise; --quick and subsets of cases write only with --out.
 """
@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Case, RunOutput, time_cases  # noqa: E402
 
-from fastcache.benchmark import run_machine, save_json, tiny_sentence_transformer  # noqa: E402
+from fastcache.app.benchmark import run_machine, save_json, tiny_sentence_transformer  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 FULL = {"B": 4096, "D": 384, "dims": (384, 256, 128, 64, 32), "mini_batch_size": 32}

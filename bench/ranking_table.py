@@ -6,7 +6,7 @@ maths, and a cross-encoder training step with and without gradient caching.
    of a pair is a fixed leaf tensor's entry), so only their loss maths is timed; fastcache runs its op on the
    same [Q, n] scores (mini_batch_size=-1: one call of the stand-in, whose gather and scatter cost little). Time (min and median of the repeats, interleaved; one run at n >= 1024) and, for
    LambdaLoss and ListMLELoss, peak memory beyond the inputs (each case once in a fresh process,
-   fastcache.harness). sentence-transformers' pairwise losses at n=4096 would need
+   fastcache.app.harness). sentence-transformers' pairwise losses at n=4096 would need
    ~60 GB ([Q, n, n] float32 tensors): skipped.
 2. Training step at n=256: a tiny CrossEncoder (BERT, hidden 128, 2 layers, built offline), 4 queries x 256
    documents, LambdaLoss (NDCGLoss2++) with mini_batch_size=32: sentence-transformers (every pair's activations
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Case, RunOutput, peak_memory, time_cases  # noqa: E402
 
-from fastcache.benchmark import machine_info  # noqa: E402
+from fastcache.app.benchmark import machine_info  # noqa: E402
 
 HERE = Path(__file__).resolve()
 LOSSES = ("LambdaLoss", "RankNetLoss", "ListMLELoss", "PListMLELoss", "ListNetLoss")

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from fastcache import losses
-from fastcache.__main__ import main
-from fastcache.data import BUILTIN, Columns, DataError, docstring_pairs, load_pairs, split_for_retrieval
-from fastcache.train import LOSSES, SUMMARY_FILE, TrainConfig, build_loss
+from fastcache.app.cli import main
+from fastcache.app.data import BUILTIN, Columns, DataError, docstring_pairs, load_pairs, split_for_retrieval
+from fastcache.app.train import LOSSES, SUMMARY_FILE, TrainConfig, build_loss
 
 pytest.importorskip("sentence_transformers")
 datasets = pytest.importorskip("datasets")
@@ -122,7 +122,7 @@ def test_docstring_pairs_do_not_depend_on_other_imports():
     """transformers (imported here, not in the fresh process) patches methods into logging.Logger."""
     import transformers  # noqa: F401
 
-    code = ("import json; from fastcache.data import docstring_pairs; "
+    code = ("import json; from fastcache.app.data import docstring_pairs; "
             "print(json.dumps(docstring_pairs(10**6, methods=True)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -325,7 +325,7 @@ def test_train_reranker_new_head_is_seeded(tiny_model_dir):
     """A checkpoint without a one-logit head (as the default all-MiniLM-L6-v2) gets one initialised from --seed: the
     same seed gives the same head, so the metrics before training repeat; another seed gives another head."""
     pytest.importorskip("fastcache.cross_encoder.losses")
-    from fastcache.train_reranker import RerankConfig, load_reranker
+    from fastcache.app.train_reranker import RerankConfig, load_reranker
 
     heads = [dict(load_reranker(RerankConfig(model=str(tiny_model_dir), seed=seed)).named_parameters())
              ["0.model.classifier.weight"] for seed in (0, 0, 1)]
@@ -378,6 +378,23 @@ def test_bench_tiny(tmp_path, capsys):
         assert max(losses_here) - min(losses_here) <= 1e-5 * abs(losses_here[0])
     assert (out / "bench_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "bench_memory.png").exists()
+
+
+def test_bench_without_matplotlib_asks_for_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "bench"
+    argv = ["bench", "--batch-sizes", "8", "--dim", "16", "--repeats", "1", "--no-memory", "--cases", "gemms",
+            "reference", "--out-dir", str(out)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == ("fastcache bench draws its plots with matplotlib: pip install 'fastcache[plots]' "
+                            "(or pass --no-plots)\n")
+    assert captured.out == "" and not out.exists()  # refused before the run
+
+    assert main([*argv, "--no-plots"]) == 0
+    assert "| dense reference" in capsys.readouterr().out
+    assert sorted(path.name for path in out.iterdir()) == ["bench.json"]
+    assert json.loads((out / "bench.json").read_text())["batch_sizes"] == [8]
 
 
 def test_bench_memory(tmp_path, capsys):

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from fastcache.train import SUMMARY_FILE
+from fastcache.app.train import SUMMARY_FILE
 
 pytest.importorskip("sentence_transformers")
 datasets = pytest.importorskip("datasets")

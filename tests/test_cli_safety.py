@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fastcache import output_dir
-from fastcache.__main__ import main
-from fastcache.train import SUMMARY_FILE, TrainError, save_run
+from fastcache.app import output_dir
+from fastcache.app.cli import main
+from fastcache.app.train import SUMMARY_FILE, TrainError, save_run
 from test_cli import _error, _train_args, pairs_file, tiny_model_dir  # noqa: F401 - the fixtures are used
 
 pytest.importorskip("sentence_transformers")
@@ -54,7 +54,7 @@ def _no_renameat2(monkeypatch):
 
 def test_output_dir_created_during_the_run_is_not_replaced(tiny_model_dir, pairs_file, tmp_path, capsys, monkeypatch):
     """Issue 17.6: the check at start passed, then someone made the folder; the run refuses and keeps its model."""
-    import fastcache.train as train
+    import fastcache.app.train as train
 
     out = tmp_path / "model"
     compare = train.compare_loss_stage
@@ -209,8 +209,8 @@ def test_bad_settings_fail_before_any_work(tiny_model_dir, pairs_file, tmp_path,
     """Issue 17.9: a bad FASTCACHE_* variable is one line naming it and exit 2, before the data is even read."""
     import torch
 
-    import fastcache.train as train
-    import fastcache.train_reranker as train_reranker
+    import fastcache.app.train as train
+    import fastcache.app.train_reranker as train_reranker
 
     if torch.cuda.is_available() and case == "backend_cuda":
         pytest.skip("FASTCACHE_BACKEND=cuda runs here")

@@ -1,12 +1,13 @@
 """`fastcache bench`: the loss stage of the in-batch contrastive loss (MultipleNegativesRankingLoss), fastcache
 against sentence-transformers' cached loss, the dense plain-PyTorch reference and the bare GEMMs, across batch
-sizes: time and peak memory, printed as a table, written as JSON and drawn as PNG plots.
+sizes: time and peak memory, printed as a table, written as JSON and drawn as PNG plots (with matplotlib, the
+optional extra ``fastcache[plots]``).
 
 Every case (:func:`make_case`, shared with bench/contrastive_table.py) runs the loss forward and backward (the loss
 and dL/d(embeddings)) on random fp32 embeddings: B queries, N = C·B candidates laid out column-major (the B
 positives, then C-1 hard-negative columns), D dims, cosine similarity, scale 20. Time: the cases of one batch size
-run interleaved (fastcache.harness.time_cases), the minimum of the repeats. Memory: one fresh subprocess per case
-and batch size (fastcache.harness.peak_memory), the peak beyond the inputs and the gradients every implementation
+run interleaved (fastcache.app.harness.time_cases), the minimum of the repeats. Memory: one fresh subprocess per case
+and batch size (fastcache.app.harness.peak_memory), the peak beyond the inputs and the gradients every implementation
 must return.
 """
 
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from fastcache.harness import MIB, Case, RunOutput, peak_memory_many, time_cases
+from fastcache.app.harness import MIB, Case, RunOutput, peak_memory_many, time_cases
 
-REPO = Path(__file__).resolve().parents[1]  # the checkout, when there is one (machine_info's commit)
+REPO = Path(__file__).resolve().parents[2]  # the checkout, when there is one (machine_info's commit)
 WARMUP_SHAPE = {"B": 64, "N": 128, "D": 32}  # the memory child's warm-up run (loads libraries before the baseline)
 DEFAULT_BATCH_SIZES = (256, 1024, 4096)
 DEFAULT_CASES = ("gemms", "fastcache_cpu", "reference", "st_cached_mbs32", "st_cached_mbs256")
@@ -274,8 +275,26 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+PLOTS_MISSING = "fastcache bench draws its plots with matplotlib: pip install 'fastcache[plots]' (or pass --no-plots)"
+
+
+class PlotsUnavailable(ImportError):
+    """matplotlib (the optional extra ``fastcache[plots]``) is not installed; the message says what to do."""
+
+
+def require_plots() -> None:
+    """Raise :class:`PlotsUnavailable` when matplotlib cannot be imported (checked before a run, so that a long
+    benchmark does not end without its plots)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise PlotsUnavailable(PLOTS_MISSING) from error
+
+
 def plot(report: dict, out_dir: Path) -> list[Path]:
-    """bench_time.png and (with memory) bench_memory.png in ``out_dir``: each case against batch size, log-log."""
+    """bench_time.png and (with memory) bench_memory.png in ``out_dir``: each case against batch size, log-log.
+    Needs matplotlib (:func:`require_plots`)."""
+    require_plots()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,9 +339,9 @@ def save_json(report: dict, path: Path) -> None:
     print(f"\nwrote {path}")
 
 
-def write_report(report: dict, out_dir: Path) -> list[Path]:
-    """bench.json and the plots in ``out_dir`` (created)."""
+def write_report(report: dict, out_dir: Path, *, plots: bool = True) -> list[Path]:
+    """bench.json and (``plots``) the plots in ``out_dir`` (created)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    return [path, *plot(report, out_dir)]
+    return [path, *(plot(report, out_dir) if plots else [])]

@@ -3,6 +3,7 @@
   train           fine-tune a SentenceTransformer with a fastcache loss, evaluate retrieval before and after, save it
   train-reranker  the same for a CrossEncoder with a fastcache listwise loss, on mined hard negatives
   bench           the loss stage against sentence-transformers, the plain-PyTorch reference and the bare GEMMs
+                  (its plots need matplotlib: pip install 'fastcache[plots]', or pass --no-plots)
   info            versions, compiled kernels, and which backend each device gets
 
 Every default works offline. Under `torchrun --nproc_per_node=K -m fastcache train ... --gather-across-devices`
@@ -45,7 +46,7 @@ def _mini_batch_size(text: str) -> int | str:
 
 def _add_run_options(p, d, model_help: str) -> dict:
     """The data, model, training and output options every training command has; returns the argument groups."""
-    from fastcache.data import BUILTIN
+    from fastcache.app.data import BUILTIN
 
     groups = {name: p.add_argument_group(name) for name in ("data", "model and loss", "training", "output")}
     data = groups["data"]
@@ -81,7 +82,7 @@ def _add_run_options(p, d, model_help: str) -> dict:
 
 def _run_options(args) -> dict:
     """The TrainConfig / RerankConfig fields of :func:`_add_run_options`'s options."""
-    from fastcache.data import Columns
+    from fastcache.app.data import Columns
 
     return dict(output_dir=args.output_dir, model=args.model, dataset=args.dataset,
                 columns=Columns(args.query_column, args.positive_column, getattr(args, "negative_column", None)),
@@ -92,7 +93,7 @@ def _run_options(args) -> dict:
 
 
 def _add_train(commands) -> None:
-    from fastcache.train import LOSSES, TrainConfig
+    from fastcache.app.train import LOSSES, TrainConfig
 
     d = TrainConfig()
     p = commands.add_parser("train", help="fine-tune a SentenceTransformer with a fastcache loss",
@@ -122,7 +123,7 @@ def _add_train(commands) -> None:
 
 
 def _add_train_reranker(commands) -> None:
-    from fastcache.train_reranker import EVAL_CANDIDATES, RERANK_LOSSES, RerankConfig
+    from fastcache.app.train_reranker import EVAL_CANDIDATES, RERANK_LOSSES, RerankConfig
 
     d = RerankConfig()
     p = commands.add_parser("train-reranker", help="fine-tune a CrossEncoder with a fastcache listwise loss",
@@ -147,12 +148,12 @@ def _add_train_reranker(commands) -> None:
 
 
 def _add_bench(commands) -> None:
-    from fastcache.benchmark import CASES, DEFAULT_BATCH_SIZES
+    from fastcache.app.benchmark import CASES, DEFAULT_BATCH_SIZES
 
     p = commands.add_parser("bench", help="the loss stage against sentence-transformers, the reference and GEMMs",
                             description="Time and peak memory of the contrastive loss stage (forward + backward) "
                                         "across batch sizes: a table on stdout, bench.json and PNG plots in "
-                                        "--out-dir.")
+                                        "--out-dir (the plots need matplotlib: pip install 'fastcache[plots]').")
     p.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=list(DEFAULT_BATCH_SIZES),
                    help="queries B per case (default: %(default)s)")
     p.add_argument("--candidates-per-query", type=_positive_int, default=2,
@@ -164,10 +165,11 @@ def _add_bench(commands) -> None:
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per case (default: %(default)s)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--out-dir", type=Path, default=Path("fastcache-bench"), help="default: %(default)s")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots (runs without matplotlib)")
 
 
 def _train(args) -> int:
-    from fastcache.train import TrainConfig, report, run_training
+    from fastcache.app.train import TrainConfig, report, run_training
 
     config = TrainConfig(**_run_options(args), guide_model=args.guide_model,
                          matryoshka_dims=args.matryoshka_dims, compare_batch_size=args.compare_batch_size,
@@ -179,8 +181,8 @@ def _train(args) -> int:
 
 
 def _train_reranker(args) -> int:
-    from fastcache.train import metrics_table
-    from fastcache.train_reranker import RerankConfig, run_reranker_training
+    from fastcache.app.train import metrics_table
+    from fastcache.app.train_reranker import RerankConfig, run_reranker_training
 
     config = RerankConfig(**_run_options(args), retriever=args.retriever, negatives=args.negatives)
     summary = run_reranker_training(config)
@@ -189,12 +191,18 @@ def _train_reranker(args) -> int:
 
 
 def _bench(args) -> int:
-    from fastcache.benchmark import markdown_table, run_bench, write_report
+    from fastcache.app.benchmark import PlotsUnavailable, markdown_table, require_plots, run_bench, write_report
 
+    if not args.no_plots:
+        try:
+            require_plots()  # before the run, not after it
+        except PlotsUnavailable as error:
+            print(error, file=sys.stderr)
+            return 2
     report = run_bench(args.batch_sizes, candidates_per_query=args.candidates_per_query, dim=args.dim,
                        cases=args.cases, repeats=args.repeats, memory=not args.no_memory)
     print(markdown_table(report))
-    for path in write_report(report, args.out_dir):
+    for path in write_report(report, args.out_dir, plots=not args.no_plots):
         print(f"wrote {path}")
     return 0
 
@@ -252,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
-    from fastcache.data import DataError
-    from fastcache.output_dir import OutputDirError
-    from fastcache.train import TrainError
+    from fastcache.app.data import DataError
+    from fastcache.app.output_dir import OutputDirError
+    from fastcache.app.train import TrainError
 
     try:
         with _sigterm_raises():

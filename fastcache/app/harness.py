@@ -9,7 +9,7 @@ Timing (:func:`time_case`): ``warmup`` untimed runs, then ``repeats`` timed runs
 minimum and the median in seconds. :func:`time_cases` does the same for several cases, interleaving their timed
 runs (A B A B ...) so that cases compared with each other share the machine's drift.
 
-Memory (:func:`peak_memory`): each case runs once in a fresh Python subprocess (``python -m fastcache.harness
+Memory (:func:`peak_memory`): each case runs once in a fresh Python subprocess (``python -m fastcache.app.harness
 --memory ...``), so no earlier case leaves memory or a higher peak behind. The child
 
 0. is started through ``/bin/sh`` (which forks it), so that its ``ru_maxrss`` does not start at the parent's
@@ -202,7 +202,7 @@ def _measure_in_this_process(module_path: str, factory: str, kwargs: dict, warmu
 
 def _start(module_path, factory: str, kwargs: dict, warmup_kwargs: dict | None,
            env: dict[str, str] | None = None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "fastcache.harness", "--memory", os.fspath(module_path), factory,
+    command = [sys.executable, "-m", "fastcache.app.harness", "--memory", os.fspath(module_path), factory,
                json.dumps(kwargs), json.dumps(warmup_kwargs)]
     if os.path.exists("/bin/sh"):
         # Linux carries a process's high-water mark across exec: a child exec'd straight from this (large)

@@ -1,11 +1,11 @@
 """`fastcache train`: fine-tune a SentenceTransformer with a fastcache loss through sentence-transformers' trainer.
 
-The run: load the model and the data (fastcache.data), hold out queries for a retrieval evaluation, measure
+The run: load the model and the data (fastcache.app.data), hold out queries for a retrieval evaluation, measure
 NDCG@10, MRR@10 and Recall@10 with sentence-transformers' InformationRetrievalEvaluator, train with
 SentenceTransformerTrainer (DDP when started by torchrun), measure the metrics again, time the loss stage of
 fastcache's loss against sentence-transformers' class of the same name on the same embeddings, and save the model
 with a run summary (``fastcache_run.json``). The model is written to a staging folder next to the destination
-and renamed at the end (fastcache.output_dir: an interrupted run leaves no half-written model where the final one
+and renamed at the end (fastcache.app.output_dir: an interrupted run leaves no half-written model where the final one
 belongs, and --overwrite replaces only a model folder that fastcache wrote).
 """
 
@@ -20,9 +20,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastcache import output_dir as output_dir_rules
-from fastcache.data import BUILTIN, Columns, load_pairs, split_for_retrieval
-from fastcache.output_dir import SUMMARY_FILE
+from fastcache.app import output_dir as output_dir_rules
+from fastcache.app.data import BUILTIN, Columns, load_pairs, split_for_retrieval
+from fastcache.app.output_dir import SUMMARY_FILE
 
 LOSSES = {
     "mnrl": "MultipleNegativesRankingLoss",
@@ -217,7 +217,7 @@ def compare_loss_stage(model, rows: list[tuple[str, ...]], config: TrainConfig) 
     from sentence_transformers.sentence_transformer import losses as st_losses
 
     from fastcache import losses
-    from fastcache.harness import Case, RunOutput, time_cases
+    from fastcache.app.harness import Case, RunOutput, time_cases
 
     name = LOSSES[config.loss].replace("GISTEmbedLoss", "MultipleNegativesRankingLoss")
     mini_batch = config.mini_batch_size if isinstance(config.mini_batch_size, int) else DEFAULT_MINI_BATCH_SIZE
@@ -336,7 +336,7 @@ def run_training(config: TrainConfig) -> dict:
 def save_run(model, summary: dict, output_dir: Path, overwrite: bool) -> None:
     """The model and its run summary (:data:`SUMMARY_FILE`, with the list of the folder's other entries) into
     ``output_dir``, through a staging folder next to it that is renamed into place once complete, by the rules of
-    :mod:`fastcache.output_dir` (a refusal raises :class:`TrainError` and keeps the staging folder)."""
+    :mod:`fastcache.app.output_dir` (a refusal raises :class:`TrainError` and keeps the staging folder)."""
     destination = Path(os.path.abspath(output_dir))
     staging = output_dir_rules.make_staging(destination)
     kept = False

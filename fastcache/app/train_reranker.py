@@ -1,6 +1,6 @@
 """`fastcache train-reranker`: fine-tune a CrossEncoder (reranker) with a fastcache listwise loss.
 
-The same data and held-out split as `fastcache train` (fastcache.data). A bi-encoder (the retriever) mines each
+The same data and held-out split as `fastcache train` (fastcache.app.data). A bi-encoder (the retriever) mines each
 training query's hard negatives from all passages with sentence-transformers' ``mine_hard_negatives(...,
 output_format="labeled-list")``: (query, [documents], [labels]) lists for the listwise losses of
 ``fastcache.cross_encoder.losses``. Each held-out query's candidates are the retriever's top
@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fastcache.data import Columns, load_pairs, split_for_retrieval
-from fastcache.train import (
+from fastcache.app.data import Columns, load_pairs, split_for_retrieval
+from fastcache.app.train import (
     RunConfig,
     TrainError,
     _cuda,

@@ -6,15 +6,14 @@ direction / partition / hardness / similarity variant in float64, odd shapes (B 
 and not multiples of the tile, D = 1000 once), offsets, gathered queries, guides with both margin strategies,
 duplicate ids, NaN-padded inputs and blocks, the tiled backward's loops with small tiles on kernel operands inside
 NaN-filled buffers, float32 / bfloat16 / float16 against the reference's own error, the strategy setting and its
-errors, a fastcache loss class run with FASTCACHE_BACKEND=triton, and every kernel compiled for sm_90 (ptxas:
-registers, no spills; no atomics). The interpreter is slow: shapes are small. The same kernels on a real GPU:
+errors, a fastcache loss class run with FASTCACHE_BACKEND=triton (every kernel compiled for sm_90:
+tests/test_triton_compile.py). The interpreter is slow: shapes are small. The same kernels on a real GPU:
 tests/test_contrastive_gpu.py.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -391,82 +390,8 @@ def test_available_reports_the_cuda_epilogue_reason():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 6. the same kernels compiled for the GPU (no GPU needed): what the interpreter does not check
+# 6. the same kernels compiled for the GPU (no GPU needed): tests/test_triton_compile.py
 # ---------------------------------------------------------------------------------------------------------------
 
-# compile_kernel(fn, constexprs, element, num_warps, num_stages): fn compiled for sm_90: registers, spills, atomics
-SM90_COMPILER = r'''
-import re, subprocess, tempfile
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource
-import fastcache.triton.contrastive as k
-
-TARGET = GPUTarget("cuda", 90, 32)
-POINTERS = {"ids_ptr": "*i64", "gr_ptr": "*fp32", "gc_ptr": "*fp32", "gpos_ptr": "*fp32", "params_ptr": "*fp32",
-            "max_ptr": "*fp32", "total_ptr": "*fp32", "pos_logit_ptr": "*fp32", "factor_ptr": "*fp32",
-            "out_ptr": "*fp32", "loss_ptr": "*fp32", "dq_max_ptr": "*fp32", "dq_factor_ptr": "*fp32"}
-
-def compile_kernel(fn, constexprs, element, num_warps, num_stages):
-    """The kernel compiled for sm_90 (embeddings of type element): ptxas -v's registers and line on spills, and
-    the number of atomic instructions in its PTX."""
-    signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, f"*{element}") if n.endswith("_ptr")
-                 else "i32" for n in fn.arg_names}
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
-    compiled = triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-        ptx.write(compiled.asm["ptx"])
-        ptx.flush()
-        done = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx.name, "-o", "/dev/null"],
-                              capture_output=True, text=True, check=True)
-    registers = [line.split("Used ")[1].split(",")[0] for line in done.stderr.splitlines() if "Used " in line][-1]
-    atomics = sum(bool(re.match(r"\s*(@!?%\w+\s+)?(atom|red)\.", line)) for line in compiled.asm["ptx"].splitlines())
-    spills = [line.strip() for line in done.stderr.splitlines() if "spill" in line][-1]
-    return f"{registers}, {spills}, {atomics} atomics"
-'''
-
-_COMPILE_FOR_SM90 = SM90_COMPILER + r'''
-tiles = dict(BLOCK_M=k.TILE_M, BLOCK_N=k.TILE_N, BLOCK_K=k.TILE_K, ACC=tl.float32, WIDEN=False,
-             HARDNESS=3, GUIDED=True, HAS_IDS=True, RELATIVE_MARGIN=True)
-print("epilogue", compile_kernel(k._slab_epilogue_kernel, dict(
-    HAS_QQ=True, HAS_DQ=False, HAS_DD=True, GUIDED=True, HAS_IDS=True, HARDNESS=3, RELATIVE_MARGIN=True, JOINT=True,
-    NUM_BLOCKS=3, COMPUTE_GRAD=True, BLOCK_M=k.EPILOGUE_BLOCK_M, BLOCK_N=k.EPILOGUE_BLOCK_N, ACC=tl.float32),
-    "fp32", k.EPILOGUE_WARPS, 1))
-print("logsumexp", compile_kernel(k._tiled_logsumexp_kernel, dict(tiles, KIND=0), "bf16", k.TILE_WARPS,
-                                  k.TILE_STAGES))
-for (size, guided), (own, swept, block_do, stages) in k.BACKWARD_TILES.items():
-    if size == 8:
-        continue  # float64: the correctness path
-    # guided doc_to_doc; query_to_doc with doc_to_query fused (never guided)
-    options = dict(KIND=3, WITH_DOC_TO_QUERY=False) if guided else dict(KIND=0, WITH_DOC_TO_QUERY=True, GUIDED=False)
-    for by_columns in (False, True):
-        sides = dict(BLOCK_M=swept, BLOCK_N=own) if by_columns else dict(BLOCK_M=own, BLOCK_N=swept)
-        print("grad", compile_kernel(k._tiled_grad_kernel, dict(tiles, **options, **sides, BY_COLUMNS=by_columns,
-                                     BLOCK_DO=block_do), {2: "bf16", 4: "fp32"}[size], k.BACKWARD_WARPS, stages))
-print("partition", compile_kernel(k._tiled_partition_kernel, dict(JOINT=True, NUM_BLOCKS=4, BLOCK=k.PARTITION_BLOCK),
-                                  "fp32", 4, 1))
-'''
-
-
-def compile_for_sm90(script: str) -> list[str]:
-    """The lines a script printed, run in a process without the interpreter (Triton compiles for the GPU)."""
-    import subprocess
-
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().splitlines()
-
-
-def test_kernels_compile_for_sm90_without_spills():
-    """Every kernel (its most demanding options; the backward with each tile choice of 16-bit and fp32 inputs)
-    compiled by Triton for sm_90 in a process without the interpreter: GPU-only rules hold (constexpr globals,
-    dot shapes and types), ptxas reports no register spills for the chosen tile sizes, and no kernel has an
-    atomic instruction (the gradients' sums run in a fixed order)."""
-    lines = compile_for_sm90(_COMPILE_FOR_SM90)
-    assert len(lines) == 11, lines
-    for line in lines:
-        assert "0 bytes spill stores, 0 bytes spill loads, 0 atomics" in line, line
+# Every kernel of fastcache/triton/contrastive.py and matryoshka.py, compiled for sm_90 with the arguments the runtime
+# passes at the headline shape (bench/triton_compile.py): ptxas spills, shared memory, wgmma, atomics, int64 offsets.

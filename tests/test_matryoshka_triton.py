@@ -8,7 +8,7 @@ duplicate ids, prefixes of norm zero, NaN-padded strided inputs (those with unit
 in place), the backward's loops with small tiles, both op paths; float32 / bfloat16 / float16 against the
 reference's own error (also across several output tiles); same as the slab; determinism; the strategy setting and
 its errors; fastcache's MatryoshkaLoss over cached MNRL, cached GIST and the symmetric loss on the tiled path
-against the CPU slab; the kernels compiled for sm_90 (ptxas spill bounds, no atomics). Shapes are tiny (the
+against the CPU slab (the kernels compiled for sm_90: tests/test_triton_compile.py). Shapes are tiny (the
 interpreter is slow). The same kernels on a GPU: tests/test_matryoshka_gpu.py.
 """
 
@@ -31,7 +31,7 @@ from helpers import (  # noqa: E402
     nan_padded,
 )
 # pytestmark: only under the Triton interpreter (as tests/conftest.py sets it without CUDA), its NumPy warnings off
-from test_contrastive_triton import SM90_COMPILER, compile_for_sm90, pytestmark  # noqa: E402, F401
+from test_contrastive_triton import pytestmark  # noqa: E402, F401
 from test_matryoshka_op import DIM_SETS, LOW_PRECISION_CASES, VARIANTS  # noqa: E402
 
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
@@ -291,41 +291,5 @@ def test_matryoshka_loss_class_on_tiled_matches_cpu(tiny_model, tiny_guide_model
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the same kernels compiled for the GPU (no GPU needed): what the interpreter does not check
+# the same kernels compiled for the GPU (no GPU needed): tests/test_triton_compile.py
 # ---------------------------------------------------------------------------------------------------------------
-
-_COMPILE_FOR_SM90 = SM90_COMPILER + r'''
-import fastcache.triton.matryoshka as m
-
-POINTERS.update({"dims_ptr": "*i32"})
-for element, size, acc, guides in (("bf16", 2, tl.float32, (False, True)), ("fp32", 4, tl.float32, (False,)),
-                                   ("fp64", 8, tl.float64, (False,))):
-    for name in ("ra_ptr", "cb_ptr", "radial_ptr", "scratch_ptr", "gr_ptr", "gc_ptr", "gpos_ptr", "params_ptr",
-                 "max_ptr", "total_ptr", "pos_logit_ptr", "factor_ptr", "out_ptr", "dq_max_ptr", "dq_factor_ptr"):
-        POINTERS[name] = "*fp64" if element == "fp64" else "*fp32"
-    own, swept, block_do, stages = m.GRAD_TILES[size]
-    for guided in guides:  # each with its most demanding other options; unguided: doc_to_query fused
-        tiles = dict(BLOCK_K=k.TILE_K, ACC=acc, WIDEN=False, HARDNESS=3, GUIDED=guided, HAS_IDS=True,
-                     RELATIVE_MARGIN=True, COSINE=True, DIMS=8, KIND=3 if guided else 0)
-        print(element, guided, "logsumexp", compile_kernel(m._matryoshka_logsumexp_kernel, dict(
-            tiles, BLOCK_M=k.TILE_M, BLOCK_N=k.TILE_N), element, k.TILE_WARPS, k.TILE_STAGES))
-        for by_columns in (False, True):
-            sides = dict(BLOCK_M=swept, BLOCK_N=own) if by_columns else dict(BLOCK_M=own, BLOCK_N=swept)
-            print(element, guided, "grad", compile_kernel(m._matryoshka_grad_kernel, dict(
-                tiles, **sides, BY_COLUMNS=by_columns, WITH_DOC_TO_QUERY=not guided, BLOCK_DO=block_do), element,
-                k.BACKWARD_WARPS, stages))
-'''
-
-
-def test_kernels_compile_for_sm90():
-    """Both kernels compiled by Triton for sm_90 outside the interpreter (GPU-only rules: constexpr globals,
-    loop-carried types, dot shapes), with the backward tiles of each input element size; ptxas: no register
-    spills in any backward kernel (the tile choice: GRAD_TILES in fastcache/triton/matryoshka.py) nor in the bf16
-    forward, at most 64 bytes in the fp32 / fp64 forward; no atomic instruction anywhere."""
-    lines = compile_for_sm90(_COMPILE_FOR_SM90)
-    assert len(lines) == 12, lines
-    for line in lines:
-        element, guided, kernel = line.split()[:3]
-        stores = int(line.split(" bytes spill stores")[0].rsplit(" ", 1)[1])
-        strict = kernel == "grad" or element == "bf16"
-        assert stores <= (0 if strict else 64) and line.endswith(" 0 atomics"), line

@@ -3,6 +3,7 @@
 Swap ``from sentence_transformers.sentence_transformer import losses`` for ``from fastcache import losses``.
 """
 
+from fastcache.model_card import install as _install_model_card
 from fastcache.losses.gist_embed import CachedGISTEmbedLoss, GISTEmbedLoss
 from fastcache.losses.matryoshka import Matryoshka2dLoss, MatryoshkaLoss
 from fastcache.losses.multiple_negatives_ranking import (
@@ -22,3 +23,5 @@ __all__ = [
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
 ]
+
+_install_model_card()  # model cards name the upstream class with its link (fastcache.model_card)

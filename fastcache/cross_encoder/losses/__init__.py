@@ -5,6 +5,7 @@ fastcache's fused ranking ops (:mod:`fastcache.ops.ranking`). The listwise losse
 ``cache_gradients=True`` for gradient caching over ``mini_batch_size`` pairs.
 """
 
+from fastcache.model_card import install as _install_model_card
 from fastcache.cross_encoder.losses.lambda_loss import (
     LambdaLoss,
     LambdaRankScheme,
@@ -36,3 +37,5 @@ __all__ = [
     "PListMLELoss",
     "RankNetLoss",
 ]
+
+_install_model_card()  # model cards name the upstream class with its link (fastcache.model_card)

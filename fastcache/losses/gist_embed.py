@@ -28,7 +28,7 @@ from sentence_transformers.util import all_gather_with_grad, get_rank
 from torch import Tensor
 
 from fastcache.gradcache import FusedGradCacheMixin
-from fastcache.losses.arguments import as_float, describe, finite_float
+from fastcache.losses.arguments import as_float, changed_modules, describe, finite_float
 from fastcache.losses.multiple_negatives_ranking import (DuplicateMasking, cached_loss_stage, check_columns,
                                                         check_same_layout_on_every_rank, gathering, loss_op)
 from fastcache.ops.contrastive import ContrastiveLossAndGrad
@@ -85,7 +85,7 @@ class _GISTOptions(DuplicateMasking):
             return f"{describe('temperature', self.temperature)} is not a positive number with a finite inverse"
         if finite_float(self.margin) is None:
             return f"{describe('margin', self.margin)} is not a finite number"
-        return None
+        return changed_modules(self, "similarity_fct", "cross_entropy_loss")  # replaced after construction
 
 
 class GISTEmbedLoss(_GISTOptions, st_losses.GISTEmbedLoss):

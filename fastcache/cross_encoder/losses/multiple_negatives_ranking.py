@@ -1,7 +1,8 @@
 """MultipleNegativesRankingLoss and CachedMultipleNegativesRankingLoss (cross-encoder) through the fused ListNet
 op: cross-entropy with the positive (column 0) as target is ListNet with target labels (0, -inf, ..., -inf).
-A ``scale`` that is not a finite number without gradient (inf, NaN, a tensor that requires grad) keeps the upstream
-maths, with upstream's result."""
+A ``scale`` that is not a finite number without gradient (inf, NaN, a tensor that requires grad), or a
+``cross_entropy_loss`` replaced or reconfigured after construction, keeps the upstream maths, with upstream's
+result."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from sentence_transformers.cross_encoder.losses import cached_multiple_negatives
 from sentence_transformers.cross_encoder.losses import multiple_negatives_ranking as st_mnrl
 from torch import Tensor
 
-from fastcache.losses.arguments import finite_float
+from fastcache.losses.arguments import changed_modules, finite_float
 from fastcache.ops.ranking import listnet
 
 
 class PositiveFirstCrossEntropyMixin:
     def calculate_loss(self, logits: list[Tensor], batch_size: int) -> Tensor:
         """Scores per column (positives, then negatives) -> [B, columns] -> activation, scale -> CE at column 0."""
-        if self.scale and finite_float(self.scale) is None:
+        if self.scale and finite_float(self.scale) is None or changed_modules(self, "cross_entropy_loss"):
             return super().calculate_loss(logits, batch_size)
         logits = torch.cat(logits, dim=0).reshape(-1, batch_size).T
         if self.activation_fn:

@@ -98,12 +98,13 @@ def test_timed_out_group_names_the_interrupted_case(gpu_bench, tmp_path, monkeyp
         results = Path(command[command.index("--results") + 1])
         group = json.loads(command[command.index("--child") + 1])
         key = {k: group.get(k) for k in ("B", "N", "D", "dtype")}
-        if group.get("ceiling"):  # the ceiling group finishes
-            results.write_text(json.dumps({**key, "case": "mm_ceiling", "status": "ok", "min_s": 1.0}) + "\n")
-            return subprocess.CompletedProcess(command, 0, "", "")
-        results.write_text(json.dumps({**key, "case": group["cases"][0], "status": "started"}) + "\n"
-                           + json.dumps({**key, "case": group["cases"][0], "status": "ok", "min_s": 1.0}) + "\n"
-                           + json.dumps({**key, "case": group["cases"][1], "status": "started"}) + "\n")
+        with results.open("a") as out:  # children append to the run's one rows file
+            if group.get("ceiling"):  # the ceiling group finishes
+                out.write(json.dumps({**key, "case": "mm_ceiling", "status": "ok", "min_s": 1.0}) + "\n")
+                return subprocess.CompletedProcess(command, 0, "", "")
+            out.write(json.dumps({**key, "case": group["cases"][0], "status": "started"}) + "\n"
+                      + json.dumps({**key, "case": group["cases"][0], "status": "ok", "min_s": 1.0}) + "\n"
+                      + json.dumps({**key, "case": group["cases"][1], "status": "started"}) + "\n")
         raise subprocess.TimeoutExpired(command, kwargs["timeout"])
 
     monkeypatch.setattr(gpu_bench.subprocess, "run", fake_run)

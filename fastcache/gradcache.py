@@ -136,7 +136,8 @@ class AutoMiniBatch:
 
 class FusedGradCacheMixin:
     """``forward_cached`` for a loss built on sentence-transformers' CachedLossMixin (it provides
-    ``embed_minibatch_iter``, ``mini_batch_size``, ``mini_batch_num_tokens``) whose ``calculate_loss`` is fused.
+    ``embed_minibatch_iter``, ``mini_batch_size``, ``mini_batch_num_tokens``) whose ``calculate_loss`` is fused
+    (``fused``; ``unfused_reason()`` says why not, naming the argument: ``mini_batch_size="auto"`` needs it fused).
 
     Losses whose ``embed_minibatch_iter`` yields extra per-mini-batch outputs between the embeddings and the RNG
     state (CachedGISTEmbedLoss: the guide's embeddings) get them, concatenated per column, as the second argument
@@ -150,7 +151,7 @@ class FusedGradCacheMixin:
         if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
             raise ValueError(f"mini_batch_size must be a positive int or 'auto', got {size!r}")
         if size == "auto" and not self.fused:
-            raise ValueError("mini_batch_size='auto' needs the fused loss (similarity_fct=cos_sim or dot_score)")
+            raise ValueError(f"mini_batch_size='auto' needs the fused loss, and {self.unfused_reason()}")
         budget = DEFAULT_MINI_BATCH_BUDGET
         if mini_batch_memory_budget is not None or size == "auto":  # the variable matters only to "auto"
             budget = mini_batch_budget(mini_batch_memory_budget)

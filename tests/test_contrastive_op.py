@@ -603,7 +603,6 @@ BAD_INPUTS = {
     "similarity": (dict(similarity="l2"), r"similarity must be one of"),
     "margin_strategy": (dict(margin_strategy="percent"), r"margin_strategy must be one of"),
     "scale_zero": (dict(scale=0), r"scale must be"),
-    "scale_negative": (dict(scale=-20.0), r"scale must be"),
     "scale_nan": (dict(scale=float("nan")), r"scale must be"),
     "scale_inf": (dict(scale=float("inf")), r"scale must be"),
     "scale_string": (dict(scale="20"), r"scale must be"),

@@ -1,9 +1,12 @@
 """Drop-in means: every argument value sentence-transformers accepts, fastcache accepts, with upstream's result.
 
 NumPy scalars and one-element tensors are converted to Python numbers at the loss layer; values the fused ops do
-not take (scale=inf, temperature <= 0, non-finite margins, LambdaLoss sigma=0 / eps=0 / k<0, ...) keep the
-upstream maths for that instance, so the result is upstream's (NaN included); errors name the argument. Also the
-autocast dtype: fastcache's loss is float32 where upstream's MultipleNegativesRankingLoss returns bf16.
+not take (scale=inf, temperature=0 or inf, non-finite margins, LambdaLoss sigma=0 / eps<0 / k<0, ...) keep the
+upstream maths for that instance, so the result is upstream's (NaN included); errors name the argument. Where
+upstream's result is NaN or inf and a finite answer exists, the fused op gives the finite one (LambdaLoss eps=0;
+a negative GIST temperature: tests/test_negative_scale.py). mini_batch_size="auto"'s error names the argument
+that keeps the loss unfused. Also the autocast dtype: fastcache's loss is float32 where upstream's
+MultipleNegativesRankingLoss returns bf16.
 """
 
 from __future__ import annotations
@@ -100,10 +103,10 @@ OUTSIDE = [  # (name, kwargs, upstream's loss is finite)
     ("MultipleNegativesRankingLoss", {"hardness_mode": "all_negatives", "hardness_strength": INF}, False),
     ("CachedMultipleNegativesRankingLoss", {"scale": INF, "mini_batch_size": 3}, False),
     ("GISTEmbedLoss", {"temperature": 0}, False),
-    ("GISTEmbedLoss", {"temperature": -0.01}, False),
+    ("GISTEmbedLoss", {"temperature": NAN}, False),
     ("GISTEmbedLoss", {"temperature": INF}, False),
     ("CachedGISTEmbedLoss", {"temperature": 0.0, "mini_batch_size": 3}, False),
-    ("CachedGISTEmbedLoss", {"temperature": -0.01, "mini_batch_size": 3}, False),
+    ("CachedGISTEmbedLoss", {"temperature": -INF, "mini_batch_size": 3}, False),
     ("GISTEmbedLoss", {"margin": NAN}, True),
     ("GISTEmbedLoss", {"margin": -INF, "margin_strategy": "relative"}, True),
     ("CachedGISTEmbedLoss", {"margin": NAN, "mini_batch_size": 3}, True),
@@ -138,7 +141,7 @@ def test_scale_tensor_that_requires_grad_is_trained_as_upstream(model):
 
 
 @pytest.mark.parametrize(("name", "kwargs", "argument"), [
-    ("GISTEmbedLoss", {"temperature": -0.01}, "temperature=-0.01"),
+    ("GISTEmbedLoss", {"temperature": INF}, "temperature=inf"),
     ("GISTEmbedLoss", {"margin": NAN}, "margin=nan"),
     ("CachedGISTEmbedLoss", {"temperature": 0}, "temperature=0"),
     ("MultipleNegativesRankingLoss", {"scale": INF}, "scale=inf"),
@@ -186,7 +189,8 @@ LAMBDA = [
     ({"k": 0}, True), ({"k": np.int64(3)}, True), ({"sigma": np.float32(0.5)}, True),
     ({"eps": np.float64(1e-6)}, True), ({"reduction_log": "log2"}, True),
     ({"weighting_scheme": lambda: st_ce_losses.NDCGLoss2PPScheme(mu=np.float32(3))}, True),
-    ({"k": -2}, False), ({"sigma": 0}, False), ({"sigma": -1.0}, False), ({"eps": 0}, False),
+    ({"eps": 0}, True), ({"eps": np.float32(0)}, True),
+    ({"k": -2}, False), ({"sigma": 0}, False), ({"sigma": -1.0}, False),
     ({"weighting_scheme": lambda: st_ce_losses.NDCGLoss2PPScheme(mu=-1.0)}, False),
 ]
 
@@ -228,3 +232,62 @@ def test_cross_encoder_mnrl_infinite_scale_as_upstream():
         loss.cross_entropy_loss = torch.nn.CrossEntropyLoss()
         values.append(loss.calculate_loss([scores[:3], scores[3:]], 3))
     torch.testing.assert_close(values[0], values[1], equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where upstream gives NaN or inf and a finite answer exists: the finite one
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weighting_scheme", [None, st_ce_losses.NDCGLoss2PPScheme, st_ce_losses.NDCGLoss1Scheme],
+                         ids=["RankNet", "NDCGLoss2++", "NDCGLoss1"])
+def test_lambda_loss_eps_zero_is_finite_where_upstream_is_not(weighting_scheme):
+    """eps=0 runs fused: upstream's sigmoid of a pair misordered by 100 underflows to 0 (log 0: loss inf), and a
+    list without a positive label has maxDCG 0 (gains 0/0: NaN); fastcache gives -w·log_b sigmoid in log space
+    and gains 0, the limit eps -> 0 of upstream's own values."""
+    scores = torch.tensor([[0.0, 100.0, 1.0, 0.5, -1.0], [0.3, -0.2, 0.1, 0.0, 2.0]])
+    labels = torch.tensor([[3.0, 0.0, 1.0, 2.0, 0.0], [0.0, -1.0, 0.0, -2.0, 0.0]])
+    scheme = {"weighting_scheme": None if weighting_scheme is None else weighting_scheme()}
+    results = {}
+    for impl in (ce_losses, st_ce_losses):
+        model = FixedScores(scores)
+        inputs, label_list = listwise_batch(scores, labels, [5, 5])
+        loss = impl.LambdaLoss(model, eps=0, **scheme)
+        if impl is ce_losses:
+            assert loss.fused
+        value = loss(inputs, label_list)
+        value.backward()
+        results[impl] = value.detach(), model.scores.grad
+    assert not torch.isfinite(results[st_ce_losses][0])
+    value, grad = results[ce_losses]
+    assert torch.isfinite(value) and float(value) > 1 and torch.isfinite(grad).all()
+    # the same loss as with a tiny eps that clamps nothing here (upstream's float64 maths as the reference)
+    from fastcache.reference import lambda_loss_reference
+
+    weighting = {None: "none", st_ce_losses.NDCGLoss2PPScheme: "ndcg_loss2pp",
+                 st_ce_losses.NDCGLoss1Scheme: "ndcg_loss1"}[weighting_scheme]
+    want = lambda_loss_reference(scores.double(), labels.double(), weighting=weighting, eps=1e-300)
+    torch.testing.assert_close(value.double(), want, rtol=1e-5, atol=1e-6)
+
+
+class _NotFusedSimilarity:
+    """A similarity_fct with no fused form."""
+
+    __name__ = "my_similarity"
+
+    def __call__(self, a, b):
+        return a @ b.T
+
+
+@pytest.mark.parametrize(("name", "kwargs", "argument"), [
+    ("CachedGISTEmbedLoss", {"temperature": 0.0}, "temperature=0.0"),
+    ("CachedGISTEmbedLoss", {"margin": NAN}, "margin=nan"),
+    ("CachedMultipleNegativesRankingLoss", {"scale": INF}, "scale=inf"),
+    ("CachedMultipleNegativesRankingLoss", {"similarity_fct": _NotFusedSimilarity()}, "similarity_fct=my_similarity"),
+])
+def test_auto_mini_batch_error_names_the_argument(model, guide, name, kwargs, argument):
+    """mini_batch_size='auto' needs the fused loss: the error names the argument that rules it out (it blamed
+    similarity_fct whatever the reason)."""
+    with pytest.raises(ValueError, match="mini_batch_size='auto' needs the fused loss") as error:
+        _make(name, "fc", model, guide, mini_batch_size="auto", **kwargs)
+    assert argument in str(error.value)
+    assert "similarity_fct" not in str(error.value) or "similarity_fct" in kwargs

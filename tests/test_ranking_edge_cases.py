@@ -153,3 +153,78 @@ def test_meta_tensors_raise(name):
         OPS[name](logits.to("meta"), labels.to("meta"))
     with pytest.raises(ValueError, match="labels must be on a real device \\(cpu or cuda\\), got meta"):
         OPS[name](logits, labels.to("meta"))
+
+
+# ---- LambdaLoss eps=0: no clamp, finite where sentence-transformers' log(0) is inf and its 0/0 NaN ----
+
+def eps_zero_lists(dtype):
+    """Row 0: pairs misordered by about 300 (sigmoid(-300) is 0 in float32: log 0 = -inf; 5e-131 in float64);
+    row 1: no positive label (maxDCG 0) but pairs (0 > -1 > -2); row 2: ordinary."""
+    logits = torch.tensor([[0.0, 300.0, 1.0, 0.5, -1.0], [0.3, -0.2, 0.1, 0.0, 2.0], [1.0, 0.2, -0.5, 0.7, 0.1]],
+                          dtype=dtype)
+    labels = torch.tensor([[3.0, 0.0, 1.0, 2.0, 0.0], [0.0, -1.0, 0.0, -2.0, 0.0], [2.0, 1.0, 0.0, 1.0, 0.0]],
+                          dtype=torch.float64)
+    return logits, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_lambda_eps_zero_is_the_limit_of_small_eps(weighting, backend):
+    """eps=0 (accepted: "no clamp") is finite in float32 and float64 where sentence-transformers' maths gives inf
+    (log of an underflowed sigmoid) or NaN (gains 0/0 of a list without a positive label), and equals the loss at
+    an eps small enough to clamp nothing (the dense reference in float64 at eps=1e-300 is clamp-free here but for
+    the gains of row 1, whose limit is 0)."""
+    logits64, labels = eps_zero_lists(torch.float64)
+    want_loss, want_grad = run_reference(lambda_loss_reference, logits64, labels, None, weighting=weighting,
+                                         eps=1e-300)
+    upstream = lambda_loss_reference(logits64.float(), labels.float(), weighting=weighting, eps=0.0)
+    assert not torch.isfinite(upstream)  # sentence-transformers' maths (float32, as its loss): inf or NaN
+    for dtype, rel in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        logits, _ = eps_zero_lists(dtype)
+        loss, grad = run_op(ranking.lambda_loss, logits, labels, None, weighting=weighting, eps=0.0, backend=backend)
+        assert_close_to_truth(loss, grad, want_loss, want_grad, rel)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lambda_eps_zero_as_reference_where_finite(backend):
+    """Where sentence-transformers' maths is finite at eps=0 (no underflow, every list with a positive label), the
+    op gives its value, every weighting, float64, with k and ragged lists."""
+    logits, labels, mask = make_lists(4, 9, seed=5)
+    labels = labels.clone()
+    labels[:, 0] = 3.0  # a positive label in every list (maxDCG > 0)
+    for weighting in WEIGHTINGS:
+        for k in (None, 4):
+            want_loss, want_grad = run_reference(lambda_loss_reference, logits, labels, mask, weighting=weighting,
+                                                 k=k, eps=0.0)
+            assert torch.isfinite(want_loss)
+            loss, grad = run_op(ranking.lambda_loss, logits, labels, mask, weighting=weighting, k=k, eps=0.0,
+                                backend=backend)
+            assert_close_to_truth(loss, grad, want_loss, want_grad, 1e-12)
+
+
+
+@pytest.fixture(scope="module")
+def ranking_host_module(tmp_path_factory):
+    """tests/ranking_host_emulation.cpp: the CUDA ranking kernels and their binding compiled for the host."""
+    from helpers import load_host_emulation
+
+    return load_host_emulation("ranking_host_emulation.cpp", tmp_path_factory.mktemp("ranking_host_emulation"))
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_lambda_eps_zero_emulated_cuda_kernel(ranking_host_module, monkeypatch, weighting):
+    """The CUDA LambdaLoss (csrc/cuda/ranking_kernel.cuh and ranking_torch.cpp, with CUDA's thread names emulated;
+    set up as tests/test_ranking_host_emulation.py does) at eps=0: the values of the CPU backends."""
+    from fastcache import _backend
+
+    monkeypatch.setattr(_backend, "EXTENSION", ranking_host_module)
+    monkeypatch.setattr(ranking, "_stream", lambda t: 0)
+    monkeypatch.setattr(ranking, "available", lambda device, function: {"torch": None, "cuda": None})
+    ranking_host_module.set_threads(32, 2)
+    logits64, labels = eps_zero_lists(torch.float64)
+    want_loss, want_grad = run_reference(lambda_loss_reference, logits64, labels, None, weighting=weighting,
+                                         eps=1e-300)
+    for dtype, rel in ((torch.float64, 1e-11), (torch.float32, 2e-6)):
+        logits, _ = eps_zero_lists(dtype)
+        loss, grad = run_op(ranking.lambda_loss, logits, labels, None, weighting=weighting, eps=0.0, backend="cuda")
+        assert_close_to_truth(loss, grad, want_loss, want_grad, rel)

@@ -282,7 +282,7 @@ BAD_INPUTS = [
     (lambda s, y, m: ranking.lambda_loss(s, y, m, k=0), "k must be None or a positive int"),
     (lambda s, y, m: ranking.lambda_loss(s, y, m, k=2.5), "k must be None or a positive int"),
     (lambda s, y, m: ranking.lambda_loss(s, y, m, sigma=0.0), "sigma must be a finite number > 0"),
-    (lambda s, y, m: ranking.lambda_loss(s, y, m, eps=-1.0), "eps must be a finite number > 0"),
+    (lambda s, y, m: ranking.lambda_loss(s, y, m, eps=-1.0), "eps must be a finite number >= 0"),
     (lambda s, y, m: ranking.lambda_loss(s, y, m, mu=float("nan")), "mu must be a finite number >= 0"),
     (lambda s, y, m: ranking.lambda_loss(s, y, m, reduction_log="log10"), "reduction_log must be one of"),
     (lambda s, y, m: ranking.plistmle(s, y, m, position_weights=torch.ones(3)), "position_weights must be a tensor"),

@@ -151,7 +151,8 @@ FASTCACHE_INLINE double row_logsumexp(const RowBlock<T>& b, T m) {
   return static_cast<double>(m) + std::log(sum);
 }
 
-// What the positive's logit adds to dL/ds (joint and per_direction alike): -scale/B, returned positive.
+// What the positive's logit adds to dL/ds (joint and per_direction alike): -scale/B, returned as scale/B (which
+// row_gradients subtracts; negative for a negative scale).
 template <typename T>
 FASTCACHE_INLINE T positive_gradient(const Params& p) {
   return static_cast<T>(p.scale * (1.0 / static_cast<double>(p.batch_size)));

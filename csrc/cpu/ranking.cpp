@@ -11,6 +11,8 @@
 // A weighting's terms are computed only when it uses them (0·inf is NaN).
 // A pair (p, q), both ranks < k and both labels finite, counts when y_p > y_q (NDCGLoss1: every pair, p = q too):
 //     loss_pq = -c · max(w_pq · max(log sigmoid(sigma · clamp(s_p - s_q, ±1e8)), log eps), log eps)
+// (eps = 0: no clamp; log eps is then the lowest finite value, so that a zero weight keeps the term 0, and a
+// maxDCG of 0 gives gains 0)
 // c = 1 (natural) or 1/ln 2 (binary). Each unordered pair p < q is visited once and both of its directions
 // share one exp and one log1p: log sigmoid(-x) = log sigmoid(x) - x. Returned: the per-query sum of the pair
 // losses, the number of pairs and d(sum)/ds (the op divides by the batch's pair count).
@@ -245,8 +247,9 @@ void lambda_query(const T* logits, const T* labels, const bool* mask, int64_t n,
     double max_dcg = 0.0;
     for (int64_t r = 0; r < kk; ++r) max_dcg += scaled_gain(w.ideal[r]) / std::log2(r + 2.0);
     max_dcg = std::max(max_dcg, prm.eps * std::exp2(-top));
-    for (int64_t p = 0; p < m; ++p)
-      w.gain[p] = static_cast<T>(scaled_gain(std::max(static_cast<double>(w.y[p]), 0.0)) / max_dcg);
+    for (int64_t p = 0; p < m; ++p)  // maxDCG 0 (eps = 0, no positive label): every gain is 0, not 0/0
+      w.gain[p] = max_dcg > 0.0 ? static_cast<T>(scaled_gain(std::max(static_cast<double>(w.y[p]), 0.0)) / max_dcg)
+                                : T(0);
   }
   double total = 0.0, count = 0.0;
   for (int64_t p = 0; p + 1 < kk; ++p)
@@ -338,14 +341,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lambda_loss_cpu(
     double eps, bool binary_log, bool compute_grad) {
   check_inputs(logits, labels, mask);
   TORCH_CHECK(weighting >= kNone && weighting <= kNDCGLoss2PP, "weighting code must be 0..4");
-  TORCH_CHECK(eps > 0, "eps must be positive");
+  TORCH_CHECK(eps >= 0, "eps must be non-negative");
   const int64_t Q = logits.size(0), n = logits.size(1);
   auto opts = logits.options().dtype(at::kDouble);
   at::Tensor loss_sum = at::zeros({Q}, opts), pair_count = at::zeros({Q}, opts);
   at::Tensor grad = at::zeros_like(logits);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "lambda_loss_cpu", [&] {
     LambdaParams<scalar_t> prm{static_cast<int>(weighting), static_cast<scalar_t>(mu), static_cast<scalar_t>(sigma),
-                               static_cast<scalar_t>(std::log(eps)),
+                               eps > 0 ? static_cast<scalar_t>(std::log(eps)) : std::numeric_limits<scalar_t>::lowest(),
                                static_cast<scalar_t>(binary_log ? 1.0 / std::log(2.0) : 1.0), k, eps, compute_grad};
     const scalar_t* s = logits.data_ptr<scalar_t>();
     const scalar_t* y = labels.data_ptr<scalar_t>();

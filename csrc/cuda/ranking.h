@@ -19,7 +19,7 @@ enum RankingWeighting { kWeightNone = 0, kWeightNDCGLoss1 = 1, kWeightNDCGLoss2 
 
 struct LambdaLossParams {
   int weighting;       // a RankingWeighting
-  double mu, sigma, eps;
+  double mu, sigma, eps;  // eps = 0: no clamp
   int64_t k;           // <= 0: every document
   bool binary_log, compute_grad;
 };

@@ -37,6 +37,15 @@ __device__ unsigned char* lambda_shared_memory();
 __device__ __forceinline__ float ranking_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double ranking_exp(double x) { return exp(x); }
 
+// The lower clamp of LambdaLoss's log-probabilities: log eps, and for eps = 0 (no clamp) the lowest finite value
+// rather than log 0 = -inf, so that a zero weight times a log-probability stays 0.
+__device__ __forceinline__ float ranking_log_clamp(double eps, float) {
+  return eps > 0 ? float(log(eps)) : -3.40282346638528859811704183484516925e+38f;
+}
+__device__ __forceinline__ double ranking_log_clamp(double eps, double) {
+  return eps > 0 ? log(eps) : -1.79769313486231570814527423731704357e+308;
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
   for (int offset = kRankingWarp / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
@@ -70,7 +79,8 @@ __global__ void __launch_bounds__(kLambdaThreads) lambda_loss_kernel(
   const int weighting = prm.weighting;
   const bool ndcg1 = weighting == kWeightNDCGLoss1;
   const T mu = T(prm.mu);
-  const T sigma = T(prm.sigma), log_eps = T(log(prm.eps)), c = T(prm.binary_log ? 1.0 / log(2.0) : 1.0);
+  const T sigma = T(prm.sigma), log_eps = ranking_log_clamp(prm.eps, T(0));
+  const T c = T(prm.binary_log ? 1.0 / log(2.0) : 1.0);
   const T limit = T(kDiffLimit);
   const int warp = threadIdx.x / kRankingWarp, lane = threadIdx.x % kRankingWarp;
   const int warps = blockDim.x / kRankingWarp;

@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lambda_loss_cuda(
   TORCH_CHECK(weighting >= kernel::kWeightNone && weighting <= kernel::kWeightNDCGLoss2PP,
               "lambda_loss_cuda: weighting must be 0 (none), 1 (ndcg_loss1), 2 (ndcg_loss2), 3 (lambdarank) or 4 "
               "(ndcg_loss2pp), got ", weighting);
-  TORCH_CHECK(eps > 0, "lambda_loss_cuda: eps must be positive, got ", eps);
+  TORCH_CHECK(eps >= 0, "lambda_loss_cuda: eps must be non-negative, got ", eps);
   const int64_t Q = logits.size(0), n = logits.size(1);
   TORCH_CHECK(n >= 1 && n <= kernel::kMaxLambdaList, "lambda_loss_cuda: lists of 1 to ", kernel::kMaxLambdaList,
               " documents, got n = ", n);
@@ -114,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lambda_loss_cuda(
         std::get<0>(scaled.sort(/*stable=*/false, /*dim=*/1, /*descending=*/true)).narrow(1, 0, kk);
     const at::Tensor discount = at::arange(2, kk + 2, logits.options().dtype(at::kDouble)).log2();
     const at::Tensor max_dcg = at::maximum((ideal / discount).sum({1}, /*keepdim=*/true), eps * at::exp2(-top));
-    gains = (scaled / max_dcg).to(logits.scalar_type()).contiguous();
+    // maxDCG 0 (eps = 0, no positive label): every gain is 0, not 0/0
+    gains = at::where(max_dcg > 0, scaled / max_dcg, at::zeros_like(scaled)).to(logits.scalar_type()).contiguous();
   }
 
   const auto double_options = logits.options().dtype(at::kDouble);

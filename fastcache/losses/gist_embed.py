@@ -5,13 +5,19 @@ masked when the guide finds it more similar to the anchor than the anchor's posi
 anchor-anchor and positive-positive blocks are the op's query_to_query and doc_to_doc directions in guided form.
 
 Arguments: every value sentence-transformers accepts is accepted, numbers of any kind converted to Python floats.
-The op takes scale = 1 / temperature finite and positive and a finite margin; any other value keeps the upstream
-maths for that instance, with upstream's result: ``temperature=0`` or ``inf`` gives NaN (as upstream: the loss
-has no finite limit), a negative temperature NaN as upstream (a finite answer exists, the masked candidates left
-out, but it needs the op to take a negative scale), a margin of +-inf or NaN upstream's finite loss (NaN or -inf:
-no candidate is masked; +inf: every candidate but the positive). ``mask_duplicates=True`` needs the fused op and
-raises a ValueError naming the argument otherwise. Autocast: float32 loss, see
-:mod:`fastcache.losses.multiple_negatives_ranking`.
+The op takes scale = 1 / temperature finite and non-zero and a finite margin; any other value keeps the upstream
+maths for that instance, with upstream's result: ``temperature=0``, ``inf`` or NaN gives NaN (as upstream: the
+loss has no finite limit), a margin of +-inf or NaN upstream's finite loss (NaN or -inf: no candidate is masked;
++inf: every candidate but the positive). ``mask_duplicates=True`` needs the fused op and raises a ValueError naming
+the argument otherwise. Autocast: float32 loss, see :mod:`fastcache.losses.multiple_negatives_ranking`.
+
+Deliberate difference: a negative temperature runs fused and gives a finite loss where upstream's is NaN.
+Upstream masks a candidate by setting its similarity to -inf and then divides by the temperature: a negative one
+turns the mask into +inf, and the cross-entropy into NaN as soon as one candidate is masked (always with the
+default ``contrast_anchors=True``, whose anchor-anchor diagonal the guide masks: e.g. NaN at
+``temperature=-0.01`` on 8 anchor-positive-negative triplets, where fastcache gives 10.25). fastcache masks after
+scaling, so masked candidates are left out of the softmax, as at any positive temperature. Where the guide masks
+nothing (e.g. ``margin=-10``) upstream is finite and both agree.
 """
 
 from __future__ import annotations
@@ -80,9 +86,9 @@ class _GISTOptions(DuplicateMasking):
 
     def unfused_reason(self) -> str | None:
         temperature = as_float(self.temperature)
-        scale = 1.0 / temperature if temperature else None  # the op's scale: finite and positive
-        if scale is None or not (math.isfinite(scale) and scale > 0):
-            return f"{describe('temperature', self.temperature)} is not a positive number with a finite inverse"
+        scale = 1.0 / temperature if temperature and math.isfinite(temperature) else None  # the op's: finite, != 0
+        if scale is None or not math.isfinite(scale):
+            return f"{describe('temperature', self.temperature)} is not a non-zero number with a finite inverse"
         if finite_float(self.margin) is None:
             return f"{describe('margin', self.margin)} is not a finite number"
         return changed_modules(self, "similarity_fct", "cross_entropy_loss")  # replaced after construction

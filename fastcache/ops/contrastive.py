@@ -80,8 +80,8 @@ class ContrastiveOptions:
             raise ValueError(f"directions must be a tuple of direction names, got the string {self.directions!r}")
         object.__setattr__(self, "directions", tuple(self.directions))
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) \
-                or self.scale <= 0:
-            raise ValueError(f"scale must be a finite positive number, got {self.scale!r}")
+                or self.scale == 0:
+            raise ValueError(f"scale must be a finite non-zero number, got {self.scale!r}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         unknown = [d for d in self.directions if d not in DIRECTIONS]
@@ -414,7 +414,8 @@ LOW_PRECISION_GRAD_MAX = 2.0**14  # the largest |dL/ds| a 16-bit GEMM operand ge
 
 def operand_grad_scale(bound: float) -> float:
     """A power of two p with p·bound ≤ LOW_PRECISION_GRAD_MAX, for gradient entries bounded by ``bound``
-    (|dL/ds| ≤ scale/B for the contrastive loss: coef·p_ij ≤ scale/B, and at the positive coef·p - scale/B).
+    (|dL/ds| ≤ |scale|/B for the contrastive loss: |coef·p_ij| ≤ |scale|/B, and at the positive
+    |coef·p - scale/B|).
     dL/ds becomes a bf16/fp16 GEMM operand as p·dL/ds and the fp32 products are divided by p (exact: a power of
     two). Unscaled, the negatives' entries, ~scale/(B·N) (2e-9 at B=65536, N=131072, scale 20), fall below fp16's
     smallest subnormal (6e-8) and their gradients vanish."""
@@ -476,7 +477,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         grad_d = torch.zeros(d.shape, dtype=dtype, device=q.device)
         grad_Q = torch.zeros(Q.shape, dtype=dtype, device=q.device) if gathered else grad_q
     loss = torch.zeros((), dtype=dtype, device=q.device)
-    grad_scale = operand_grad_scale(options.scale / B)
+    grad_scale = operand_grad_scale(abs(options.scale) / B)
     # a tqdm bar costs ~0.2 ms per call even when disabled
     starts = trange(0, B, chunk, desc="contrastive loss", leave=False) if progress else range(0, B, chunk)
     for r0 in starts:
@@ -694,7 +695,9 @@ def contrastive_loss(
             share the id of a row's positive (duplicates, e.g. the same text) are not its negatives.
 
     Options (keywords, see :class:`ContrastiveOptions`):
-        scale=20.0: logit = scale · similarity (1 / temperature).
+        scale=20.0: logit = scale · similarity (1 / temperature); any finite non-zero number. A negative scale
+            ranks the least similar candidates first; masked candidates are left out of the softmax either way
+            (their logit is -inf after scaling).
         similarity="cos": "cos" (cosine, as sentence-transformers' cos_sim) or "dot".
         directions=("query_to_doc",): subset of query_to_doc (required), query_to_query, doc_to_query,
             doc_to_doc.

@@ -141,11 +141,11 @@ def _prefix_norm_backward_in_chunks_(grad: Tensor, x: Tensor, dims: tuple[int, .
 
 def segment_grad_scale(norms: dict, weights: tuple[float, ...], scale: float, rows: int) -> float:
     """operand_grad_scale for the segment gradient totals A_k = Σ_{k' ≤ k} w_k'·a_k' ⊙ G_k' ⊙ b_k' as 16-bit
-    operands: |A| ≤ Σ_k |w_k|·(scale/B)·â_k², â_k the largest prefix-norm reciprocal of any operand at dim k
+    operands: |A| ≤ Σ_k |w_k|·(|scale|/B)·â_k², â_k the largest prefix-norm reciprocal of any operand at dim k
     (``norms``: name -> (norms, reciprocals) [K, n], or None for "dot", where â = 1)."""
     reciprocals = [n[1] for n in norms.values() if n is not None]
     largest = torch.stack([r.amax(1) for r in reciprocals]).amax(0).tolist() if reciprocals else [1.0] * len(weights)
-    return operand_grad_scale(sum(abs(w) * scale / rows * a * a for w, a in zip(weights, largest)))
+    return operand_grad_scale(sum(abs(w) * abs(scale) / rows * a * a for w, a in zip(weights, largest)))
 
 
 def _segment_gemms_(grad, grad_t, tensors, operand, rows, total: Tensor, lo: int, hi: int, grad_scale: float) -> None:

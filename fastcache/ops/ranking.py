@@ -23,7 +23,10 @@ A pair (p, q), both ranks < k, both labels finite, with y_p > y_q (NDCGLoss1: ev
               "lambdarank"      w = |1/D_p - 1/D_q| · |G_p - G_q|
               "ndcg_loss2pp"    w = mu · (ndcg_loss2 weight) + (lambdarank weight)
 
-and the loss is the mean of loss_pq over every pair of the batch. The weights do not depend on the logits'
+and the loss is the mean of loss_pq over every pair of the batch. ``eps=0`` means no clamp: loss_pq =
+-w_pq·log_b sigmoid(sigma·(s_p - s_q)), computed in log space, so it stays finite where sentence-transformers'
+sigmoid underflows to 0 and its log(0) makes the loss inf; a row without a positive label (maxDCG@k = 0) has gains 0
+where sentence-transformers' 0/0 is NaN (the limit of eps -> 0 in both cases). The weights do not depend on the logits'
 values (only on their order), so no gradient flows through them. sentence-transformers returns NaN when the
 batch has no pair (e.g. all labels equal); here the loss is 0 with a zero gradient.
 
@@ -100,7 +103,7 @@ class LambdaOptions:
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0):
             raise ValueError(f"k must be None or a positive int, got {self.k!r}")
         _check_number("sigma", self.sigma, minimum=0.0, strict=True)
-        _check_number("eps", self.eps, minimum=0.0, strict=True)
+        _check_number("eps", self.eps, minimum=0.0)
         if self.reduction_log not in REDUCTION_LOGS:
             raise ValueError(f"reduction_log must be one of {REDUCTION_LOGS}, got {self.reduction_log!r}")
 
@@ -200,7 +203,7 @@ def _lambda_torch(s: Tensor, y: Tensor, mask: Tensor, opts: LambdaOptions, with_
     gain = _gains(y, opts.k or n, opts.eps).to(s.dtype) if opts.weighting != "none" else None
     inv_d = 1.0 / discount
     c = 1.0 / math.log(2.0) if opts.reduction_log == "binary" else 1.0
-    log_eps = math.log(opts.eps)
+    log_eps = log_clamp(opts.eps, s.dtype)
     loss_sum = torch.zeros(Q, dtype=torch.float64, device=s.device)
     count = torch.zeros(Q, dtype=torch.float64, device=s.device)
     grad = torch.zeros_like(s)
@@ -225,15 +228,23 @@ def _lambda_torch(s: Tensor, y: Tensor, mask: Tensor, opts: LambdaOptions, with_
     return loss_sum, count, _scatter_back(order, grad) if with_grad else None
 
 
+def log_clamp(eps: float, dtype: torch.dtype) -> float:
+    """The lower clamp of the log-probabilities: log eps, and for eps = 0 (no clamp) the dtype's lowest finite
+    number rather than log 0 = -inf, so that a zero weight times a log-probability stays 0."""
+    return math.log(eps) if eps > 0 else torch.finfo(dtype).min
+
+
 def _gains(y: Tensor, k: int, eps: float) -> Tensor:
     """G = (2^max(y,0) - 1) / max(maxDCG@k, eps) per row of labels ``y`` [Q, n] sorted by logit (-inf / padding: no
-    gain), in float64 and scaled by 2^-t (t: the row's largest max(y, 0)) so that no finite label overflows."""
+    gain), in float64 and scaled by 2^-t (t: the row's largest max(y, 0)) so that no finite label overflows. A row
+    with maxDCG@k = 0 (eps = 0, no positive label) has no gain: 0, not 0/0."""
     y = y.to(torch.float64).clamp(min=0.0)
     top = y.amax(dim=1, keepdim=True)
     scaled = torch.exp2(y - top) * -torch.expm1(-y * math.log(2.0))  # (2^y - 1)·2^-t
     discount = torch.log2(torch.arange(y.size(1), device=y.device, dtype=torch.float64) + 2.0)
     max_dcg = (scaled.sort(dim=1, descending=True).values / discount)[:, :k].sum(dim=1, keepdim=True)
-    return scaled / torch.maximum(max_dcg, eps * torch.exp2(-top))
+    max_dcg = torch.maximum(max_dcg, eps * torch.exp2(-top))
+    return torch.where(max_dcg > 0, scaled / max_dcg, 0.0)
 
 
 def _pair_weights(opts: LambdaOptions, gain: Tensor | None, inv_d: Tensor, position: Tensor, p0: int, p1: int,
@@ -276,7 +287,7 @@ def lambda_loss(logits: Tensor, labels: Tensor, mask: Tensor | None = None, *, w
     """LambdaLoss over padded lists (see the module docstring): the mean pair loss of the batch, 0 without pairs.
 
     ``weighting``: "none" (None), "ndcg_loss1", "ndcg_loss2", "lambdarank" or "ndcg_loss2pp" (with ``mu``); ``k``
-    truncates to NDCG@k; ``sigma`` scales score differences; ``eps`` clamps probabilities and maxDCG;
+    truncates to NDCG@k; ``sigma`` scales score differences; ``eps`` clamps probabilities and maxDCG (0: no clamp);
     ``reduction_log`` is "binary" (log2) or "natural". ``backend``: auto | cpu | cuda | torch."""
     refuse_functorch("fastcache.ops.ranking.lambda_loss")
     opts = LambdaOptions(weighting or "none", mu, k, sigma, eps, reduction_log)

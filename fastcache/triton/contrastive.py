@@ -595,7 +595,7 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     blocks = [make[k]() for k in options.directions]
     joint = options.partition_mode == "joint"
     coef = options.scale / B / (1 if joint else len(blocks))
-    grad_scale = operand_grad_scale(options.scale / B)
+    grad_scale = operand_grad_scale(abs(options.scale) / B)
     params = _scalars(acc, q.device, options, coef, options.scale / B, grad_scale)
     constants = dict(HARDNESS=HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, GUIDED=guided,
                      HAS_IDS=ids is not None, RELATIVE_MARGIN=options.margin_strategy == "relative",

@@ -9,10 +9,14 @@ sentence-transformers gives NaN.
 Arguments: every value sentence-transformers accepts is accepted, NumPy / tensor numbers converted to Python ones.
 ``k=0`` (or None) means every document, as upstream's ``self.k or n``; ``reduction_log`` other than "natural"
 means binary, as upstream. Values the op does not take keep the upstream maths for that instance, with upstream's
-result: ``k < 0`` (upstream drops the last |k| ranks), ``sigma <= 0`` or non-finite, ``eps <= 0`` or non-finite
-(with ``eps=0`` upstream's log(0) makes the loss inf once a pair's sigmoid underflows, where the finite answer
--log_b sigmoid(sigma·diff) exists: that needs the op to take eps=0), a NDCGLoss2PPScheme ``mu`` that is negative
-or not finite.
+result: ``k < 0`` (upstream drops the last |k| ranks), ``sigma <= 0`` or non-finite, ``eps < 0`` or non-finite,
+a NDCGLoss2PPScheme ``mu`` that is negative or not finite.
+
+Deliberate difference, ``eps=0`` (no clamp; fused): the pair loss -w·log_b sigmoid(sigma·diff) is computed in log
+space, finite where upstream's float32 sigmoid(sigma·diff)^w underflows to 0 (e.g. a pair misordered by more than
+~89/sigma) and its log(0) makes the loss inf; and a list without a positive label (maxDCG@k = 0) has gains 0 where
+upstream's 0/0 makes the loss NaN. Both are upstream's own values in the limit eps -> 0; where upstream is finite
+the results agree.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from sentence_transformers.cross_encoder.losses import rank_net as st_rank_net
 from torch import Tensor
 
 from fastcache.cross_encoder.losses.listwise import ListwiseLossMixin
-from fastcache.losses.arguments import as_float, positive_float
+from fastcache.losses.arguments import as_float, finite_float, positive_float
 from fastcache.ops.ranking import lambda_loss
 
 
@@ -75,6 +79,12 @@ def scheme_weighting(scheme) -> dict | None:
     return None
 
 
+def _non_negative(value) -> float | None:
+    """``value`` as a finite non-negative Python float, else None."""
+    number = finite_float(value)
+    return number if number is not None and number >= 0 else None
+
+
 def truncation(k) -> int | None | bool:
     """The op's ``k``: None for every document (upstream's ``self.k or n``: None or 0), a positive int; False when
     the op has no form for it (a negative k, or not an integer)."""
@@ -98,13 +108,13 @@ class LambdaLossMixin(ListwiseLossMixin):
             return f"k={self.k!r} is not None, 0 or a positive integer"
         if positive_float(self.sigma) is None:
             return f"sigma={self.sigma!r} is not a finite positive number"
-        if positive_float(self.eps) is None:
-            return f"eps={self.eps!r} is not a finite positive number"
+        if _non_negative(self.eps) is None:
+            return f"eps={self.eps!r} is not a finite non-negative number"
         return None
 
     def ranking_loss(self, logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
         return lambda_loss(logits, labels, mask, k=truncation(self.k), sigma=positive_float(self.sigma),
-                           eps=positive_float(self.eps),
+                           eps=_non_negative(self.eps),
                            reduction_log="natural" if self.reduction_log == "natural" else "binary",
                            **scheme_weighting(self.weighting_scheme))
 

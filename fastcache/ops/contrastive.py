@@ -194,11 +194,6 @@ def check_inputs(
         named["all_queries"] = all_queries
         if all_queries.size(1) != dim:
             raise ValueError(f"all_queries has {all_queries.size(1)} dims, queries have {dim}")
-        mine = all_queries[options.offset:options.offset + rows]
-        if mine.shape == queries.shape and mine.device == queries.device and not torch.equal(mine, queries):
-            raise ValueError(f"all_queries[offset:offset + {rows}] (offset={options.offset}) must be the queries "
-                             "themselves (this process's rows of the gathered batch): check the offset (rank · B) "
-                             "and the gather order")
     if docs.size(-1) != dim:
         raise ValueError(f"docs have {docs.size(-1)} dims, queries have {dim}")
     if docs.dim() == 3:
@@ -688,7 +683,11 @@ def contrastive_loss(
         docs: [N, D] candidates laid out column-major, N = C·P (all P positives, then each hard-negative
             column), or [C, P, D]. The positive of row i is docs[offset + i].
         all_queries: [P, D] every query of the gathered batch (``all_queries[offset + i]`` is ``queries[i]``);
-            the columns of query_to_query and doc_to_query. Default: the queries themselves (P = B).
+            the columns of query_to_query and doc_to_query. Default: the queries themselves (P = B). Not checked
+            against ``queries``: the two are separate inputs with separate gradients (in DDP the gathered copy
+            and the local rows are different tensors; gradcheck and finite differences perturb them one at a
+            time), so an equality check would refuse legitimate calls. With gather_across_devices the drop-in
+            losses compute the offset from the rank themselves.
         guide_queries, guide_docs: guide-model embeddings laid out like ``queries`` and ``docs``: GIST
             false-negative masking (see the module docstring). Never differentiated.
         doc_ids: an integer per candidate, laid out like ``docs`` without the last dimension; candidates that

@@ -65,13 +65,13 @@ HARDNESS_CODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_ne
 # operand_grad_scale); the gradient accumulators hold GRAD_SCALE·dL/dx until the host divides.
 SCALE, ALPHA, MARGIN, COEF, POS_COEF, GRAD_SCALE = (tl.constexpr(k) for k in range(6))
 
-EPILOGUE_BLOCK_M, EPILOGUE_BLOCK_N, EPILOGUE_WARPS = 4, 256, 4  # sm_90: 48 registers unguided, 116 guided
+EPILOGUE_BLOCK_M, EPILOGUE_BLOCK_N, EPILOGUE_WARPS = 4, 256, 4  # sm_90: 40-62 registers unguided, 96 guided
 TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 8, 2
 BACKWARD_WARPS = 8
 # Backward tiles by the embeddings' element size and guide: rows (columns) a program owns, columns (rows) it sweeps,
-# output dims per product chunk, pipeline stages. sm_90 (ptxas, 8 warps): no spills (16 bits: a guide's second
-# similarity tile spills 20-170 bytes at 128 swept or at 2 stages; fp32 (full-precision FMA dots) ~350 bytes at
-# the 16-bit tiles).
+# output dims per product chunk, pipeline stages. sm_90 (ptxas, 8 warps; bench/triton_compile.py): no spills at
+# 16 bits (a guide's second similarity tile spills 20-170 bytes at 128 swept or at 2 stages); fp32 guided spills
+# 8-16 bytes (query_to_doc rows, doc_to_doc columns) at every tile tried, ~350 bytes at the 16-bit tiles.
 BACKWARD_TILES = {(2, False): (64, 128, 64, 2), (2, True): (64, 64, 64, 1),
                   **{(size, guided): (32, 64, 32, 1) for size in (4, 8) for guided in (False, True)}}
 PARTITION_BLOCK = 1024
@@ -618,7 +618,7 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
         kind = KIND_CODES[block.kind]
         _tiled_logsumexp_kernel[(triton.cdiv(B, TILE_M),)](
             *arguments(block), maxima[kind], totals[kind], pos_logit, KIND=kind, **constants,
-            num_warps=TILE_WARPS, num_stages=TILE_STAGES)
+            num_warps=TILE_WARPS, num_stages=1 if guided and q.element_size() == 4 else TILE_STAGES)  # no spill
     loss_rows, factors = torch.empty(B, dtype=acc, device=q.device), torch.empty_like(totals)
     _tiled_partition_kernel[(triton.cdiv(B, PARTITION_BLOCK),)](
         maxima, totals, pos_logit, params, loss_rows, factors, B, JOINT=joint, NUM_BLOCKS=len(blocks),

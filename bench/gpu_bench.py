@@ -273,8 +273,8 @@ def make_epilogue_case(name: str, rows: int, columns: int, device: str):
     (its output, the gradient, is the next run's input: the same traffic and work, no reset to time)."""
     import torch
 
-    from fastcache.ops import contrastive_epilogue
     from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions
+    from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 
     g = torch.Generator(device=device).manual_seed(0)
     block = torch.rand(rows, columns, generator=g, device=device) * 2 - 1
@@ -301,8 +301,9 @@ def _tensor_bytes(tensors) -> int:
 def epilogue_shapes() -> list[tuple[int, int]]:
     """(rows, columns) of the slab's real chunks at the target shape's N and at N = 16384 (B = N / 2 queries,
     bf16 GEMM operands, SLAB_BUDGET): the epilogue benchmark's blocks (~3900 rows at N = 131072)."""
-    from fastcache.ops import contrastive_epilogue
-    from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions, chunk_rows
+    from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions
+    from fastcache.ops.contrastive import epilogue as contrastive_epilogue
+    from fastcache.ops.contrastive.slab import chunk_rows
 
     shapes = []
     for columns in EPILOGUE_COLUMNS:

@@ -83,9 +83,8 @@ def make_case(name: str, B: int, D: int, dims: tuple[int, ...], mini_batch_size:
             t.grad = None
 
     def run():
-        if name == "fastcache_matryoshka":
-            with wrapped.fused_step():
-                loss = inner.calculate_loss(reps, with_backward=True)
+        if name == "fastcache_matryoshka":  # the inner loss stage through the step's Matryoshka op, as forward runs it
+            loss = inner.cached_loss(reps, op=wrapped.step_op(), with_backward=True)
         else:
             loss = inner.calculate_loss(reps, with_backward=True)
         return RunOutput(loss.detach(), tuple(t.grad for t in leaves))
@@ -131,8 +130,10 @@ def floor(B: int, D: int, dims: tuple[int, ...], repeats: int, seed: int = 0, **
     table (seconds) and the chunk heights."""
     from fastcache import _backend, contrastive_loss_and_grad
     from fastcache.ops import contrastive as C
-    from fastcache.ops import contrastive_epilogue
-    from fastcache.ops import matryoshka as M
+    from fastcache.ops.contrastive import epilogue as contrastive_epilogue
+    from fastcache.ops.contrastive.slab import chunk_rows
+    from fastcache.ops.matryoshka import matryoshka_contrastive_loss_and_grad
+    from fastcache.ops.matryoshka import slab as M
 
     extension = _backend.EXTENSION
     generator = torch.Generator().manual_seed(seed)
@@ -145,8 +146,8 @@ def floor(B: int, D: int, dims: tuple[int, ...], repeats: int, seed: int = 0, **
     segments = list(zip(dims[1:] + (0,), dims))
     norms_q, norms_d = M._prefix_norms(queries, dims, torch.float32), M._prefix_norms(docs, dims, torch.float32)
     fused_rows = M.slab_rows(layout, options, False, 0, K, "cpu", queries)
-    single_rows = C.chunk_rows(layout, options, False, 0, _backend.memory_budget(None), 4,
-                               contrastive_epilogue.WORKSPACE_BLOCKS["cpu"])
+    single_rows = chunk_rows(layout, options, False, 0, _backend.memory_budget(None), 4,
+                             contrastive_epilogue.WORKSPACE_BLOCKS["cpu"])
 
     def parts(fused: bool) -> list[float]:
         rows = fused_rows if fused else single_rows
@@ -169,7 +170,7 @@ def floor(B: int, D: int, dims: tuple[int, ...], repeats: int, seed: int = 0, **
             end = time.perf_counter()
             for k, (lo, hi) in enumerate(bounds):
                 grad_q[r0:r0 + c, lo:hi].addmm_(blocks[k, :c], d[:, lo:hi])
-                if fused:  # the fused op's transposed column gradient (ops/matryoshka.py: _segment_gemms_)
+                if fused:  # the fused op's transposed column gradient (ops/matryoshka/slab.py: _segment_gemms_)
                     grad_d[lo:hi].addmm_(q[r0:r0 + c, lo:hi].T, blocks[k, :c])
                 else:
                     grad_d.addmm_(blocks[k, :c].T, q[r0:r0 + c])
@@ -181,7 +182,7 @@ def floor(B: int, D: int, dims: tuple[int, ...], repeats: int, seed: int = 0, **
     def total(fused: bool) -> float:
         start = time.perf_counter()
         if fused:
-            M.matryoshka_contrastive_loss_and_grad(queries, docs, dims=dims)
+            matryoshka_contrastive_loss_and_grad(queries, docs, dims=dims)
         else:
             contrastive_loss_and_grad(queries, docs)
         return time.perf_counter() - start

@@ -136,7 +136,10 @@ def runtime_launches(modules, config: str, dtype: str) -> list[tuple[str, object
     the headline shape: the tiled strategy of both ops (loss and gradients) and the slab epilogue."""
     import torch
 
-    from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions, block_columns, chunk_rows
+    from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions
+    from fastcache.ops.contrastive import tiled as contrastive_host
+    from fastcache.ops.contrastive.slab import block_columns, chunk_rows
+    from fastcache.ops.matryoshka import tiled as matryoshka_host
 
     contrastive, matryoshka = modules
     c = CONFIGS[config]
@@ -161,20 +164,19 @@ def runtime_launches(modules, config: str, dtype: str) -> list[tuple[str, object
     out = []
 
     def tiled():
-        contrastive.contrastive_tiled(queries, docs, None, guide_queries, guide_docs, doc_ids, options, layout, True)
+        contrastive_host.contrastive_tiled(queries, docs, None, guide_queries, guide_docs, doc_ids, options, layout,
+                                           True)
 
     def matryoshka_tiled():
         # segment_grad_scale reads the prefix norms' values (meta tensors have none); it only sets one float of
         # the params tensor, nothing that the compiled kernel depends on
-        real = getattr(matryoshka, "segment_grad_scale", None)
-        if real is not None:
-            matryoshka.segment_grad_scale = lambda *args: 1.0
+        real = matryoshka_host.segment_grad_scale
+        matryoshka_host.segment_grad_scale = lambda *args: 1.0
         try:
-            matryoshka.matryoshka_tiled(queries, docs, None, guide_queries, guide_docs, doc_ids, options, layout,
-                                        dims, weights, True)
+            matryoshka_host.matryoshka_tiled(queries, docs, None, guide_queries, guide_docs, doc_ids, options, layout,
+                                             dims, weights, True)
         finally:
-            if real is not None:
-                matryoshka.segment_grad_scale = real
+            matryoshka_host.segment_grad_scale = real
 
     def slab():
         guided = c["guided"]

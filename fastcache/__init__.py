@@ -43,7 +43,7 @@ def info() -> dict:
 
     import torch
 
-    from fastcache.ops import contrastive_epilogue
+    from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     backends = {}

@@ -1,15 +1,136 @@
 """Plain-PyTorch dense references (the test oracles): every op written as the maths, through autograd.
 
-They build the full similarity matrices, so they are for tests and small batches only.
+They build the full similarity matrices, so they are for tests and small batches only. Self-contained: nothing of
+fastcache.ops is imported, the input checks included (they refuse what the ops refuse, with the same messages, but
+are written out here on their own).
 """
 
 from __future__ import annotations
+
+import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcache.ops.contrastive import ContrastiveOptions, check_inputs
+_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+_HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _is_finite_number(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _contrastive_options(scale=20.0, similarity="cos", directions=("query_to_doc",), partition_mode="joint",
+                         hardness_mode=None, hardness_strength=0.0, offset=0, margin=0.0,
+                         margin_strategy="absolute") -> SimpleNamespace:
+    """The options of :func:`contrastive_loss_reference` (the defaults and rules of fastcache.contrastive_loss)."""
+    if isinstance(directions, str):
+        raise ValueError(f"directions must be a tuple of direction names, got the string {directions!r}")
+    directions = tuple(directions)
+    if not _is_finite_number(scale) or scale == 0:
+        raise ValueError(f"scale must be a finite non-zero number, got {scale!r}")
+    if similarity not in ("cos", "dot"):
+        raise ValueError(f"similarity must be one of ('cos', 'dot'), got {similarity!r}")
+    unknown = [d for d in directions if d not in _DIRECTIONS]
+    if unknown:
+        raise ValueError(f"directions: unknown {unknown}; valid directions are {_DIRECTIONS}")
+    if len(set(directions)) != len(directions):
+        raise ValueError(f"directions must not repeat a direction, got {directions}")
+    if "query_to_doc" not in directions:
+        raise ValueError("directions must include 'query_to_doc' (it holds the positive pair)")
+    if partition_mode not in ("joint", "per_direction"):
+        raise ValueError(f"partition_mode must be one of ('joint', 'per_direction'), got {partition_mode!r}")
+    if partition_mode == "per_direction" and {"query_to_query", "doc_to_doc"} & set(directions):
+        raise ValueError("partition_mode='per_direction' needs every direction to contain the positive pair")
+    if hardness_mode not in _HARDNESS_MODES:
+        raise ValueError(f"hardness_mode must be one of {_HARDNESS_MODES}, got {hardness_mode!r}")
+    if not _is_finite_number(hardness_strength) or hardness_strength < 0:
+        raise ValueError(f"hardness_strength must be a finite non-negative number, got {hardness_strength!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    if not _is_finite_number(margin):
+        raise ValueError(f"margin must be a finite number, got {margin!r}")
+    if margin_strategy not in ("absolute", "relative"):
+        raise ValueError(f"margin_strategy must be one of ('absolute', 'relative'), got {margin_strategy!r}")
+    return SimpleNamespace(scale=scale, similarity=similarity, directions=directions, partition_mode=partition_mode,
+                           hardness_mode=hardness_mode, hardness_strength=hardness_strength, offset=offset,
+                           margin=margin, margin_strategy=margin_strategy,
+                           hardness=hardness_mode is not None and hardness_strength > 0)
+
+
+def _check_tensor(name: str, t, ndims: tuple[int, ...]) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} must be on a real device (cpu or cuda), got meta: the reference reads its values")
+    if t.dim() not in ndims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _layout(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, opts) -> SimpleNamespace:
+    """The inputs checked against each other and the options: rows B, positives P, dim D, own query offset."""
+    _check_tensor("queries", queries, (2,))
+    _check_tensor("docs", docs, (2, 3))
+    rows, dim = queries.shape
+    if all_queries is not None:
+        _check_tensor("all_queries", all_queries, (2,))
+        if all_queries.size(1) != dim:
+            raise ValueError(f"all_queries has {all_queries.size(1)} dims, queries have {dim}")
+    if docs.size(-1) != dim:
+        raise ValueError(f"docs have {docs.size(-1)} dims, queries have {dim}")
+    if docs.dim() == 3:
+        positives = docs.size(1)
+        if all_queries is not None and all_queries.size(0) != positives:
+            raise ValueError(f"all_queries has {all_queries.size(0)} rows, docs have {positives} positives")
+    else:
+        positives = all_queries.size(0) if all_queries is not None else rows
+        if docs.size(0) % positives:
+            raise ValueError(f"docs has {docs.size(0)} rows, which is not a multiple of the {positives} positives "
+                             f"({'rows of all_queries' if all_queries is not None else 'queries'})")
+    if opts.offset + rows > positives:
+        raise ValueError(f"offset={opts.offset} with {rows} queries needs {opts.offset + rows} positives, docs have "
+                         f"{positives}")
+    tensors = [queries, docs, all_queries, doc_ids]
+    if guide_queries is not None or guide_docs is not None:
+        if guide_queries is None or guide_docs is None:
+            raise ValueError("guide_queries and guide_docs must be given together")
+        _check_tensor("guide_queries", guide_queries, (2,))
+        _check_tensor("guide_docs", guide_docs, (2, 3))
+        if guide_queries.size(0) != rows:
+            raise ValueError(f"guide_queries has {guide_queries.size(0)} rows, queries have {rows}")
+        if guide_docs.shape[:-1] != docs.shape[:-1]:
+            raise ValueError(f"guide_docs must be laid out like docs: {tuple(docs.shape[:-1])}, got "
+                             f"{tuple(guide_docs.shape[:-1])}")
+        if guide_docs.size(-1) != guide_queries.size(1):
+            raise ValueError(f"guide_docs have {guide_docs.size(-1)} dims, guide_queries {guide_queries.size(1)}")
+        if "doc_to_query" in opts.directions:
+            raise ValueError("directions: 'doc_to_query' has no guided (GIST) form; drop it or the guide")
+        if all_queries is not None:
+            raise ValueError("all_queries cannot be combined with a guide (the guided query_to_query block is "
+                             "anchor-anchor over the local queries)")
+        tensors += [guide_queries, guide_docs]
+    if doc_ids is not None:
+        if not isinstance(doc_ids, Tensor) or doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex \
+                or doc_ids.dtype == torch.bool:
+            raise ValueError(f"doc_ids must be an integer tensor, got {getattr(doc_ids, 'dtype', type(doc_ids))}")
+        if doc_ids.shape != docs.shape[:-1]:
+            raise ValueError(f"doc_ids must have one id per candidate, shape {tuple(docs.shape[:-1])}; got "
+                             f"{tuple(doc_ids.shape)}")
+    if len({t.device for t in tensors if t is not None}) > 1:
+        raise ValueError("all tensors must be on one device")
+    if len({t.dtype for t in (queries, docs, all_queries) if t is not None}) > 1:
+        raise ValueError("queries, docs and all_queries must share a dtype")
+    return SimpleNamespace(rows=rows, positives=positives, dim=dim,
+                           own_query_offset=opts.offset if all_queries is not None else 0)
 
 
 def _similarity(a: Tensor, b: Tensor, kind: str) -> Tensor:
@@ -29,8 +150,8 @@ def contrastive_loss_reference(
     **options,
 ) -> Tensor:
     """Dense :func:`fastcache.contrastive_loss`, computed in the inputs' dtype as sentence-transformers does."""
-    opts = ContrastiveOptions(**options)
-    layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, opts, doc_ids)
+    opts = _contrastive_options(**options)
+    layout = _layout(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, opts)
     B, P = layout.rows, layout.positives
     docs = docs.reshape(-1, layout.dim)
     rows = torch.arange(B, device=queries.device)

@@ -305,7 +305,8 @@ def load_host_emulation(source: str, build_directory):
 
 
 def emulate_low_precision_gemms(monkeypatch, module, dtype: torch.dtype) -> list[bool]:
-    """Run ``module``'s slab (fastcache.ops.contrastive or .matryoshka) as bf16/fp16 CUDA inputs get it, on CPU:
+    """Run ``module``'s slab (fastcache.ops.contrastive.slab or fastcache.ops.matryoshka.slab) as bf16/fp16 CUDA inputs
+    get it, on CPU:
     low_precision_gemms says yes for ``dtype``, the normalisation goes 2 rows at a time, and mm/addmm's
     fp32-output overloads (CUDA only) are emulated by fp32 products of the same operands (exact: a product of two
     bf16/fp16 numbers is exact in fp32; cuBLAS accumulates in fp32 too). Returns a list that records, per GEMM,
@@ -320,8 +321,13 @@ def emulate_low_precision_gemms(monkeypatch, module, dtype: torch.dtype) -> list
         low_operands.append(a.dtype == b.dtype == dtype)
         acc.add_(a.float() @ b.float())
 
+    from fastcache.ops.contrastive import normalize
+
     monkeypatch.setattr(module, "low_precision_gemms", lambda x: x.dtype == dtype)
-    monkeypatch.setattr(module, "NORMALIZE_ROWS", 2)
+    # the row chunks where they are read: the contrastive op's normalisation, the Matryoshka slab's prefix norms
+    for owner in {normalize, module}:
+        if hasattr(owner, "NORMALIZE_ROWS"):
+            monkeypatch.setattr(owner, "NORMALIZE_ROWS", 2)
     monkeypatch.setattr(module, "_mm_into", mm_into)
     monkeypatch.setattr(module, "_addmm_into", addmm_into)
     return low_operands

@@ -16,7 +16,7 @@ import torch
 import fastcache
 import fastcache.losses
 from fastcache import _backend
-from fastcache.ops import contrastive_epilogue
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 
 CPU = torch.device("cpu")
 INFO_KEYS = {"fastcache", "torch", "torch_cuda", "cuda_available", "triton", "extension", "cuda_kernels",
@@ -43,7 +43,7 @@ def _loss_and_grads(**settings):
 def epilogue_calls(monkeypatch):
     """Counts the calls of each backend's epilogue (the one place where the backends differ); for "cpu" also its
     whole slab in one C++ call (fastcache/ops/contrastive.py ``_slab_cpu``, which runs the C++ epilogue inside)."""
-    import fastcache.ops.contrastive as op
+    import fastcache.ops.contrastive.op as op
 
     calls = {name: 0 for name in contrastive_epilogue.EPILOGUES}
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fastcache import _backend
-from fastcache.ops import contrastive_epilogue
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions
 from helpers import OP_PATHS, assert_matches, make_batch, reference_loss_and_grads
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastcache import contrastive_loss_and_grad
-from fastcache.ops import contrastive_epilogue
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 from helpers import (
     OP_PATHS,
     assert_matches,
@@ -122,7 +122,7 @@ def test_low_precision_no_worse_than_reference(combo, dtype, case):
 def test_slab_gemms_keep_low_precision_operands(dtype):
     """bf16/fp16 inputs get the slab's GEMMs in their own dtype (tensor-core rate) when torch has mm/addmm's
     fp32-output overloads (torch >= 2.8, as on the GPU machine); fp32 inputs keep fp32 GEMMs."""
-    from fastcache.ops.contrastive import low_precision_gemms
+    from fastcache.ops.contrastive.slab import low_precision_gemms
 
     if not hasattr(torch.ops.aten.mm, "dtype_out"):
         pytest.skip(f"torch {torch.__version__} has no fp32-output mm for {dtype} operands (torch >= 2.8)")

@@ -295,7 +295,7 @@ def test_low_precision_gemms_no_worse_than_reference(monkeypatch, dtype, case):
     CPU with those GEMMs emulated (tests/helpers.py emulate_low_precision_gemms). Checks the rest: operands
     normalised in their dtype, dL/ds rounded for the gradient GEMMs, the normalisation and its backward in chunks
     of rows."""
-    import fastcache.ops.contrastive as op
+    import fastcache.ops.contrastive.slab as op
 
     low_operands = emulate_low_precision_gemms(monkeypatch, op, dtype)
     shape, options = LOW_PRECISION_CASES[case]
@@ -916,7 +916,7 @@ def test_budget_sets_the_chunk(backend):
 
     batch = make_batch(64, 8, seed=36)
     rows = []
-    from fastcache.ops.contrastive import GEMM_WORKSPACE_BYTES
+    from fastcache.ops.contrastive.slab import GEMM_WORKSPACE_BYTES
 
     # budgets above the fixed GEMM allowance, plus 1 byte for the one-row case
     for budget in (1, *(GEMM_WORKSPACE_BYTES + b for b in (2**14, 17_000, 18_000, 20_000, 22_000, 2**15, 2**16))):
@@ -988,7 +988,7 @@ def test_memory_budget_env_zero_rejected(monkeypatch, text):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_all_finite_sees_every_non_finite_value(dtype):
-    from fastcache.ops.contrastive import all_finite
+    from fastcache.ops.contrastive.options import all_finite
 
     x = torch.randn(5, 7).to(dtype)
     assert all_finite(x) and all_finite(x[:, ::2]) and all_finite(x.T)
@@ -1006,7 +1006,8 @@ def test_all_finite_sees_every_non_finite_value(dtype):
 def test_chunk_rows_caps_blocks_for_the_cache_only_on_cpu():
     """On CPU blocks stay under MAX_SLAB_BYTES (cache); a GPU gets the tallest chunk its budget holds, so the auto
     strategy compares the budget, not the CPU cache cap, with MIN_SLAB_ROWS."""
-    from fastcache.ops.contrastive import MAX_SLAB_BYTES, ContrastiveLayout, ContrastiveOptions, chunk_rows
+    from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions
+    from fastcache.ops.contrastive.slab import MAX_SLAB_BYTES, chunk_rows
 
     layout = ContrastiveLayout(rows=65536, positives=65536, columns=2, dim=768, query_columns=65536,
                                own_query_offset=0)

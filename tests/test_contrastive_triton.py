@@ -29,7 +29,7 @@ pytestmark = [
 ]
 
 from fastcache import _backend, contrastive_loss, contrastive_loss_and_grad  # noqa: E402
-from fastcache.ops import contrastive_epilogue  # noqa: E402
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue  # noqa: E402
 from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions  # noqa: E402
 from helpers import (  # noqa: E402
     OP_PATHS,
@@ -168,7 +168,7 @@ def test_nan_padded_inputs(strategy, layout):
 
 def test_tiled_normalises_in_row_chunks(monkeypatch):
     """The tiled driver normalises (and back-propagates the normalisation) NORMALIZE_ROWS rows at a time."""
-    from fastcache.ops import contrastive as op
+    from fastcache.ops.contrastive import normalize as op
 
     monkeypatch.setattr(op, "NORMALIZE_ROWS", 3)
     batch = make_batch(7, 5, columns=2, positives=8, offset=1, gathered=True, seed=13)
@@ -193,7 +193,7 @@ def test_tiled_backward_tiles_and_chunks_on_nan_padded_operands(monkeypatch, gui
     """The backward's loops with small tiles (a program owns 16 rows or columns, sweeps 32, 16 output dims per
     chunk): 37 rows and 74-80 columns over several tiles with ragged last ones, D below one chunk or over three
     with a ragged last one; every kernel operand inside a NaN-filled buffer."""
-    from fastcache.triton import contrastive as triton_contrastive
+    from fastcache.ops.contrastive import tiled as triton_contrastive
 
     monkeypatch.setattr(triton_contrastive, "BACKWARD_TILES",
                         {key: (16, 32, 16, 1) for key in triton_contrastive.BACKWARD_TILES})

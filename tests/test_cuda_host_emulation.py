@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastcache.ops import contrastive_epilogue
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 from fastcache.ops.contrastive import ContrastiveOptions
 from helpers import load_host_emulation
 from test_contrastive_cuda import DD, DIRECTION_SETS, DQ, HARDNESS_MODES, QD, QQ, _case, _compare

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from fastcache import _backend
-from fastcache.ops import contrastive_epilogue
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 from drop_in_losses import LOSSES, MATRYOSHKA_INNER, TEXTS, make_loss, make_matryoshka_loss
 from helpers import MATRYOSHKA_OP_PATHS, OP_PATHS, make_batch
 

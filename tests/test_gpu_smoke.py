@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from fastcache.ops import contrastive_epilogue
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 from helpers import MATRYOSHKA_OP_PATHS, OP_PATHS, assert_matches, assert_no_worse_than_reference, make_batch
 from helpers import matryoshka_reference_loss_and_grads, reference_loss_and_grads
 from test_contrastive_op import low_precision_runs

@@ -21,12 +21,13 @@ no gradgradcheck: a second derivative raises, which is checked too.
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import pytest
 import torch
 
 from fastcache import _backend, contrastive_loss
-from fastcache.ops import contrastive_epilogue
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 from fastcache.ops.matryoshka import matryoshka_contrastive_loss
 from drop_in_losses import MATRYOSHKA_INNER, make_loss, make_matryoshka_loss
 from helpers import DIFFERENTIABLE, make_batch
@@ -190,16 +191,18 @@ def test_compute_loss_from_embeddings(tiny_model, case, columns):
                                     **GRADCHECK)
 
 
-def _cached_loss_stage(loss, name: str, embeddings: list[torch.Tensor]):
+def _cached_loss_stage(loss, name: str, embeddings: list[torch.Tensor], op=None):
     """A function of the embedding columns: the cached loss's calculate_loss on mini-batches of 3 and 1 rows per
-    column; a GIST guide's embeddings are fixed (a different, smaller space)."""
+    column (with ``op``, a fastcache.losses.fused_contrastive LossOp: its cached_loss through that op); a GIST
+    guide's embeddings are fixed (a different, smaller space)."""
     guide = [e[:, :3].clone() * 0.5 + 0.1 for e in embeddings]
+    stage = loss.calculate_loss if op is None else partial(loss.cached_loss, op=op)
 
     def fn(*emb):
         reps = [list(e.split([3, 1])) for e in emb]
         if "GIST" in name:
-            return loss.calculate_loss(reps, [list(g.split([3, 1])) for g in guide])
-        return loss.calculate_loss(reps)
+            return stage(reps, [list(g.split([3, 1])) for g in guide])
+        return stage(reps)
 
     return fn
 
@@ -216,18 +219,15 @@ def test_cached_calculate_loss(tiny_model, tiny_guide_model, case, columns):
 
 @pytest.mark.parametrize("inner", MATRYOSHKA_INNER)
 def test_matryoshka_loss_stage(tiny_model, tiny_guide_model, inner):
-    """fastcache's MatryoshkaLoss at dims 5/3 of 5-dim embeddings: the inner loss's embedding-level path inside
-    ``fused_step`` (every dim in one op call), as its forward runs it."""
+    """fastcache's MatryoshkaLoss at dims 5/3 of 5-dim embeddings: the inner loss's embedding-level path through
+    the step's Matryoshka op (every dim in one op call), as its forward runs it."""
     cached = "Cached" in inner
     loss = make_matryoshka_loss(inner, tiny_model, tiny_guide_model, dims=[5, 3],
                                 **({"mini_batch_size": 3} if cached else {}))
     assert loss.fused
     embeddings = _embeddings(3)
-    stage = _cached_loss_stage(loss.loss, inner, embeddings) if cached else \
-        (lambda *emb: loss.loss.compute_loss_from_embeddings(list(emb), None))
-
-    def fn(*emb):
-        with loss.fused_step():
-            return stage(*emb)
+    op = loss.step_op()
+    fn = _cached_loss_stage(loss.loss, inner, embeddings, op) if cached else \
+        (lambda *emb: loss.loss.fused_loss(list(emb), op=op))
 
     assert torch.autograd.gradcheck(fn, tuple(e.requires_grad_() for e in embeddings), **GRADCHECK)

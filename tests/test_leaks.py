@@ -27,12 +27,13 @@ from __future__ import annotations
 import gc
 import os
 import warnings
+from functools import partial
 
 import pytest
 import torch
 
 from fastcache import _backend, contrastive_loss, contrastive_loss_and_grad
-from fastcache.ops import contrastive_epilogue
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 from fastcache.ops.matryoshka import matryoshka_contrastive_loss, matryoshka_contrastive_loss_and_grad
 from drop_in_losses import LOSSES, MATRYOSHKA_INNER, TEXTS, make_loss, make_matryoshka_loss
 from helpers import make_batch
@@ -130,25 +131,30 @@ def test_matryoshka_op_rss_flat(backend, path):
                              options))
 
 
-def _embedding_level_step(loss, name: str):
+def _embedding_level_step(loss, name: str, step_op=None):
     """One loss stage of the loss ``name`` (a drop-in's name) on fixed [ROWS, DIM] embeddings, with backward:
-    the cached losses' calculate_loss on mini-batches of 16, the others' embedding-level entry point."""
+    the cached losses' calculate_loss on mini-batches of 16, the others' embedding-level entry point; with
+    ``step_op`` (a function giving each step's fastcache.losses.fused_contrastive LossOp, e.g. MatryoshkaLoss's
+    step_op), the same entry points through that op."""
     gen = torch.Generator().manual_seed(61)
     embeddings = [torch.randn(ROWS, DIM, generator=gen) for _ in range(3)]
     guide = [torch.randn(ROWS, 16, generator=gen) for _ in range(3)]
 
     def step():
+        op = {} if step_op is None else {"op": step_op()}
         if "Cached" in name:
             reps = [[t.clone().requires_grad_() for t in e.split(16)] for e in embeddings]
+            stage = loss.calculate_loss if step_op is None else partial(loss.cached_loss, **op)
             if "GIST" in name:
-                loss.calculate_loss(reps, [list(g.split(16)) for g in guide], with_backward=True)
+                stage(reps, [list(g.split(16)) for g in guide], with_backward=True)
             else:
-                loss.calculate_loss(reps, with_backward=True)
+                stage(reps, with_backward=True)
         elif "GIST" in name:
-            from fastcache.losses.gist_embed import fused_gist_loss
-
             leaves = [e.clone().requires_grad_() for e in embeddings]
-            fused_gist_loss(loss, leaves, guide).backward()
+            loss.fused_loss(leaves, guide, **op).backward()
+        elif step_op is not None:
+            leaves = [e.clone().requires_grad_() for e in embeddings]
+            loss.fused_loss(leaves, **op).backward()
         else:
             leaves = [e.clone().requires_grad_() for e in embeddings]
             loss.compute_loss_from_embeddings(leaves, None).backward()
@@ -163,15 +169,10 @@ def test_loss_embedding_level_rss_flat(tiny_model, tiny_guide_model, name):
 
 @pytest.mark.parametrize("inner", MATRYOSHKA_INNER)
 def test_matryoshka_loss_embedding_level_rss_flat(tiny_model, tiny_guide_model, inner):
-    """fastcache's MatryoshkaLoss: each step enters ``fused_step`` (installs this step's fused op on the inner loss,
-    then removes it), as its forward does, around the inner loss stage."""
+    """fastcache's MatryoshkaLoss: each step builds its Matryoshka op (step_op) and runs the inner loss stage
+    through it, as its forward does."""
     loss = make_matryoshka_loss(inner, tiny_model, tiny_guide_model)  # the model's dims: a prefix of DIM
-    inner_step = _embedding_level_step(loss.loss, inner)
-
-    def step():
-        with loss.fused_step():
-            inner_step()
-    assert_rss_flat(step)
+    assert_rss_flat(_embedding_level_step(loss.loss, inner, loss.step_op))
 
 
 def _step(loss, model) -> list[torch.Tensor]:

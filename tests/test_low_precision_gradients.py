@@ -24,8 +24,8 @@ import os
 import pytest
 import torch
 
-import fastcache.ops.contrastive as contrastive_module
-import fastcache.ops.matryoshka as matryoshka_module
+import fastcache.ops.contrastive.slab as contrastive_module
+import fastcache.ops.matryoshka.slab as matryoshka_module
 from fastcache import contrastive_loss, contrastive_loss_and_grad
 from fastcache.ops.matryoshka import matryoshka_contrastive_loss
 from fastcache.reference import contrastive_loss_reference, matryoshka_contrastive_loss_reference
@@ -90,7 +90,7 @@ def force_unscaled(monkeypatch) -> None:
     monkeypatch.setattr(contrastive_module, "operand_grad_scale", lambda bound: 1.0)
     monkeypatch.setattr(matryoshka_module, "operand_grad_scale", lambda bound: 1.0)
     try:
-        import fastcache.triton.contrastive as triton_contrastive
+        import fastcache.ops.contrastive.tiled as triton_contrastive
     except ImportError:
         return
     monkeypatch.setattr(triton_contrastive, "operand_grad_scale", lambda bound: 1.0)

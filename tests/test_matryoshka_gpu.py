@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from fastcache.ops import contrastive_epilogue
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 from fastcache.ops.matryoshka import matryoshka_contrastive_loss_and_grad
 from helpers import (MATRYOSHKA_OP_PATHS, assert_matches, make_batch, matryoshka_reference_loss_and_grads,
                      relative_error)
@@ -104,7 +104,7 @@ def test_same_as_the_slab_and_deterministic():
 
 
 def test_auto_strategy_goes_tiled_under_a_small_budget(monkeypatch):
-    from fastcache.triton import matryoshka as triton_matryoshka
+    from fastcache.ops.matryoshka import tiled as triton_matryoshka
 
     calls = []
     original = triton_matryoshka.matryoshka_tiled

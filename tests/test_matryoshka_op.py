@@ -235,7 +235,7 @@ def test_cpu_backend_runs_the_fused_epilogue(extension, monkeypatch):
 def test_fused_chunk_keeps_the_segment_blocks_in_cache(extension, monkeypatch, block_bytes, rows_per_thread):
     """Without chunk_size, the fused path caps a chunk's K segment blocks at FUSED_BLOCK_BYTES per thread, and takes
     at least MIN_FUSED_ROWS rows: more chunks than the budget alone makes, the same result."""
-    from fastcache.ops import matryoshka
+    from fastcache.ops.matryoshka import slab as matryoshka
 
     batch = make_batch(100, 9, columns=2, seed=19)
     expected = op_loss_and_grad(batch, dims=[9, 5, 2], backend="cpu", chunk_size=100)
@@ -350,7 +350,7 @@ def test_low_precision_gemms_no_worse_than_reference(monkeypatch, dtype, case):
     """The per-dim slab with its GEMMs in the inputs' dtype, as bf16/fp16 CUDA inputs get it, run on CPU with those
     GEMMs emulated (tests/helpers.py emulate_low_precision_gemms): embeddings kept in their dtype, prefix norms and
     their backward in chunks of rows, segment gradient totals rounded for the backward GEMMs."""
-    import fastcache.ops.matryoshka as op
+    import fastcache.ops.matryoshka.slab as op
 
     low_operands = emulate_low_precision_gemms(monkeypatch, op, dtype)
     shape, options = LOW_PRECISION_CASES[case]
@@ -434,7 +434,7 @@ def test_bench_floor_quick(extension, tmp_path):
     """bench/matryoshka_table.py --floor runs end to end at its smoke shape (no timing claims): both ops part by
     part, at the chunk heights the ops choose (the fused one from slab_rows)."""
     from fastcache.ops.contrastive import ContrastiveOptions, check_inputs
-    from fastcache.ops.matryoshka import slab_rows
+    from fastcache.ops.matryoshka.slab import slab_rows
     from helpers import run_bench_script
 
     stdout, report = run_bench_script("matryoshka_table.py", tmp_path / "floor.json", "--floor", "--threads", "1")

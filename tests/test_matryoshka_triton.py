@@ -125,7 +125,7 @@ def test_backward_tiles_and_segments_on_nan_padded_operands(monkeypatch, guided,
     chunk): 37 rows and 74-80 columns over several tiles with ragged last ones, dim segments inside one chunk, ending
     inside chunks and on their edges, D below one chunk; the embeddings reach the kernels inside NaN-filled buffers
     (row stride D + 5), so that a missing mask shows as NaN."""
-    from fastcache.triton import matryoshka as triton_matryoshka
+    from fastcache.ops.matryoshka import tiled as triton_matryoshka
 
     monkeypatch.setattr(triton_matryoshka, "GRAD_TILES", {size: (16, 32, 16, 1) for size in (2, 4, 8)})
     if guided:
@@ -209,7 +209,7 @@ def test_loss_only_forward():
 @pytest.fixture
 def tiled_calls(monkeypatch):
     """Counts the calls of the tiled strategy."""
-    from fastcache.triton import matryoshka as triton_matryoshka
+    from fastcache.ops.matryoshka import tiled as triton_matryoshka
 
     calls = []
     original = triton_matryoshka.matryoshka_tiled

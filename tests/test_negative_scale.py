@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fastcache import contrastive_loss, contrastive_loss_and_grad
-from fastcache.ops import contrastive_epilogue
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 from fastcache.ops.contrastive import ContrastiveOptions
 from fastcache.reference import contrastive_loss_reference
 from helpers import (
@@ -102,7 +102,7 @@ def test_tiled_strategy_matches_reference(variant):
 def test_low_precision_gemms(monkeypatch):
     """The slab with its GEMMs in fp16 (as fp16 CUDA inputs get it, emulated on CPU): dL/ds is scaled by a power
     of two of |scale|/B before it becomes an fp16 operand."""
-    import fastcache.ops.contrastive as op
+    import fastcache.ops.contrastive.slab as op
 
     low_operands = emulate_low_precision_gemms(monkeypatch, op, torch.float16)
     batch, options = _batch("all_directions")

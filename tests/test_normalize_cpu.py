@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcache import _backend
-from fastcache.ops.contrastive import NORMALIZE_EPS, _normalized, _normalized_backward_
+from fastcache.ops.contrastive.normalize import NORMALIZE_EPS, _normalized, _normalized_backward_
 from helpers import nan_padded
 
 pytestmark = pytest.mark.skipif(_backend.EXTENSION is None, reason="the compiled extension fastcache._C is missing")

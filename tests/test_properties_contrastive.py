@@ -41,8 +41,8 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 
 from fastcache import _backend
-from fastcache.ops import contrastive_epilogue
-from fastcache.ops.contrastive import NORMALIZE_EPS
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue
+from fastcache.ops.contrastive.normalize import NORMALIZE_EPS
 from helpers import (
     DIFFERENTIABLE,
     FLOAT64_TOL,

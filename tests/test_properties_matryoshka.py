@@ -40,7 +40,7 @@ import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
-from fastcache.ops.contrastive import NORMALIZE_EPS
+from fastcache.ops.contrastive.normalize import NORMALIZE_EPS
 from helpers import (
     DIFFERENTIABLE,
     FACTOR,

@@ -1,4 +1,5 @@
-"""fastcache ops: one file per op family (public function, autograd Function, backend dispatch)."""
+"""fastcache ops: one package per op family (options and checks, strategies, the autograd Function, the public
+functions; see each package's docstring), and the ranking ops (ranking.py)."""
 
 from fastcache.ops.contrastive import (
     ContrastiveLossAndGrad,
@@ -6,5 +7,7 @@ from fastcache.ops.contrastive import (
     contrastive_loss,
     contrastive_loss_and_grad,
 )
+from fastcache.ops.contrastive import epilogue as contrastive_epilogue  # the old module name (fastcache.app.train)
 
-__all__ = ["ContrastiveLossAndGrad", "ContrastiveOptions", "contrastive_loss", "contrastive_loss_and_grad"]
+__all__ = ["ContrastiveLossAndGrad", "ContrastiveOptions", "contrastive_epilogue", "contrastive_loss",
+           "contrastive_loss_and_grad"]

@@ -1,6 +1,6 @@
 """The slab epilogue of the contrastive loss: similarity blocks of a row chunk -> dL/ds in place, per-row losses.
 
-Every backend implements the same contract (the maths is in fastcache/ops/contrastive.py's docstring):
+Every backend implements the same contract (the maths is in fastcache/ops/contrastive/__init__.py's docstring):
 
     epilogue(blocks, guides, doc_ids, row0, layout, options, compute_grad) -> loss_rows [c]
 

@@ -1,62 +1,26 @@
-"""The contrastive loss at several embedding dimensions at once (Matryoshka), in one sweep over D.
-
-For dims d_1 > d_2 > ... > d_K (each at most D) and weights w_k:
-
-    loss = Σ_k w_k · L(every embedding truncated to its first d_k dims)
-
-with L the contrastive loss of :mod:`fastcache.ops.contrastive` (same options, same settings). With
-similarity="cos" every truncated embedding is L2-normalised on its own prefix, as sentence-transformers'
-MatryoshkaLoss does (``shrink``); the guide embeddings (GIST) are never truncated.
-
-Algorithm, per row chunk and enabled direction (rows X against columns Y, e.g. queries against docs): D is cut
-into segments S_k = [d_{k+1}, d_k) (d_{K+1} = 0). The raw prefix products R_k = X[:, :d_k]·Y[:, :d_k]ᵀ are
-accumulated from the smallest dim up, one GEMM per segment (together the flops of one full-D GEMM), and
-s_k = a_k ⊙ R_k ⊙ b_kᵀ with the prefix-norm reciprocals a_k(i) = 1/max(‖X_i[:d_k]‖, eps), b_k(j) likewise for Y
-(a = b = 1 for "dot"). The chosen backend's epilogue turns s_k into g_k = w_k·∂L_k/∂s_k. Backward: segment j lies
-in every dim k ≤ j, so its GEMMs take the sum of those dims' gradients, A_j = Σ_{k≤j} a_k ⊙ g_k ⊙ b_kᵀ (a running
-sum from the largest dim): dX[:, S_j] += A_j·Y[:, S_j] and dY[:, S_j] += A_jᵀ·X[:, S_j]; the normalisation adds,
-with t_k(i) = Σ_j g_k s_k (and the column sums for Y), dX_i[:d_k] -= t_k(i)·X_i[:d_k] / ‖X_i[:d_k]‖².
-Exact: the loss and gradients of summing :func:`fastcache.contrastive_loss` over the dims, up to rounding.
-
-Backend "cpu" runs it fused, one C++ call per chunk (csrc/cpu/matryoshka.cpp ``matryoshka_chunk_cpu``): per
-direction K segment GEMMs into K blocks P_k, an epilogue that walks each row once (prefix sums, every dim's
-epilogue, radial sums) and leaves A_k in place of P_k, then the backward GEMMs; K blocks per direction, chunks of at
-most FUSED_BLOCK_BYTES of them per thread (blocks that stay in cache: the GEMMs write them, the epilogue reads and
-rewrites them, the backward reads them twice). The other slab backends run their contrastive epilogue dim by dim on
-the running prefix: K + 2 blocks per direction (the running R, each dim's gradient block, one product temporary)
-plus the epilogue's workspace.
-The tiled strategy (Triton, ``strategy="tiled"``): fastcache/triton/matryoshka.py, the same maths on tiles.
+"""The slab strategy of the Matryoshka op (the maths: fastcache/ops/matryoshka/__init__.py), and the prefix norms
+both strategies use: per row chunk, the segment GEMMs, every dim's epilogue (fused in one C++ call on the cpu
+backend, else the contrastive epilogue dim by dim) and the segment GEMMs of the backward; the prefix norms and their
+backward; the power of two that scales the segment gradient totals as 16-bit operands (:func:`segment_grad_scale`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import trange
 
 from fastcache import _backend
-from fastcache.ops import contrastive_epilogue
-from fastcache.ops._autograd_guard import refuse_functorch
-from fastcache.ops.contrastive import (
-    DIRECTIONS,
-    NORMALIZE_EPS,
-    NORMALIZE_ROWS,
-    ContrastiveLossAndGrad,
-    ContrastiveOptions,
-    PrecomputedGradLoss,
+from fastcache.ops.contrastive.epilogue import WORKSPACE_BLOCKS, compiled_options
+from fastcache.ops.contrastive.normalize import NORMALIZE_EPS, NORMALIZE_ROWS, guide_and_id_operands
+from fastcache.ops.contrastive.options import DIRECTIONS, ContrastiveOptions
+from fastcache.ops.contrastive.slab import (
     _addmm_into,
     _mm_into,
-    _parse,
-    _strategy,
     block_columns,
-    check_inputs,
     chunk_rows,
-    guide_and_id_operands,
     guide_blocks,
     low_precision_gemms,
-    one_pass,
     operand_grad_scale,
 )
 
@@ -67,29 +31,6 @@ from fastcache.ops.contrastive import (
 # 1.57-1.69x the single-dim loss stage, against 1.9x at the budget's ~1300 rows (200 MiB, out of cache).
 FUSED_BLOCK_BYTES = 20 * 2**20
 MIN_FUSED_ROWS = 16  # the slab's own floor for speed (chunk_rows warns below it)
-
-
-def check_dims(dims, weights, dim: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Validate the Matryoshka dims (distinct positive ints, at most ``dim``) and weights (one finite number per
-    dim, default 1); return both sorted by dim, descending."""
-    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or len(dims) == 0:
-        raise ValueError(f"dims must be a non-empty sequence of ints, got {dims!r}")
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
-            raise ValueError(f"dims must be positive ints, got {list(dims)}")
-        if d > dim:
-            raise ValueError(f"dims: {d} exceeds the embeddings' {dim} dimensions")
-    if len(set(dims)) != len(dims):
-        raise ValueError(f"dims must not repeat a dimension, got {list(dims)}")
-    if weights is None:
-        weights = [1.0] * len(dims)
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != len(dims):
-        raise ValueError(f"weights must be a sequence of {len(dims)} numbers (one per dim), got {weights!r}")
-    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not float(w) == float(w) or abs(w) == float("inf")
-           for w in weights):
-        raise ValueError(f"weights must be finite numbers, got {list(weights)}")
-    ordered = sorted(zip(dims, weights), key=lambda dw: dw[0], reverse=True)
-    return tuple(d for d, _ in ordered), tuple(float(w) for _, w in ordered)
 
 
 def _prefix_reciprocal_norms(x: Tensor, dims: tuple[int, ...], cosine: bool) -> tuple[Tensor, Tensor] | None:
@@ -182,7 +123,7 @@ def _fused_cpu_chunk(segs, gout, ids, r0, c, layout, options, dims, weights, ten
         [radial[x][:, rows[n]] for x, n in zip(rows_of, dirs)] if radial_sums else [],
         [radial[y][:, :width] for y, width in columns_of] if radial_sums else [],
         r0, layout.rows, layout.positives, options.offset, layout.own_query_offset,
-        *contrastive_epilogue.compiled_options(options), need_grad)
+        *compiled_options(options), need_grad)
 
 
 def _per_dim_chunk(raw, grads, product, gout, ids, r0, c, layout, options, dims, weights, tensors, norms, operands,
@@ -339,131 +280,10 @@ def slab_rows(layout, options, gathered: bool, guide_dim: int, num_dims: int, ba
     # per direction: fused, one segment block per dim; else the running prefix product, one gradient block
     # per dim, the radial product temporary and the epilogue's workspace
     # (+ half a block: a segment's gradient total in bf16/fp16 for low-precision GEMMs)
-    blocks = num_dims if fused else num_dims + 1 + contrastive_epilogue.WORKSPACE_BLOCKS[backend] + (
+    blocks = num_dims if fused else num_dims + 1 + WORKSPACE_BLOCKS[backend] + (
         0.5 if low_precision_gemms(queries) else 0)
     chunk = chunk_rows(layout, options, gathered, guide_dim, _backend.memory_budget(memory_budget), itemsize, blocks)
     if fused and queries.device.type == "cpu":
         row_bytes = blocks * itemsize * sum(block_columns(layout, guide_dim > 0)[k] for k in options.directions)
         chunk = min(chunk, max(MIN_FUSED_ROWS, FUSED_BLOCK_BYTES * torch.get_num_threads() // row_bytes))
     return chunk
-
-
-HUGE_ROW = 2.0**32  # rows with a larger entry: their raw prefix products (up to D·max², fp32) could overflow
-
-
-def _row_scale(x: Tensor | None) -> Tensor | None:
-    """None when every entry of x is at most HUGE_ROW in magnitude; else per row a power of two (exact) that
-    brings its largest entry to [1, 2): the raw segment products of huge rows (1e19² = 1e38 per term) overflow
-    fp32, the normalised similarities do not."""
-    if x is None:
-        return None
-    largest = x.detach().abs().amax(dim=-1).double()
-    if float(largest.max()) <= HUGE_ROW:
-        return None
-    return torch.where(largest > 0, torch.exp2(-torch.floor(torch.log2(largest.clamp_min(1e-300)))), 1.0)
-
-
-def _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, weights, options, need_grad, *,
-         backend, memory_budget, chunk_size, show_progress_bar, strategy=None):
-    layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options, doc_ids)
-    dims, weights = check_dims(dims, weights, layout.dim)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    guide_dim = 0 if guide_queries is None else guide_queries.size(1)
-    strategy, name = _strategy(layout, options, all_queries is not None, guide_dim, queries.device,
-                               contrastive_epilogue.available(queries.device), backend, strategy, memory_budget,
-                               chunk_size)
-    if need_grad and options.similarity == "cos" and dims[-1] == 1:  # dims descending: the last is the smallest
-        # at one dim, cos = sign(x_0)·sign(y_0) is piecewise constant: its gradient is exactly 0 (the kernels'
-        # radial subtraction would leave rounding, ~1e-6 of the gradient's scale): its loss alone, no gradient
-        settings = dict(backend=backend, memory_budget=memory_budget, chunk_size=chunk_size,
-                        show_progress_bar=show_progress_bar, strategy=strategy)
-        one_dim = _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, (1,), (weights[-1],),
-                       options, False, **settings)[0]
-        if len(dims) > 1:
-            loss, *grads = _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims[:-1],
-                                weights[:-1], options, need_grad, **settings)
-            return loss + one_dim, *grads
-        acc = one_dim.dtype
-        return one_dim, *(None if x is None else torch.zeros(x.shape, dtype=acc, device=x.device)
-                          for x in (queries, docs, all_queries))
-    if options.similarity == "cos":  # huge rows scaled down (cosine is scale-invariant); the chain rule after
-        scales = [_row_scale(x) for x in (queries, docs, all_queries)]
-        if any(c is not None for c in scales):
-            queries, docs, all_queries = (x if c is None else x * c.view(*x.shape[:-1], 1).to(x.dtype)
-                                          for x, c in zip((queries, docs, all_queries), scales))
-            loss, *grads = _run(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, dims, weights,
-                                options, need_grad, backend=backend, memory_budget=memory_budget,
-                                chunk_size=chunk_size, show_progress_bar=show_progress_bar, strategy=strategy)
-            return loss, *(g if g is None or c is None else g * c.view(*g.shape[:-1], 1).to(g.dtype)
-                           for g, c in zip(grads, scales))
-    if strategy == "tiled":
-        from fastcache.triton.matryoshka import matryoshka_tiled
-
-        return matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
-                                dims, weights, need_grad)
-    fused = name == "cpu"  # the C++ Matryoshka epilogue; other backends run their contrastive epilogue per dim
-    if chunk_size is None:
-        chunk = slab_rows(layout, options, all_queries is not None, guide_dim, len(dims), name, queries,
-                          memory_budget)
-    else:
-        chunk = min(chunk_size, layout.rows)
-    return _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, dims, weights,
-                 None if fused else contrastive_epilogue.EPILOGUES[name], need_grad, chunk, show_progress_bar)
-
-
-def matryoshka_contrastive_loss(
-    queries: Tensor,
-    docs: Tensor,
-    *,
-    dims: Sequence[int],
-    weights: Sequence[float] | None = None,
-    all_queries: Tensor | None = None,
-    guide_queries: Tensor | None = None,
-    guide_docs: Tensor | None = None,
-    doc_ids: Tensor | None = None,
-    **options,
-) -> Tensor:
-    """Σ_k weights[k] · :func:`fastcache.contrastive_loss` of the embeddings truncated to their first dims[k]
-    dimensions (each truncation normalised on its own for similarity="cos"), computed in one sweep over D;
-    differentiable w.r.t. ``queries``, ``docs`` and ``all_queries``.
-
-    Args:
-        dims: distinct positive ints, each at most D, in any order (e.g. [384, 256, 128, 64, 32]).
-        weights: one finite number per dim (default 1 each).
-        queries, docs, all_queries, guide_queries, guide_docs, doc_ids, and every option and setting: as
-            :func:`fastcache.contrastive_loss` (the guide embeddings are never truncated), strategy included:
-            "tiled" runs the Triton multi-dim tiled kernels (fastcache/triton/matryoshka.py), "auto" chooses as
-            the single-dim op does.
-
-    Returns: the weighted sum of the per-dim mean losses, a 0-d float32 tensor (float64 for float64 inputs).
-    """
-    refuse_functorch("fastcache.ops.matryoshka.matryoshka_contrastive_loss")
-    options, settings = _parse(options)
-    guides = [t.detach() if isinstance(t, Tensor) else t for t in (guide_queries, guide_docs)]
-
-    def run(need_grad: bool):
-        return _run(queries, docs, all_queries, *guides, doc_ids, dims, weights, options, need_grad, **settings)
-
-    return PrecomputedGradLoss.apply(run, queries, docs, all_queries)
-
-
-def matryoshka_contrastive_loss_and_grad(
-    queries: Tensor,
-    docs: Tensor,
-    *,
-    dims: Sequence[int],
-    weights: Sequence[float] | None = None,
-    all_queries: Tensor | None = None,
-    guide_queries: Tensor | None = None,
-    guide_docs: Tensor | None = None,
-    doc_ids: Tensor | None = None,
-    **options,
-) -> ContrastiveLossAndGrad:
-    """:func:`matryoshka_contrastive_loss` and its gradients w.r.t. the embeddings in one pass, without an autograd
-    graph (what gradient caching consumes). Same arguments; gradients come in the inputs' dtypes and shapes."""
-    options, settings = _parse(options)
-    inputs = [t.detach() if isinstance(t, Tensor) else t
-              for t in (queries, docs, all_queries, guide_queries, guide_docs, doc_ids)]
-    return one_pass(lambda need_grad: _run(*inputs, dims, weights, options, need_grad, **settings), queries, docs,
-                    all_queries)

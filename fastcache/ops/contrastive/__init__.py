@@ -1,0 +1,55 @@
+"""The in-batch contrastive loss (InfoNCE / MultipleNegativesRankingLoss / GISTEmbedLoss) from embeddings, fused.
+
+Notation: B local queries q_i, candidates d_j (N = C·P of them, column-major: the P positives, then each
+hard-negative column), query columns Q_k (Mq of them: ``all_queries``, else the queries themselves), the positive
+of row i is candidate ``offset + i`` and p_i = d_{offset+i}. With s(a, b) the cosine (or dot) similarity:
+
+    query_to_doc    s(q_i, d_j)   j < N    (the positive is here)
+    query_to_query  s(q_i, Q_k)   k < Mq,  k = own query masked
+    doc_to_query    s(Q_k, p_i)   k < Mq
+    doc_to_doc      s(p_i, d_j)   j < N,   j ≡ offset+i (mod P) masked
+
+    logit = scale·s  (+ hardness_strength·stopgrad(s) on the penalised query_to_doc columns)
+    joint:          loss = mean_i [ logsumexp_{all blocks} logit_i - logit_i,pos ]
+    per_direction:  loss = mean_i [ mean_b logsumexp_b logit_i - logit_i,pos ]
+
+With a ``guide`` (GISTEmbedLoss), column j of a block is masked when the guide's similarity exceeds the guide's
+positive similarity g_i,pos minus the margin (``absolute``: g - margin, ``relative``: g - |g|·margin), the
+positive never; query_to_query is then the anchor-anchor block (q_i against the B local queries) and doc_to_doc
+the positive-positive block (p_i against the P positives), both masked by the guide only.
+
+With ``doc_ids`` (an integer per candidate, e.g. a hash of its token ids), a candidate with the id of row i's
+positive is a duplicate of it: masked in query_to_doc (never the positive itself) and in doc_to_doc.
+
+Two strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
+
+- slab (fastcache/ops/contrastive/slab.py): rows in chunks; per chunk, GEMMs into chunk×columns blocks, one fused
+  epilogue (C++, CUDA, Triton or PyTorch: fastcache/ops/contrastive/epilogue.py) that turns the blocks into dL/ds
+  in place (and gives the per-row losses), then GEMMs that accumulate dL/dq, dL/dd, dL/dQ. Memory
+  O(chunk·(N + Mq)) on top of O((B + N + Mq)·D), the chunk chosen from a memory budget. On the cpu backend the
+  whole loop is one C++ call (``_slab_cpu``).
+- tiled (fastcache/ops/contrastive/tiled.py, launching the Triton kernels of fastcache/triton/contrastive.py): no
+  block is ever held beyond one tile; a forward pass keeps per-row statistics, the backward recomputes the tiles.
+  Memory O((B + N + Mq)·D).
+
+The package, each module importing only the ones listed before it (and fastcache.triton, _backend, _autograd_guard):
+
+    options     ContrastiveOptions, ContrastiveLayout, ContrastiveLossAndGrad, check_inputs, argument parsing
+    normalize   row normalisation and its backward; the guide and id operands
+    epilogue    the slab epilogue of every backend (contract in its docstring), backend availability
+    slab        the slab strategy: chunk sizes, GEMMs (their precision: low_precision_gemms, operand_grad_scale)
+    tiled       the tiled strategy's host code: operands, launches of fastcache/triton/contrastive.py's kernels
+    autograd    PrecomputedGradLoss (shared with the Matryoshka op) and one_pass
+    op          contrastive_loss, contrastive_loss_and_grad: checks, strategy and backend choice
+"""
+
+from fastcache.ops.contrastive.op import contrastive_loss, contrastive_loss_and_grad
+from fastcache.ops.contrastive.options import (
+    ContrastiveLayout,
+    ContrastiveLossAndGrad,
+    ContrastiveOptions,
+    check_inputs,
+)
+
+__all__ = ["ContrastiveLayout", "ContrastiveLossAndGrad", "ContrastiveOptions", "check_inputs", "contrastive_loss",
+           "contrastive_loss_and_grad"]

@@ -1,0 +1,136 @@
+"""The tiled strategy of the contrastive op: the host side of fastcache/triton/contrastive.py's tiled kernels (their
+algorithm, FLOPs and memory are in that module's docstring): the operands normalised in their own dtype, the guide's
+positive similarities, the gradient accumulators, the launches, then the normalisation backward.
+
+Kernels are decorated when fastcache.triton.contrastive is first imported: set TRITON_INTERPRET=1 before importing
+this module to run them on CPU tensors.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+from torch import Tensor
+
+from fastcache.ops.contrastive.normalize import (
+    _normalized_backward_in_chunks_,
+    _normalized_in_own_dtype,
+    guide_and_id_operands,
+)
+from fastcache.ops.contrastive.slab import operand_grad_scale
+from fastcache.triton import contrastive as kernels
+from fastcache.triton.contrastive import (
+    BACKWARD_TILES,
+    BACKWARD_WARPS,
+    HARDNESS_CODES,
+    KIND_CODES,
+    PARTITION_BLOCK,
+    TILE_K,
+    TILE_M,
+    TILE_N,
+    TILE_STAGES,
+    TILE_WARPS,
+    _acc_type,
+    _scalars,
+)
+
+
+class _Block(NamedTuple):
+    """One direction of the tiled computation: its rows and columns (and the guide's), where their gradients go."""
+
+    kind: str
+    rows: Tensor
+    cols: Tensor
+    guide_rows: Tensor | None
+    guide_cols: Tensor | None
+    grad_rows: Tensor | None
+    grad_cols: Tensor | None
+
+
+def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
+                      need_grad: bool):
+    """The tiled strategy; returns what the slab (``fastcache.ops.contrastive.slab._slab``) returns: the loss (0-d, fp32 or fp64) and, when ``need_grad``,
+    the gradients w.r.t. queries, docs and all_queries (fp32 or fp64; None where not needed)."""
+    acc = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    cosine = options.similarity == "cos"
+    B, P, off = layout.rows, layout.positives, options.offset
+    q, q_norm = _normalized_in_own_dtype(queries, acc, cosine)
+    d, d_norm = _normalized_in_own_dtype(docs.reshape(-1, layout.dim), acc, cosine)
+    gathered = all_queries is not None
+    Q, Q_norm = _normalized_in_own_dtype(all_queries, acc, cosine) if gathered else (q, q_norm)
+    p = d[off:off + B]
+    guided = guide_queries is not None
+    gq, gd, ids = guide_and_id_operands(guide_queries, guide_docs, doc_ids, acc)
+    gpos = torch.linalg.vecdot(gq, gd[off:off + B]) if guided else None
+    grad_q = grad_d = grad_Q = None
+    if need_grad:
+        grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
+        grad_d = torch.zeros(d.shape, dtype=acc, device=q.device)
+        grad_Q = torch.zeros(Q.shape, dtype=acc, device=q.device) if gathered else grad_q
+    grad_p = None if grad_d is None else grad_d[off:off + B]
+    make = {
+        "query_to_doc": lambda: _Block("query_to_doc", q, d, gq, gd, grad_q, grad_d),
+        "query_to_query": lambda: _Block("query_to_query", q, q if guided else Q, gq, gq, grad_q,
+                                         grad_q if guided else grad_Q),
+        "doc_to_query": lambda: _Block("doc_to_query", p, Q, None, None, grad_p, grad_Q),
+        "doc_to_doc": lambda: _Block("doc_to_doc", p, d[:P] if guided else d, gd[off:off + B] if guided else None,
+                                     gd[:P] if guided else None, grad_p,
+                                     None if grad_d is None else grad_d[:P] if guided else grad_d),
+    }
+    blocks = [make[k]() for k in options.directions]
+    joint = options.partition_mode == "joint"
+    coef = options.scale / B / (1 if joint else len(blocks))
+    grad_scale = operand_grad_scale(abs(options.scale) / B)
+    params = _scalars(acc, q.device, options, coef, options.scale / B, grad_scale)
+    constants = dict(HARDNESS=HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, GUIDED=guided,
+                     HAS_IDS=ids is not None, RELATIVE_MARGIN=options.margin_strategy == "relative",
+                     BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K, ACC=_acc_type(acc),
+                     WIDEN=q.device.type == "cpu" and q.dtype == torch.bfloat16)
+
+    def arguments(block: _Block) -> tuple:
+        guide_rows = block.guide_rows if guided else block.rows
+        guide_cols = block.guide_cols if guided else block.cols
+        return (block.rows, block.cols, guide_rows, guide_cols, block.rows if ids is None else ids,
+                guide_rows if gpos is None else gpos, params, block.rows.stride(0), block.cols.stride(0),
+                guide_rows.stride(0), guide_cols.stride(0), B, block.cols.size(0), layout.dim, guide_rows.size(1),
+                P, off, layout.own_query_offset)
+
+    # per block (KIND_CODES order) and row: maximum logit and sum of exp(logit - maximum); absent blocks -inf, 0
+    maxima = torch.full((4, B), float("-inf"), dtype=acc, device=q.device)
+    totals = torch.zeros((4, B), dtype=acc, device=q.device)
+    pos_logit = torch.empty(B, dtype=acc, device=q.device)
+    for block in blocks:
+        kind = KIND_CODES[block.kind]
+        kernels._tiled_logsumexp_kernel[(triton.cdiv(B, TILE_M),)](
+            *arguments(block), maxima[kind], totals[kind], pos_logit, KIND=kind, **constants,
+            num_warps=TILE_WARPS, num_stages=1 if guided and q.element_size() == 4 else TILE_STAGES)  # no spill
+    loss_rows, factors = torch.empty(B, dtype=acc, device=q.device), torch.empty_like(totals)
+    kernels._tiled_partition_kernel[(triton.cdiv(B, PARTITION_BLOCK),)](
+        maxima, totals, pos_logit, params, loss_rows, factors, B, JOINT=joint, NUM_BLOCKS=len(blocks),
+        BLOCK=PARTITION_BLOCK)
+    loss = loss_rows.sum() / B
+    if not need_grad:
+        return loss, None, None, None
+    own, swept, block_do, stages = BACKWARD_TILES[q.element_size(), guided]
+    block_do = min(block_do, max(16, triton.next_power_of_2(layout.dim)))
+    fused_dq = "doc_to_query" in options.directions and not gathered  # its gradient comes with query_to_doc's
+    dq = KIND_CODES["doc_to_query"]
+    for block in blocks:
+        kind = KIND_CODES[block.kind]
+        if fused_dq and block.kind == "doc_to_query":
+            continue
+        for by_columns, out, count in ((False, block.grad_rows, B), (True, block.grad_cols, block.cols.size(0))):
+            tiles = dict(BLOCK_M=swept, BLOCK_N=own) if by_columns else dict(BLOCK_M=own, BLOCK_N=swept)
+            kernels._tiled_grad_kernel[(triton.cdiv(count, own),)](
+                *arguments(block), maxima[kind], factors[kind], out, out.stride(0), maxima[dq], factors[dq],
+                KIND=kind, **dict(constants, **tiles), BY_COLUMNS=by_columns, BLOCK_DO=block_do,
+                WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", num_warps=BACKWARD_WARPS,
+                num_stages=stages)
+    for grad in {id(t): t for t in (grad_q, grad_d, grad_Q)}.values():
+        grad.div_(grad_scale)
+    grad_queries = _normalized_backward_in_chunks_(grad_q, q, q_norm)
+    grad_docs = _normalized_backward_in_chunks_(grad_d, d, d_norm).view(docs.shape)
+    grad_all = _normalized_backward_in_chunks_(grad_Q, Q, Q_norm) if gathered else None
+    return loss, grad_queries, grad_docs, grad_all

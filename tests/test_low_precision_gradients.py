@@ -123,9 +123,9 @@ def test_unscaled_fp16_operand_loses_the_negatives(monkeypatch, strategy, matryo
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_fp16_saved_gradients_survive_a_loss_scale(monkeypatch, backend):
-    """The op's autograd Function keeps its fp16 gradients between forward and backward as p·g (a power of two,
-    undone after the incoming gradient is applied): the negatives' ~1e-9 gradients, exact in the fp32 maths of the
-    CPU backends, reach the loss-scaled backward instead of being flushed to 0 when saved (the old code: 0)."""
+    """The op's autograd Function keeps the gradients of fp16 inputs in fp32 between forward and backward (cast
+    after the incoming gradient is applied): the negatives' ~1e-9 gradients, exact in the fp32 maths of the CPU
+    backends, reach the loss-scaled backward instead of being flushed to 0 when saved (the old code: 0)."""
     queries, docs = orthogonal_negatives(torch.float16)
     exact = truth(queries, docs, False)
     q, d = queries.clone().requires_grad_(), docs.clone().requires_grad_()

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from fastcache.ops._autograd_guard import refuse_double_backward
 from fastcache.ops.contrastive.options import ContrastiveLossAndGrad, ContrastiveOptions
-from fastcache.ops.contrastive.slab import operand_grad_scale
 
 LossAndGrads = Callable[..., tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]]
 
@@ -27,10 +26,10 @@ class PrecomputedGradLoss(torch.autograd.Function):
     None); backward scales them by the incoming gradient. The guides and ids get no gradient (the public functions
     pass the guides detached). First-order only: a backward with ``create_graph=True`` raises.
 
-    The gradients are kept in their inputs' dtypes; fp16 ones as p·g with p a power of two (``operand_grad_scale``
-    of their largest entry), undone in backward after the incoming gradient is applied: a loss scale (AMP's
-    GradScaler, 2^16 by default) then brings entries far below fp16's range (~2e-9 per negative at B=65536) back
-    up instead of finding them flushed to 0."""
+    The gradients are kept in their inputs' dtypes, but for fp16 inputs in fp32 (twice the memory), cast after the
+    incoming gradient is applied: a loss scale (AMP's GradScaler, 2^16 by default) then brings entries far below
+    fp16's range (~2e-9 per negative at B=65536) back up instead of finding them flushed to 0, and without one the
+    result is the one-pass path's to the bit."""
 
     @staticmethod
     def forward(ctx, op: LossAndGrads, options: ContrastiveOptions, settings: Mapping, queries: Tensor, docs: Tensor,
@@ -40,20 +39,17 @@ class PrecomputedGradLoss(torch.autograd.Function):
         loss, gq, gd, gaq = op(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, need_grad,
                                **settings)
         if need_grad:
-            pairs = ((gq, queries), (gd, docs), (gaq, all_queries))
-            largest = max((float(g.abs().max()) for g, x in pairs if g is not None and x.dtype == torch.float16),
-                          default=0.0)
-            ctx.grad_scale = operand_grad_scale(largest) if largest > 0 else 1.0
-            ctx.save_for_backward(*(None if g is None else g.mul(ctx.grad_scale).to(x.dtype)
-                                    if x.dtype == torch.float16 else g.to(x.dtype) for g, x in pairs))
+            ctx.dtypes = [None if x is None else x.dtype for x in (queries, docs, all_queries)]
+            ctx.save_for_backward(*(None if g is None else g if x.dtype == torch.float16 else g.to(x.dtype)
+                                    for g, x in ((gq, queries), (gd, docs), (gaq, all_queries))))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         refuse_double_backward("fastcache's contrastive op")
         return (None, None, None,
-                *(None if g is None else g * grad_loss.to(g.dtype) if g.dtype != torch.float16 else
-                  (g.float() * (grad_loss.float() / ctx.grad_scale)).to(g.dtype) for g in ctx.saved_tensors),
+                *(None if g is None else (g * grad_loss.to(g.dtype)).to(dtype)
+                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)),
                 None, None, None)
 
 

@@ -390,7 +390,7 @@ BAD = [
     (dict(dims=[8, 4], weights=[1.0]), "weights must be a sequence of 2"),
     (dict(dims=[8, 4], weights=[1.0, float("nan")]), "finite"),
     (dict(dims=[8, 4], chunk_size=0), "chunk_size"),
-    (dict(dims=[8, 4], scale=-1.0), "scale"),
+    (dict(dims=[8, 4], scale=0.0), "scale"),
 ]
 
 

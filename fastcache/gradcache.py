@@ -15,6 +15,7 @@ size string such as '512MiB', by the same rule as ``FASTCACHE_MEMORY_BUDGET``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
 
@@ -136,13 +137,16 @@ class AutoMiniBatch:
 
 class FusedGradCacheMixin:
     """``forward_cached`` for a loss built on sentence-transformers' CachedLossMixin (it provides
-    ``embed_minibatch_iter``, ``mini_batch_size``, ``mini_batch_num_tokens``) whose ``calculate_loss`` is fused
-    (``fused``; ``unfused_reason()`` says why not, naming the argument: ``mini_batch_size="auto"`` needs it fused).
+    ``embed_minibatch_iter``, ``mini_batch_size``, ``mini_batch_num_tokens``) whose loss stage is fused.
+
+    What the loss tells the engine, through methods, not attributes: :meth:`unfused_reason` (``mini_batch_size=
+    "auto"`` needs the fused loss stage), and :meth:`loss_stage_keywords` (keywords for the loss stage computed from
+    the batch's inputs, e.g. fastcache.losses' duplicate ids ``doc_ids``). The loss stage is ``calculate_loss``, or
+    the one :meth:`forward_cached` is given (fastcache's MatryoshkaLoss gives its op to the inner loss's).
 
     Losses whose ``embed_minibatch_iter`` yields extra per-mini-batch outputs between the embeddings and the RNG
     state (CachedGISTEmbedLoss: the guide's embeddings) get them, concatenated per column, as the second argument
-    of ``calculate_loss`` instead of the labels. With ``mask_duplicates`` (fastcache.losses), the candidates'
-    duplicate ids, computed from the token ids, reach ``calculate_loss`` as ``doc_ids``.
+    of the loss stage instead of the labels.
     """
 
     def __init__(self, *args, mini_batch_memory_budget: int | None = None, **kwargs) -> None:
@@ -150,12 +154,21 @@ class FusedGradCacheMixin:
         size = self.mini_batch_size
         if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
             raise ValueError(f"mini_batch_size must be a positive int or 'auto', got {size!r}")
-        if size == "auto" and not self.fused:
-            raise ValueError(f"mini_batch_size='auto' needs the fused loss, and {self.unfused_reason()}")
+        reason = self.unfused_reason() if size == "auto" else None
+        if reason is not None:
+            raise ValueError(f"mini_batch_size='auto' needs the fused loss, and {reason}")
         budget = DEFAULT_MINI_BATCH_BUDGET
         if mini_batch_memory_budget is not None or size == "auto":  # the variable matters only to "auto"
             budget = mini_batch_budget(mini_batch_memory_budget)
         self.auto_mini_batch = AutoMiniBatch(budget)
+
+    def unfused_reason(self) -> str | None:
+        """Why the loss stage has no fused form, naming the argument; None when it has one. The loss implements it."""
+        raise NotImplementedError
+
+    def loss_stage_keywords(self, sentence_features: list[dict[str, Tensor]]) -> dict:
+        """Keywords for the loss stage computed from the batch's inputs before embedding; none by default."""
+        return {}
 
     def _ranges(self, features: dict[str, Tensor]) -> list[tuple[int, int]]:
         """The mini-batches of one column: upstream's (by size or token budget), or sized from the memory budget."""
@@ -166,7 +179,11 @@ class FusedGradCacheMixin:
         rows = features["input_ids"].size(0)
         return [(begin, min(begin + size, rows)) for begin in range(0, rows, size)]
 
-    def forward_cached(self, sentence_features, labels: Tensor | None = None) -> Tensor:
+    def forward_cached(self, sentence_features, labels: Tensor | None = None,
+                       loss_stage: Callable[..., Tensor] | None = None) -> Tensor:
+        """GradCache's forward: ``loss_stage(reps, labels or extras, with_backward=..., **loss_stage_keywords)``,
+        by default ``self.calculate_loss``, computes the loss of the mini-batch embeddings ``reps``."""
+        loss_stage = self.calculate_loss if loss_stage is None else loss_stage
         sentence_features = list(sentence_features)
         grad_enabled = torch.is_grad_enabled()
         # the replay must use step (1)'s boundaries: modules may edit the features in place while embedding
@@ -186,11 +203,10 @@ class FusedGradCacheMixin:
         second = labels
         if extras and extras[0] and extras[0][0]:  # e.g. the guide's embeddings: one list of mini-batches a column
             second = [[mb[0] for mb in column] for column in extras]
-        doc_ids = self.duplicate_ids(sentence_features) if getattr(self, "mask_duplicates", False) else None
-        extra = {} if doc_ids is None else {"doc_ids": doc_ids}
+        extra = self.loss_stage_keywords(sentence_features)
         if not grad_enabled:  # evaluation: no gradients to cache, no backward to hook into
-            return self.calculate_loss(reps, second, **extra)
-        loss = self.calculate_loss(reps, second, with_backward=True, **extra).detach().requires_grad_()
+            return loss_stage(reps, second, **extra)
+        loss = loss_stage(reps, second, with_backward=True, **extra).detach().requires_grad_()
         cache = [[r.grad for r in column] for column in reps]
         unused = [str(i) for i, column in enumerate(cache) if any(g is None for g in column)]
         if unused:

@@ -13,6 +13,8 @@ inside a small model, once, because its code generation takes tens of seconds on
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -50,15 +52,16 @@ def _embedding_step(loss, name: str, rows: int):
     return [value.detach()] + [e.grad for e in embeddings]
 
 
-def _embedding_function(loss, name: str):
+def _embedding_function(loss, name: str, op=None):
     """The loss's embedding-level entry point: compute_loss_from_embeddings, calculate_loss, or (GIST)
-    the fused GIST loss of embeddings and guide embeddings."""
+    the fused GIST loss of embeddings and guide embeddings; with an ``op`` (a fastcache.losses.fused_contrastive
+    LossOp, e.g. MatryoshkaLoss.step_op()), the same entry points through that op."""
     if "Cached" in name:
-        return loss.calculate_loss
+        return loss.calculate_loss if op is None else partial(loss.cached_loss, op=op)
     if "GIST" in name:
-        from fastcache.losses.gist_embed import fused_gist_loss
-
-        return lambda embeddings, guide: fused_gist_loss(loss, embeddings, guide)
+        return lambda embeddings, guide: loss.fused_loss(embeddings, guide, **({} if op is None else {"op": op}))
+    if op is not None:
+        return lambda embeddings, labels: loss.fused_loss(embeddings, op=op)
     return loss.compute_loss_from_embeddings
 
 
@@ -81,13 +84,13 @@ def test_losses_embedding_level_aot_eager(tiny_model, tiny_guide_model, name):
 @pytest.mark.parametrize("inner", MATRYOSHKA_INNER)
 def test_matryoshka_loss_embedding_level_aot_eager(tiny_model, tiny_guide_model, inner):
     """fastcache's MatryoshkaLoss (dims 16/5 of 16): the inner loss's embedding-level entry point compiled, run
-    inside ``fused_step`` (every dim in one op call; one step's op, so that dynamo's guards on it hold)."""
+    through the Matryoshka op of one step (every dim in one op call; one step's op, so that dynamo's guards on it
+    hold), as its forward runs it."""
     loss = make_matryoshka_loss(inner, tiny_model, tiny_guide_model, dims=[16, 5])
-    eager = _embedding_function(loss.loss, inner)
+    eager = _embedding_function(loss.loss, inner, loss.step_op())
     compiled = torch.compile(eager, backend="aot_eager")
-    with loss.fused_step():
-        for rows in (6, 6, 5):
-            _assert_all_close(_embedding_step(compiled, inner, rows), _embedding_step(eager, inner, rows))
+    for rows in (6, 6, 5):
+        _assert_all_close(_embedding_step(compiled, inner, rows), _embedding_step(eager, inner, rows))
 
 
 def _model_step(loss, model) -> list[torch.Tensor]:

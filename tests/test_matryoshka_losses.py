@@ -259,3 +259,61 @@ def test_bench_table_quick(tmp_path):
     multi = [case["loss"] for case in cases.values() if len(case["dims"]) > 1]
     assert len(multi) == 3 and max(multi) - min(multi) <= 1e-5 * abs(multi[0])
     assert all(case["min_s"] > 0 for case in cases.values())
+
+
+def _unfusable_similarity(loss):
+    loss.similarity_fct = euclidean_sim  # no fused form
+
+
+def _summed_cross_entropy(loss):
+    loss.cross_entropy_loss = torch.nn.CrossEntropyLoss(reduction="sum")  # GIST: not the module the op computes
+
+
+CHANGES_AFTER_WRAPPING = {"MultipleNegativesRankingLoss": _unfusable_similarity,
+                          "CachedMultipleNegativesRankingLoss": _unfusable_similarity,
+                          "GISTEmbedLoss": _summed_cross_entropy, "CachedGISTEmbedLoss": _summed_cross_entropy}
+
+
+@pytest.mark.parametrize("name", list(CHANGES_AFTER_WRAPPING))
+def test_inner_loss_changed_after_wrapping_gives_upstream_result(model, guide, op_calls, name):
+    """MatryoshkaLoss decides at every forward whether to fuse: an inner loss changed after wrapping to a
+    configuration without a fused form (here on the instance) runs upstream's Matryoshka code, with its result."""
+    runs = {}
+    for impl in ("st", "fc"):
+        loss = _wrapped(impl, name, model, guide, [32, 12])
+        assert impl == "st" or loss.fused
+        CHANGES_AFTER_WRAPPING[name](loss.loss)
+        assert impl == "st" or not loss.fused
+        runs[impl] = tl._run(loss, model, tl._texts(3))
+    tl._assert_same(runs["fc"], runs["st"], what=f"Matryoshka({name}) changed after wrapping")
+    assert op_calls == []
+
+
+@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"])
+def test_inner_loss_made_fusable_after_wrapping_fuses(model, guide, op_calls, name):
+    """An inner loss wrapped without a fused form and changed to one afterwards runs every dim in one fused call,
+    with upstream's result."""
+    runs = {}
+    for impl in ("st", "fc"):
+        loss = _wrapped(impl, name, model, guide, [32, 12],
+                        inner_kwargs={**tl.MAIN_KWARGS[name], "similarity_fct": euclidean_sim})
+        assert impl == "st" or not loss.fused
+        loss.loss.similarity_fct = tl.cos_sim
+        runs[impl] = tl._run(loss, model, tl._texts(3))
+    tl._assert_same(runs["fc"], runs["st"], what=f"Matryoshka({name}) made fusable after wrapping")
+    assert op_calls == [[32, 12]]
+
+
+@pytest.mark.parametrize("name", tl.NAMES)
+def test_inner_loss_left_as_upstream_wrapping_leaves_it(model, guide, name):
+    """fastcache's MatryoshkaLoss sets, replaces and deletes nothing on the inner loss, at construction or in a
+    fused step: its attributes are those upstream's MatryoshkaLoss leaves (a cached loss's calculate_loss wrapped
+    in upstream's per-dim decorator, which runs when the loss does not fuse)."""
+    inner = tl._make(name, "fc", model, guide, **tl.MAIN_KWARGS[name])
+    before = dict(vars(inner))
+    loss = fc_losses.MatryoshkaLoss(model, inner, [32, 12])
+    added = {"calculate_loss"} if name.startswith("Cached") else set()
+    for _ in range(2):
+        assert set(vars(inner)) == set(before) | added
+        assert all(vars(inner)[key] is value for key, value in before.items())
+        tl._run(loss, model, tl._texts(3))

@@ -33,45 +33,9 @@ from sentence_transformers.sentence_transformer import losses as st_losses
 from sentence_transformers.util import all_gather_with_grad, get_rank
 from torch import Tensor
 
-from fastcache.gradcache import FusedGradCacheMixin
 from fastcache.losses.arguments import as_float, changed_modules, describe, finite_float
-from fastcache.losses.multiple_negatives_ranking import (DuplicateMasking, cached_loss_stage, check_columns,
-                                                        check_same_layout_on_every_rank, gathering, loss_op)
-from fastcache.ops.contrastive import ContrastiveLossAndGrad
-
-
-def fused_gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tensor],
-                    doc_ids: Tensor | None = None, with_grad: bool = False) -> Tensor | ContrastiveLossAndGrad:
-    """The GISTEmbedLoss of anchors, positives and any negative columns (``loss`` holds temperature, margin,
-    margin_strategy, contrast_anchors, contrast_positives, gather_across_devices; ``doc_ids`` [C, P] masks
-    duplicates); ``with_grad``: the loss and its embedding gradients without a graph (not when gathering)."""
-    check_columns(embeddings)
-    if len(guide_embeddings) != len(embeddings):
-        raise ValueError(f"The guide gave {len(guide_embeddings)} columns of embeddings, the model {len(embeddings)}")
-    anchors, candidates = embeddings[0], embeddings[1:]
-    guide_anchors, guide_candidates = guide_embeddings[0], guide_embeddings[1:]
-    offset = 0
-    if gathering(loss.gather_across_devices):  # anchors stay local; candidates are gathered
-        check_same_layout_on_every_rank(anchors.device, columns=len(embeddings), rows=anchors.size(0),
-                                        dim=anchors.size(1), guide_dim=guide_anchors.size(1))
-        candidates = [all_gather_with_grad(c) for c in candidates]
-        guide_candidates = [all_gather_with_grad(c) for c in guide_candidates]
-        offset = get_rank() * anchors.size(0)
-    directions = ("query_to_doc",) + ("query_to_query",) * loss.contrast_anchors + (
-        "doc_to_doc",) * loss.contrast_positives
-    return loss_op(loss, with_grad)(
-        anchors,
-        torch.stack(candidates),
-        guide_queries=guide_anchors,
-        guide_docs=torch.stack(guide_candidates),
-        scale=1.0 / as_float(loss.temperature),
-        similarity="cos",
-        directions=directions,
-        offset=offset,
-        margin=as_float(loss.margin),
-        margin_strategy=loss.margin_strategy,
-        doc_ids=None if doc_ids is None else doc_ids.to(anchors.device),
-    )
+from fastcache.losses.fused_contrastive import (CONTRASTIVE, FusedCachedContrastiveLoss, FusedContrastiveLoss, LossOp,
+                                                check_columns, check_same_layout_on_every_rank, gathering)
 
 
 def retokenized_for_guide(loss, features: dict[str, Tensor]) -> dict:
@@ -81,8 +45,8 @@ def retokenized_for_guide(loss, features: dict[str, Tensor]) -> dict:
     return {k: v.to(loss.guide.device) if isinstance(v, Tensor) else v for k, v in loss.guide.preprocess(texts).items()}
 
 
-class _GISTOptions(DuplicateMasking):
-    """The options of the GIST losses that the fused op takes."""
+class _GISTOptions(FusedContrastiveLoss):
+    """The options of the GIST losses that the fused op takes, and their adapter."""
 
     def unfused_reason(self) -> str | None:
         temperature = as_float(self.temperature)
@@ -93,6 +57,39 @@ class _GISTOptions(DuplicateMasking):
             return f"{describe('margin', self.margin)} is not a finite number"
         return changed_modules(self, "similarity_fct", "cross_entropy_loss")  # replaced after construction
 
+    def op_arguments(self, embeddings: list[Tensor], guide_embeddings: list[Tensor] | None = None,
+                     doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor, dict]:
+        """The GISTEmbedLoss of anchors, positives and any negative columns as op arguments: the anchors are the
+        queries, the candidates the docs [C, P, D], the guide's columns the guide queries and docs, with
+        scale = 1 / temperature, margin, margin_strategy and the directions of contrast_anchors and
+        contrast_positives; anchors stay local and candidates are gathered with gather_across_devices."""
+        check_columns(embeddings)
+        if guide_embeddings is None or len(guide_embeddings) != len(embeddings):
+            raise ValueError(f"The guide gave {0 if guide_embeddings is None else len(guide_embeddings)} columns of "
+                             f"embeddings, the model {len(embeddings)}")
+        anchors, candidates = embeddings[0], embeddings[1:]
+        guide_anchors, guide_candidates = guide_embeddings[0], guide_embeddings[1:]
+        offset = 0
+        if gathering(self.gather_across_devices):  # anchors stay local; candidates are gathered
+            check_same_layout_on_every_rank(anchors.device, columns=len(embeddings), rows=anchors.size(0),
+                                            dim=anchors.size(1), guide_dim=guide_anchors.size(1))
+            candidates = [all_gather_with_grad(c) for c in candidates]
+            guide_candidates = [all_gather_with_grad(c) for c in guide_candidates]
+            offset = get_rank() * anchors.size(0)
+        directions = ("query_to_doc",) + ("query_to_query",) * self.contrast_anchors + (
+            "doc_to_doc",) * self.contrast_positives
+        return anchors, torch.stack(candidates), dict(
+            guide_queries=guide_anchors,
+            guide_docs=torch.stack(guide_candidates),
+            scale=1.0 / as_float(self.temperature),
+            similarity="cos",
+            directions=directions,
+            offset=offset,
+            margin=as_float(self.margin),
+            margin_strategy=self.margin_strategy,
+            doc_ids=None if doc_ids is None else doc_ids.to(anchors.device),
+        )
+
 
 class GISTEmbedLoss(_GISTOptions, st_losses.GISTEmbedLoss):
     """sentence-transformers' GISTEmbedLoss, loss stage fused by fastcache."""
@@ -101,6 +98,10 @@ class GISTEmbedLoss(_GISTOptions, st_losses.GISTEmbedLoss):
         if not self.fused:
             self.check_duplicate_masking()
             return super().forward(sentence_features, labels)
+        return self.fused_forward(sentence_features, labels)
+
+    def fused_forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None,
+                      op: LossOp = CONTRASTIVE) -> Tensor:
         sentence_features = list(sentence_features)
         doc_ids = self.duplicate_ids(sentence_features)
         # the guide embeds shallow copies: it writes its outputs into the features it is given
@@ -112,10 +113,10 @@ class GISTEmbedLoss(_GISTOptions, st_losses.GISTEmbedLoss):
             guide_embeddings = embed_columns(self.guide, guide_features)
         if len(embeddings) not in (2, 3):
             raise ValueError(f"Expected 2 or 3 embeddings, got {len(embeddings)}")
-        return fused_gist_loss(self, embeddings, guide_embeddings, doc_ids)
+        return self.fused_loss(embeddings, guide_embeddings, doc_ids=doc_ids, op=op)
 
 
-class CachedGISTEmbedLoss(_GISTOptions, FusedGradCacheMixin, st_losses.CachedGISTEmbedLoss):
+class CachedGISTEmbedLoss(_GISTOptions, FusedCachedContrastiveLoss, st_losses.CachedGISTEmbedLoss):
     """sentence-transformers' CachedGISTEmbedLoss, loss stage fused by fastcache, with fastcache's gradient cache."""
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
@@ -141,7 +142,10 @@ class CachedGISTEmbedLoss(_GISTOptions, FusedGradCacheMixin, st_losses.CachedGIS
         if not self.fused:
             self.check_duplicate_masking()
             return super().calculate_loss(reps, reps_guided, with_backward=with_backward)
-        embeddings, guide_embeddings = [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided]
-        return cached_loss_stage(
-            self, reps, with_backward,
-            lambda with_grad: fused_gist_loss(self, embeddings, guide_embeddings, doc_ids, with_grad))
+        return self.cached_loss(reps, reps_guided, with_backward=with_backward, doc_ids=doc_ids)
+
+    def cached_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *, op: LossOp = CONTRASTIVE,
+                    with_backward: bool = False, doc_ids: Tensor | None = None) -> Tensor:
+        if len(reps) != len(reps_guided):
+            raise ValueError("reps and reps_guided must have the same length")
+        return self.minibatch_loss(reps, reps_guided, op, with_backward, doc_ids)

@@ -13,6 +13,7 @@ inside a small model, once, because its code generation takes tens of seconds on
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import pytest
@@ -136,6 +137,11 @@ class _Projected(torch.nn.Module):
                                 directions=(QD, QQ, DQ, DD), scale=10.0)
 
 
+# With ATEN_CPU_CAPABILITY forced (avx2 on an AVX-512 machine, torch 2.13 CPU), inductor's generated code is wrong
+# for plain PyTorch too: the same module around fastcache.reference's dense loss, compiled, gives a different loss
+# and bias gradients of 1e33 (measured 2026-12-07); without the variable both agree with eager.
+@pytest.mark.skipif(bool(os.environ.get("ATEN_CPU_CAPABILITY")),
+                    reason="inductor miscompiles plain PyTorch under a forced ATEN_CPU_CAPABILITY (not fastcache's)")
 def test_op_inside_a_model_inductor():
     if _backend.EXTENSION is None:
         pytest.skip(f"compiled extension not available: {_backend.EXTENSION_ERROR}")

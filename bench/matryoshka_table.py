@@ -131,6 +131,7 @@ def floor(B: int, D: int, dims: tuple[int, ...], repeats: int, seed: int = 0, **
     from fastcache import _backend, contrastive_loss_and_grad
     from fastcache.ops import contrastive as C
     from fastcache.ops.contrastive import epilogue as contrastive_epilogue
+    from fastcache.ops.contrastive.options import kernel_params
     from fastcache.ops.contrastive.slab import chunk_rows
     from fastcache.ops.matryoshka import matryoshka_contrastive_loss_and_grad
     from fastcache.ops.matryoshka import slab as M
@@ -140,7 +141,6 @@ def floor(B: int, D: int, dims: tuple[int, ...], repeats: int, seed: int = 0, **
     queries, docs = torch.randn(B, D, generator=generator), torch.randn(2 * B, D, generator=generator)
     options = C.ContrastiveOptions()
     layout = C.check_inputs(queries, docs, None, None, None, options)
-    compiled = contrastive_epilogue.compiled_options(options)
     q, d = (torch.nn.functional.normalize(x, dim=1) for x in (queries, docs))
     N, K = d.size(0), len(dims)
     segments = list(zip(dims[1:] + (0,), dims))
@@ -163,10 +163,10 @@ def floor(B: int, D: int, dims: tuple[int, ...], repeats: int, seed: int = 0, **
             middle = time.perf_counter()
             if fused:
                 extension.matryoshka_epilogue_cpu([blocks[:, :c]], [0], [], None, [norms_q[1][:, r0:r0 + c]],
-                                                  [norms_d[1]], [1.0] * K, r0, B, B, 0, 0, *compiled, True)
+                                                  [norms_d[1]], [1.0] * K, kernel_params(options, layout, 1, r0))
             else:
-                extension.contrastive_epilogue_cpu(blocks[0, :c], None, None, None, None, None, None, None, r0, B,
-                                                   B, 0, 0, *compiled, True)
+                extension.contrastive_epilogue_cpu(blocks[0, :c], None, None, None, None, None, None, None,
+                                                   kernel_params(options, layout, 1, r0))
             end = time.perf_counter()
             for k, (lo, hi) in enumerate(bounds):
                 grad_q[r0:r0 + c, lo:hi].addmm_(blocks[k, :c], d[:, lo:hi])

@@ -137,6 +137,7 @@ def runtime_launches(modules, config: str, dtype: str) -> list[tuple[str, object
     import torch
 
     from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions
+    from fastcache.ops.contrastive.options import KIND_CODES, kernel_params
     from fastcache.ops.contrastive import tiled as contrastive_host
     from fastcache.ops.contrastive.slab import block_columns, chunk_rows
     from fastcache.ops.matryoshka import tiled as matryoshka_host
@@ -187,7 +188,9 @@ def runtime_launches(modules, config: str, dtype: str) -> list[tuple[str, object
         blocks = {k: torch.empty(chunk, widths[k], dtype=acc, device=meta) for k in c["directions"]}
         guides = {k: torch.empty(chunk, widths[k], dtype=acc, device=meta)
                   for k in c["directions"] if guided}
-        contrastive.slab_epilogue(blocks, guides, doc_ids, 0, layout, options, True)
+        contrastive.slab_epilogue({KIND_CODES[k]: v for k, v in blocks.items()},
+                                  {KIND_CODES[k]: v for k, v in guides.items()}, doc_ids,
+                                  kernel_params(options, layout, len(blocks)))
 
     for strategy, run in (("tiled", tiled), ("matryoshka", matryoshka_tiled), ("slab", slab)):
         if strategy == "slab" and dtype == "bf16":

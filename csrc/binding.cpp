@@ -5,6 +5,7 @@
 #include "cpu/matryoshka.h"
 #include "cpu/normalize.h"
 #include "cpu/ranking.h"
+#include "params_binding.h"  // KernelParams (Python) -> ContrastiveParams: the contrastive entry points' last options
 #ifdef FASTCACHE_WITH_CUDA
 #include "cuda/contrastive_epilogue_torch.h"
 #include "cuda/ranking_torch.h"

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "cuda_host_emulation.h"
+#include "params_binding.h"  // the one conversion of Python's KernelParams into ContrastiveParams
 
 #include "cuda/contrastive_epilogue_kernel.cuh"
 // the binding itself, its device check turned to CPU tensors: it calls the launchers defined below
@@ -19,24 +20,25 @@ namespace {
 int emulated_threads = 64;
 
 template <typename T>
-const char* launch_on_host(const EpilogueBlock<T>* blocks, int num_blocks, const EpilogueParams& params, T* loss) {
+const char* launch_on_host(const EpilogueBlock<T>* blocks, int num_blocks, int64_t rows,
+                           const ContrastiveParams& params, T* loss) {
   Blocks<T> all{};
   all.count = num_blocks;
   for (int k = 0; k < num_blocks; ++k) all.b[k] = blocks[k];
-  emulation::run_grid(params.rows, emulated_threads, [&] { contrastive_epilogue_kernel<T>(all, params, loss); });
+  emulation::run_grid(rows, emulated_threads, [&] { contrastive_epilogue_kernel<T>(all, params, loss); });
   return nullptr;
 }
 
 }  // namespace
 
-const char* contrastive_epilogue_f32(const EpilogueBlock<float>* blocks, int num_blocks, const EpilogueParams& params,
-                                     float* loss, int, CUstream_st*) {
-  return launch_on_host(blocks, num_blocks, params, loss);
+const char* contrastive_epilogue_f32(const EpilogueBlock<float>* blocks, int num_blocks, int64_t rows,
+                                     const ContrastiveParams& params, float* loss, int, CUstream_st*) {
+  return launch_on_host(blocks, num_blocks, rows, params, loss);
 }
 
-const char* contrastive_epilogue_f64(const EpilogueBlock<double>* blocks, int num_blocks,
-                                     const EpilogueParams& params, double* loss, int, CUstream_st*) {
-  return launch_on_host(blocks, num_blocks, params, loss);
+const char* contrastive_epilogue_f64(const EpilogueBlock<double>* blocks, int num_blocks, int64_t rows,
+                                     const ContrastiveParams& params, double* loss, int, CUstream_st*) {
+  return launch_on_host(blocks, num_blocks, rows, params, loss);
 }
 
 }  // namespace cuda

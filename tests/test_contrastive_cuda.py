@@ -22,6 +22,7 @@ import torch
 from fastcache import _backend
 from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions
+from fastcache.ops.contrastive.options import kernel_params
 from helpers import OP_PATHS, assert_matches, make_batch, reference_loss_and_grads
 
 pytestmark = pytest.mark.cuda
@@ -198,12 +199,12 @@ def test_op_backend_cuda_matches_reference(dtype, options):
 def _binding_args(qd, **overrides):
     """The binding's positional arguments for a query_to_doc-only call on ``qd`` (rows 0.., P = rows)."""
     args = {"query_to_doc": qd, "query_to_query": None, "doc_to_query": None, "doc_to_doc": None,
-            "guide_query_to_doc": None, "guide_query_to_query": None, "guide_doc_to_doc": None, "doc_ids": None,
-            "row0": 0, "batch_size": qd.size(0), "num_positives": qd.size(0), "offset": 0, "own_query_offset": 0,
-            "scale": 20.0, "hardness_mode": 0, "hardness_strength": 0.0, "joint": True, "margin_strategy": 0,
-            "margin": 0.0, "compute_grad": True, "stream": torch.cuda.current_stream(qd.device).cuda_stream}
-    args.update(overrides)
-    return list(args.values())
+            "guide_query_to_doc": None, "guide_query_to_query": None, "guide_doc_to_doc": None, "doc_ids": None}
+    layout = ContrastiveLayout(qd.size(0), qd.size(0), 1, 1, qd.size(0), 0)
+    params = kernel_params(ContrastiveOptions(scale=20.0), layout, 1)
+    args.update((k, v) for k, v in overrides.items() if k in args)
+    params = params._replace(**{k: v for k, v in overrides.items() if k not in args})
+    return [*args.values(), params, torch.cuda.current_stream(qd.device).cuda_stream]
 
 
 @pytest.mark.parametrize("make_overrides, message", [

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fastcache import _backend, contrastive_loss_and_grad
+from fastcache.ops.contrastive.options import ContrastiveLayout, ContrastiveOptions, kernel_params
 from fastcache.ops.matryoshka import matryoshka_contrastive_loss
 from helpers import (
     MATRYOSHKA_OP_PATHS as PATHS,
@@ -115,13 +116,17 @@ def test_fused_cpu_epilogue_row_groups(extension, variant):
     check(batch, dims=[21, 13, 6], weights=[1.0, 0.5, 2.0], backend="cpu", chunk_size=70, **FUSED_VARIANTS[variant])
 
 
+def _kernel_params(c):
+    """The default options' kernel parameters for one query_to_doc chunk of c rows, c positives (rows 0..)."""
+    return kernel_params(ContrastiveOptions(), ContrastiveLayout(c, c, 1, 1, c, 0), 1)
+
+
 def _fused_arguments(c=40, n=50, K=3, seed=17):
     """Arguments of the C++ Matryoshka epilogue for one query_to_doc chunk of c rows against n candidates."""
     g = torch.Generator().manual_seed(seed)
     segments = torch.randn(K, c, n, generator=g) * 0.1
     row_scales, column_scales = torch.rand(K, c, generator=g) + 0.5, torch.rand(K, n, generator=g) + 0.5
-    return ([segments], [0], [], None, [row_scales], [column_scales], [1.0, 0.5, 0.25], 0, c, c, 0, 0, 20.0, 0,
-            0.0, True, 0, 0.0, True)
+    return ([segments], [0], [], None, [row_scales], [column_scales], [1.0, 0.5, 0.25], _kernel_params(c))
 
 
 def test_fused_cpu_epilogue_does_not_depend_on_the_thread_count(extension):
@@ -148,7 +153,7 @@ def test_fused_cpu_epilogue_does_not_depend_on_the_thread_count(extension):
     (lambda a: a.__setitem__(5, [a[5][0][:, :7]]), r"column_scales must have shape \[3, 50\]"),
     (lambda a: a.__setitem__(4, []), "row_scales and column_scales"),
     (lambda a: a.__setitem__(6, []), "weights: one per dim"),
-    (lambda a: a.__setitem__(10, 30), "with offset 30 exceed the 40 positives"),
+    (lambda a: a.__setitem__(7, a[7]._replace(offset=30)), "with offset 30 exceed the 40 positives"),
 ], ids=["strided", "segments", "dtype", "kind", "column_scales", "scales", "weights", "offset"])
 def test_fused_cpu_epilogue_bad_input(extension, change, match):
     arguments = list(_fused_arguments())
@@ -164,8 +169,8 @@ def _chunk_arguments(c=40, n=50, dim=12, dims=(12, 7, 3), seed=21):
     x, y = torch.randn(c, dim, generator=g), torch.randn(n, dim, generator=g)
     row_scales, column_scales = torch.rand(K, c, generator=g) + 0.5, torch.rand(K, n, generator=g) + 0.5
     return ([torch.empty(K, c, n)], [0], [], None, [row_scales], [column_scales], [1.0, 0.5, 0.25], list(dims), [x],
-            [y], [torch.zeros(c, dim)], [torch.zeros(dim, n)], [torch.zeros(K, c)], [torch.zeros(K, n)], 0, c, c, 0, 0,
-            20.0, 0, 0.0, True, 0, 0.0, True)
+            [y], [torch.zeros(c, dim)], [torch.zeros(dim, n)], [torch.zeros(K, c)], [torch.zeros(K, n)],
+            _kernel_params(c))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 8])

@@ -7,9 +7,10 @@
 //   (self / same-query, guide, and duplicates: candidates whose doc id equals the positive's)
 //   joint:         loss_i = logsumexp(all logits) - logit_pos
 //   per_direction: loss_i = mean_b logsumexp(block b) - logit_pos
-// and then, in place, s <- dL/ds = scale * coef_b * softmax_b(logits) (- scale / B at the positive), where
-// coef_b = 1/B (joint) or 1/(B * n_blocks) (per_direction) and L = mean over the B local rows. The hardness
-// penalty is detached, so d logit / d s = scale everywhere.
+// and then, in place, s <- dL/ds = coef * softmax_b(logits) (- pos_coef at the positive), where coef = scale/B
+// (joint) or scale/(B * n_blocks) (per_direction), pos_coef = scale/B (both in ContrastiveParams, computed by
+// kernel_params in Python) and L = mean over the B local rows. The hardness penalty is detached, so
+// d logit / d s = scale everywhere. The options arrive as one ContrastiveParams (csrc/contrastive_params.h).
 //
 // contrastive_slab_cpu (at the end): the slab strategy around this epilogue in one call: rows normalised
 // (normalize.cpp), per chunk s = X·Yᵀ into the blocks, the epilogue, then dX += (dL/ds)·Y and dY += (dL/ds)ᵀ·X per
@@ -31,12 +32,6 @@
 namespace fastcache {
 namespace {
 
-using row::Kind;
-using row::kDocToDoc;
-using row::kDocToQuery;
-using row::kQueryToDoc;
-using row::kQueryToQuery;
-using row::Params;
 using row::row_gradients;
 using row::row_loss;
 using row::RowBlock;
@@ -52,7 +47,7 @@ struct Block {
 
 // The epilogue of rows [begin, end): logits, log-partitions, losses and, in place, dL/ds.
 template <typename T>
-FASTCACHE_INLINE void epilogue_rows(Block<T>* blocks, int nblocks, int64_t begin, int64_t end, const Params& p,
+FASTCACHE_INLINE void epilogue_rows(Block<T>* blocks, int nblocks, int64_t begin, int64_t end, const ContrastiveParams& p,
                                     T* loss) {
   std::vector<T> own;  // scratch: a row's own query_to_doc columns
   RowBlock<T> rows[4];
@@ -69,17 +64,17 @@ FASTCACHE_INLINE void epilogue_rows(Block<T>* blocks, int nblocks, int64_t begin
 
 // Compiled once per instruction set (AVX-512, AVX2, baseline) and picked at load time on x86-64.
 FASTCACHE_SIMD_CLONES void epilogue_rows_float(Block<float>* blocks, int nblocks, int64_t begin, int64_t end,
-                                               const Params& p, float* loss) {
+                                               const ContrastiveParams& p, float* loss) {
   epilogue_rows(blocks, nblocks, begin, end, p, loss);
 }
 
-void epilogue_rows_double(Block<double>* blocks, int nblocks, int64_t begin, int64_t end, const Params& p,
+void epilogue_rows_double(Block<double>* blocks, int nblocks, int64_t begin, int64_t end, const ContrastiveParams& p,
                           double* loss) {
   epilogue_rows(blocks, nblocks, begin, end, p, loss);
 }
 
 template <typename T>
-void epilogue(Block<T>* blocks, int nblocks, int64_t rows, const Params& p, T* loss) {
+void epilogue(Block<T>* blocks, int nblocks, int64_t rows, const ContrastiveParams& p, T* loss) {
   int64_t row_width = 0;
   for (int k = 0; k < nblocks; ++k) row_width += blocks[k].n;
   // rows per task: ATen's grain for elementwise work (32K values), so that a small chunk stays on one thread
@@ -106,18 +101,15 @@ at::Tensor contrastive_epilogue_cpu(
     at::Tensor query_to_doc, std::optional<at::Tensor> query_to_query, std::optional<at::Tensor> doc_to_query,
     std::optional<at::Tensor> doc_to_doc, std::optional<at::Tensor> guide_query_to_doc,
     std::optional<at::Tensor> guide_query_to_query, std::optional<at::Tensor> guide_doc_to_doc,
-    std::optional<at::Tensor> doc_ids, int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset,
-    int64_t own_query_offset, double scale,
-    int64_t hardness_mode, double hardness_strength, bool joint, int64_t margin_strategy, double margin,
-    bool compute_grad) {
+    std::optional<at::Tensor> doc_ids, const ContrastiveParams& p) {
   TORCH_CHECK(query_to_doc.scalar_type() == at::kFloat || query_to_doc.scalar_type() == at::kDouble,
               "query_to_doc must be float32 or float64");
   check_block(query_to_doc, query_to_doc, "query_to_doc");
   const int64_t rows = query_to_doc.size(0);
-  TORCH_CHECK(num_positives > 0 && offset >= 0 && offset + row0 + rows <= num_positives,
-              "rows [", row0, ", ", row0 + rows, ") with offset ", offset, " exceed the ", num_positives,
+  TORCH_CHECK(p.num_positives > 0 && p.offset >= 0 && p.offset + p.row0 + rows <= p.num_positives,
+              "rows [", p.row0, ", ", p.row0 + rows, ") with offset ", p.offset, " exceed the ", p.num_positives,
               " positives");
-  TORCH_CHECK(query_to_doc.size(1) >= num_positives, "query_to_doc has fewer columns than positives");
+  TORCH_CHECK(query_to_doc.size(1) >= p.num_positives, "query_to_doc has fewer columns than positives");
   const bool guided = guide_query_to_doc.has_value();
   if (doc_ids) {
     TORCH_CHECK(doc_ids->device().is_cpu() && doc_ids->scalar_type() == at::kLong && doc_ids->dim() == 1 &&
@@ -125,8 +117,6 @@ at::Tensor contrastive_epilogue_cpu(
                 "doc_ids must be a contiguous int64 CPU vector with one id per query_to_doc column");
   }
   const int64_t* ids = doc_ids ? doc_ids->data_ptr<int64_t>() : nullptr;
-  Params p{row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_strength, margin,
-           hardness_mode, margin_strategy, joint, compute_grad};
   at::Tensor loss = at::empty({rows}, query_to_doc.options());
 
   AT_DISPATCH_FLOATING_TYPES(query_to_doc.scalar_type(), "contrastive_epilogue_cpu", [&] {
@@ -225,9 +215,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std
 contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const std::optional<at::Tensor>& all_queries,
                      const std::optional<at::Tensor>& guide_queries, const std::optional<at::Tensor>& guide_docs,
                      const std::optional<at::Tensor>& doc_ids, bool query_to_query, bool doc_to_query,
-                     bool doc_to_doc, bool cosine, double eps, int64_t num_positives, int64_t offset,
-                     int64_t own_query_offset, double scale, int64_t hardness_mode, double hardness_strength,
-                     bool joint, int64_t margin_strategy, double margin, int64_t chunk, bool need_grad) {
+                     bool doc_to_doc, bool cosine, double eps, const ContrastiveParams& params, int64_t chunk) {
   TORCH_CHECK(queries.dim() == 2 && docs.dim() == 2 && docs.size(1) == queries.size(1),
               "queries and docs must be 2-D with the same number of dims");
   TORCH_CHECK(chunk >= 1, "chunk must be positive, got ", chunk);
@@ -244,7 +232,14 @@ contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const st
   TORCH_CHECK_VALUE(all_finite(q), "queries contains NaN or Inf");
   TORCH_CHECK_VALUE(all_finite(d), "docs contains NaN or Inf");
   TORCH_CHECK_VALUE(!gathered || all_finite(Q), "all_queries contains NaN or Inf");
-  const int64_t B = q.size(0), P = num_positives;
+  const int64_t B = q.size(0), P = params.num_positives, offset = params.offset;
+  const bool need_grad = params.compute_grad;
+  TORCH_CHECK(params.batch_size == B, "params.batch_size ", params.batch_size, " is not the ", B, " queries");
+  const auto chunk_params = [&params](int64_t r0) {  // the epilogue of the chunk of rows r0..
+    ContrastiveParams p = params;
+    p.row0 = r0;
+    return p;
+  };
   TORCH_CHECK(offset >= 0 && offset + B <= P && P <= d.size(0), "offset ", offset, " with ", B, " rows exceeds the ",
               P, " positives of ", d.size(0), " candidates");
   const at::Tensor dd_cols = guided ? d.narrow(0, 0, P) : d;  // doc_to_doc: every document, or (GIST) positives
@@ -298,9 +293,7 @@ contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const st
       }
     }
     loss += sum_in_double(contrastive_epilogue_cpu(s_qd, opt(s_qq), opt(s_dq), opt(s_dd), opt(g_qd), opt(g_qq),
-                                                   opt(g_dd), doc_ids, r0, B, P, offset, own_query_offset, scale,
-                                                   hardness_mode, hardness_strength, joint, margin_strategy, margin,
-                                                   need_grad));
+                                                   opt(g_dd), doc_ids, chunk_params(r0)));
     if (!need_grad) continue;
     // the blocks now hold dL/ds: the similarity GEMMs' gradients
     bool q_rows_fresh = !q_zeroed;

@@ -9,6 +9,8 @@
 #include <limits>
 #include <vector>
 
+#include "../contrastive_params.h"
+
 namespace fastcache {
 namespace row {
 
@@ -19,9 +21,6 @@ namespace row {
 #define FASTCACHE_SIMD_CLONES
 #endif
 
-enum Kind { kQueryToDoc = 0, kQueryToQuery = 1, kDocToQuery = 2, kDocToDoc = 3 };
-enum Hardness { kNoHardness = 0, kInBatchNegatives = 1, kHardNegatives = 2, kAllNegatives = 3 };
-
 // One direction's row: similarities x[0..n) (rewritten in place), the guide's row or nullptr, candidate ids of
 // the columns (duplicate masking) or nullptr.
 template <typename T>
@@ -31,13 +30,6 @@ struct RowBlock {
   const int64_t* ids = nullptr;
   int64_t n = 0;
   Kind kind = kQueryToDoc;
-};
-
-struct Params {
-  int64_t row0, batch_size, num_positives, offset, own_query_offset;
-  double scale, hardness_strength, margin;
-  int64_t hardness_mode, margin_strategy;
-  bool joint, compute_grad;
 };
 
 // exp for a vectorised loop: exp(x) = 2^k · e^r, r = x - k·ln2 in [-ln2/2, ln2/2], e^r by the Cephes
@@ -90,8 +82,8 @@ FASTCACHE_INLINE T max_lanes(T* x, int64_t n, T scale = T(1)) {
 
 // Rewrites one row from similarities into logits (scaled, penalised, masked) and returns its maximum.
 template <typename T>
-FASTCACHE_INLINE T row_logits(const RowBlock<T>& b, int64_t pos, int64_t own_query, T threshold, const Params& p,
-                              std::vector<T>& own) {
+FASTCACHE_INLINE T row_logits(const RowBlock<T>& b, int64_t pos, int64_t own_query, T threshold,
+                              const ContrastiveParams& p, std::vector<T>& own) {
   T* x = b.x;
   const T* g = b.g;
   const T scale = static_cast<T>(p.scale), alpha = static_cast<T>(p.hardness_strength);
@@ -151,25 +143,25 @@ FASTCACHE_INLINE double row_logsumexp(const RowBlock<T>& b, T m) {
   return static_cast<double>(m) + std::log(sum);
 }
 
-// What the positive's logit adds to dL/ds (joint and per_direction alike): -scale/B, returned as scale/B (which
-// row_gradients subtracts; negative for a negative scale).
+// What the positive's logit adds to dL/ds (joint and per_direction alike): -scale/B, returned as p.pos_coef = scale/B
+// (which row_gradients subtracts; negative for a negative scale).
 template <typename T>
-FASTCACHE_INLINE T positive_gradient(const Params& p) {
-  return static_cast<T>(p.scale * (1.0 / static_cast<double>(p.batch_size)));
+FASTCACHE_INLINE T positive_gradient(const ContrastiveParams& p) {
+  return static_cast<T>(p.pos_coef);
 }
 
 // The loss of global row i (rows[0] is its query_to_doc row): turns every direction's similarities into logits,
 // then into exp(logit - row max of its block), and returns the loss. With p.compute_grad, factor[k] is what
 // block k's row must be multiplied by to hold dL/ds, up to the positive's -scale/B (see row_gradients).
 template <typename T>
-FASTCACHE_INLINE T row_loss(const RowBlock<T>* rows, int nblocks, int64_t i, const Params& p, std::vector<T>& own,
-                            T* factor) {
+FASTCACHE_INLINE T row_loss(const RowBlock<T>* rows, int nblocks, int64_t i, const ContrastiveParams& p,
+                            std::vector<T>& own, T* factor) {
   const int64_t pos = p.offset + i;
   const int64_t own_query = p.own_query_offset + i;
   T threshold = T(0);
   if (rows[0].g) {
     const T guide_pos = rows[0].g[pos];
-    threshold = p.margin_strategy == 0 ? guide_pos - static_cast<T>(p.margin)
+    threshold = p.margin_strategy == kAbsoluteMargin ? guide_pos - static_cast<T>(p.margin)
                                        : guide_pos - std::abs(guide_pos) * static_cast<T>(p.margin);
   }
   double lse[4], block_max[4];
@@ -189,12 +181,11 @@ FASTCACHE_INLINE T row_loss(const RowBlock<T>* rows, int nblocks, int64_t i, con
   }
   joint_lse = joint_max + std::log(joint_lse);
   mean_lse /= nblocks;
-  if (p.compute_grad) {  // the rows hold exp(logit - block max): dL/ds = scale · coef · exp(max - log partition) · row
-    const double coef = p.scale * (1.0 / static_cast<double>(p.batch_size)) / (p.joint ? 1 : nblocks);
-    for (int k = 0; k < nblocks; ++k) {
+  if (p.compute_grad) {  // the rows hold exp(logit - block max): dL/ds = p.coef · exp(max - log partition) · row
+    for (int k = 0; k < nblocks; ++k) {  // p.coef = scale/B/(joint ? 1 : nblocks)
       const double log_partition = p.joint ? joint_lse : lse[k];
       factor[k] = static_cast<T>(block_max[k] == -std::numeric_limits<double>::infinity()
-                                     ? 0.0 : coef * std::exp(block_max[k] - log_partition));
+                                     ? 0.0 : p.coef * std::exp(block_max[k] - log_partition));
     }
   }
   return static_cast<T>((p.joint ? joint_lse : mean_lse) - pos_logit);
@@ -202,7 +193,7 @@ FASTCACHE_INLINE T row_loss(const RowBlock<T>* rows, int nblocks, int64_t i, con
 
 // dL/ds of global row i in place, from row_loss's rows and factors: row · factor, minus scale/B at the positive.
 template <typename T>
-FASTCACHE_INLINE void row_gradients(const RowBlock<T>* rows, int nblocks, int64_t i, const Params& p,
+FASTCACHE_INLINE void row_gradients(const RowBlock<T>* rows, int nblocks, int64_t i, const ContrastiveParams& p,
                                     const T* factor) {
   for (int k = 0; k < nblocks; ++k) {
     T* x = rows[k].x;

@@ -35,8 +35,6 @@
 namespace fastcache {
 namespace {
 
-using row::Kind;
-using row::Params;
 using row::row_loss;
 using row::RowBlock;
 
@@ -54,7 +52,7 @@ struct Direction {
   const T* g = nullptr;           // guide row r at g + r * ldg, or nullptr
   int64_t ldg = 0;
   const int64_t* ids = nullptr;   // candidate ids of the columns, or nullptr
-  Kind kind = row::kQueryToDoc;
+  Kind kind = kQueryToDoc;
   const T* a = nullptr;           // a_k(r) at a[k * lda + r]; nullptr for "dot"
   const T* b = nullptr;           // b_k(j) at b[k * ldb + j]
   int64_t lda = 0, ldb = 0;
@@ -69,7 +67,7 @@ struct Job {
   int ndirs = 0;
   int64_t K = 0, rows = 0, groups = 0, total_columns = 0;
   const double* weights = nullptr;
-  Params p{};
+  ContrastiveParams p{};
   T* loss = nullptr;      // [rows]
   T* partial = nullptr;   // [groups, K, total_columns] column radial sums per group
 };
@@ -238,7 +236,7 @@ at::Tensor prepare_job(Job<T>& job, const std::vector<at::Tensor>& segments, con
                        const std::vector<at::Tensor>& guides, const std::optional<at::Tensor>& doc_ids,
                        const std::vector<at::Tensor>& row_scales, const std::vector<at::Tensor>& column_scales,
                        const std::vector<double>& weights, const std::vector<at::Tensor>& row_radial,
-                       const Params& p) {
+                       const ContrastiveParams& p) {
   const int ndirs = static_cast<int>(segments.size());
   TORCH_CHECK(ndirs >= 1 && ndirs <= 4, "segments: one tensor per enabled direction (1 to 4), got ", ndirs);
   TORCH_CHECK(kinds.size() == segments.size(), "kinds: one per segments tensor, got ", kinds.size());
@@ -258,7 +256,7 @@ at::Tensor prepare_job(Job<T>& job, const std::vector<at::Tensor>& segments, con
               "rows [", p.row0, ", ", p.row0 + rows, ") with offset ", p.offset, " exceed the ", p.num_positives,
               " positives");
   TORCH_CHECK(p.batch_size > 0, "batch_size must be positive");
-  TORCH_CHECK(kinds[0] == row::kQueryToDoc, "the first direction must be query_to_doc");
+  TORCH_CHECK(kinds[0] == kQueryToDoc, "the first direction must be query_to_doc");
   if (doc_ids) {
     TORCH_CHECK(doc_ids->device().is_cpu() && doc_ids->scalar_type() == at::kLong && doc_ids->dim() == 1 &&
                     doc_ids->is_contiguous() && doc_ids->size(0) == first.size(2),
@@ -281,12 +279,12 @@ at::Tensor prepare_job(Job<T>& job, const std::vector<at::Tensor>& segments, con
     const int64_t n = s.size(2);
     TORCH_CHECK(n >= 1, "segments[", d, "] has no columns");
     // the columns each kind indexes: the positive (query_to_doc, doc_to_doc), the own query (query_to_query)
-    if (kind == row::kQueryToDoc || kind == row::kDocToDoc) {
+    if (kind == kQueryToDoc || kind == kDocToDoc) {
       TORCH_CHECK(n >= p.num_positives, "segments[", d, "] has fewer columns than the ", p.num_positives,
                   " positives");
       TORCH_CHECK(!doc_ids || n <= doc_ids->size(0), "doc_ids: fewer ids than segments[", d, "] has columns");
     }
-    if (kind == row::kQueryToQuery) {
+    if (kind == kQueryToQuery) {
       TORCH_CHECK(p.own_query_offset >= 0 && p.own_query_offset + p.row0 + rows <= n,
                   "segments[", d, "]: own query columns exceed its ", n, " columns");
     }
@@ -296,9 +294,9 @@ at::Tensor prepare_job(Job<T>& job, const std::vector<at::Tensor>& segments, con
     D.ld_row = s.stride(1);
     D.n = n;
     D.kind = static_cast<Kind>(kind);
-    if (doc_ids && (kind == row::kQueryToDoc || kind == row::kDocToDoc)) D.ids = doc_ids->data_ptr<int64_t>();
+    if (doc_ids && (kind == kQueryToDoc || kind == kDocToDoc)) D.ids = doc_ids->data_ptr<int64_t>();
     if (guided) {
-      TORCH_CHECK(kind != row::kDocToQuery, "doc_to_query has no guided form");
+      TORCH_CHECK(kind != kDocToQuery, "doc_to_query has no guided form");
       check_matrix(guides[d], dtype, rows, n, "guides");
       D.g = guides[d].data_ptr<T>();
       D.ldg = guides[d].stride(0);
@@ -349,26 +347,15 @@ const at::Tensor& first_segments(const std::vector<at::Tensor>& segments) {
   return first;
 }
 
-Params make_params(int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset, int64_t own_query_offset,
-                   double scale, int64_t hardness_mode, double hardness_strength, bool joint, int64_t margin_strategy,
-                   double margin, bool compute_grad) {
-  return Params{row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_strength, margin,
-                hardness_mode, margin_strategy, joint, compute_grad};
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> matryoshka_epilogue_cpu(
     std::vector<at::Tensor> segments, std::vector<int64_t> kinds, std::vector<at::Tensor> guides,
     std::optional<at::Tensor> doc_ids, std::vector<at::Tensor> row_scales, std::vector<at::Tensor> column_scales,
-    std::vector<double> weights, int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset,
-    int64_t own_query_offset, double scale, int64_t hardness_mode, double hardness_strength, bool joint,
-    int64_t margin_strategy, double margin, bool compute_grad) {
+    std::vector<double> weights, const ContrastiveParams& p) {
   const at::Tensor& first = first_segments(segments);
   const int64_t K = static_cast<int64_t>(weights.size()), rows = first.size(1);
-  const Params p = make_params(row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_mode,
-                               hardness_strength, joint, margin_strategy, margin, compute_grad);
-  const bool radial = compute_grad && !row_scales.empty();
+  const bool radial = p.compute_grad && !row_scales.empty();
   std::vector<at::Tensor> row_radial, column_radial;
   for (size_t d = 0; radial && d < segments.size(); ++d) {
     row_radial.push_back(at::zeros({K, rows}, first.options()));
@@ -396,15 +383,11 @@ double matryoshka_chunk_cpu(
     std::vector<double> weights, std::vector<int64_t> dims, std::vector<at::Tensor> row_operands,
     std::vector<at::Tensor> column_operands, std::vector<at::Tensor> row_grads,
     std::vector<at::Tensor> column_grads_t, std::vector<at::Tensor> row_radial, std::vector<at::Tensor> column_radial,
-    int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset, int64_t own_query_offset, double scale,
-    int64_t hardness_mode, double hardness_strength, bool joint, int64_t margin_strategy, double margin,
-    bool compute_grad) {
+    const ContrastiveParams& p) {
   const size_t ndirs = segments.size();
   const at::Tensor& first = first_segments(segments);
   const auto dtype = first.scalar_type();
   const int64_t K = static_cast<int64_t>(weights.size()), rows = first.size(1);
-  const Params p = make_params(row0, batch_size, num_positives, offset, own_query_offset, scale, hardness_mode,
-                               hardness_strength, joint, margin_strategy, margin, compute_grad);
   TORCH_CHECK(dims.size() == weights.size(), "dims: one per weight, got ", dims.size(), " and ", weights.size());
   TORCH_CHECK(row_operands.size() == ndirs && column_operands.size() == ndirs,
               "row_operands and column_operands: one per direction");
@@ -414,7 +397,7 @@ double matryoshka_chunk_cpu(
                 "dims must descend, be positive and at most the operands' ", D, " columns");
   }
   const bool cosine = !row_scales.empty();
-  const size_t grads = compute_grad ? ndirs : 0, radials = compute_grad && cosine ? ndirs : 0;
+  const size_t grads = p.compute_grad ? ndirs : 0, radials = p.compute_grad && cosine ? ndirs : 0;
   TORCH_CHECK(row_grads.size() == grads && column_grads_t.size() == grads,
               "row_grads and column_grads_t: one per direction with compute_grad, else none");
   TORCH_CHECK(column_radial.size() == radials, "column_radial: one per direction for cosine gradients, else none");
@@ -461,7 +444,7 @@ double matryoshka_chunk_cpu(
       }
     });
     for (int64_t r = 0; r < rows; ++r) sum += job.loss[r];
-    if (!compute_grad) return;
+    if (!p.compute_grad) return;
     // Columns: each task takes a range of candidate columns (the same range of every direction, so that directions
     // with the same column operand never share an element across tasks): the dYᵀ GEMMs and the column radial sums.
     int64_t width = 0;

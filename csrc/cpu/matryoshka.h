@@ -5,6 +5,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../contrastive_params.h"
+
 namespace fastcache {
 
 // Turns the segment products of rows [row0, row0 + c) into the backward GEMMs' per-segment gradients in place;
@@ -12,9 +14,7 @@ namespace fastcache {
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> matryoshka_epilogue_cpu(
     std::vector<at::Tensor> segments, std::vector<int64_t> kinds, std::vector<at::Tensor> guides,
     std::optional<at::Tensor> doc_ids, std::vector<at::Tensor> row_scales, std::vector<at::Tensor> column_scales,
-    std::vector<double> weights, int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset,
-    int64_t own_query_offset, double scale, int64_t hardness_mode, double hardness_strength, bool joint,
-    int64_t margin_strategy, double margin, bool compute_grad);
+    std::vector<double> weights, const ContrastiveParams& params);
 
 // One row chunk of the fused Matryoshka slab (fastcache/ops/matryoshka.py on the cpu backend), per direction with
 // row operand X [c, D] and column operand Y [n, D]: the segment products X[:, S_k]·Y[:, S_k]ᵀ into segments (S_k =
@@ -28,8 +28,6 @@ double matryoshka_chunk_cpu(
     std::vector<double> weights, std::vector<int64_t> dims, std::vector<at::Tensor> row_operands,
     std::vector<at::Tensor> column_operands, std::vector<at::Tensor> row_grads,
     std::vector<at::Tensor> column_grads_t, std::vector<at::Tensor> row_radial, std::vector<at::Tensor> column_radial,
-    int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset, int64_t own_query_offset, double scale,
-    int64_t hardness_mode, double hardness_strength, bool joint, int64_t margin_strategy, double margin,
-    bool compute_grad);
+    const ContrastiveParams& params);
 
 }  // namespace fastcache

@@ -19,10 +19,10 @@ int threads_for(int64_t columns) {
 }
 
 template <typename T>
-const char* launch(const EpilogueBlock<T>* blocks, int num_blocks, const EpilogueParams& params, T* loss, int device,
-                   CUstream_st* stream) {
+const char* launch(const EpilogueBlock<T>* blocks, int num_blocks, int64_t rows, const ContrastiveParams& params,
+                   T* loss, int device, CUstream_st* stream) {
   if (num_blocks < 1 || num_blocks > kMaxBlocks) return "contrastive_epilogue: num_blocks must be 1 to 4";
-  if (params.rows == 0) return nullptr;
+  if (rows == 0) return nullptr;
   Blocks<T> all{};
   all.count = num_blocks;
   int64_t columns = 0;
@@ -37,7 +37,7 @@ const char* launch(const EpilogueBlock<T>* blocks, int num_blocks, const Epilogu
   cudaError_t error = cudaGetDevice(&previous);
   if (error == cudaSuccess && previous != device) error = cudaSetDevice(device);
   if (error == cudaSuccess) {
-    contrastive_epilogue_kernel<T><<<static_cast<unsigned>(params.rows), threads_for(columns), 0, stream>>>(
+    contrastive_epilogue_kernel<T><<<static_cast<unsigned>(rows), threads_for(columns), 0, stream>>>(
         all, params, loss);
     error = cudaGetLastError();
   }
@@ -50,14 +50,14 @@ const char* launch(const EpilogueBlock<T>* blocks, int num_blocks, const Epilogu
 
 }  // namespace
 
-const char* contrastive_epilogue_f32(const EpilogueBlock<float>* blocks, int num_blocks, const EpilogueParams& params,
-                                     float* loss, int device, CUstream_st* stream) {
-  return launch(blocks, num_blocks, params, loss, device, stream);
+const char* contrastive_epilogue_f32(const EpilogueBlock<float>* blocks, int num_blocks, int64_t rows,
+                                     const ContrastiveParams& params, float* loss, int device, CUstream_st* stream) {
+  return launch(blocks, num_blocks, rows, params, loss, device, stream);
 }
 
-const char* contrastive_epilogue_f64(const EpilogueBlock<double>* blocks, int num_blocks,
-                                     const EpilogueParams& params, double* loss, int device, CUstream_st* stream) {
-  return launch(blocks, num_blocks, params, loss, device, stream);
+const char* contrastive_epilogue_f64(const EpilogueBlock<double>* blocks, int num_blocks, int64_t rows,
+                                     const ContrastiveParams& params, double* loss, int device, CUstream_st* stream) {
+  return launch(blocks, num_blocks, rows, params, loss, device, stream);
 }
 
 }  // namespace cuda

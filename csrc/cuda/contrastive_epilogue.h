@@ -6,14 +6,12 @@
 #pragma once
 #include <cstdint>
 
+#include "../contrastive_params.h"
+
 struct CUstream_st;  // cudaStream_t is CUstream_st* (CUDA's driver_types.h)
 
 namespace fastcache {
 namespace cuda {
-
-enum EpilogueBlockKind { kQueryToDoc = 0, kQueryToQuery = 1, kDocToQuery = 2, kDocToDoc = 3 };
-enum EpilogueHardness { kNoHardness = 0, kInBatchNegatives = 1, kHardNegatives = 2, kAllNegatives = 3 };
-enum EpilogueMargin { kAbsoluteMargin = 0, kRelativeMargin = 1 };
 
 // One similarity block of rows row0 .. row0 + rows - 1: row r at s + r * ld, `columns` values each.
 template <typename T>
@@ -22,23 +20,17 @@ struct EpilogueBlock {
   const T* guide;       // the guide's similarities (same shape, row r at guide + r * guide_ld) or nullptr
   const int64_t* ids;   // one id per column (duplicate masking; query_to_doc and doc_to_doc) or nullptr
   int64_t ld, guide_ld, columns;
-  int kind;             // an EpilogueBlockKind; blocks[0] must be kQueryToDoc
+  int kind;             // a Kind (contrastive_params.h); blocks[0] must be kQueryToDoc
 };
 
-struct EpilogueParams {
-  int64_t rows, row0, batch_size, num_positives, offset, own_query_offset;
-  double scale, hardness_strength, margin;
-  int hardness_mode, margin_strategy;  // EpilogueHardness, EpilogueMargin
-  bool joint, compute_grad;
-};
-
-// Launches the epilogue of params.rows rows on `stream` of CUDA device `device` (the current device is restored
-// afterwards) and writes the per-row losses to loss[0 .. rows). 1 to 4 blocks, blocks[0] the query_to_doc one.
-// Returns nullptr on success, else CUDA's description of the error. The pointers must be device pointers.
-const char* contrastive_epilogue_f32(const EpilogueBlock<float>* blocks, int num_blocks, const EpilogueParams& params,
-                                     float* loss, int device, CUstream_st* stream);
-const char* contrastive_epilogue_f64(const EpilogueBlock<double>* blocks, int num_blocks,
-                                     const EpilogueParams& params, double* loss, int device, CUstream_st* stream);
+// Launches the epilogue of rows params.row0 .. params.row0 + rows - 1 (the options: contrastive_params.h) on
+// `stream` of CUDA device `device` (the current device is restored afterwards) and writes the per-row losses to
+// loss[0 .. rows). 1 to 4 blocks, blocks[0] the query_to_doc one. Returns nullptr on success, else CUDA's
+// description of the error. The pointers must be device pointers.
+const char* contrastive_epilogue_f32(const EpilogueBlock<float>* blocks, int num_blocks, int64_t rows,
+                                     const ContrastiveParams& params, float* loss, int device, CUstream_st* stream);
+const char* contrastive_epilogue_f64(const EpilogueBlock<double>* blocks, int num_blocks, int64_t rows,
+                                     const ContrastiveParams& params, double* loss, int device, CUstream_st* stream);
 
 }  // namespace cuda
 }  // namespace fastcache

@@ -8,8 +8,9 @@
 //   pass 1, per block b: an online (max, sum of exp) over the block's columns, reduced across the thread block:
 //           lse_b = log Σ_j exp(logit_j);
 //   loss_i = logsumexp_b lse_b - logit_pos (joint) or mean_b lse_b - logit_pos (per_direction);
-//   pass 2 (compute_grad): s <- dL/ds = scale·coef_b·exp(logit - log_partition_b) (- scale/B at the positive),
-//           coef_b = 1/B (joint: log_partition = the joint lse) or 1/(B·n_blocks) (per_direction: lse_b).
+//   pass 2 (compute_grad): s <- dL/ds = p.coef·exp(logit - log_partition_b) (- p.pos_coef at the positive),
+//           p.coef = scale/B (joint: log_partition = the joint lse) or scale/(B·n_blocks) (per_direction: lse_b),
+//           p.pos_coef = scale/B, both computed once by Python's kernel_params (csrc/contrastive_params.h).
 // A fully masked block has lse -inf and a zero gradient. fp32 (or fp64) throughout; no atomics, so the result
 // does not depend on scheduling. Memory-bound: each thread loads kUnroll columns before using any, so that enough
 // bytes are in flight with one thread block of up to 512 threads per row (rows per chunk >= the SM count fill the
@@ -77,7 +78,7 @@ struct OnlineLse {
 // the file comment; the masks of csrc/cpu/contrastive.cpp).
 template <typename T>
 __device__ __forceinline__ T logit(const EpilogueBlock<T>& b, int64_t j, T x, T g, int64_t id, const Row<T>& row,
-                                   const EpilogueParams& p) {
+                                   const ContrastiveParams& p) {
   const T scale = static_cast<T>(p.scale);
   const bool is_positive = b.kind == kQueryToDoc && j == row.pos;
   // the row's own columns pos + c·P: its positive (c = 0) and its own hard negatives (c >= 1); columns < 2^31
@@ -108,7 +109,7 @@ __device__ __forceinline__ T logit(const EpilogueBlock<T>& b, int64_t j, T x, T 
 // Calls f(j, logit_j) for the columns j = threadIdx.x + m·blockDim.x of block b's row, loading kUnroll columns (their
 // similarity, guide similarity and id) before using any. f may overwrite s[j]: each column is this thread's alone.
 template <typename T, typename F>
-__device__ __forceinline__ void for_each_logit(const EpilogueBlock<T>& b, const Row<T>& row, const EpilogueParams& p,
+__device__ __forceinline__ void for_each_logit(const EpilogueBlock<T>& b, const Row<T>& row, const ContrastiveParams& p,
                                                F f) {
   const T* s = b.s + row.r * b.ld;
   const T* g = b.guide ? b.guide + row.r * b.guide_ld : nullptr;
@@ -150,7 +151,8 @@ __device__ OnlineLse<T> block_reduce(OnlineLse<T> acc, T* shared_max, T* shared_
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) contrastive_epilogue_kernel(Blocks<T> blocks, EpilogueParams p, T* loss) {
+__global__ void __launch_bounds__(kMaxThreads) contrastive_epilogue_kernel(Blocks<T> blocks, ContrastiveParams p,
+                                                                          T* loss) {
   __shared__ T shared_max[kMaxThreads / kWarp], shared_sum[kMaxThreads / kWarp];
   const EpilogueBlock<T>& qd = blocks.b[0];
   Row<T> row;
@@ -185,13 +187,11 @@ __global__ void __launch_bounds__(kMaxThreads) contrastive_epilogue_kernel(Block
   if (threadIdx.x == 0) loss[row.r] = static_cast<T>((p.joint ? joint_lse : mean_lse) - static_cast<double>(pos_logit));
   if (!p.compute_grad) return;
 
-  const double inv_b = 1.0 / static_cast<double>(p.batch_size);
+  const T coef = static_cast<T>(p.coef), pos_grad = static_cast<T>(p.pos_coef);
   for (int k = 0; k < blocks.count; ++k) {
     const EpilogueBlock<T>& b = blocks.b[k];
     const double log_partition = p.joint ? joint_lse : lse[k];
-    const T coef = static_cast<T>(p.scale * inv_b / (p.joint ? 1 : blocks.count));
     const T lp = static_cast<T>(log_partition);
-    const T pos_grad = static_cast<T>(p.scale * inv_b);
     T* s = b.s + row.r * b.ld;
     for_each_logit(b, row, p, [&](int64_t j, T v) {
       T grad = log_partition == -INFINITY ? T(0) : coef * exp_(v - lp);

@@ -54,10 +54,7 @@ at::Tensor contrastive_epilogue_cuda(
     at::Tensor query_to_doc, std::optional<at::Tensor> query_to_query, std::optional<at::Tensor> doc_to_query,
     std::optional<at::Tensor> doc_to_doc, std::optional<at::Tensor> guide_query_to_doc,
     std::optional<at::Tensor> guide_query_to_query, std::optional<at::Tensor> guide_doc_to_doc,
-    std::optional<at::Tensor> doc_ids, int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset,
-    int64_t own_query_offset, double scale,
-    int64_t hardness_mode, double hardness_strength, bool joint, int64_t margin_strategy, double margin,
-    bool compute_grad, int64_t stream) {
+    std::optional<at::Tensor> doc_ids, const ContrastiveParams& params, int64_t stream) {
   const at::Tensor& qd = query_to_doc;
   TORCH_CHECK(on_kernel_device(qd),
               "contrastive_epilogue_cuda: query_to_doc must be a CUDA tensor, got ", qd.device());
@@ -65,15 +62,18 @@ at::Tensor contrastive_epilogue_cuda(
               "contrastive_epilogue_cuda: query_to_doc must be float32 or float64, got ", qd.scalar_type());
   check_block(qd, qd, "query_to_doc");
   const int64_t rows = qd.size(0);
+  const int64_t row0 = params.row0, batch_size = params.batch_size, num_positives = params.num_positives;
+  const int64_t offset = params.offset, own_query_offset = params.own_query_offset;
+  const int64_t hardness_mode = params.hardness_mode, margin_strategy = params.margin_strategy;
   TORCH_CHECK(batch_size > 0, "contrastive_epilogue_cuda: batch_size must be positive, got ", batch_size);
   TORCH_CHECK(num_positives > 0 && num_positives <= qd.size(1), "contrastive_epilogue_cuda: num_positives must be 1 "
               "to the ", qd.size(1), " columns of query_to_doc, got ", num_positives);
   TORCH_CHECK(row0 >= 0 && offset >= 0 && offset + row0 + rows <= num_positives, "contrastive_epilogue_cuda: rows [",
               row0, ", ", row0 + rows, ") with offset ", offset, " exceed the ", num_positives, " positives");
-  TORCH_CHECK(hardness_mode >= kernel::kNoHardness && hardness_mode <= kernel::kAllNegatives,
+  TORCH_CHECK(hardness_mode >= kNoHardness && hardness_mode <= kAllNegatives,
               "contrastive_epilogue_cuda: hardness_mode must be 0 (none), 1 (in_batch_negatives), 2 (hard_negatives) "
               "or 3 (all_negatives), got ", hardness_mode);
-  TORCH_CHECK(margin_strategy == kernel::kAbsoluteMargin || margin_strategy == kernel::kRelativeMargin,
+  TORCH_CHECK(margin_strategy == kAbsoluteMargin || margin_strategy == kRelativeMargin,
               "contrastive_epilogue_cuda: margin_strategy must be 0 (absolute) or 1 (relative), got ", margin_strategy);
   const bool guided = guide_query_to_doc.has_value();
   if (guided) check_block(*guide_query_to_doc, qd, "guide_query_to_doc");
@@ -118,9 +118,6 @@ at::Tensor contrastive_epilogue_cuda(
 
   at::Tensor loss = at::empty({rows}, qd.options());
   if (rows == 0) return loss;
-  kernel::EpilogueParams params{rows, row0, batch_size, num_positives, offset, own_query_offset,
-                                scale, hardness_strength, margin, static_cast<int>(hardness_mode),
-                                static_cast<int>(margin_strategy), joint, compute_grad};
   const int device = qd.device().index();
   auto* raw_stream = reinterpret_cast<CUstream_st*>(static_cast<intptr_t>(stream));
   const char* error = nullptr;
@@ -128,15 +125,17 @@ at::Tensor contrastive_epilogue_cuda(
     using T = decltype(zero);
     kernel::EpilogueBlock<T> blocks[4];
     int count = 0;
-    blocks[count++] = make_block<T>(query_to_doc, guide_query_to_doc, ids, kernel::kQueryToDoc);
+    blocks[count++] = make_block<T>(query_to_doc, guide_query_to_doc, ids, kQueryToDoc);
     if (query_to_query) blocks[count++] = make_block<T>(*query_to_query, guide_query_to_query, nullptr,
-                                                        kernel::kQueryToQuery);
-    if (doc_to_query) blocks[count++] = make_block<T>(*doc_to_query, std::nullopt, nullptr, kernel::kDocToQuery);
-    if (doc_to_doc) blocks[count++] = make_block<T>(*doc_to_doc, guide_doc_to_doc, ids, kernel::kDocToDoc);
+                                                        kQueryToQuery);
+    if (doc_to_query) blocks[count++] = make_block<T>(*doc_to_query, std::nullopt, nullptr, kDocToQuery);
+    if (doc_to_doc) blocks[count++] = make_block<T>(*doc_to_doc, guide_doc_to_doc, ids, kDocToDoc);
     if constexpr (std::is_same_v<T, float>) {
-      error = kernel::contrastive_epilogue_f32(blocks, count, params, loss.data_ptr<float>(), device, raw_stream);
+      error = kernel::contrastive_epilogue_f32(blocks, count, rows, params, loss.data_ptr<float>(), device,
+                                               raw_stream);
     } else {
-      error = kernel::contrastive_epilogue_f64(blocks, count, params, loss.data_ptr<double>(), device, raw_stream);
+      error = kernel::contrastive_epilogue_f64(blocks, count, rows, params, loss.data_ptr<double>(), device,
+                                               raw_stream);
     }
   };
   if (qd.scalar_type() == at::kFloat) {

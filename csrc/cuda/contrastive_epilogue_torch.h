@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <optional>
 
+#include "../contrastive_params.h"
+
 namespace fastcache {
 
 // contrastive_epilogue_cpu's arguments on CUDA tensors, plus the raw cudaStream_t to launch on (as an integer:
@@ -12,9 +14,6 @@ at::Tensor contrastive_epilogue_cuda(
     at::Tensor query_to_doc, std::optional<at::Tensor> query_to_query, std::optional<at::Tensor> doc_to_query,
     std::optional<at::Tensor> doc_to_doc, std::optional<at::Tensor> guide_query_to_doc,
     std::optional<at::Tensor> guide_query_to_query, std::optional<at::Tensor> guide_doc_to_doc,
-    std::optional<at::Tensor> doc_ids, int64_t row0, int64_t batch_size, int64_t num_positives, int64_t offset,
-    int64_t own_query_offset, double scale,
-    int64_t hardness_mode, double hardness_strength, bool joint, int64_t margin_strategy, double margin,
-    bool compute_grad, int64_t stream);
+    std::optional<at::Tensor> doc_ids, const ContrastiveParams& params, int64_t stream);
 
 }  // namespace fastcache

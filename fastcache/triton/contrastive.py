@@ -42,6 +42,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# The codes of fastcache/ops/contrastive/options.py's Kind and Hardness (and csrc/contrastive_params.h) as Triton
+# constants; the host code passes codes and coefficients from kernel_params (this module imports nothing of
+# fastcache.ops).
 QUERY_TO_DOC = tl.constexpr(0)
 QUERY_TO_QUERY = tl.constexpr(1)
 DOC_TO_QUERY = tl.constexpr(2)
@@ -50,8 +53,6 @@ IN_BATCH_NEGATIVES = tl.constexpr(1)
 HARD_NEGATIVES = tl.constexpr(2)
 ALL_NEGATIVES = tl.constexpr(3)
 
-KIND_CODES = {"query_to_doc": 0, "query_to_query": 1, "doc_to_query": 2, "doc_to_doc": 3}
-HARDNESS_CODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
 # Scalars travel in a small tensor of the compute dtype (Python floats would reach the kernel as fp32). GRAD_SCALE:
 # the power of two that dL/ds is multiplied by before it becomes a 16-bit dot operand (ops/contrastive/slab.py's
 # operand_grad_scale); the gradient accumulators hold GRAD_SCALE·dL/dx until the host divides.
@@ -286,10 +287,11 @@ def _slab_epilogue_kernel(qd_ptr, qq_ptr, dq_ptr, dd_ptr, gqd_ptr, gqq_ptr, gdd_
                              GUIDED, HAS_IDS, BLOCK_N)
 
 
-def _scalars(dtype: torch.dtype, device: torch.device, options, coef: float, pos_coef: float,
-             grad_scale: float = 1.0) -> Tensor:
-    """The kernels' floating-point scalars (indexed by SCALE, ALPHA, MARGIN, COEF, POS_COEF, GRAD_SCALE)."""
-    values = [options.scale, options.hardness_strength if options.hardness else 0.0, options.margin, coef, pos_coef,
+def _scalars(dtype: torch.dtype, device: torch.device, params, grad_scale: float = 1.0, weight: float = 1.0) -> Tensor:
+    """The kernels' floating-point scalars (indexed by SCALE, ALPHA, MARGIN, COEF, POS_COEF, GRAD_SCALE) from the
+    op's KernelParams ``params`` (fastcache/ops/contrastive/options.py: kernel_params); ``weight`` multiplies the
+    gradient coefficients (a Matryoshka dim's weight)."""
+    values = [params.scale, params.hardness_strength, params.margin, weight * params.coef, weight * params.pos_coef,
               grad_scale]
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
@@ -298,29 +300,29 @@ def _acc_type(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def slab_epilogue(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int, layout,
-                  options, compute_grad: bool) -> Tensor:
-    """The Triton slab epilogue (contract: fastcache/ops/contrastive/epilogue.py); float32/float64 blocks."""
-    qd = blocks["query_to_doc"]
+def slab_epilogue(blocks: dict[int, Tensor], guides: dict[int, Tensor], doc_ids: Tensor | None, params) -> Tensor:
+    """The Triton slab epilogue (contract: fastcache/ops/contrastive/epilogue.py); float32/float64 blocks and guides
+    keyed by their direction's code (Kind: QUERY_TO_DOC.value ...), the options as the op's KernelParams ``params``."""
+    qd = blocks[QUERY_TO_DOC.value]
     for name, t in [*blocks.items(), *guides.items()]:
         if t.dtype != qd.dtype or t.size(0) != qd.size(0) or t.stride(1) != 1:
             raise ValueError(f"block {name} must be [{qd.size(0)}, columns] {qd.dtype}, contiguous along columns")
     rows = qd.size(0)
-    joint = options.partition_mode == "joint"
-    coef = options.scale / layout.rows / (1 if joint else len(blocks))
-    params = _scalars(qd.dtype, qd.device, options, coef, options.scale / layout.rows)
+    scalars = _scalars(qd.dtype, qd.device, params)
     loss = torch.empty(rows, dtype=qd.dtype, device=qd.device)
-    ordered = [blocks.get(k, qd) for k in KIND_CODES]
-    guide_blocks = [guides.get(k, qd) for k in ("query_to_doc", "query_to_query", "doc_to_doc")]
+    ordered = [blocks.get(k, qd) for k in (QUERY_TO_DOC.value, QUERY_TO_QUERY.value, DOC_TO_QUERY.value,
+                                              DOC_TO_DOC.value)]
+    guide_blocks = [guides.get(k, qd) for k in (QUERY_TO_DOC.value, QUERY_TO_QUERY.value, DOC_TO_DOC.value)]
     ids = doc_ids if doc_ids is not None else qd
     _slab_epilogue_kernel[(triton.cdiv(rows, EPILOGUE_BLOCK_M),)](
-        *ordered, *guide_blocks, ids, params, loss,
+        *ordered, *guide_blocks, ids, scalars, loss,
         *(t.stride(0) for t in ordered), *(t.stride(0) for t in guide_blocks), *(t.size(1) for t in ordered),
-        rows, row0, layout.positives, options.offset, layout.own_query_offset,
-        HAS_QQ="query_to_query" in blocks, HAS_DQ="doc_to_query" in blocks, HAS_DD="doc_to_doc" in blocks,
-        GUIDED=bool(guides), HAS_IDS=doc_ids is not None, HARDNESS=HARDNESS_CODES[options.hardness_mode]
-        if options.hardness else 0, RELATIVE_MARGIN=options.margin_strategy == "relative", JOINT=joint,
-        NUM_BLOCKS=len(blocks), COMPUTE_GRAD=compute_grad, BLOCK_M=EPILOGUE_BLOCK_M, BLOCK_N=EPILOGUE_BLOCK_N,
+        rows, params.row0, params.num_positives, params.offset, params.own_query_offset,
+        HAS_QQ=QUERY_TO_QUERY.value in blocks, HAS_DQ=DOC_TO_QUERY.value in blocks,
+        HAS_DD=DOC_TO_DOC.value in blocks,
+        GUIDED=bool(guides), HAS_IDS=doc_ids is not None, HARDNESS=int(params.hardness_mode),
+        RELATIVE_MARGIN=bool(params.margin_strategy), JOINT=params.joint,
+        NUM_BLOCKS=len(blocks), COMPUTE_GRAD=params.compute_grad, BLOCK_M=EPILOGUE_BLOCK_M, BLOCK_N=EPILOGUE_BLOCK_N,
         ACC=_acc_type(qd.dtype), num_warps=EPILOGUE_WARPS)
     return loss
 
@@ -421,7 +423,7 @@ def _tiled_logsumexp_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, par
 @triton.jit
 def _tiled_partition_kernel(max_ptr, total_ptr, pos_logit_ptr, params_ptr, loss_ptr, factor_ptr, n_rows,
                             JOINT: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row, from the [4, B] block statistics (rows in KIND_CODES order): the loss and the [4, B] factors."""
+    """Per row, from the [4, B] block statistics (rows in Kind order): the loss and the [4, B] factors."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < n_rows
     m_qd = tl.load(max_ptr + rows, mask=ok, other=0.0)

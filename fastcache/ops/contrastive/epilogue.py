@@ -21,9 +21,7 @@ import torch
 from torch import Tensor
 
 from fastcache import _backend
-
-_HARDNESS_CODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
-_MARGIN_CODES = {"absolute": 0, "relative": 1}
+from fastcache.ops.contrastive.options import KIND_CODES, kernel_params
 
 
 def _guide_threshold(guide_qd: Tensor, pos: Tensor, options) -> Tensor:
@@ -100,20 +98,12 @@ def epilogue_torch(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids
         log_partition = torch.stack(list(base.values()), dim=1).mean(dim=1)
     loss_rows = log_partition - qd.gather(1, pos[:, None]).squeeze(1)
     if compute_grad:
-        coef = options.scale / layout.rows / (1 if options.partition_mode == "joint" else len(blocks))
+        params = kernel_params(options, layout, len(blocks), row0, compute_grad)
         for k, x in blocks.items():  # a fully masked block has base -inf: its gradient is 0
             finite_base = torch.where(torch.isinf(base[k]), torch.zeros_like(base[k]), base[k])
-            x.sub_(finite_base[:, None]).exp_().mul_(coef)
-        qd[torch.arange(qd.size(0), device=qd.device), pos] -= options.scale / layout.rows
+            x.sub_(finite_base[:, None]).exp_().mul_(params.coef)
+        qd[torch.arange(qd.size(0), device=qd.device), pos] -= params.pos_coef
     return loss_rows
-
-
-def compiled_options(options) -> tuple:
-    """The options as the compiled kernels take them: scale, hardness code and strength, joint, margin strategy
-    code, margin."""
-    return (float(options.scale), _HARDNESS_CODES[options.hardness_mode] if options.hardness else 0,
-            float(options.hardness_strength), options.partition_mode == "joint", _MARGIN_CODES[options.margin_strategy],
-            float(options.margin))
 
 
 def _compiled_arguments(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int,
@@ -122,8 +112,7 @@ def _compiled_arguments(blocks: dict[str, Tensor], guides: dict[str, Tensor], do
     return (
         blocks["query_to_doc"], blocks.get("query_to_query"), blocks.get("doc_to_query"), blocks.get("doc_to_doc"),
         guides.get("query_to_doc"), guides.get("query_to_query"), guides.get("doc_to_doc"), doc_ids,
-        row0, layout.rows, layout.positives, options.offset, layout.own_query_offset, *compiled_options(options),
-        compute_grad)
+        kernel_params(options, layout, len(blocks), row0, compute_grad))
 
 
 def epilogue_cpu(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_ids: Tensor | None, row0: int, layout,
@@ -146,7 +135,8 @@ def epilogue_triton(blocks: dict[str, Tensor], guides: dict[str, Tensor], doc_id
     """The Triton epilogue (fastcache/triton/contrastive.py): CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
     from fastcache.triton.contrastive import slab_epilogue
 
-    return slab_epilogue(blocks, guides, doc_ids, row0, layout, options, compute_grad)
+    return slab_epilogue({KIND_CODES[k]: v for k, v in blocks.items()}, {KIND_CODES[k]: v for k, v in guides.items()},
+                         doc_ids, kernel_params(options, layout, len(blocks), row0, compute_grad))
 
 
 EPILOGUES = {"cpu": epilogue_cpu, "torch": epilogue_torch, "cuda": epilogue_cuda, "triton": epilogue_triton}

@@ -2,8 +2,9 @@
 
 :class:`ContrastiveOptions` (validated on construction), :class:`ContrastiveLayout` (the sizes of one call, from
 :func:`check_inputs`), :class:`ContrastiveLossAndGrad` (what the one-pass entry points return), the NaN / Inf checks,
-and :func:`parse_arguments`, which splits a public function's keywords into options and run settings. Imports nothing
-of the op above it.
+:func:`parse_arguments`, which splits a public function's keywords into options and run settings, and
+:func:`kernel_params`, the options as every epilogue kernel takes them (csrc/contrastive_params.h's struct, its codes
+and derived coefficients). Imports nothing of the op above it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import NamedTuple
 
 import torch
@@ -24,6 +26,38 @@ HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 SIMILARITIES = ("cos", "dot")
 MARGIN_STRATEGIES = ("absolute", "relative")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# The codes the compiled kernels take (their C++ twin: csrc/contrastive_params.h; the Triton kernels get them from
+# kernel_params through the host code).
+class Kind(IntEnum):
+    """A similarity block's direction, in DIRECTIONS order."""
+    QUERY_TO_DOC = 0
+    QUERY_TO_QUERY = 1
+    DOC_TO_QUERY = 2
+    DOC_TO_DOC = 3
+
+
+class Hardness(IntEnum):
+    """Which query_to_doc negatives the hardness penalty applies to (NONE also when the strength is 0)."""
+    NONE = 0
+    IN_BATCH_NEGATIVES = 1
+    HARD_NEGATIVES = 2
+    ALL_NEGATIVES = 3
+
+
+class MarginStrategy(IntEnum):
+    ABSOLUTE = 0
+    RELATIVE = 1
+
+
+class Partition(IntEnum):
+    JOINT = 0
+    PER_DIRECTION = 1
+
+
+KIND_CODES = {name: Kind[name.upper()] for name in DIRECTIONS}
+HARDNESS_CODES = {mode: Hardness[mode.upper()] if mode else Hardness.NONE for mode in HARDNESS_MODES}
 
 
 @dataclass(frozen=True)
@@ -218,6 +252,42 @@ def check_inputs(
     own_query_offset = options.offset if all_queries is not None else 0
     return ContrastiveLayout(rows, positives, columns, dim, query_columns, own_query_offset)
 
+
+
+class KernelParams(NamedTuple):
+    """The options of one epilogue call as every kernel takes them: csrc/contrastive_params.h's ContrastiveParams,
+    field for field in its order (the C++ bindings take this tuple as one argument), also read by the torch and
+    Triton epilogues. Built only by :func:`kernel_params`."""
+
+    row0: int
+    batch_size: int
+    num_positives: int
+    offset: int
+    own_query_offset: int
+    scale: float
+    hardness_strength: float  # 0.0 unless options.hardness
+    margin: float
+    hardness_mode: Hardness  # Hardness.NONE unless options.hardness
+    margin_strategy: MarginStrategy
+    joint: bool
+    compute_grad: bool
+    coef: float  # dL/ds = coef·exp(logit - log_partition) ...
+    pos_coef: float  # ... - pos_coef at the positive
+
+
+def kernel_params(options: ContrastiveOptions, layout: ContrastiveLayout, num_blocks: int, row0: int = 0,
+                  compute_grad: bool = True) -> KernelParams:
+    """The one encoding of ``options`` for the kernels, with every derived coefficient: for rows row0.. of a batch
+    of layout.rows rows and ``num_blocks`` similarity blocks (the enabled directions),
+    coef = scale/B/(1 if joint else num_blocks) and pos_coef = scale/B (each computed as scale·(1/B) first)."""
+    joint = options.partition_mode == PARTITION_MODES[Partition.JOINT]
+    pos_coef = float(options.scale) * (1.0 / layout.rows)
+    return KernelParams(
+        row0, layout.rows, layout.positives, options.offset, layout.own_query_offset, float(options.scale),
+        float(options.hardness_strength) if options.hardness else 0.0, float(options.margin),
+        HARDNESS_CODES[options.hardness_mode] if options.hardness else Hardness.NONE,
+        MarginStrategy[options.margin_strategy.upper()], joint, bool(compute_grad),
+        pos_coef / (1 if joint else num_blocks), pos_coef)
 
 
 _SETTINGS = ("backend", "strategy", "memory_budget", "chunk_size", "show_progress_bar")

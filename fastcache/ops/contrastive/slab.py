@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import trange
 
 from fastcache import _backend
-from fastcache.ops.contrastive.epilogue import WORKSPACE_BLOCKS, compiled_options
+from fastcache.ops.contrastive.epilogue import WORKSPACE_BLOCKS
 from fastcache.ops.contrastive.normalize import (
     NORMALIZE_EPS,
     _normalized,
@@ -26,7 +26,7 @@ from fastcache.ops.contrastive.normalize import (
     _normalized_in_own_dtype,
     guide_and_id_operands,
 )
-from fastcache.ops.contrastive.options import ContrastiveLayout, ContrastiveOptions
+from fastcache.ops.contrastive.options import ContrastiveLayout, ContrastiveOptions, kernel_params
 
 MAX_SLAB_BYTES = 64 * 2**20  # similarity blocks per chunk at most (speed: larger chunks fall out of cache)
 GEMM_WORKSPACE_BYTES = 16 * 2**20  # what the BLAS keeps for packing (measured: ~14 MiB for CPU torch.mm)
@@ -235,8 +235,8 @@ def _slab_cpu(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, op
     flat_docs = docs if docs.dim() == 2 else docs.reshape(-1, layout.dim)
     loss, grad_queries, grad_docs, grad_all = _backend.EXTENSION.contrastive_slab_cpu(
         queries, flat_docs, all_queries, gq, gd, ids, "query_to_query" in dirs, "doc_to_query" in dirs,
-        "doc_to_doc" in dirs, options.similarity == "cos", NORMALIZE_EPS, layout.positives, options.offset,
-        layout.own_query_offset, *compiled_options(options), chunk, need_grad)
+        "doc_to_doc" in dirs, options.similarity == "cos", NORMALIZE_EPS,
+        kernel_params(options, layout, len(dirs), compute_grad=need_grad), chunk)
     if grad_docs is not None and flat_docs is not docs:
         grad_docs = grad_docs.view(docs.shape)
     return loss, grad_queries, grad_docs, grad_all

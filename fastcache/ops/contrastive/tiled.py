@@ -19,13 +19,12 @@ from fastcache.ops.contrastive.normalize import (
     _normalized_in_own_dtype,
     guide_and_id_operands,
 )
+from fastcache.ops.contrastive.options import KIND_CODES, kernel_params
 from fastcache.ops.contrastive.slab import operand_grad_scale
 from fastcache.triton import contrastive as kernels
 from fastcache.triton.contrastive import (
     BACKWARD_TILES,
     BACKWARD_WARPS,
-    HARDNESS_CODES,
-    KIND_CODES,
     PARTITION_BLOCK,
     TILE_K,
     TILE_M,
@@ -80,12 +79,12 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
                                      None if grad_d is None else grad_d[:P] if guided else grad_d),
     }
     blocks = [make[k]() for k in options.directions]
-    joint = options.partition_mode == "joint"
-    coef = options.scale / B / (1 if joint else len(blocks))
+    kp = kernel_params(options, layout, len(blocks))
+    joint = kp.joint
     grad_scale = operand_grad_scale(abs(options.scale) / B)
-    params = _scalars(acc, q.device, options, coef, options.scale / B, grad_scale)
-    constants = dict(HARDNESS=HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, GUIDED=guided,
-                     HAS_IDS=ids is not None, RELATIVE_MARGIN=options.margin_strategy == "relative",
+    params = _scalars(acc, q.device, kp, grad_scale)
+    constants = dict(HARDNESS=int(kp.hardness_mode), GUIDED=guided,
+                     HAS_IDS=ids is not None, RELATIVE_MARGIN=bool(kp.margin_strategy),
                      BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K, ACC=_acc_type(acc),
                      WIDEN=q.device.type == "cpu" and q.dtype == torch.bfloat16)
 

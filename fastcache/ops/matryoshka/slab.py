@@ -11,9 +11,9 @@ from torch import Tensor
 from tqdm.auto import trange
 
 from fastcache import _backend
-from fastcache.ops.contrastive.epilogue import WORKSPACE_BLOCKS, compiled_options
+from fastcache.ops.contrastive.epilogue import WORKSPACE_BLOCKS
 from fastcache.ops.contrastive.normalize import NORMALIZE_EPS, NORMALIZE_ROWS, guide_and_id_operands
-from fastcache.ops.contrastive.options import DIRECTIONS, ContrastiveOptions
+from fastcache.ops.contrastive.options import DIRECTIONS, KIND_CODES, ContrastiveOptions, kernel_params
 from fastcache.ops.contrastive.slab import (
     _addmm_into,
     _mm_into,
@@ -114,7 +114,7 @@ def _fused_cpu_chunk(segs, gout, ids, r0, c, layout, options, dims, weights, ten
     columns_of = [(operands[n][2], operands[n][3]) for n in dirs]
     radial_sums = need_grad and cosine
     return _backend.EXTENSION.matryoshka_chunk_cpu(
-        [segs[n][:, :c] for n in dirs], [DIRECTIONS.index(n) for n in dirs], [gout[n] for n in dirs] if gout else [],
+        [segs[n][:, :c] for n in dirs], [KIND_CODES[n] for n in dirs], [gout[n] for n in dirs] if gout else [],
         ids, [norms[x][1][:, rows[n]] for x, n in zip(rows_of, dirs)] if cosine else [],
         [norms[y][1][:, :width] for y, width in columns_of] if cosine else [], list(weights), list(dims),
         [tensors[x][rows[n]] for x, n in zip(rows_of, dirs)], [tensors[y][:width] for y, width in columns_of],
@@ -122,8 +122,7 @@ def _fused_cpu_chunk(segs, gout, ids, r0, c, layout, options, dims, weights, ten
         [grad_t[y][:, :width] for y, width in columns_of] if need_grad else [],
         [radial[x][:, rows[n]] for x, n in zip(rows_of, dirs)] if radial_sums else [],
         [radial[y][:, :width] for y, width in columns_of] if radial_sums else [],
-        r0, layout.rows, layout.positives, options.offset, layout.own_query_offset,
-        *compiled_options(options), need_grad)
+        kernel_params(options, layout, len(dirs), r0, need_grad))
 
 
 def _per_dim_chunk(raw, grads, product, gout, ids, r0, c, layout, options, dims, weights, tensors, norms, operands,

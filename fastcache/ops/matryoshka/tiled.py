@@ -15,12 +15,11 @@ import triton
 from torch import Tensor
 
 from fastcache.ops.contrastive.normalize import guide_and_id_operands
+from fastcache.ops.contrastive.options import KIND_CODES, kernel_params
 from fastcache.ops.matryoshka.slab import _prefix_norm_backward_in_chunks_, _prefix_norms, segment_grad_scale
 from fastcache.triton import matryoshka as kernels
 from fastcache.triton.contrastive import (
     BACKWARD_WARPS,
-    HARDNESS_CODES,
-    KIND_CODES,
     PARTITION_BLOCK,
     TILE_K,
     TILE_M,
@@ -95,14 +94,14 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
                                      gd[off:off + B] if guided else None, gd[:P] if guided else None),
     }
     blocks = [make[k]() for k in options.directions]
-    joint = options.partition_mode == "joint"
+    kp = kernel_params(options, layout, len(blocks))
+    joint = kp.joint
     ascending = torch.tensor(dims[::-1], dtype=torch.int32).to(device)
     weights_ascending = weights[::-1]
     grad_scale = segment_grad_scale(norms, weights, options.scale, B)  # M_k is bounded like the slab's A_k
-    params = torch.stack([_scalars(acc, device, options, w * options.scale / B / (1 if joint else len(blocks)),
-                                   w * options.scale / B, grad_scale) for w in weights_ascending])
-    constants = dict(HARDNESS=HARDNESS_CODES[options.hardness_mode] if options.hardness else 0, GUIDED=guided,
-                     HAS_IDS=ids is not None, RELATIVE_MARGIN=options.margin_strategy == "relative", COSINE=cosine,
+    params = torch.stack([_scalars(acc, device, kp, grad_scale, w) for w in weights_ascending])
+    constants = dict(HARDNESS=int(kp.hardness_mode), GUIDED=guided,
+                     HAS_IDS=ids is not None, RELATIVE_MARGIN=bool(kp.margin_strategy), COSINE=cosine,
                      BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K, DIMS=max(2, triton.next_power_of_2(K)),
                      ACC=_acc_type(acc), WIDEN=device.type == "cpu" and queries.dtype == torch.bfloat16)
 

@@ -75,3 +75,13 @@ def tiny_model(tmp_path_factory):
 def tiny_guide_model(tmp_path_factory):
     """A second tiny SentenceTransformer with the same tokenizer and a different seed (a GIST guide)."""
     return build_tiny_bert(tmp_path_factory.mktemp("tiny_guide_model"), seed=1)
+
+
+@pytest.fixture()
+def model(tiny_model):
+    """``tiny_model`` in eval mode, with no parameter gradients before or after the test (the drop-in argument,
+    instance-override and negative-scale tests compare losses and gradients with upstream's on it)."""
+    tiny_model.eval()
+    tiny_model.zero_grad(set_to_none=True)
+    yield tiny_model
+    tiny_model.zero_grad(set_to_none=True)

@@ -41,14 +41,6 @@ def _one_thread():
 
 
 @pytest.fixture()
-def model(tiny_model):
-    tiny_model.eval()
-    tiny_model.zero_grad(set_to_none=True)
-    yield tiny_model
-    tiny_model.zero_grad(set_to_none=True)
-
-
-@pytest.fixture()
 def guide(tiny_guide_model):
     return tiny_guide_model
 

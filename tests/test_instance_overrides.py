@@ -58,14 +58,6 @@ def _scaled_matrix_dot(loss):
 GIST_OVERRIDES = {"ce_sum": _sum, "ce_ignore_index_in_place": _ignore_first_row_in_place, "similarity_dot": _dot}
 
 
-@pytest.fixture()
-def model(tiny_model):
-    tiny_model.eval()
-    tiny_model.zero_grad(set_to_none=True)
-    yield tiny_model
-    tiny_model.zero_grad(set_to_none=True)
-
-
 def _both_overridden(name, override, model, guide, **kwargs):
     texts = _texts(3)
     ours, theirs = _make(name, "fc", model, guide, **kwargs), _make(name, "st", model, guide, **kwargs)

@@ -202,14 +202,6 @@ def test_cuda_epilogue_host_emulation(emulated_cuda_epilogue, guided, options):
 GIST = [("GISTEmbedLoss", {}), ("CachedGISTEmbedLoss", {"mini_batch_size": 3})]
 
 
-@pytest.fixture()
-def model(tiny_model):
-    tiny_model.eval()
-    tiny_model.zero_grad(set_to_none=True)
-    yield tiny_model
-    tiny_model.zero_grad(set_to_none=True)
-
-
 @pytest.mark.parametrize(("name", "kwargs"), GIST, ids=[n for n, _ in GIST])
 def test_gist_negative_temperature_as_upstream_where_nothing_is_masked(model, tiny_guide_model, name, kwargs):
     """margin=-10: the guide masks nothing (cosines are at most 1 < g_pos + 10), so upstream is finite."""

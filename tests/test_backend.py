@@ -42,7 +42,7 @@ def _loss_and_grads(**settings):
 @pytest.fixture
 def epilogue_calls(monkeypatch):
     """Counts the calls of each backend's epilogue (the one place where the backends differ); for "cpu" also its
-    whole slab in one C++ call (fastcache/ops/contrastive.py ``_slab_cpu``, which runs the C++ epilogue inside)."""
+    whole slab in one C++ call (fastcache/ops/contrastive/slab.py ``_slab_cpu``, which runs the C++ epilogue inside)."""
     import fastcache.ops.contrastive.op as op
 
     calls = {name: 0 for name in contrastive_epilogue.EPILOGUES}

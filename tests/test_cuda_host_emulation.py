@@ -23,7 +23,7 @@ VARIANTS = [(False, False, False, True), (True, True, True, True), (True, False,
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    """The emulated kernel as an epilogue (the contract of fastcache.ops.contrastive_epilogue), ``threads`` CUDA
+    """The emulated kernel as an epilogue (the contract of fastcache.ops.contrastive.epilogue), ``threads`` CUDA
     threads per row."""
     module = load_host_emulation("cuda_host_emulation.cpp", tmp_path_factory.mktemp("cuda_host_emulation"))
 

@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis) of fastcache.contrastive_loss / contrastive_loss_and_grad against the dense
-reference, on every backend that can run on CPU (``fastcache.ops.contrastive_epilogue.available``): the C++
+reference, on every backend that can run on CPU (``fastcache.ops.contrastive.epilogue.available``): the C++
 epilogue, the PyTorch one, and Triton's two strategies through its interpreter (TRITON_INTERPRET=1, small shapes).
 
 Each example draws a shape (B rows 1..200, D dims 1..1100, 1..3 candidate columns, extra positives and an offset,

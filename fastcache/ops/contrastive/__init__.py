@@ -35,8 +35,9 @@ Two strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
 The package, each module importing only the ones listed before it (and fastcache.triton, _backend, _autograd_guard):
 
     options     ContrastiveOptions, ContrastiveLayout, ContrastiveLossAndGrad, check_inputs, argument parsing;
-                the kernels' codes (Kind, Hardness, MarginStrategy, Partition) and kernel_params, the one encoding
-                of the options (with every derived coefficient) that the C++, CUDA, torch and Triton epilogues read
+                the kernels' codes (Kind, Hardness, MarginStrategy; the partition is KernelParams.joint) and
+                kernel_params, the one encoding of the options (with every derived coefficient) that the C++,
+                CUDA, torch and Triton epilogues read
     normalize   row normalisation and its backward; the guide and id operands
     epilogue    the slab epilogue of every backend (contract in its docstring), backend availability
     slab        the slab strategy: chunk sizes, GEMMs (their precision: low_precision_gemms, operand_grad_scale)

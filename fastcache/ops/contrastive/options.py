@@ -51,13 +51,11 @@ class MarginStrategy(IntEnum):
     RELATIVE = 1
 
 
-class Partition(IntEnum):
-    JOINT = 0
-    PER_DIRECTION = 1
-
-
-KIND_CODES = {name: Kind[name.upper()] for name in DIRECTIONS}
-HARDNESS_CODES = {mode: Hardness[mode.upper()] if mode else Hardness.NONE for mode in HARDNESS_MODES}
+# the codes as plain ints, looked up by option value (torch.compile traces the op's forward: dict lookups of ints
+# trace, IntEnum's metaclass lookups recurse in dynamo)
+KIND_CODES = {name: int(Kind[name.upper()]) for name in DIRECTIONS}
+HARDNESS_CODES = {mode: int(Hardness[mode.upper()] if mode else Hardness.NONE) for mode in HARDNESS_MODES}
+MARGIN_CODES = {strategy: int(MarginStrategy[strategy.upper()]) for strategy in MARGIN_STRATEGIES}
 
 
 @dataclass(frozen=True)
@@ -280,13 +278,13 @@ def kernel_params(options: ContrastiveOptions, layout: ContrastiveLayout, num_bl
     """The one encoding of ``options`` for the kernels, with every derived coefficient: for rows row0.. of a batch
     of layout.rows rows and ``num_blocks`` similarity blocks (the enabled directions),
     coef = scale/B/(1 if joint else num_blocks) and pos_coef = scale/B (each computed as scale·(1/B) first)."""
-    joint = options.partition_mode == PARTITION_MODES[Partition.JOINT]
+    joint = options.partition_mode == "joint"
     pos_coef = float(options.scale) * (1.0 / layout.rows)
     return KernelParams(
         row0, layout.rows, layout.positives, options.offset, layout.own_query_offset, float(options.scale),
         float(options.hardness_strength) if options.hardness else 0.0, float(options.margin),
-        HARDNESS_CODES[options.hardness_mode] if options.hardness else Hardness.NONE,
-        MarginStrategy[options.margin_strategy.upper()], joint, bool(compute_grad),
+        HARDNESS_CODES[options.hardness_mode if options.hardness else None],
+        MARGIN_CODES[options.margin_strategy], joint, bool(compute_grad),
         pos_coef / (1 if joint else num_blocks), pos_coef)
 
 

@@ -283,7 +283,8 @@ def make_epilogue_case(name: str, rows: int, columns: int, device: str):
         target = torch.empty_like(block)
         return (lambda: (None, (target.copy_(block),))), None, info
     epilogue = contrastive_epilogue.EPILOGUES[name.removeprefix("epilogue_")]
-    layout = ContrastiveLayout(rows, rows, columns // rows, 1, rows, 0)  # P = rows positives, N // P columns
+    # the slab's first chunk of a batch of B = N/2 queries (the positives, then one hard-negative column)
+    layout = ContrastiveLayout(columns // 2, columns // 2, 2, 1, columns // 2, 0)
     options = ContrastiveOptions()
     def run():
         epilogue({"query_to_doc": block}, {}, None, 0, layout, options, True)

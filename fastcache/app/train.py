@@ -93,9 +93,9 @@ class TrainConfig(RunConfig):
         if self.guide_model is not None and "gist" not in self.loss:
             raise TrainError(f"--guide-model applies to the GIST losses only, not --loss {self.loss}")
         check_run_options(self, {"--compare-batch-size": self.compare_batch_size})
-        from fastcache.ops import contrastive_epilogue
+        from fastcache.ops.contrastive import epilogue
 
-        check_settings(contrastive_epilogue.available, "contrastive loss")
+        check_settings(epilogue.available, "contrastive loss")
         if self.batch_size < 2:
             raise TrainError(f"--batch-size must be at least 2 (in-batch negatives), got {self.batch_size}")
         if self.matryoshka_dims is not None:

@@ -7,7 +7,5 @@ from fastcache.ops.contrastive import (
     contrastive_loss,
     contrastive_loss_and_grad,
 )
-from fastcache.ops.contrastive import epilogue as contrastive_epilogue  # the old module name (fastcache.app.train)
 
-__all__ = ["ContrastiveLossAndGrad", "ContrastiveOptions", "contrastive_epilogue", "contrastive_loss",
-           "contrastive_loss_and_grad"]
+__all__ = ["ContrastiveLossAndGrad", "ContrastiveOptions", "contrastive_loss", "contrastive_loss_and_grad"]

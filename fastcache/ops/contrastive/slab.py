@@ -126,6 +126,13 @@ def operand_grad_scale(bound: float) -> float:
     return 2.0 ** min(126, max(-126, math.floor(math.log2(LOW_PRECISION_GRAD_MAX / bound))))
 
 
+def unscale_(grad_scale: float, *grads: Tensor) -> None:
+    """Divide each distinct gradient accumulator (several names may hold one tensor) by ``grad_scale``, the
+    operand_grad_scale its sums were taken with."""
+    for grad in {id(t): t for t in grads}.values():
+        grad.div_(grad_scale)
+
+
 def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out = a·b, out in its own dtype (fp32 from bf16/fp16 operands: cuBLAS accumulates in fp32)."""
     if a.dtype == out.dtype:
@@ -217,8 +224,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     if not need_grad:
         return loss, None, None, None
     if low:
-        for grad in {id(t): t for t in (grad_q, grad_d, grad_Q)}.values():
-            grad.div_(grad_scale)
+        unscale_(grad_scale, grad_q, grad_d, grad_Q)
     grad_queries = operand_backward_(grad_q, q, q_norm)
     grad_docs = operand_backward_(grad_d, d, d_norm).view(docs.shape)
     grad_all = operand_backward_(grad_Q, Q, Q_norm) if gathered else None

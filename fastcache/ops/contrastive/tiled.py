@@ -20,7 +20,7 @@ from fastcache.ops.contrastive.normalize import (
     guide_and_id_operands,
 )
 from fastcache.ops.contrastive.options import KIND_CODES, kernel_params
-from fastcache.ops.contrastive.slab import operand_grad_scale
+from fastcache.ops.contrastive.slab import operand_grad_scale, unscale_
 from fastcache.triton import contrastive as kernels
 from fastcache.triton.contrastive import (
     BACKWARD_TILES,
@@ -127,8 +127,7 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
                 KIND=kind, **dict(constants, **tiles), BY_COLUMNS=by_columns, BLOCK_DO=block_do,
                 WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", num_warps=BACKWARD_WARPS,
                 num_stages=stages)
-    for grad in {id(t): t for t in (grad_q, grad_d, grad_Q)}.values():
-        grad.div_(grad_scale)
+    unscale_(grad_scale, grad_q, grad_d, grad_Q)
     grad_queries = _normalized_backward_in_chunks_(grad_q, q, q_norm)
     grad_docs = _normalized_backward_in_chunks_(grad_d, d, d_norm).view(docs.shape)
     grad_all = _normalized_backward_in_chunks_(grad_Q, Q, Q_norm) if gathered else None

@@ -22,6 +22,7 @@ from fastcache.ops.contrastive.slab import (
     guide_blocks,
     low_precision_gemms,
     operand_grad_scale,
+    unscale_,
 )
 
 
@@ -255,8 +256,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     if not need_grad:
         return loss, None, None, None
     if low:
-        for g in {id(t): t for t in (*grad.values(), *grad_t.values())}.values():
-            g.div_(grad_scale)
+        unscale_(grad_scale, *grad.values(), *grad_t.values())
     total = {}
     for name in names:
         rows_part, columns_part = grad.get(name), grad_t.get(name)

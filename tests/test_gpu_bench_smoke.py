@@ -245,3 +245,12 @@ def test_suite_dry_run_runs_the_phases_in_order(tmp_path):
     assert report["phase"] == "rest"  # the last phase's report holds the headline's rows too
     assert {"mm_ceiling", "fastcache_tiled", "fastcache_slab_cuda", "epilogue_copy"} <= {r["case"] for r in
                                                                                        report["rows"]}
+
+
+def test_a_later_phase_keeps_the_ceiling_already_measured(gpu_bench, tmp_path):
+    """The headline's CUDA-epilogue call and the rest come after the headline phase in the same OUTDIR: the torch.mm
+    ceiling measured there is not measured again (GPU time is scarce)."""
+    (tmp_path / gpu_bench.ROWS_FILE).write_text(json.dumps({"case": "mm_ceiling", "status": "ok", "min_s": 1.0}) + "\n")
+    measured = gpu_bench.run_all(tmp_path, dry_run=True, budget_s=0, case_seconds=0.01, cases=["reference"],
+                                 dtypes=["float32"], phase="headline")
+    assert [r["case"] for r in measured["rows"]] == ["reference"]

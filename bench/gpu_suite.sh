@@ -9,7 +9,7 @@
 # failing phase does not stop the later ones; SUITE_BUDGET_S, default 480 s, caps the whole run):
 #   1. preflight (~10 s): versions, nvidia-smi, the tools present, the out_dtype GEMM check -> preflight.json; the
 #      extension build starts in the background.
-#   2. correctness (~60 s): tests/test_gpu_smoke.py, ~20 curated cases against the float64 reference: the Triton
+#   2. correctness (~60 s): tests/native/test_gpu_smoke.py, ~20 curated cases against the float64 reference: the Triton
 #      kernels now, the CUDA kernels once the build is done -> correctness.xml.
 #   3. headline (~150 s): the target shape B=65536, N=131072, D=768, bf16: torch.mm ceiling, fastcache (tiled,
 #      slab with the Triton and the CUDA epilogue), the peers, sentence-transformers; 2 warm-ups, >= 3 timed runs,
@@ -155,7 +155,7 @@ f'fastcache._C lacks {missing}'" >> "$LOG" 2>&1 && [ "$rc" -eq 0 ]; then
 }
 
 # 2. correctness: the Triton kernels while the build runs, then the CUDA kernels ------------------------------
-SMOKE=(-m pytest -q -p no:cacheprovider --tb=short --maxfail=10 -rfE -m gpu_smoke tests/test_gpu_smoke.py)
+SMOKE=(-m pytest -q -p no:cacheprovider --tb=short --maxfail=10 -rfE -m gpu_smoke tests/native/test_gpu_smoke.py)
 TRITON_CASES="not cuda"
 [ "$DRY_RUN" = 1 ] && TRITON_CASES="(B1 or fp64) and not cuda"  # the plan, not the maths (the test run has it all)
 phase correctness_triton 90 "$PYTHON" "${SMOKE[@]}" -k "$TRITON_CASES" --junitxml="$WORK/correctness_triton.xml"
@@ -178,11 +178,11 @@ sed -n '/^torch.mm bf16/,/^$/p' "$LOG" | tail -n 20
 # 4. sanitizers ------------------------------------------------------------------------------------------------
 if [ "$DRY_RUN" = 0 ] && command -v compute-sanitizer > /dev/null; then
   phase memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 3 "$PYTHON" -m pytest -q -x \
-    -p no:cacheprovider tests/test_gpu_smoke.py tests/test_contrastive_cuda.py tests/test_ranking_cuda.py \
+    -p no:cacheprovider tests/native/test_gpu_smoke.py tests/contrastive/test_contrastive_cuda.py tests/ranking/test_ranking_cuda.py \
     -k "tiled-fp32-B1-D384 or (test_epilogue_shapes and dtype0) or test_edge_rows"
   grep -E "ERROR SUMMARY|(passed|failed)[^|]* in [0-9.]+s" "$LOG" | tail -n 2
   phase racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 3 "$PYTHON" -m pytest -q -x \
-    -p no:cacheprovider tests/test_ranking_cuda.py -k "test_edge_rows or test_non_default_stream"
+    -p no:cacheprovider tests/ranking/test_ranking_cuda.py -k "test_edge_rows or test_non_default_stream"
   grep -E "RACECHECK SUMMARY|ERROR SUMMARY|(passed|failed)[^|]* in [0-9.]+s" "$LOG" | tail -n 2
 else
   say "memcheck, racecheck: skipped (dry run or no compute-sanitizer)"
@@ -190,9 +190,9 @@ else
 fi
 
 # 5. the rest, as time allows -------------------------------------------------------------------------------
-CUDA_TESTS=(tests/test_contrastive_gpu.py tests/test_matryoshka_gpu.py tests/test_contrastive_cuda.py
-            tests/test_ranking_cuda.py)
-[ "$DRY_RUN" = 1 ] && CUDA_TESTS=(tests/test_contrastive_cuda.py)
+CUDA_TESTS=(tests/contrastive/test_contrastive_gpu.py tests/matryoshka/test_matryoshka_gpu.py tests/contrastive/test_contrastive_cuda.py
+            tests/ranking/test_ranking_cuda.py)
+[ "$DRY_RUN" = 1 ] && CUDA_TESTS=(tests/contrastive/test_contrastive_cuda.py)
 BROAD=(-m pytest -q -p no:cacheprovider --tb=short --maxfail=25 -rfE -m cuda --junitxml="$OUTDIR/junit_cuda.xml")
 has_module xdist && [ "$DRY_RUN" = 0 ] && BROAD+=(-n 4)
 has_module pytest_timeout && BROAD+=(--timeout 120)

@@ -1,7 +1,7 @@
 // The one place that turns Python's KernelParams (fastcache/ops/contrastive/options.py: a NamedTuple, or any
 // sequence of its 14 numbers in its field order) into the kernels' ContrastiveParams: a pybind11 type caster, so
 // the bound entry points take the struct as one argument. Included by the files that define Python modules
-// (csrc/binding.cpp, tests/cuda_host_emulation.cpp) before their PYBIND11_MODULE.
+// (csrc/binding.cpp, tests/contrastive/cuda_host_emulation.cpp) before their PYBIND11_MODULE.
 #pragma once
 #include <torch/extension.h>
 

@@ -252,7 +252,7 @@ def lambda_loss_reference(logits: Tensor, labels: Tensor, mask: Tensor | None = 
                           reduction_log: str = "binary") -> Tensor:
     """LambdaLoss as sentence-transformers writes it (pair tensors [Q, n, n]); no valid pair gives 0. Its gains
     take 2^y as written: finite for labels below 128 (float32 logits) or 1024 (float64); the op's are exact past
-    that too (tests/test_ranking_edge_cases.py)."""
+    that too (tests/ranking/test_ranking_edge_cases.py)."""
     logits, labels, mask = _ranking_inputs(logits, labels, mask)
     Q, n = logits.shape
     order = _sorted_by(logits.detach(), mask)

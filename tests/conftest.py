@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Hypothesis budgets (tests/test_properties_contrastive.py): "ci", the default, runs a fixed derandomised set of
+# Hypothesis budgets (tests/contrastive/test_properties_contrastive.py): "ci", the default, runs a fixed derandomised set of
 # examples per test (the same on every run: reproducible, bounded time); "thorough" runs 20 times as many, random.
 # Choose with FASTCACHE_HYPOTHESIS_PROFILE=ci|thorough.
 _HYPOTHESIS = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow,

@@ -1,6 +1,6 @@
 // Test support: CUDA's built-in names emulated on the host, so that a torch-free kernel header (csrc/cuda/*.cuh)
-// compiles as plain C++ and its kernels run on CPU data (tests/cuda_host_emulation.cpp, the contrastive epilogue;
-// tests/ranking_host_emulation.cpp, the ranking losses). One std::thread per CUDA thread; a grid's thread blocks
+// compiles as plain C++ and its kernels run on CPU data (tests/contrastive/cuda_host_emulation.cpp, the contrastive epilogue;
+// tests/ranking/ranking_host_emulation.cpp, the ranking losses). One std::thread per CUDA thread; a grid's thread blocks
 // run one after another (emulation::run_grid). __syncthreads is a barrier of the block's threads;
 // __shfl_xor_sync exchanges through a per-block buffer between two block barriers (valid where the kernel calls it
 // with every lane of every warp), __shfl_down_sync and __shfl_up_sync through such a buffer between two barriers of

@@ -24,6 +24,9 @@ The loss of a low-precision call is float32 whatever the input dtype, so the los
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from torch import Tensor
 
@@ -36,6 +39,16 @@ SETTINGS = ("backend", "strategy", "memory_budget", "chunk_size", "show_progress
 FACTOR = 2.0
 ATOL_ULPS = {torch.float32: 4.0, torch.bfloat16: 1.0, torch.float16: 1.0}
 FLOAT64_TOL = {"rtol": 1e-10, "atol": 1e-10}
+
+
+# a Triton interpreter module's pytestmark: only under the interpreter (tests/conftest.py turns it on for the session
+# on a machine without CUDA; elsewhere only when TRITON_INTERPRET=1 was set before Python started), the interpreter's
+# own NumPy warnings (runtime loop bounds) off
+INTERPRETER_ONLY = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="the Triton interpreter is off (set TRITON_INTERPRET=1 before importing triton)"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"),
+]
 
 
 def make_batch(
@@ -223,6 +236,38 @@ def assert_no_worse_than_reference(name: str, ours: list[Tensor], reference: lis
         f"{FACTOR} x {ref_error:.3e} + {slack:.3e})")
 
 
+LOW_PRECISION_SEEDS = (13, 14, 15, 16)
+
+
+def low_precision_runs(shape, options, dtype, run, reference=reference_loss_and_grads, seeds=LOW_PRECISION_SEEDS):
+    """(truth, reference, ours) per output name, each a list over ``seeds``: ``run`` (batch -> loss, grads) on
+    seeded batches in ``dtype`` against ``reference`` in ``dtype`` and in float64 (the truth); checks that the loss
+    is a float32 scalar and the gradients have their input's dtype and shape."""
+    runs = {}
+    for seed in seeds:
+        batch = make_batch(**shape, dtype=dtype, seed=seed)
+        truth_loss, truth_grads = reference(cast(batch, torch.float64), **options)
+        ref_loss, ref_grads = reference(batch, **options)
+        loss, grads = run(batch)
+        assert loss.dtype == torch.float32 and loss.shape == ()
+        for k, g in grads.items():
+            assert g.dtype == dtype and g.shape == batch[k].shape, k
+        for k, triple in [("loss", (truth_loss, ref_loss, loss))] + [
+                (k, (truth_grads[k], ref_grads[k], grads[k])) for k in grads]:
+            for lst, value in zip(runs.setdefault(k, ([], [], [])), triple):
+                lst.append(value)
+    return runs
+
+
+def assert_low_precision_no_worse_than_reference(shape, options, dtype, paths) -> None:
+    """Each Matryoshka op path (batch -> loss, grads) on seeded batches in ``dtype``: float32 loss, gradients in
+    ``dtype``, errors no worse than the reference's own in ``dtype``."""
+    for path in paths:
+        runs = low_precision_runs(shape, options, dtype, path, matryoshka_reference_loss_and_grads, seeds=(13, 14, 15))
+        for k, (truth, ref, ours) in runs.items():
+            assert_no_worse_than_reference(k, ours, ref, truth, torch.float32 if k == "loss" else dtype)
+
+
 def spawn_world(rank_main, folder, world: int, deadline_s: float) -> list:
     """Run ``rank_main(rank, str(folder))`` in ``world`` spawned processes, killed at the deadline (a hang fails the
     test); return what each rank saved as ``folder/rank{rank}.pt``, indexed by rank."""
@@ -250,7 +295,6 @@ def start_gloo_rank(rank: int, folder: str, world: int, timeout_s: float):
     before the process group: under torch.distributed save_pretrained writes on rank 0 only); then the gloo group
     over ``folder/store``. Returns (model, guide)."""
     import datetime
-    import os
     import sys
     import warnings
     from pathlib import Path
@@ -287,8 +331,9 @@ def run_bench_script(name: str, out, *args: str) -> tuple[str, dict]:
 
 
 def load_host_emulation(source: str, build_directory):
-    """Compile ``tests/<source>`` (a CUDA binding with its kernels run on the host, emulated CUDA threads) as a
-    Python extension in ``build_directory`` and import it; module name after the source file."""
+    """Compile ``tests/<source>`` (a CUDA binding with its kernels run on the host, emulated CUDA threads, from
+    tests/cuda_host_emulation.h) as a Python extension in ``build_directory`` and import it; module name after the
+    source file."""
     from pathlib import Path
 
     from torch.utils import cpp_extension
@@ -297,7 +342,7 @@ def load_host_emulation(source: str, build_directory):
     return cpp_extension.load(
         name=f"fastcache_{Path(source).stem}",
         sources=[str(repo / "tests" / source)],
-        extra_include_paths=[str(repo / "csrc")],
+        extra_include_paths=[str(repo / "csrc"), str(repo / "tests")],
         extra_cflags=["-O1", "-std=c++17"],
         build_directory=str(build_directory),
         verbose=False,

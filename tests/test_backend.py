@@ -117,7 +117,7 @@ def test_torch_and_cpu_backends_agree(no_backend_env, monkeypatch, dtype):
 
 @pytest.mark.parametrize("name,reason", [("cuda", "CUDA"), ("triton", "TRITON_INTERPRET=1")])
 def test_gpu_backends_cannot_run_cpu_tensors(monkeypatch, name, reason):
-    """cuda never runs CPU tensors; triton only through the interpreter (tests/test_contrastive_triton.py)."""
+    """cuda never runs CPU tensors; triton only through the interpreter (tests/contrastive/test_contrastive_triton.py)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     queries, docs = _inputs()
     message = rf"backend '{name}' cannot run here: .*{reason}"

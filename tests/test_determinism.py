@@ -16,7 +16,7 @@ fixed backend, dtype, memory budget / chunk size and thread count:
 What is not (documented exceptions): results are equal only to rounding, not bitwise,
 * across thread counts: torch's GEMMs block their reductions by the number of threads;
 * across chunk sizes / memory budgets: the gradient GEMMs accumulate over chunks in another order;
-* across backends (C++ vs PyTorch epilogue: another exp and summation order; tests/test_contrastive_op.py
+* across backends (C++ vs PyTorch epilogue: another exp and summation order; tests/contrastive/test_contrastive_op.py
   bounds their difference), and across machines with other instruction sets (AVX-512 vs AVX2 lanes).
 """
 

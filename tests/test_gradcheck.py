@@ -4,7 +4,7 @@
   of the other three), both partition modes where they apply, both similarities, local and gathered
   (``all_queries`` and an offset; cosine locally, dot gathered), docs as [N, D] and [C, P, D], a guide with either margin strategy, duplicate
   ``doc_ids``, and chunks smaller than the batch. The hardness penalty is excluded: it is stopgrad(s) by
-  definition, so finite differences see what the gradient deliberately ignores (tests/test_contrastive_op.py
+  definition, so finite differences see what the gradient deliberately ignores (tests/contrastive/test_contrastive_op.py
   checks that gradient against the reference's autograd instead). Triton's slab and tiled strategies (through
   the interpreter on CPU) on two small cases that together use every direction, gathering, a guide and ids.
 * The drop-in losses' embedding-level paths, as the trainer calls them: MultipleNegativesRankingLoss and
@@ -111,7 +111,7 @@ def test_op_triton(strategy, case):
 
 def test_op_is_once_differentiable(backend):
     """First order only: asking for a graph of the gradient (create_graph=True) raises at once, never a silent zero
-    (tests/test_contrastive_autograd_limits.py has the other ops and torch.func)."""
+    (tests/contrastive/test_contrastive_autograd_limits.py has the other ops and torch.func)."""
     batch = make_batch(3, 4, columns=2, seed=43)
     q = batch["queries"].clone().requires_grad_()
     loss = contrastive_loss(q, batch["docs"], backend=backend)
@@ -123,7 +123,7 @@ def test_op_is_once_differentiable(backend):
 # negative one), every direction, gathering and per-direction partitions, a guide (never truncated) and ids. Not
 # Triton (the interpreter takes 23 s for one case with slab and 40 s with tiled on the idle machine): its slab
 # epilogue is the one test_op_triton checks, and both strategies' gradients are compared with the reference's
-# autograd in tests/test_properties_matryoshka.py and tests/test_matryoshka_triton.py.
+# autograd in tests/matryoshka/test_properties_matryoshka.py and tests/matryoshka/test_matryoshka_triton.py.
 MATRYOSHKA = dict(dims=[5, 4, 2], weights=[1.0, 0.5, -2.0])
 MATRYOSHKA_CASES = {
     "all-dirs-cos": (dict(rows=3, dim=5, columns=2), dict(directions=(QD, QQ, DQ, DD), scale=4.0)),

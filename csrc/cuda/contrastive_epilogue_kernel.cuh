@@ -17,7 +17,7 @@
 // GPU).
 //
 // This header needs only CUDA's built-in names (threadIdx, __syncthreads, __shfl_xor_sync, ...), so a test can
-// also compile it for the host with those names emulated (tests/cuda_host_emulation.cpp).
+// also compile it for the host with those names emulated (tests/contrastive/cuda_host_emulation.cpp).
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -4,7 +4,7 @@
 
 namespace fastcache {
 
-// tests/cuda_host_emulation.cpp and tests/ranking_host_emulation.cpp compile the bindings with the launchers run on
+// tests/contrastive/cuda_host_emulation.cpp and tests/ranking/ranking_host_emulation.cpp compile the bindings with the launchers run on
 // the host, on CPU tensors.
 #ifdef FASTCACHE_CUDA_HOST_EMULATION
 constexpr bool kHostEmulation = true;

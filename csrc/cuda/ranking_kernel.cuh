@@ -14,7 +14,7 @@
 // This header needs only CUDA's built-in names (threadIdx, __syncthreads, __shfl_down_sync, __shfl_up_sync,
 // atomicAdd, ...) and
 // lambda_shared_memory() (the block's dynamic shared memory, defined by the includer), so a test can also compile
-// it for the host with those names emulated (tests/ranking_host_emulation.cpp).
+// it for the host with those names emulated (tests/ranking/ranking_host_emulation.cpp).
 #pragma once
 #include <cmath>
 #include <cstdint>

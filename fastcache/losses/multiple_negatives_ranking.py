@@ -16,7 +16,7 @@ Autocast: under ``torch.autocast`` (bf16 or fp16) the loss is float32, where ups
 RankingLoss returns the autocast dtype (its similarity matmul runs in bf16; upstream's GIST losses return float32,
 as these do). The fused op accumulates in float32 and rounds nothing to bf16: under CPU bf16 autocast on the tests'
 tiny BERT (5 batches), upstream's loss is up to 7.3e-3 (symmetric: 1.3e-2) relative from the loss without autocast,
-fastcache's up to 1.6e-5 (tests/test_drop_in_arguments.py pins both).
+fastcache's up to 1.6e-5 (tests/losses/test_drop_in_arguments.py pins both).
 """
 
 from __future__ import annotations

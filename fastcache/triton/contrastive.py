@@ -32,7 +32,7 @@ masks; ``_online_logsumexp``; ``_softmax_grad``) serves two strategies:
   of NORMALIZE_ROWS rows, i.e. O((B + N + Mq)·D).
 
 Kernels are decorated at import: set TRITON_INTERPRET=1 before importing this module to run them on CPU tensors.
-This module imports nothing of fastcache: the host code that prepares the operands lives with the op.
+This module imports only fastcache.kernel_codes: the host code that prepares the operands lives with the op.
 """
 
 from __future__ import annotations
@@ -42,16 +42,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# The codes of fastcache/ops/contrastive/options.py's Kind and Hardness (and csrc/contrastive_params.h) as Triton
-# constants; the host code passes codes and coefficients from kernel_params (this module imports nothing of
-# fastcache.ops).
-QUERY_TO_DOC = tl.constexpr(0)
-QUERY_TO_QUERY = tl.constexpr(1)
-DOC_TO_QUERY = tl.constexpr(2)
-DOC_TO_DOC = tl.constexpr(3)
-IN_BATCH_NEGATIVES = tl.constexpr(1)
-HARD_NEGATIVES = tl.constexpr(2)
-ALL_NEGATIVES = tl.constexpr(3)
+from fastcache.kernel_codes import Hardness, Kind
+
+# fastcache/kernel_codes.py's codes as Triton constants; the host code passes codes and coefficients from the op's
+# kernel_params
+QUERY_TO_DOC = tl.constexpr(int(Kind.QUERY_TO_DOC))
+QUERY_TO_QUERY = tl.constexpr(int(Kind.QUERY_TO_QUERY))
+DOC_TO_QUERY = tl.constexpr(int(Kind.DOC_TO_QUERY))
+DOC_TO_DOC = tl.constexpr(int(Kind.DOC_TO_DOC))
+IN_BATCH_NEGATIVES = tl.constexpr(int(Hardness.IN_BATCH_NEGATIVES))
+HARD_NEGATIVES = tl.constexpr(int(Hardness.HARD_NEGATIVES))
+ALL_NEGATIVES = tl.constexpr(int(Hardness.ALL_NEGATIVES))
 
 # Scalars travel in a small tensor of the compute dtype (Python floats would reach the kernel as fp32). GRAD_SCALE:
 # the power of two that dL/ds is multiplied by before it becomes a 16-bit dot operand (ops/contrastive/slab.py's

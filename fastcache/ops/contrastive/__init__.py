@@ -35,7 +35,7 @@ Two strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
 The package, each module importing only the ones listed before it (and fastcache.triton, _backend, _autograd_guard):
 
     options     ContrastiveOptions, ContrastiveLayout, ContrastiveLossAndGrad, check_inputs, argument parsing;
-                the kernels' codes (Kind, Hardness, MarginStrategy; the partition is KernelParams.joint) and
+                the kernels' codes (Kind, Hardness, MarginStrategy of fastcache/kernel_codes.py) and
                 kernel_params, the one encoding of the options (with every derived coefficient) that the C++,
                 CUDA, torch and Triton epilogues read
     normalize   row normalisation and its backward; the guide and id operands

@@ -12,12 +12,12 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from fastcache.kernel_codes import Hardness, Kind, MarginStrategy
 from fastcache.ops._autograd_guard import check_real_device
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
@@ -26,29 +26,6 @@ HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 SIMILARITIES = ("cos", "dot")
 MARGIN_STRATEGIES = ("absolute", "relative")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-# The codes the compiled kernels take (their C++ twin: csrc/contrastive_params.h; the Triton kernels get them from
-# kernel_params through the host code).
-class Kind(IntEnum):
-    """A similarity block's direction, in DIRECTIONS order."""
-    QUERY_TO_DOC = 0
-    QUERY_TO_QUERY = 1
-    DOC_TO_QUERY = 2
-    DOC_TO_DOC = 3
-
-
-class Hardness(IntEnum):
-    """Which query_to_doc negatives the hardness penalty applies to (NONE also when the strength is 0)."""
-    NONE = 0
-    IN_BATCH_NEGATIVES = 1
-    HARD_NEGATIVES = 2
-    ALL_NEGATIVES = 3
-
-
-class MarginStrategy(IntEnum):
-    ABSOLUTE = 0
-    RELATIVE = 1
 
 
 # the codes as plain ints, looked up by option value (torch.compile traces the op's forward: dict lookups of ints

@@ -197,9 +197,14 @@ def accumulate_into(reps: list[list[Tensor]], result: ContrastiveLossAndGrad) ->
     docs = [r for column in reps[1:] for r in column]
     grads = (*result.grad_queries.split_with_sizes([r.size(0) for r in reps[0]]),
              *result.grad_docs.reshape(-1, result.grad_docs.size(-1)).split_with_sizes([r.size(0) for r in docs]))
-    for r, g in zip((*reps[0], *docs), grads):
-        if r.grad is None:
-            r.grad = g
-        else:
-            r.grad += g
+    add_grads((*reps[0], *docs), grads)
     return result.loss.detach()
+
+
+def add_grads(leaves: Iterable[Tensor], grads: Iterable[Tensor]) -> None:
+    """What loss.backward() does to ``leaves`` given their gradients ``grads``: set, or added to, each ``.grad``."""
+    for leaf, grad in zip(leaves, grads, strict=True):
+        if leaf.grad is None:
+            leaf.grad = grad
+        else:
+            leaf.grad += grad

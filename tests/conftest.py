@@ -65,6 +65,20 @@ def build_tiny_bert(folder, seed: int, hidden_size: int = 32):
     return model
 
 
+def build_tiny_multi_vector(folder, seed: int):
+    """A random tiny BERT (:func:`build_tiny_bert`) in ``folder / "bert"`` loaded as a MultiVectorEncoder, as
+    sentence-transformers builds one from a bare transformer: Transformer, a token-level Dense projection to 128
+    dimensions (initialised from ``seed``), MultiVectorMask, token-level Normalize; in eval mode."""
+    from sentence_transformers import MultiVectorEncoder
+
+    build_tiny_bert(folder / "bert", seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MultiVectorEncoder(str(folder / "bert"), device="cpu")
+    model.eval()
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny random SentenceTransformer (BERT, 32 dims, mean pooling), built offline, seed 0."""

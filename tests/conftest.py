@@ -35,11 +35,11 @@ _LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
 _WORDS = ["the", "a", "query", "document", "cat", "dog", "sun", "car", "work", "weather", "nice", "today"]
 
 
-def build_tiny_bert(folder, seed: int, hidden_size: int = 32):
-    """Write a random 2-layer BERT and its tokenizer into ``folder``; return ``SentenceTransformer(folder)``
-    in eval mode (dropout off, so repeated encodings are identical)."""
-    from sentence_transformers import SentenceTransformer
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+def write_tiny_bert(folder, seed: int, hidden_size: int = 32, architecture: str = "BertModel") -> None:
+    """Write a random 2-layer BERT (the transformers class ``architecture``, seeded by ``seed``) and its tokenizer
+    into ``folder``."""
+    import transformers
+    from transformers import BertConfig, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _SPECIAL_TOKENS + _LETTERS + [f"##{c}" for c in _LETTERS] + _WORDS
@@ -56,10 +56,18 @@ def build_tiny_bert(folder, seed: int, hidden_size: int = 32):
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        BertModel(config).save_pretrained(str(folder))
+        getattr(transformers, architecture)(config).save_pretrained(str(folder))
     finally:
         torch.random.set_rng_state(state)
     tokenizer.save_pretrained(str(folder))
+
+
+def build_tiny_bert(folder, seed: int, hidden_size: int = 32):
+    """Write a random 2-layer BERT and its tokenizer into ``folder``; return ``SentenceTransformer(folder)``
+    in eval mode (dropout off, so repeated encodings are identical)."""
+    from sentence_transformers import SentenceTransformer
+
+    write_tiny_bert(folder, seed, hidden_size)
     model = SentenceTransformer(str(folder), device="cpu")
     model.eval()
     return model
@@ -75,6 +83,17 @@ def build_tiny_multi_vector(folder, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MultiVectorEncoder(str(folder / "bert"), device="cpu")
+    model.eval()
+    return model
+
+
+def build_tiny_splade(folder, seed: int, hidden_size: int = 32):
+    """Write a random 2-layer BertForMaskedLM and its tokenizer into ``folder``; return ``SparseEncoder(folder)``
+    (the MLM head and SPLADE max pooling: embeddings over the 69-token vocabulary, non-negative) in eval mode."""
+    from sentence_transformers import SparseEncoder
+
+    write_tiny_bert(folder, seed, hidden_size, architecture="BertForMaskedLM")
+    model = SparseEncoder(str(folder), device="cpu")
     model.eval()
     return model
 

@@ -23,6 +23,7 @@ import importlib
 _MODULES = (
     ("sentence_transformers.sentence_transformer.losses", "fastcache.losses"),
     ("sentence_transformers.cross_encoder.losses", "fastcache.cross_encoder.losses"),
+    ("sentence_transformers.sparse_encoder.losses", "fastcache.sparse_encoder.losses"),
 )
 
 _ORIGINALS: dict[tuple[str, str], type] = {}  # (upstream module, name) -> upstream's class

@@ -277,21 +277,21 @@ def token_grad(weights: Tensor, index: Tensor, queries: Tensor, docs: Tensor, *,
     grad_queries = torch.zeros((B, Lq, D), dtype=torch.float32, device=queries.device)
     grad_docs = torch.zeros((C, Ld, D), dtype=torch.float32, device=queries.device)
     rows = B * Lq
-    if rows == 0 or C == 0 or D == 0:
+    if rows and C:
+        low, high = (int(v) for v in torch.aminmax(index))
+        if low < -1 or high >= Ld:
+            raise ValueError(f"index must hold document token positions in [-1, {Ld}) (-1: none), got values in "
+                             f"[{low}, {high}]")
+    if rows == 0 or C == 0 or Ld == 0 or D == 0:
         return grad_queries, grad_docs
-    low, high = (int(v) for v in torch.aminmax(index))
-    if low < -1 or high >= Ld:
-        raise ValueError(f"index must hold document token positions in [-1, {Ld}) (-1: none), got values in "
-                         f"[{low}, {high}]")
     t = tiles or TOKEN_GRAD_TILES[queries.element_size()]
     block_d = min(t.block_d, triton.next_power_of_2(D))
     strides = (*weights.stride(), *index.stride())
     _token_grad_queries_kernel[(triton.cdiv(rows, t.block_m), triton.cdiv(D, block_d))](
         weights, index, docs, grad_queries, rows, Lq, C, D, *strides, docs.stride(0), docs.stride(1),
         BLOCK_M=t.block_m, BLOCK_D=block_d, num_warps=t.warps)
-    if Ld:
-        _token_grad_docs_kernel[(C, triton.cdiv(Ld, t.block_u), triton.cdiv(D, block_d))](
-            weights, index, queries, grad_docs, rows, Lq, Ld, D, *strides, queries.stride(0), queries.stride(1),
-            BLOCK_M=t.block_m, BLOCK_U=t.block_u, BLOCK_D=block_d, SPLIT=queries.element_size() == 2,
-            WIDEN=queries.device.type == "cpu", num_warps=t.warps, num_stages=t.stages)
+    _token_grad_docs_kernel[(C, triton.cdiv(Ld, t.block_u), triton.cdiv(D, block_d))](
+        weights, index, queries, grad_docs, rows, Lq, Ld, D, *strides, queries.stride(0), queries.stride(1),
+        BLOCK_M=t.block_m, BLOCK_U=t.block_u, BLOCK_D=block_d, SPLIT=queries.element_size() == 2,
+        WIDEN=queries.device.type == "cpu", num_warps=t.warps, num_stages=t.stages)
     return grad_queries, grad_docs

@@ -290,10 +290,10 @@ def spawn_world(rank_main, folder, world: int, deadline_s: float) -> list:
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
-def start_gloo_rank(rank: int, folder: str, world: int, timeout_s: float):
-    """In a spawned rank: offline, quiet, one thread; this rank's own tiny model and guide (seeds 0 and 1, built
-    before the process group: under torch.distributed save_pretrained writes on rank 0 only); then the gloo group
-    over ``folder/store``. Returns (model, guide)."""
+def start_gloo_rank(rank: int, folder: str, world: int, timeout_s: float, build=None):
+    """In a spawned rank: offline, quiet, one thread; this rank's own models, built before the process group (under
+    torch.distributed save_pretrained writes on rank 0 only) by ``build(Path(folder))``, by default a tiny model and
+    guide (seeds 0 and 1); then the gloo group over ``folder/store``. Returns the models ((model, guide))."""
     import datetime
     import sys
     import warnings
@@ -308,11 +308,14 @@ def start_gloo_rank(rank: int, folder: str, world: int, timeout_s: float):
     torch.set_num_threads(1)
     from conftest import build_tiny_bert
 
-    model = build_tiny_bert(Path(folder) / f"model{rank}", seed=0)
-    guide = build_tiny_bert(Path(folder) / f"guide{rank}", seed=1)
+    if build is None:
+        models = (build_tiny_bert(Path(folder) / f"model{rank}", seed=0),
+                  build_tiny_bert(Path(folder) / f"guide{rank}", seed=1))
+    else:
+        models = build(Path(folder))
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    return model, guide
+    return models
 
 
 def run_bench_script(name: str, out, *args: str) -> tuple[str, dict]:

@@ -7,18 +7,24 @@ import textwrap
 from pathlib import Path
 
 import sentence_transformers.cross_encoder.losses as st_ce_losses
+import sentence_transformers.multi_vector_encoder.losses as st_mv_losses
 import sentence_transformers.sentence_transformer.losses as st_losses
+import sentence_transformers.sparse_encoder.losses as st_sparse_losses
 import torch
 
 import fastcache
 from fastcache import losses
 from fastcache.cross_encoder import losses as ce_losses
+from fastcache.multi_vector_encoder import losses as mv_losses
+from fastcache.sparse_encoder import losses as sparse_losses
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from ranking_table import build_tiny_cross_encoder, text_lists  # noqa: E402
 
 MODULES = [("sentence_transformers.sentence_transformer.losses", st_losses, losses),
-           ("sentence_transformers.cross_encoder.losses", st_ce_losses, ce_losses)]
+           ("sentence_transformers.cross_encoder.losses", st_ce_losses, ce_losses),
+           ("sentence_transformers.multi_vector_encoder.losses", st_mv_losses, mv_losses),
+           ("sentence_transformers.sparse_encoder.losses", st_sparse_losses, sparse_losses)]
 
 
 def test_patch_and_undo():

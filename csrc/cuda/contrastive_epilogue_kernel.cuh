@@ -172,6 +172,7 @@ __global__ void __launch_bounds__(kMaxThreads) contrastive_epilogue_kernel(Block
   for (int k = 0; k < blocks.count; ++k) {
     const EpilogueBlock<T>& b = blocks.b[k];
     OnlineLse<T> acc{T(-INFINITY), T(0)};
+    // roofline: slab.epilogue_lse_read (first pass: the block read once, 4 B/logit)
     for_each_logit(b, row, p, [&](int64_t, T v) { acc.add(v); });
     lse[k] = static_cast<double>(block_reduce(acc, shared_max, shared_sum).value());
   }
@@ -193,6 +194,7 @@ __global__ void __launch_bounds__(kMaxThreads) contrastive_epilogue_kernel(Block
     const double log_partition = p.joint ? joint_lse : lse[k];
     const T lp = static_cast<T>(log_partition);
     T* s = b.s + row.r * b.ld;
+    // roofline: slab.epilogue_grad_rmw (second pass: read again, dL/ds written over it, 8 B/logit)
     for_each_logit(b, row, p, [&](int64_t j, T v) {
       T grad = log_partition == -INFINITY ? T(0) : coef * exp_(v - lp);
       if (b.kind == kQueryToDoc && j == row.pos) grad -= pos_grad;

@@ -209,7 +209,7 @@ def _slab_block_logsumexp(s_ptr, ld, g_ptr, ldg, n_cols, r, row_ok, pos, own_que
                           ACC: tl.constexpr):
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     total = tl.zeros([BLOCK_M], ACC)
-    for c0 in range(0, n_cols, BLOCK_N):
+    for c0 in range(0, n_cols, BLOCK_N):  # roofline: slab.epilogue_lse_read (the block read once)
         x, cols, inside = _slab_tile_logits(s_ptr, ld, g_ptr, ldg, n_cols, c0, r, row_ok, pos, own_query, threshold,
                                             ids_ptr, pos_ids, num_positives, scale, alpha, KIND, HARDNESS, GUIDED,
                                             HAS_IDS, BLOCK_N)
@@ -226,6 +226,7 @@ def _slab_block_grad(s_ptr, ld, g_ptr, ldg, n_cols, r, row_ok, pos, own_query, t
                                             ids_ptr, pos_ids, num_positives, scale, alpha, KIND, HARDNESS, GUIDED,
                                             HAS_IDS, BLOCK_N)
         grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
+        # roofline: slab.epilogue_grad_rmw (read again above, dL/ds written over it)
         tl.store(s_ptr + r[:, None].to(tl.int64) * ld + cols[None, :], grad, mask=inside)
 
 
@@ -348,6 +349,7 @@ def _similarity_tile(a_ptr, b_ptr, stride_a, stride_b, rows, cols, n_rows, n_col
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr):
     """[M, N] tile of a·bᵀ (rows of a, rows of b), accumulated over dim in ACC."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    # roofline: gemm.product, tiled.tile_operand_l2 (both strips over all D), tiled.swept_operand_hbm (per wave)
     for k0 in range(0, dim, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_a + k[None, :],
@@ -493,10 +495,12 @@ def _add_product_to_own_rows(grad, grad_scale, r_ptr, c_ptr, stride_r, stride_c,
     for o in range(lo // BLOCK_DO * BLOCK_DO, hi, BLOCK_DO):
         dims = o + tl.arange(0, BLOCK_DO)
         inside = (dims >= lo) & (dims < hi)
+        # roofline: tiled.product_operand_l2 (the swept tile's embeddings again)
         e = tl.load(e_ptr + e_rows[:, None].to(tl.int64) * stride_e + dims[None, :],
                     mask=e_ok[:, None] & inside[None, :], other=0.0)
         out = out_ptr + own[:, None].to(tl.int64) * stride_out + dims[None, :]
         held = own_ok[:, None] & inside[None, :]
+        # roofline: tiled.grad_rmw_l2 (the own fp32 gradient rows read and written once per swept tile)
         tl.store(out, _dot(g, e, tl.load(out, mask=held, other=0.0), WIDEN, ACC), mask=held)
 
 

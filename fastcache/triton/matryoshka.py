@@ -206,7 +206,7 @@ def _matryoshka_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, par
                 grad = grad * a[:, None] * b[None, :]
             suffix = grad
             if k + 1 < num_dims:  # the last one stays in registers
-                tl.store(scratch + k * (BLOCK_M * BLOCK_N), grad)
+                tl.store(scratch + k * (BLOCK_M * BLOCK_N), grad)  # roofline: matryoshka_tiled.scratch_l2
         tl.debug_barrier()  # the scratch stores land before the loads below
         for j in range(0, num_dims):  # segments from the last: M_k = M_{k+1} + H_k
             k = num_dims - 1 - j

@@ -40,6 +40,7 @@ class PrecomputedGradLoss(torch.autograd.Function):
                                **settings)
         if need_grad:
             ctx.dtypes = [None if x is None else x.dtype for x in (queries, docs, all_queries)]
+            # roofline: grad.autograd_output (the fp32 gradients kept in the inputs' dtype, scaled in backward)
             ctx.save_for_backward(*(None if g is None else g if x.dtype == torch.float16 else g.to(x.dtype)
                                     for g, x in ((gq, queries), (gd, docs), (gaq, all_queries))))
         return loss

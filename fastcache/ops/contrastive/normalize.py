@@ -54,6 +54,7 @@ def _normalized_in_own_dtype(x: Tensor, acc: torch.dtype, cosine: bool) -> tuple
         return x.contiguous(), None
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     norms = torch.empty(x.size(0), 1, dtype=acc, device=x.device)
+    # roofline: norm.forward (x read, the copy written; the acc temporaries of NORMALIZE_ROWS rows stay in L2)
     for r0 in range(0, x.size(0), NORMALIZE_ROWS):
         y, norm = _normalized(x[r0:r0 + NORMALIZE_ROWS], acc, True)
         out[r0:r0 + NORMALIZE_ROWS] = y
@@ -64,7 +65,7 @@ def _normalized_in_own_dtype(x: Tensor, acc: torch.dtype, cosine: bool) -> tuple
 def _normalized_backward_in_chunks_(grad: Tensor, normalized: Tensor, norm: Tensor | None) -> Tensor:
     """``_normalized_backward_`` (in place on the ``acc`` gradient) NORMALIZE_ROWS rows at a time, the normalised
     rows widened to the gradient's dtype one chunk at a time."""
-    if norm is not None:
+    if norm is not None:  # roofline: norm.backward (the gradient in place, the normalised rows read)
         for r0 in range(0, grad.size(0), NORMALIZE_ROWS):
             rows = slice(r0, r0 + NORMALIZE_ROWS)
             _normalized_backward_(grad[rows], normalized[rows].to(grad.dtype), norm[rows])

@@ -195,6 +195,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         r1 = min(r0 + chunk, B)
         qc, pc = q[r0:r1], d[off + r0:off + r1]
         out = {k: v[:r1 - r0] for k, v in blocks.items()}
+        # roofline: gemm.product, gemm.operand_read, slab.gemm_out_fp32 (the fp32 chunk×N block, 4 B/logit)
         _mm_into(out["query_to_doc"], qc, d.T)
         if "query_to_query" in dirs:
             _mm_into(out["query_to_query"], qc, Q.T)
@@ -207,7 +208,10 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         if not need_grad:
             continue
         # out now holds dL/ds for each block; accumulate the similarity GEMMs' gradients (low: of grad_scale·dL/ds)
+        # roofline: slab.grad_cast (fp32 dL/ds read, 16-bit copy written: 4 + e B/logit)
         g = {k: torch.mul(out[k], grad_scale, out=v[:r1 - r0]) if low else out[k] for k, v in operands.items()}
+        # roofline: slab.grad_operand_read (each GEMM reads dL/ds), slab.grad_rows_rmw (the chunk's fp32 rows)
+        # roofline: slab.grad_cols_rmw (all N fp32 gradient rows read and written once per chunk: 8·D/chunk B/logit)
         _addmm_into(grad_q[r0:r1], g["query_to_doc"], d)
         _addmm_into(grad_d, g["query_to_doc"].T, qc)
         if "query_to_query" in dirs:
@@ -224,7 +228,7 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     if not need_grad:
         return loss, None, None, None
     if low:
-        unscale_(grad_scale, grad_q, grad_d, grad_Q)
+        unscale_(grad_scale, grad_q, grad_d, grad_Q)  # roofline: grad.zero_unscale
     grad_queries = operand_backward_(grad_q, q, q_norm)
     grad_docs = operand_backward_(grad_d, d, d_norm).view(docs.shape)
     grad_all = operand_backward_(grad_Q, Q, Q_norm) if gathered else None

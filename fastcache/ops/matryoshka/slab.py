@@ -97,8 +97,9 @@ def _segment_gemms_(grad, grad_t, tensors, operand, rows, total: Tensor, lo: int
     low-precision GEMMs A becomes a bf16/fp16 copy of grad_scale·A (:func:`segment_grad_scale`; the caller
     divides the sums by it)."""
     x, _, y, width = operand
-    if total.dtype != tensors[y].dtype:
+    if total.dtype != tensors[y].dtype:  # roofline: matryoshka_slab.grad_cast
         total = total.mul(grad_scale).to(tensors[y].dtype)
+    # roofline: gemm.product, slab.grad_operand_read, slab.grad_rows_rmw, slab.grad_cols_rmw (per segment)
     _addmm_into(grad[x][rows, lo:hi], total, tensors[y][:width, lo:hi])
     _addmm_into(grad_t[y][lo:hi, :width], tensors[x][rows, lo:hi].T, total)
 
@@ -140,12 +141,12 @@ def _per_dim_chunk(raw, grads, product, gout, ids, r0, c, layout, options, dims,
         for name in dirs:
             x, _, y, width = operands[name]
             xc, yc, block = tensors[x][rows[name]], tensors[y][:width], raw[name][:c]
-            if k == K - 1:
+            if k == K - 1:  # roofline: gemm.product, gemm.operand_read, slab.gemm_out_fp32
                 _mm_into(block, xc[:, :hi], yc[:, :hi].T)
-            else:
+            else:  # roofline: matryoshka_slab.segment_accumulate (the fp32 prefix product read and written)
                 _addmm_into(block, xc[:, lo:hi], yc[:, lo:hi].T)
             out[name] = grads[k][name][:c]
-            if cosine:  # s_k = a_k ⊙ R_k ⊙ b_k
+            if cosine:  # s_k = a_k ⊙ R_k ⊙ b_k; roofline: matryoshka_slab.cos_scale
                 torch.mul(block, norms[x][1][k, rows[name], None], out=out[name])
                 out[name].mul_(norms[y][1][k, None, :width])
             else:
@@ -155,7 +156,7 @@ def _per_dim_chunk(raw, grads, product, gout, ids, r0, c, layout, options, dims,
             continue
         for name in dirs:  # g' = w·a ⊙ g, and the radial sums of g ⊙ s = g' ⊙ R ⊙ b
             x, _, y, width = operands[name]
-            if cosine:
+            if cosine:  # roofline: matryoshka_slab.grad_weight, then matryoshka_slab.radial_sums
                 out[name].mul_(norms[x][1][k, rows[name], None] * weights[k])
                 t = torch.mul(out[name], raw[name][:c], out=product[:c, :width])
                 b = norms[y][1][k, :width]
@@ -169,7 +170,7 @@ def _per_dim_chunk(raw, grads, product, gout, ids, r0, c, layout, options, dims,
         for name in dirs:
             y, width = operands[name][2:]
             total = grads[0][name][:c]
-            scale_columns = norms[y][1][k, None, :width] if cosine else None
+            scale_columns = norms[y][1][k, None, :width] if cosine else None  # roofline: matryoshka_slab.segment_total
             if k == 0:
                 if cosine:
                     total.mul_(scale_columns)

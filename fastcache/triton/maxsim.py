@@ -163,7 +163,7 @@ def _token_grad_queries_kernel(w_ptr, index_ptr, d_ptr, out_ptr, n_rows, n_query
         w = tl.load(w_row + c64 * stride_wc, mask=hit, other=0.0)
         d = tl.load(d_ptr + c64 * stride_dc + u[:, None].to(tl.int64) * stride_du + dims[None, :],
                     mask=hit[:, None] & dim_ok[None, :], other=0.0)
-        acc += tl.where(hit[:, None], w[:, None] * d.to(tl.float32), 0.0)
+        acc += w[:, None] * d.to(tl.float32)  # 0·0 where index is -1: neither w nor d read there
     tl.store(out_ptr + rows[:, None].to(tl.int64) * dim + dims[None, :], acc,
              mask=row_ok[:, None] & dim_ok[None, :])
 
@@ -191,7 +191,7 @@ def _token_grad_docs_kernel(w_ptr, index_ptr, q_ptr, out_ptr, n_rows, n_query_to
                     other=0.0)
         q = tl.load(q_ptr + _token_offsets(rows, n_query_tokens, stride_qb, stride_qt)[:, None] + dims[None, :],
                     mask=hit[:, None] & dim_ok[None, :], other=0.0)
-        scaled = tl.where(hit[:, None], w[:, None] * q.to(tl.float32), 0.0)
+        scaled = w[:, None] * q.to(tl.float32)  # 0·0 on rows that are not hits: neither w nor q read there
         onehot = tl.where(u[:, None] == index[None, :], 1.0, 0.0)  # via fp32: the interpreter's bool -> bf16 is wrong
         if SPLIT:
             hi = scaled.to(tl.bfloat16)

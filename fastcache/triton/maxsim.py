@@ -231,6 +231,14 @@ def _describe(t) -> str:
     return f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}" if isinstance(t, Tensor) else repr(type(t))
 
 
+def _check_index_range(index: Tensor, n_doc_tokens: int) -> None:
+    """Every index in [-1, Ld) (a gather past a document would read out of bounds): one reduction, a device sync."""
+    low, high = (int(v) for v in torch.aminmax(index))
+    if low < -1 or high >= n_doc_tokens:
+        raise ValueError(f"index must hold document token positions in [-1, {n_doc_tokens}) (-1: none), got values "
+                         f"in [{low}, {high}]")
+
+
 def _widen(t: Tensor) -> bool:
     """bf16 dot operands go through fp32 under the Triton interpreter (see contrastive._dot)."""
     return t.device.type == "cpu" and t.dtype == torch.bfloat16
@@ -278,10 +286,7 @@ def token_grad(weights: Tensor, index: Tensor, queries: Tensor, docs: Tensor, *,
     grad_docs = torch.zeros((C, Ld, D), dtype=torch.float32, device=queries.device)
     rows = B * Lq
     if rows and C:
-        low, high = (int(v) for v in torch.aminmax(index))
-        if low < -1 or high >= Ld:
-            raise ValueError(f"index must hold document token positions in [-1, {Ld}) (-1: none), got values in "
-                             f"[{low}, {high}]")
+        _check_index_range(index, Ld)
     if rows == 0 or C == 0 or Ld == 0 or D == 0:
         return grad_queries, grad_docs
     t = tiles or TOKEN_GRAD_TILES[queries.element_size()]

@@ -43,8 +43,8 @@ def _rank_main(rank: int, folder: str) -> None:
     from conftest import build_tiny_splade
     from test_sparse_losses import _losses, _run, trainable
 
-    splade = trainable(build_tiny_splade(Path(folder) / f"splade{rank}", seed=0))  # before the process group
-    start_gloo_rank(rank, folder, WORLD, 60)
+    splade = start_gloo_rank(rank, folder, WORLD, 60,
+                             build=lambda root: trainable(build_tiny_splade(root / f"splade{rank}", seed=0)))
     try:
         half = slice(rank * 4, (rank + 1) * 4)
         results = {}

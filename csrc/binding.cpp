@@ -3,6 +3,7 @@
 
 #include "cpu/contrastive.h"
 #include "cpu/matryoshka.h"
+#include "cpu/maxsim.h"
 #include "cpu/normalize.h"
 #include "cpu/ranking.h"
 #include "params_binding.h"  // KernelParams (Python) -> ContrastiveParams: the contrastive entry points' last options
@@ -24,6 +25,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matryoshka_chunk_cpu", &fastcache::matryoshka_chunk_cpu,
         "One row chunk of the fused Matryoshka slab on CPU: segment GEMMs, the epilogue, the backward GEMMs and "
         "radial sums added into the given gradients; returns the sum of the rows' weighted losses");
+  m.def("maxsim_token_max_cpu", &fastcache::maxsim_token_max_cpu,
+        "MaxSim token max on CPU: (values [B, Lq, C], int32 index [B, Lq, C]) of each query token's best valid token "
+        "in each document (0 and -1 where the query token is masked or the document empty)");
+  m.def("maxsim_token_grad_cpu", &fastcache::maxsim_token_grad_cpu,
+        "MaxSim token gradients on CPU: (grad_queries [B, Lq, D], grad_docs [C, Ld, D]) gathered and scattered "
+        "along the argmax index");
   m.def("l2_normalize_cpu", &fastcache::l2_normalize_cpu,
         "L2 row normalisation on CPU as F.normalize: (x / max(|x|, eps) in dtype, the divisors [rows, 1])");
   m.def("l2_normalize_backward_cpu_", &fastcache::l2_normalize_backward_cpu_,

@@ -1,6 +1,7 @@
 """fastcache: fused kernels for contrastive, Matryoshka and learning-to-rank losses (sentence-transformers drop-in).
 
-Public API: :func:`contrastive_loss`, :func:`contrastive_loss_and_grad`, :func:`info`, the drop-in losses in
+Public API: :func:`contrastive_loss`, :func:`contrastive_loss_and_grad`, :func:`maxsim_contrastive_loss`,
+:func:`maxsim_contrastive_loss_and_grad`, :func:`info`, the drop-in losses in
 :mod:`fastcache.losses`, and :func:`patch_sentence_transformers` (with its undo).
 """
 
@@ -16,14 +17,18 @@ from fastcache.ops.contrastive import (
     contrastive_loss,
     contrastive_loss_and_grad,
 )
+from fastcache.ops.maxsim import MaxSimLossAndGrad, maxsim_contrastive_loss, maxsim_contrastive_loss_and_grad
 
 __version__ = "0.1.0"
 __all__ = [
     "ContrastiveLossAndGrad",
     "ContrastiveOptions",
+    "MaxSimLossAndGrad",
     "contrastive_loss",
     "contrastive_loss_and_grad",
     "info",
+    "maxsim_contrastive_loss",
+    "maxsim_contrastive_loss_and_grad",
     "patch_sentence_transformers",
     "unpatch_sentence_transformers",
 ]

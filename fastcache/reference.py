@@ -232,6 +232,35 @@ def matryoshka_contrastive_loss_reference(queries: Tensor, docs: Tensor, *, dims
 
 # ---- learning-to-rank (fastcache.ops.ranking): dense, may build [Q, n, n]; padding (mask False) ignored ----
 
+def maxsim_contrastive_loss_reference(queries: Tensor, docs: Tensor, *, query_mask: Tensor | None = None,
+                                      doc_mask: Tensor | None = None, scale: float = 1.0,
+                                      length_normalize: bool = False, offset: int = 0) -> Tensor:
+    """fastcache.maxsim_contrastive_loss written out: the (B, G·N, Lq, Ld) token products in one einsum (float64
+    for float64 inputs, else float32), the max over the valid document tokens, the sum over the valid query tokens,
+    -1e9 for documents without a valid token, the optional division by the query's token count (the mask's sum, or
+    the non-zero token rows; at least 1), then cross-entropy of scale · scores against column (offset + i) · N.
+    Masked tokens are zeroed before the product, so that a NaN they hold reaches neither the loss nor a gradient."""
+    B, Lq, D = queries.shape
+    G, N, Ld, _ = docs.shape
+    if offset + B > G:
+        raise ValueError(f"offset + B must be at most G (the positive of query i is group offset + i): offset="
+                         f"{offset}, B={B}, G={G}")
+    dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    q_valid = torch.ones(B, Lq, dtype=torch.bool, device=queries.device) if query_mask is None else query_mask.bool()
+    d_valid = (torch.ones(G, N, Ld, dtype=torch.bool, device=docs.device) if doc_mask is None else doc_mask.bool()).reshape(G * N, Ld)
+    q = torch.where(q_valid.unsqueeze(-1), queries, 0).to(dtype)
+    d = torch.where(d_valid.unsqueeze(-1), docs.reshape(G * N, Ld, D), 0).to(dtype)
+    products = torch.einsum("btd,cud->bctu", q, d).masked_fill(~d_valid[None, :, None, :], float("-inf"))
+    token_max = products.max(dim=-1).values if Ld > 0 else products.sum(dim=-1)  # Ld = 0: every document empty
+    scores = torch.where(q_valid.unsqueeze(1), token_max, 0).sum(dim=-1)
+    scores = scores.masked_fill(~d_valid.any(dim=-1), -1e9)
+    if length_normalize:
+        valid = q_valid if query_mask is not None else (queries != 0).any(dim=-1)
+        scores = scores / valid.sum(dim=-1).clamp(min=1).unsqueeze(1)
+    labels = (offset + torch.arange(B, device=queries.device)) * N
+    return F.cross_entropy(scale * scores, labels)
+
+
 def _ranking_inputs(logits: Tensor, labels: Tensor, mask: Tensor | None):
     """Float copies of the inputs with padding neutralised (NaN-filled padding must not reach the maths)."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32

@@ -131,7 +131,7 @@ def _token_max_kernel(q_ptr, qm_ptr, d_ptr, dm_ptr, values_ptr, index_ptr, n_row
     slot = tl.arange(0, DOCS)[None, :]
     values = tl.zeros([BLOCK_M, DOCS], tl.float32)
     index = tl.full([BLOCK_M, DOCS], -1, tl.int32)
-    for j in range(0, tl.minimum(DOCS, n_docs - c0)):
+    for j in range(tl.minimum(DOCS, n_docs - c0)):
         c = (c0 + j).to(tl.int64)
         best, arg = _doc_token_max(q_ptr, q_off, q_ok, d_ptr + c * stride_dc, dm_ptr + c * stride_dmc, stride_du,
                                    stride_dmu, n_doc_tokens, dim, BLOCK_M, BLOCK_N, BLOCK_K, WIDEN)
@@ -156,7 +156,7 @@ def _token_grad_queries_kernel(w_ptr, index_ptr, d_ptr, out_ptr, n_rows, n_query
     w_row = w_ptr + _token_offsets(rows, n_query_tokens, stride_wb, stride_wt)
     index_row = index_ptr + _token_offsets(rows, n_query_tokens, stride_ib, stride_it)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for c in range(0, n_docs):
+    for c in range(n_docs):
         c64 = tl.cast(c, tl.int64)
         u = tl.load(index_row + c64 * stride_ic, mask=row_ok, other=-1)
         hit = u >= 0

@@ -18,8 +18,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastcache.triton.maxsim import GradTiles, MaxTiles, token_grad, token_max  # noqa: E402
 from helpers import INTERPRETER_ONLY, nan_padded  # noqa: E402
+
+from fastcache.triton.maxsim import GradTiles, MaxTiles, token_grad, token_max  # noqa: E402
 
 pytestmark = INTERPRETER_ONLY
 
@@ -52,8 +53,7 @@ def reference_token_max(q, query_mask, d, doc_mask):
 
 def reference_token_grad(w, index, q, d):
     """grad_q (gather) and grad_d (index_add), float64; entries with index -1 read nothing (NaN there ignored)."""
-    B, Lq, C = index.shape
-    Ld = d.size(1)
+    C, Ld = index.size(2), d.size(1)
     hit = index >= 0
     u = index.clamp(min=0).long()
     gathered = d.double()[torch.arange(C)[None, None, :], u]  # [B, Lq, C, D]
@@ -139,9 +139,9 @@ def random_index(query_mask, doc_mask, seed=1):
     return index
 
 
-def nan_weights(B, Lq, C, index, seed=2):
+def nan_weights(index, seed=2):
     """Weights with NaN wherever index is -1 (never to be read)."""
-    w = torch.randn(B, Lq, C, generator=torch.Generator().manual_seed(seed))
+    w = torch.randn(index.shape, generator=torch.Generator().manual_seed(seed))
     return w.masked_fill(index < 0, NAN)
 
 
@@ -240,16 +240,23 @@ GRAD_SHAPES = [  # B, Lq, C, Ld, D
 def test_token_grad_matches_reference(shape, dtype):
     """A random index (-1 in a quarter of the entries and at masked query tokens, NaN weights there), NaN at
     every masked token (never read)."""
-    B, Lq, C, Ld, D = shape
     q, query_mask, d, doc_mask = make_inputs(*shape, dtype, seed=7)
     index = random_index(query_mask, doc_mask)
-    check_token_grad(nan_weights(B, Lq, C, index), index, q, d)
+    check_token_grad(nan_weights(index), index, q, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda t: str(t).split(".")[1])
+def test_token_grad_default_tiles(dtype):
+    """The launch configuration the GPU gets (TOKEN_GRAD_TILES' 16-bit tiles), D = 384 over 3 dim blocks."""
+    q, query_mask, d, doc_mask = make_inputs(3, 7, 3, 11, 384, dtype, seed=12)
+    index = random_index(query_mask, doc_mask, seed=13)
+    check_token_grad(nan_weights(index), index, q, d, tiles=None)
 
 
 def test_token_grad_many_rows_on_one_token():
     """Every query token picks the same document token: the scatter sums 21 rows into one, in any dtype."""
     for dtype in DTYPES:
-        q, query_mask, d, doc_mask = make_inputs(3, 7, 2, 5, 12, dtype, seed=8)
+        q, _, d, _ = make_inputs(3, 7, 2, 5, 12, dtype, seed=8)
         index = torch.full((3, 7, 2), 4, dtype=torch.int32)
         q = q.nan_to_num(0.5)
         d = d.nan_to_num(0.5)
@@ -262,7 +269,7 @@ def test_token_grad_strided(layout):
     B, Lq, C = 2, 5, 3
     q, query_mask, d, doc_mask = make_inputs(B, Lq, C, 19, 24, torch.float16, seed=9, layout=layout)
     index = random_index(query_mask, doc_mask, seed=10)
-    weights = torch.full((B, C, 2 * Lq), NAN).transpose(1, 2)[:, ::2].copy_(nan_weights(B, Lq, C, index))
+    weights = torch.full((B, C, 2 * Lq), NAN).transpose(1, 2)[:, ::2].copy_(nan_weights(index))
     strided_index = torch.full((B + 1, Lq, C + 2), 7, dtype=torch.int32)[1:, :, 1:-1].copy_(index)
     assert not weights.is_contiguous() and not strided_index.is_contiguous()
     check_token_grad(weights, strided_index, q, d)
@@ -271,9 +278,9 @@ def test_token_grad_strided(layout):
 def test_token_max_then_token_grad_is_the_autograd_gradient():
     """token_grad of token_max's index, default tiles: the gradient of Σ w·values that float64 autograd gives
     through the masked max of the reference."""
-    B, Lq, C, Ld, D = 2, 5, 4, 19, 24
-    q, query_mask, d, doc_mask = make_inputs(B, Lq, C, Ld, D, torch.float32, seed=11)
-    values, index = token_max(q, query_mask, d, doc_mask)
+    B, Lq, C = 2, 5, 4
+    q, query_mask, d, doc_mask = make_inputs(B, Lq, C, 19, 24, torch.float32, seed=11)
+    _, index = token_max(q, query_mask, d, doc_mask)
     w = torch.randn(B, Lq, C)
     grad_q, grad_d = token_grad(w, index, q, d)
     q64 = q.double().where(query_mask[..., None], 0.0).requires_grad_()

@@ -115,6 +115,11 @@ def test_mini_batch_sizes(mv_model, name, kwargs):
     _compare(name, mv_model, TEXTS[:3], **kwargs)
 
 
+def test_cached_token_budget(mv_model):
+    """mini_batch_num_tokens packs each column's mini-batches by tokens (upstream's ranges, replayed as cut)."""
+    _compare(NAMES[1], mv_model, TEXTS[:3], mini_batch_num_tokens=12)
+
+
 def test_cached_equals_in_batch_loss(mv_model):
     """The gradient cache replays the mini-batches: the same loss and gradients as the in-batch loss."""
     cached = _run(_make(NAMES[1], "fc", mv_model, mini_batch_size=2), mv_model, TEXTS[:3])

@@ -4,7 +4,8 @@ Backends: ``cpu`` (the compiled C++ kernels of ``fastcache._C``), ``torch`` (pur
 ``cuda`` (compiled CUDA kernels) and ``triton`` (Triton kernels: CUDA tensors, or CPU tensors through the Triton
 interpreter when ``TRITON_INTERPRET=1`` is set). ``FASTCACHE_BACKEND`` (auto | torch | cpu | cuda | triton) or an
 op's ``backend=`` argument overrides the automatic choice; a choice that cannot run is an error, never a silent
-fallback. ``FASTCACHE_STRATEGY`` (auto | slab | tiled) or an op's ``strategy=`` argument picks the algorithm.
+fallback. ``FASTCACHE_STRATEGY`` (auto | slab | tiled | fused_slab) or an op's ``strategy=`` argument picks the
+algorithm.
 
 Sizes (``FASTCACHE_MEMORY_BUDGET`` / ``memory_budget=``, ``FASTCACHE_MINI_BATCH_BUDGET`` /
 ``mini_batch_memory_budget=``) follow one rule, :func:`parse_size`: an int number of bytes, or a string such as
@@ -24,7 +25,7 @@ from fractions import Fraction
 import torch
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
-STRATEGIES = ("auto", "slab", "tiled")
+STRATEGIES = ("auto", "slab", "tiled", "fused_slab")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 SETTINGS = ("FASTCACHE_BACKEND", "FASTCACHE_STRATEGY", "FASTCACHE_MEMORY_BUDGET", "FASTCACHE_MINI_BATCH_BUDGET")
 

@@ -25,16 +25,16 @@ def _strategy(layout, options, gathered: bool, guide_dim: int, device: torch.dev
               strategy, memory_budget, chunk_size) -> tuple[str, str]:
     """(strategy, backend) for this call.
 
-    ``tiled`` runs the Triton kernels: backend ``triton`` (``auto`` means triton here; anything else is an
-    error). ``auto``: ``slab`` on CPU; on CUDA, ``tiled`` when Triton can run, the backend allows it (auto or
-    triton), no ``chunk_size`` is given and the memory budget holds fewer than MIN_SLAB_ROWS rows per chunk (nor
-    the whole batch), else ``slab``."""
+    ``tiled`` and ``fused_slab`` run Triton kernels: backend ``triton`` (``auto`` means triton here; anything
+    else is an error); ``auto`` never picks fused_slab (not yet run on a GPU). ``auto``: ``slab`` on CPU; on
+    CUDA, ``tiled`` when Triton can run, the backend allows it (auto or triton), no ``chunk_size`` is given and
+    the memory budget holds fewer than MIN_SLAB_ROWS rows per chunk (nor the whole batch), else ``slab``."""
     requested = _backend.requested_strategy(strategy)
     asked = _backend.requested_backend(backend)
-    if requested == "tiled":
+    if requested in ("tiled", "fused_slab"):
         if asked not in ("auto", "triton"):
-            raise RuntimeError(f"strategy 'tiled' runs Triton kernels: it needs backend 'triton', got {asked!r}")
-        return "tiled", _backend.resolve_backend(device, available, "triton")
+            raise RuntimeError(f"strategy {requested!r} runs Triton kernels: it needs backend 'triton', got {asked!r}")
+        return requested, _backend.resolve_backend(device, available, "triton")
     name = _backend.resolve_backend(device, available, asked)
     if requested == "slab" or device.type == "cpu" or chunk_size is not None or asked not in ("auto", "triton") \
             or available["triton"] is not None:
@@ -67,6 +67,12 @@ def loss_and_grads(queries, docs, all_queries, guide_queries, guide_docs, doc_id
 
         return contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
                                  need_grad)
+    if strategy == "fused_slab":
+        from fastcache.ops.contrastive.fused_slab import contrastive_fused_slab
+
+        return contrastive_fused_slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
+                                      need_grad, None if chunk_size is None else min(chunk_size, layout.rows),
+                                      memory_budget)
     epilogue = contrastive_epilogue.EPILOGUES[name]
     if queries.device.type == "cuda" and _backend.requested_backend(backend) == "auto" and all(
             available[k] is None for k in contrastive_epilogue.GPU_EPILOGUES):
@@ -129,9 +135,11 @@ def contrastive_loss(
         backend=None: "auto", "cpu", "torch", "cuda" or "triton"; None reads ``FASTCACHE_BACKEND`` (default auto).
             On CUDA, auto with the slab strategy times the cuda and triton epilogues once per shape bucket, dtype
             and options, and keeps the faster. "triton" runs CPU tensors too under ``TRITON_INTERPRET=1``.
-        strategy=None: "auto", "slab" or "tiled"; None reads ``FASTCACHE_STRATEGY`` (default auto). slab: row
-            chunks of materialised similarity blocks (torch GEMMs + a fused epilogue); tiled: Triton kernels that
-            never hold more than a tile (needs backend triton). auto: slab on CPU; on CUDA tiled when the memory
+        strategy=None: "auto", "slab", "tiled" or "fused_slab"; None reads ``FASTCACHE_STRATEGY`` (default auto).
+            slab: row chunks of materialised similarity blocks (torch GEMMs + a fused epilogue); tiled: Triton
+            kernels that never hold more than a tile (needs backend triton); fused_slab: row chunks whose logits
+            are stored once in the embeddings' dtype by Triton GEMMs (needs backend triton; not yet run on a GPU,
+            never chosen by auto). auto: slab on CPU; on CUDA tiled when the memory
             budget holds fewer than MIN_SLAB_ROWS (256) rows per slab chunk (and fewer than B), else slab.
         memory_budget=None: workspace bytes (None reads ``FASTCACHE_MEMORY_BUDGET``, default 256 MiB); it sets
             the rows per chunk.

@@ -48,10 +48,36 @@ class _Block(NamedTuple):
     grad_cols: Tensor | None
 
 
-def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
-                      need_grad: bool):
-    """The tiled strategy; returns what the slab (``fastcache.ops.contrastive.slab._slab``) returns: the loss (0-d, fp32 or fp64) and, when ``need_grad``,
-    the gradients w.r.t. queries, docs and all_queries (fp32 or fp64; None where not needed)."""
+class TiledOperands(NamedTuple):
+    """What the kernels of the Triton strategies (tiled, fused_slab) read and write: the normalised operands (their
+    dtype) with their norms, the guide and id operands, the guide's positive similarities, the fp32/fp64 gradient
+    accumulators (None without need_grad), one _Block per enabled direction, the kernel params, the power-of-two
+    gradient operand scale, the scalars tensor and the constexprs every kernel takes."""
+
+    acc: torch.dtype
+    q: Tensor
+    q_norm: Tensor | None
+    d: Tensor
+    d_norm: Tensor | None
+    Q: Tensor
+    Q_norm: Tensor | None
+    gathered: bool
+    guided: bool
+    ids: Tensor | None
+    gpos: Tensor | None
+    grad_q: Tensor | None
+    grad_d: Tensor | None
+    grad_Q: Tensor | None
+    blocks: list
+    kp: object
+    grad_scale: float
+    params: Tensor
+    constants: dict
+
+
+def tiled_operands(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
+                   need_grad: bool) -> TiledOperands:
+    """The operands of the Triton strategies' kernels (see TiledOperands)."""
     acc = torch.float64 if queries.dtype == torch.float64 else torch.float32
     cosine = options.similarity == "cos"
     B, P, off = layout.rows, layout.positives, options.offset
@@ -80,21 +106,47 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     }
     blocks = [make[k]() for k in options.directions]
     kp = kernel_params(options, layout, len(blocks))
-    joint = kp.joint
     grad_scale = operand_grad_scale(abs(options.scale) / B)
     params = _scalars(acc, q.device, kp, grad_scale)
-    constants = dict(HARDNESS=int(kp.hardness_mode), GUIDED=guided,
-                     HAS_IDS=ids is not None, RELATIVE_MARGIN=bool(kp.margin_strategy),
-                     BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K, ACC=_acc_type(acc),
+    constants = dict(HARDNESS=int(kp.hardness_mode), GUIDED=guided, HAS_IDS=ids is not None,
+                     RELATIVE_MARGIN=bool(kp.margin_strategy), ACC=_acc_type(acc),
                      WIDEN=q.device.type == "cpu" and q.dtype == torch.bfloat16)
+    return TiledOperands(acc, q, q_norm, d, d_norm, Q, Q_norm, gathered, guided, ids, gpos, grad_q, grad_d, grad_Q,
+                         blocks, kp, grad_scale, params, constants)
+
+
+def block_arguments(ops: TiledOperands, block: _Block, layout, options) -> tuple:
+    """The arguments every tiled and fused-slab kernel of ``block`` starts with: operands (the guide's, ids and the
+    guide's positive similarities: stand-ins when absent), scalars, strides, sizes, positions."""
+    guide_rows = block.guide_rows if ops.guided else block.rows
+    guide_cols = block.guide_cols if ops.guided else block.cols
+    return (block.rows, block.cols, guide_rows, guide_cols, block.rows if ops.ids is None else ops.ids,
+            guide_rows if ops.gpos is None else ops.gpos, ops.params, block.rows.stride(0), block.cols.stride(0),
+            guide_rows.stride(0), guide_cols.stride(0), layout.rows, block.cols.size(0), layout.dim,
+            guide_rows.size(1), layout.positives, options.offset, layout.own_query_offset)
+
+
+def input_gradients(ops: TiledOperands, docs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The accumulated similarity gradients unscaled and taken through the normalisation: dL/d(queries, docs,
+    all_queries), fp32/fp64 (None where not needed)."""
+    unscale_(ops.grad_scale, ops.grad_q, ops.grad_d, ops.grad_Q)
+    grad_queries = _normalized_backward_in_chunks_(ops.grad_q, ops.q, ops.q_norm)
+    grad_docs = _normalized_backward_in_chunks_(ops.grad_d, ops.d, ops.d_norm).view(docs.shape)
+    grad_all = _normalized_backward_in_chunks_(ops.grad_Q, ops.Q, ops.Q_norm) if ops.gathered else None
+    return grad_queries, grad_docs, grad_all
+
+
+def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
+                      need_grad: bool):
+    """The tiled strategy; returns what the slab (``fastcache.ops.contrastive.slab._slab``) returns: the loss (0-d, fp32 or fp64) and, when ``need_grad``,
+    the gradients w.r.t. queries, docs and all_queries (fp32 or fp64; None where not needed)."""
+    ops = tiled_operands(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, need_grad)
+    acc, q, blocks, B = ops.acc, ops.q, ops.blocks, layout.rows
+    guided, gathered = ops.guided, ops.gathered
+    constants = dict(ops.constants, BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K)
 
     def arguments(block: _Block) -> tuple:
-        guide_rows = block.guide_rows if guided else block.rows
-        guide_cols = block.guide_cols if guided else block.cols
-        return (block.rows, block.cols, guide_rows, guide_cols, block.rows if ids is None else ids,
-                guide_rows if gpos is None else gpos, params, block.rows.stride(0), block.cols.stride(0),
-                guide_rows.stride(0), guide_cols.stride(0), B, block.cols.size(0), layout.dim, guide_rows.size(1),
-                P, off, layout.own_query_offset)
+        return block_arguments(ops, block, layout, options)
 
     # per block (KIND_CODES order) and row: maximum logit and sum of exp(logit - maximum); absent blocks -inf, 0
     maxima = torch.full((4, B), float("-inf"), dtype=acc, device=q.device)
@@ -107,7 +159,7 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
             num_warps=TILE_WARPS, num_stages=1 if guided and q.element_size() == 4 else TILE_STAGES)  # no spill
     loss_rows, factors = torch.empty(B, dtype=acc, device=q.device), torch.empty_like(totals)
     kernels._tiled_partition_kernel[(triton.cdiv(B, PARTITION_BLOCK),)](
-        maxima, totals, pos_logit, params, loss_rows, factors, B, JOINT=joint, NUM_BLOCKS=len(blocks),
+        maxima, totals, pos_logit, ops.params, loss_rows, factors, B, JOINT=ops.kp.joint, NUM_BLOCKS=len(blocks),
         BLOCK=PARTITION_BLOCK)
     loss = loss_rows.sum() / B
     if not need_grad:
@@ -127,8 +179,4 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
                 KIND=kind, **dict(constants, **tiles), BY_COLUMNS=by_columns, BLOCK_DO=block_do,
                 WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", num_warps=BACKWARD_WARPS,
                 num_stages=stages)
-    unscale_(grad_scale, grad_q, grad_d, grad_Q)
-    grad_queries = _normalized_backward_in_chunks_(grad_q, q, q_norm)
-    grad_docs = _normalized_backward_in_chunks_(grad_d, d, d_norm).view(docs.shape)
-    grad_all = _normalized_backward_in_chunks_(grad_Q, Q, Q_norm) if gathered else None
-    return loss, grad_queries, grad_docs, grad_all
+    return (loss, *input_gradients(ops, docs))

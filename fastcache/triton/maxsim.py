@@ -121,13 +121,16 @@ def _token_max_kernel(q_ptr, qm_ptr, d_ptr, dm_ptr, values_ptr, index_ptr, n_row
                       stride_dmc, stride_dmu,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOCS: tl.constexpr,
                       WIDEN: tl.constexpr):
-    """Rows r = b·Lq + t of one BLOCK_M block × documents c0 .. c0+DOCS-1: values and index ([B·Lq, C], row-major)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Rows r = b·Lq + t of one BLOCK_M block × documents c0 .. c0+DOCS-1: values and index ([B·Lq, C], row-major).
+    A 1-D grid (neither count is bounded by a grid dim's 65535): consecutive programs take the row blocks of one
+    document group, whose tokens they share in L2."""
+    row_blocks = tl.cdiv(n_rows, BLOCK_M)
+    rows = (tl.program_id(0) % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     q_ok = row_ok & (tl.load(qm_ptr + _token_offsets(rows, n_query_tokens, stride_qmb, stride_qmt), mask=row_ok,
                              other=0) != 0)
     q_off = _token_offsets(rows, n_query_tokens, stride_qb, stride_qt)
-    c0 = tl.program_id(1) * DOCS
+    c0 = (tl.program_id(0) // row_blocks) * DOCS
     slot = tl.arange(0, DOCS)[None, :]
     values = tl.zeros([BLOCK_M, DOCS], tl.float32)
     index = tl.full([BLOCK_M, DOCS], -1, tl.int32)
@@ -261,7 +264,7 @@ def token_max(queries: Tensor, query_mask: Tensor, docs: Tensor, doc_mask: Tenso
         return values, index
     t = tiles or TOKEN_MAX_TILES[queries.element_size()]
     qm, dm = query_mask.view(torch.uint8), doc_mask.view(torch.uint8)
-    _token_max_kernel[(triton.cdiv(rows, t.block_m), triton.cdiv(C, t.docs))](
+    _token_max_kernel[(triton.cdiv(rows, t.block_m) * triton.cdiv(C, t.docs),)](
         queries, qm, docs, dm, values, index, rows, Lq, C, Ld, D, queries.stride(0), queries.stride(1),
         qm.stride(0), qm.stride(1), docs.stride(0), docs.stride(1), dm.stride(0), dm.stride(1),
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, DOCS=t.docs, WIDEN=_widen(queries),

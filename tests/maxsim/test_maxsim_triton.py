@@ -275,6 +275,15 @@ def test_token_grad_strided(layout):
     check_token_grad(weights, strided_index, q, d)
 
 
+def test_token_grad_broadcast_weights():
+    """Weights expanded along the query tokens (stride 0: dL/dscore[b, c] for every t, as the op passes them)."""
+    q, query_mask, d, doc_mask = make_inputs(2, 5, 3, 9, 16, torch.bfloat16, seed=14)
+    index = random_index(query_mask, doc_mask, seed=15)
+    weights = torch.randn(2, 1, 3).expand(2, 5, 3)
+    assert weights.stride(1) == 0
+    check_token_grad(weights, index, q, d)
+
+
 def test_token_max_then_token_grad_is_the_autograd_gradient():
     """token_grad of token_max's index, default tiles: the gradient of Σ w·values that float64 autograd gives
     through the masked max of the reference."""

@@ -40,7 +40,7 @@ def test_every_kernel_and_dtype_is_compiled(facts):
     assert sorted((r["kernel"], r["dtype"]) for r in facts) == sorted(
         (k, d) for k in maxsim_compile.KERNELS for d in maxsim_compile.DTYPES)
     grids = {(r["kernel"], r["dtype"]): r["grid"] for r in facts}
-    assert grids["_token_max_kernel", "bf16"] == [512 * 32 // 128, 1024 // 8]  # 128 query tokens × 8 documents
+    assert grids["_token_max_kernel", "bf16"] == [512 * 32 // 128 * 1024 // 8]  # 128 query tokens × 8 documents
     assert grids["_token_grad_docs_kernel", "bf16"] == [1024, 1, 1]  # a program per document
 
 
@@ -61,6 +61,23 @@ def test_16_bit_dots_are_wgmma_and_fp32_dots_are_not(facts):
 
 
 def test_no_atomics_and_no_32_bit_argument_products_in_addresses(facts):
+    """The only 32-bit products that reach an address are block indices times a tile: those of token_max's 1-D
+    grid depend on n_rows (the row block and document group of a program id, below B·Lq and C); every index is
+    widened before it multiplies a stride (test_int64_check_flags_32_bit_offsets)."""
     for r in facts:
         assert r["atomics"] == 0, _name(r)
-        assert [p for p in r["i32_address_products"] if p["args"]] == [], _name(r)
+        assert [p for p in r["i32_address_products"] if set(p["args"]) - {"n_rows"}] == [], _name(r)
+
+
+def test_int64_check_flags_32_bit_offsets(tmp_path):
+    """The check above against the kernels with _token_offsets' int64 widenings taken out: every kernel is
+    flagged, naming the token strides."""
+    source = (ROOT / "fastcache" / "triton" / "maxsim.py").read_text()
+    widened = "return (r // length).to(tl.int64) * stride_outer + (r % length).to(tl.int64) * stride_inner"
+    assert widened in source
+    narrow = tmp_path / "maxsim_int32.py"
+    narrow.write_text(source.replace(widened, "return (r // length) * stride_outer + (r % length) * stride_inner"))
+    rows = maxsim_compile.facts_in_subprocess("--module", str(narrow), "--dtypes", "bf16", "--no-ptxas")
+    for r in rows:
+        args = {a for p in r["i32_address_products"] for a in p["args"]} - {"n_rows"}
+        assert {"n_query_tokens", "stride_wb", "stride_ib", "stride_qb", "stride_qmb"} & args, _name(r)

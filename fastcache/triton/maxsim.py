@@ -22,12 +22,13 @@ Kernels (the B·Lq query tokens are flattened into rows r = b·Lq + t; every row
                                 never written. FLOPs 2·B·Lq·C·Ld·D; writes 8·B·Lq·C bytes ([BLOCK_M, DOCS] tiles).
     _token_grad_queries_kernel  a gather: a program owns BLOCK_M rows and BLOCK_D dims and loops over the C
                                 documents, adding w·d[c, index] (fp32) to registers: no atomics, deterministic.
-                                Reads 4·(w, index) + e·D per (row, document) entry (e bytes per embedding value;
-                                the docs mostly from L2); 2·B·Lq·C·D FLOPs.
+                                Reads 8 bytes (w, index) and the e·D bytes of a document token (e bytes per
+                                embedding value; mostly L2 hits) per (query token, document) entry; 2·B·Lq·C·D
+                                FLOPs.
     _token_grad_docs_kernel     a scatter written as a one-hot GEMM, deterministic (no atomics: the sum over
                                 (b, t) runs in a fixed order): a program owns one document c, BLOCK_U of its tokens
                                 and BLOCK_D dims, and loops over the rows BLOCK_M at a time, accumulating
-                                onehot[u, r]ᵀ·(w[r, c]·q[r]) in an fp32 [BLOCK_U, BLOCK_D] tile (rows whose index
+                                onehot[u, r]·(w[r, c]·q[r]) in an fp32 [BLOCK_U, BLOCK_D] tile (rows whose index
                                 falls outside the program's tokens are not read). The scaled rows w·q are fp32; for
                                 16-bit inputs they enter two bf16 tensor-core dots as hi = bf16(w·q) and
                                 lo = bf16(w·q - hi) (the one-hot is exact in bf16; hi + lo keeps 16 significant bits,
@@ -36,8 +37,9 @@ Kernels (the B·Lq query tokens are flattened into rows r = b·Lq + t; every row
                                 (fp32). Deterministic rather than atomics: the op's gradients are reproducible run
                                 to run, as the project's other backward kernels are.
 
-Non-finite values: masked tokens (and everything past D) are never loaded (masked loads, then tl.where selects),
-so NaN there cannot reach a result; valid tokens are assumed finite (a NaN among them gives an unspecified maximum
+Non-finite values: masked tokens, entries with index -1 and everything past D are never loaded (masked loads,
+other=0; token_max replaces the masked tokens' products by tl.where selects, never by multiplying by 0), so NaN
+there cannot reach a result; valid tokens are assumed finite (a NaN among them gives an unspecified maximum
 and argmax, as torch.max's NaN propagation is not reproduced).
 
 Kernels are decorated at import: set TRITON_INTERPRET=1 before importing this module to run them on CPU tensors.

@@ -28,6 +28,9 @@ struct ContrastiveParams {
   // derived (kernel_params): dL/ds = coef·exp(logit - log_partition) - pos_coef at the positive;
   // coef = scale/B/(joint ? 1 : number of blocks), pos_coef = scale/B
   double coef, pos_coef;
+  // the gradient filter (ContrastiveOptions.filter_eps): the slab skips the gradient products of a tile whose
+  // largest |dL/ds| is below filter_threshold = filter_eps·|scale|/B; 0: exact (every product)
+  double filter_threshold;
 };
 
 }  // namespace fastcache

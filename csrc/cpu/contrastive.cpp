@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -199,6 +200,65 @@ bool all_finite(const at::Tensor& x) {
   });
 }
 
+// The gradient filter's tiles (ContrastiveParams.filter_threshold): kFilterTileRows rows of a chunk by
+// kFilterTileColumns columns of a block.
+constexpr int64_t kFilterTileRows = 64, kFilterTileColumns = 256;
+
+// Whether a tile of dL/ds (rows × columns from g, rows ld apart) holds an entry with |g| >= threshold.
+template <typename T>
+bool tile_kept(const T* g, int64_t ld, int64_t rows, int64_t columns, double threshold) {
+  const T limit = static_cast<T>(threshold);
+  for (int64_t r = 0; r < rows; ++r) {
+    bool kept = false;
+    const T* v = g + r * ld;
+    for (int64_t j = 0; j < columns; ++j) kept |= std::abs(v[j]) >= limit;  // an OR reduction: vectorises
+    if (kept) return true;
+  }
+  return false;
+}
+
+// The gradient products of one block of dL/ds g [c, n] (rows x [c, D], columns y [n, D]) over the tiles that keep
+// an entry with |g| >= threshold: per row strip, each run of kept tiles is one dx[strip] += g[strip, run]·y[run] and
+// one dy[run] += g[strip, run]ᵀ·x[strip]. The skipped tiles contribute nothing. Adds the skipped and all tiles to
+// counts.
+void filtered_products(const at::Tensor& g, const at::Tensor& x, const at::Tensor& y, const at::Tensor& dx,
+                       const at::Tensor& dy, double threshold, std::pair<int64_t, int64_t>& counts) {
+  const int64_t c = g.size(0), n = g.size(1);
+  const int64_t strips = (c + kFilterTileRows - 1) / kFilterTileRows;
+  const int64_t tiles = (n + kFilterTileColumns - 1) / kFilterTileColumns;
+  std::vector<uint8_t> kept(strips * tiles);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "filtered_products", [&] {
+    const scalar_t* base = g.data_ptr<scalar_t>();
+    const int64_t ld = g.stride(0);
+    at::parallel_for(0, strips * tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r0 = (t / tiles) * kFilterTileRows, c0 = (t % tiles) * kFilterTileColumns;
+        kept[t] = tile_kept(base + r0 * ld + c0, ld, std::min(kFilterTileRows, c - r0),
+                            std::min(kFilterTileColumns, n - c0), threshold);
+      }
+    });
+  });
+  for (int64_t strip = 0; strip < strips; ++strip) {
+    const int64_t r0 = strip * kFilterTileRows, rows = std::min(kFilterTileRows, c - r0);
+    const at::Tensor g_strip = g.narrow(0, r0, rows), x_strip = x.narrow(0, r0, rows);
+    for (int64_t t = 0; t < tiles;) {
+      if (!kept[strip * tiles + t]) {
+        ++counts.first;
+        ++t;
+        continue;
+      }
+      int64_t end = t;
+      while (end < tiles && kept[strip * tiles + end]) ++end;
+      const int64_t c0 = t * kFilterTileColumns, width = std::min(end * kFilterTileColumns, n) - c0;
+      const at::Tensor g_run = g_strip.narrow(1, c0, width);
+      dx.narrow(0, r0, rows).addmm_(g_run, y.narrow(0, c0, width));
+      dy.narrow(0, c0, width).addmm_(g_run.t(), x_strip);
+      t = end;
+    }
+  }
+  counts.second += strips * tiles;
+}
+
 // Σ of a contiguous float32/float64 vector (the per-row losses of a chunk), in fp64, without an ATen reduction.
 double sum_in_double(const at::Tensor& values) {
   double total = 0.0;
@@ -211,7 +271,8 @@ double sum_in_double(const at::Tensor& values) {
 
 }  // namespace
 
-std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+           std::pair<int64_t, int64_t>>
 contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const std::optional<at::Tensor>& all_queries,
                      const std::optional<at::Tensor>& guide_queries, const std::optional<at::Tensor>& guide_docs,
                      const std::optional<at::Tensor>& doc_ids, bool query_to_query, bool doc_to_query,
@@ -256,14 +317,17 @@ contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const st
   }
   // Gradient accumulators: the first product into each is written (mm), the later ones added (addmm), so no zero
   // fill. The rows of grad_q come first from their own chunk, unless grad_Q is grad_q (not gathered) and a
-  // query-column direction adds to the rows of later chunks: then grad_q starts at zero.
+  // query-column direction adds to the rows of later chunks: then grad_q starts at zero. With the gradient filter
+  // (filter_threshold > 0) a product may be skipped, so every accumulator starts at zero.
   at::Tensor grad_q, grad_d, grad_Q;
-  const bool q_zeroed = !gathered && (query_to_query || doc_to_query);
-  bool d_fresh = true, Q_fresh = gathered;
+  const bool filtered = params.filter_threshold > 0;
+  const bool q_zeroed = filtered || (!gathered && (query_to_query || doc_to_query));
+  bool d_fresh = !filtered, Q_fresh = gathered && !filtered;
+  std::pair<int64_t, int64_t> filter_tiles{0, 0};  // (skipped, all) tiles of the gradient filter
   if (need_grad) {
     grad_q = q_zeroed ? at::zeros_like(q) : at::empty_like(q);
-    grad_d = at::empty_like(d);
-    grad_Q = gathered ? at::empty_like(Q) : grad_q;
+    grad_d = filtered ? at::zeros_like(d) : at::empty_like(d);
+    grad_Q = gathered ? (filtered ? at::zeros_like(Q) : at::empty_like(Q)) : grad_q;
   }
   const auto product_into = [](at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool& fresh) {
     if (fresh) {
@@ -272,6 +336,13 @@ contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const st
     } else {
       out.addmm_(a, b);
     }
+  };
+  // dx += g·y and dy += gᵀ·x for a block of dL/ds g with rows x and columns y (filtered: over its kept tiles)
+  const auto products = [&](const at::Tensor& g, const at::Tensor& x, const at::Tensor& y, const at::Tensor& dx,
+                            const at::Tensor& dy, bool& x_fresh, bool& y_fresh) {
+    if (filtered) return filtered_products(g, x, y, dx, dy, params.filter_threshold, filter_tiles);
+    product_into(dx, g, y, x_fresh);
+    product_into(dy, g.t(), x, y_fresh);
   };
   const auto rows_of = [](const at::Tensor& t, int64_t r0, int64_t c) { return t.narrow(0, r0, c); };
   const auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
@@ -296,27 +367,21 @@ contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const st
                                                    opt(g_dd), doc_ids, chunk_params(r0)));
     if (!need_grad) continue;
     // the blocks now hold dL/ds: the similarity GEMMs' gradients
-    bool q_rows_fresh = !q_zeroed;
-    product_into(rows_of(grad_q, r0, c), s_qd, d, q_rows_fresh);
-    product_into(grad_d, s_qd.t(), qc, d_fresh);
-    if (query_to_query) {
-      rows_of(grad_q, r0, c).addmm_(s_qq, Q);
-      product_into(grad_Q, s_qq.t(), qc, Q_fresh);
-    }
-    if (doc_to_query) {
-      rows_of(grad_d, offset + r0, c).addmm_(s_dq, Q);
-      product_into(grad_Q, s_dq.t(), pc, Q_fresh);
-    }
+    bool q_rows_fresh = !q_zeroed, added = false;  // added: an accumulator that already holds a product
+    products(s_qd, qc, d, rows_of(grad_q, r0, c), grad_d, q_rows_fresh, d_fresh);
+    if (query_to_query) products(s_qq, qc, Q, rows_of(grad_q, r0, c), grad_Q, added, Q_fresh);
+    if (doc_to_query) products(s_dq, pc, Q, rows_of(grad_d, offset + r0, c), grad_Q, added, Q_fresh);
     if (doc_to_doc) {
-      rows_of(grad_d, offset + r0, c).addmm_(s_dd, dd_cols);
-      grad_d.narrow(0, 0, dd_cols.size(0)).addmm_(s_dd.t(), pc);
+      bool added_too = false;
+      products(s_dd, pc, dd_cols, rows_of(grad_d, offset + r0, c), grad_d.narrow(0, 0, dd_cols.size(0)), added,
+               added_too);
     }
   }
   at::Tensor total = at::scalar_tensor(loss / static_cast<double>(B), q.options());
-  if (!need_grad) return {total, std::nullopt, std::nullopt, std::nullopt};
+  if (!need_grad) return {total, std::nullopt, std::nullopt, std::nullopt, filter_tiles};
   if (Q_fresh) grad_Q.zero_();  // gathered, but no direction has query columns
   return {total, operand_backward(grad_q, q, q_div, eps), operand_backward(grad_d, d, d_div, eps),
-          gathered ? operand_backward(grad_Q, Q, Q_div, eps) : std::nullopt};
+          gathered ? operand_backward(grad_Q, Q, Q_div, eps) : std::nullopt, filter_tiles};
 }
 
 }  // namespace fastcache

@@ -20,8 +20,10 @@ at::Tensor contrastive_epilogue_cpu(
 // normalised (cosine), per chunk of rows the similarity GEMMs, the epilogue and the gradient GEMMs, then the
 // normalisation backward. Guides come normalised in the compute dtype. params: row0 0, batch_size the queries' rows
 // (each chunk's epilogue gets its own row0). Returns the mean loss and, with params.compute_grad,
-// the fp32/fp64 gradients w.r.t. queries, docs (2-D) and all_queries (when given).
-std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+// the fp32/fp64 gradients w.r.t. queries, docs (2-D) and all_queries (when given), and the gradient filter's
+// (skipped, all) tile counts (params.filter_threshold > 0; else 0, 0).
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+           std::pair<int64_t, int64_t>>
 contrastive_slab_cpu(const at::Tensor& queries, const at::Tensor& docs, const std::optional<at::Tensor>& all_queries,
                      const std::optional<at::Tensor>& guide_queries, const std::optional<at::Tensor>& guide_docs,
                      const std::optional<at::Tensor>& doc_ids, bool query_to_query, bool doc_to_query,

@@ -56,8 +56,9 @@ ALL_NEGATIVES = tl.constexpr(int(Hardness.ALL_NEGATIVES))
 
 # Scalars travel in a small tensor of the compute dtype (Python floats would reach the kernel as fp32). GRAD_SCALE:
 # the power of two that dL/ds is multiplied by before it becomes a 16-bit dot operand (ops/contrastive/slab.py's
-# operand_grad_scale); the gradient accumulators hold GRAD_SCALE·dL/dx until the host divides.
-SCALE, ALPHA, MARGIN, COEF, POS_COEF, GRAD_SCALE = (tl.constexpr(k) for k in range(6))
+# operand_grad_scale); the gradient accumulators hold GRAD_SCALE·dL/dx until the host divides. FILTER_THRESHOLD: the
+# gradient filter's |dL/ds| threshold (kernel_params' filter_threshold; 0: exact).
+SCALE, ALPHA, MARGIN, COEF, POS_COEF, GRAD_SCALE, FILTER_THRESHOLD = (tl.constexpr(k) for k in range(7))
 
 EPILOGUE_BLOCK_M, EPILOGUE_BLOCK_N, EPILOGUE_WARPS = 4, 256, 4  # sm_90: 40-62 registers unguided, 96 guided
 TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 8, 2
@@ -290,11 +291,11 @@ def _slab_epilogue_kernel(qd_ptr, qq_ptr, dq_ptr, dd_ptr, gqd_ptr, gqq_ptr, gdd_
 
 
 def _scalars(dtype: torch.dtype, device: torch.device, params, grad_scale: float = 1.0, weight: float = 1.0) -> Tensor:
-    """The kernels' floating-point scalars (indexed by SCALE, ALPHA, MARGIN, COEF, POS_COEF, GRAD_SCALE) from the
-    op's KernelParams ``params`` (fastcache/ops/contrastive/options.py: kernel_params); ``weight`` multiplies the
-    gradient coefficients (a Matryoshka dim's weight)."""
+    """The kernels' floating-point scalars (indexed by SCALE, ALPHA, MARGIN, COEF, POS_COEF, GRAD_SCALE,
+    FILTER_THRESHOLD) from the op's KernelParams ``params`` (fastcache/ops/contrastive/options.py: kernel_params);
+    ``weight`` multiplies the gradient coefficients and the filter threshold (a Matryoshka dim's weight)."""
     values = [params.scale, params.hardness_strength, params.margin, weight * params.coef, weight * params.pos_coef,
-              grad_scale]
+              grad_scale, weight * params.filter_threshold]
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
@@ -507,22 +508,26 @@ def _add_product_to_own_rows(grad, grad_scale, r_ptr, c_ptr, stride_r, stride_c,
 @triton.jit
 def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c, stride_gr,
                        stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset, own_query_offset, max_ptr,
-                       factor_ptr, out_ptr, stride_out, dq_max_ptr, dq_factor_ptr,
+                       factor_ptr, out_ptr, stride_out, dq_max_ptr, dq_factor_ptr, skipped_ptr,
                        KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
                        RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr, BY_COLUMNS: tl.constexpr,
-                       WITH_DOC_TO_QUERY: tl.constexpr, BLOCK_DO: tl.constexpr):
+                       WITH_DOC_TO_QUERY: tl.constexpr, BLOCK_DO: tl.constexpr, FILTER: tl.constexpr):
     """Backward of one block, G = dL/ds recomputed once per tile over the full D. Row-parallel (a program owns
     BLOCK_M rows): for every column tile, out[rows, :] += G·C[cols, :]; BY_COLUMNS, column-parallel (a program
     owns BLOCK_N columns): for every row tile, out[cols, :] += Gᵀ·R[rows, :].
 
     WITH_DOC_TO_QUERY (query_to_doc when the query columns are the queries themselves): doc_to_query's gradient
     (_doc_to_query_grad) is added to G, which gives both of doc_to_query's gradients (dp = G_dq·q, dq = G_dqᵀ·p)
-    in the same pass."""
+    in the same pass.
+
+    FILTER (the gradient filter): a tile whose largest |G| is below FILTER_THRESHOLD adds nothing (its product is
+    skipped) and counts one into skipped_ptr[0]."""
     scale = tl.load(params_ptr + SCALE)
     alpha = tl.load(params_ptr + ALPHA)
     margin = tl.load(params_ptr + MARGIN)
     pos_coef = tl.load(params_ptr + POS_COEF)
+    filter_threshold = tl.load(params_ptr + FILTER_THRESHOLD)
     if BY_COLUMNS:
         own0 = tl.program_id(0) * BLOCK_N
         n_swept = n_rows
@@ -544,6 +549,11 @@ def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_p
         grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
         if WITH_DOC_TO_QUERY:
             grad += _doc_to_query_grad(s, ok, cols, offset, n_rows, scale, dq_max_ptr, dq_factor_ptr)
-        _add_product_to_own_rows(grad, tl.load(params_ptr + GRAD_SCALE), r_ptr, c_ptr, stride_r, stride_c, rows, ok,
-                                 cols, n_cols, out_ptr, stride_out, 0, dim, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
+        kept = True
+        if FILTER:
+            kept = tl.max(tl.abs(grad)) >= filter_threshold
+            tl.atomic_add(skipped_ptr, 1, mask=kept == 0)
+        if kept:
+            _add_product_to_own_rows(grad, tl.load(params_ptr + GRAD_SCALE), r_ptr, c_ptr, stride_r, stride_c, rows,
+                                     ok, cols, n_cols, out_ptr, stride_out, 0, dim, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
         tl.debug_barrier()  # this tile's output stores land before the next tile's loads of the same rows

@@ -21,6 +21,26 @@ the positive-positive block (p_i against the P positives), both masked by the gu
 With ``doc_ids`` (an integer per candidate, e.g. a hash of its token ids), a candidate with the id of row i's
 positive is a duplicate of it: masked in query_to_doc (never the positive itself) and in doc_to_doc.
 
+Gradient filter (``filter_eps``, off by default: exact). With G = dL/ds = (|scale|/B)·(dloss_i/dlogit_ij) per
+entry (dloss_i/dlogit = softmax minus one-hot, over the number of blocks per_direction: at most 1 in magnitude),
+a backward tile (a block of rows × columns of one direction) whose largest |G| is below
+threshold = filter_eps·|scale|/B adds nothing to the gradients: its two products (G·columns, Gᵀ·rows) are
+skipped. ``"auto"`` is Cut Cross-Entropy's value for the inputs' dtype, finfo(dtype).eps/32 (bf16: 2^-12;
+apple/ml-cross-entropy, cut_cross_entropy/utils.py, _handle_eps; its backward compares softmax minus one-hot, the
+same units). The loss is unchanged. Bound: each skipped entry moves dL/dx_i by G_ij·y_j and dL/dy_j by G_ij·x_i,
+with |G_ij| < threshold, so for every embedding row v (normalised when cosine)
+
+    |dL/dv (filtered) - dL/dv| ≤ Σ_{skipped entries e of v} |G_e|·|partner_e|
+                              < filter_eps·|scale|/B · n_v · max |partner|
+
+n_v the number of v's skipped entries (its columns in its rows' skipped tiles, its rows in its columns');
+partners have norm 1 for cosine, where the normalisation's backward then divides by max(|x|, 1e-12) (it is a
+projection over |x|). Tiles: the slab (cpu and torch) 64 chunk rows × 256 columns (the C++ and torch loops run
+the GEMMs over the kept tiles only); the Triton tiled kernels their backward tiles (a program's own rows or
+columns × the swept tile). :func:`fastcache.ops.contrastive.filtering.count_filtered_tiles` counts the skipped and
+all tiles (the benchmarks report the hit rate). Not in the Matryoshka op (its backward products take each
+segment's sum over the dims) nor the fused_slab strategy.
+
 Two strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
 
 - slab (fastcache/ops/contrastive/slab.py): rows in chunks; per chunk, GEMMs into chunk×columns blocks, one fused
@@ -38,6 +58,7 @@ The package, each module importing only the ones listed before it (and fastcache
                 the kernels' codes (Kind, Hardness, MarginStrategy of fastcache/kernel_codes.py) and
                 kernel_params, the one encoding of the options (with every derived coefficient) that the C++,
                 CUDA, torch and Triton epilogues read
+    filtering   the gradient filter's tile counts (count_filtered_tiles)
     normalize   row normalisation and its backward; the guide and id operands
     epilogue    the slab epilogue of every backend (contract in its docstring), backend availability
     slab        the slab strategy: chunk sizes, GEMMs (their precision: low_precision_gemms, operand_grad_scale)

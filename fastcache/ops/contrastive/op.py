@@ -53,6 +53,7 @@ def loss_and_grads(queries, docs, all_queries, guide_queries, guide_docs, doc_id
     """The loss (0-d, fp32 or fp64) and, when ``need_grad``, fp32/fp64 gradients w.r.t. queries, docs and
     all_queries (None where not needed): the inputs checked, a strategy and backend chosen, the strategy run."""
     layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options, doc_ids, finite=False)
+    options = options.for_dtype(queries.dtype)  # filter_eps="auto": its value for the inputs' dtype
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     available = contrastive_epilogue.available(queries.device)

@@ -9,6 +9,7 @@ and derived coefficients). Imports nothing of the op above it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -35,9 +36,21 @@ HARDNESS_CODES = {mode: int(Hardness[mode.upper()] if mode else Hardness.NONE) f
 MARGIN_CODES = {strategy: int(MarginStrategy[strategy.upper()]) for strategy in MARGIN_STRATEGIES}
 
 
+def auto_filter_eps(dtype: torch.dtype) -> float:
+    """filter_eps="auto" for inputs of ``dtype``: torch.finfo(dtype).eps / 32, as Cut Cross-Entropy's "auto"
+    (apple/ml-cross-entropy, cut_cross_entropy/utils.py, _handle_eps): 2^-12 for bfloat16, 2^-15 for float16,
+    2^-28 for float32, 2^-57 for float64."""
+    return torch.finfo(dtype).eps / 32
+
+
 @dataclass(frozen=True)
 class ContrastiveOptions:
-    """Options of the contrastive loss (validated on construction). See the module docstring for the maths."""
+    """Options of the contrastive loss (validated on construction). See the module docstring for the maths.
+
+    ``filter_eps`` (None, "auto" or a positive number) skips the backward products of every tile whose entries all
+    have |dL/ds| < filter_eps·|scale|/B, i.e. |dloss_i/dlogit_ij| < filter_eps in the units of a row's own loss
+    (softmax minus one-hot, Cut Cross-Entropy's filter; per_direction: divided by the number of blocks). None:
+    exact. The bound it allows is in fastcache/ops/contrastive/__init__.py's docstring."""
 
     scale: float = 20.0
     similarity: str = "cos"
@@ -48,6 +61,7 @@ class ContrastiveOptions:
     offset: int = 0
     margin: float = 0.0
     margin_strategy: str = "absolute"
+    filter_eps: float | str | None = None
 
     def __post_init__(self):
         if isinstance(self.directions, str):
@@ -84,6 +98,17 @@ class ContrastiveOptions:
             raise ValueError(f"margin must be a finite number, got {self.margin!r}")
         if self.margin_strategy not in MARGIN_STRATEGIES:
             raise ValueError(f"margin_strategy must be one of {MARGIN_STRATEGIES}, got {self.margin_strategy!r}")
+        eps = self.filter_eps
+        if eps is not None and eps != "auto" and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                                                  or not math.isfinite(eps) or eps <= 0):
+            raise ValueError(f"filter_eps must be None, 'auto' or a finite positive number, got {eps!r}")
+
+    def for_dtype(self, dtype: torch.dtype) -> ContrastiveOptions:
+        """These options with filter_eps="auto" replaced by its value for inputs of ``dtype``
+        (:func:`auto_filter_eps`); the options themselves otherwise."""
+        if self.filter_eps != "auto":
+            return self
+        return dataclasses.replace(self, filter_eps=auto_filter_eps(dtype))
 
     @property
     def hardness(self) -> bool:
@@ -248,21 +273,27 @@ class KernelParams(NamedTuple):
     compute_grad: bool
     coef: float  # dL/ds = coef·exp(logit - log_partition) ...
     pos_coef: float  # ... - pos_coef at the positive
+    filter_threshold: float  # skip the gradient products of a tile whose max |dL/ds| is below it (0.0: exact)
 
 
 def kernel_params(options: ContrastiveOptions, layout: ContrastiveLayout, num_blocks: int, row0: int = 0,
                   compute_grad: bool = True) -> KernelParams:
     """The one encoding of ``options`` for the kernels, with every derived coefficient: for rows row0.. of a batch
     of layout.rows rows and ``num_blocks`` similarity blocks (the enabled directions),
-    coef = scale/B/(1 if joint else num_blocks) and pos_coef = scale/B (each computed as scale·(1/B) first)."""
+    coef = scale/B/(1 if joint else num_blocks) and pos_coef = scale/B (each computed as scale·(1/B) first);
+    filter_threshold = filter_eps·|pos_coef| (0.0 without filter_eps; "auto" must be resolved first:
+    ContrastiveOptions.for_dtype)."""
     joint = options.partition_mode == "joint"
     pos_coef = float(options.scale) * (1.0 / layout.rows)
+    if options.filter_eps == "auto":
+        raise RuntimeError("kernel_params: filter_eps='auto' is resolved by ContrastiveOptions.for_dtype first")
     return KernelParams(
         row0, layout.rows, layout.positives, options.offset, layout.own_query_offset, float(options.scale),
         float(options.hardness_strength) if options.hardness else 0.0, float(options.margin),
         HARDNESS_CODES[options.hardness_mode if options.hardness else None],
         MARGIN_CODES[options.margin_strategy], joint, bool(compute_grad),
-        pos_coef / (1 if joint else num_blocks), pos_coef)
+        pos_coef / (1 if joint else num_blocks), pos_coef,
+        float(options.filter_eps) * abs(pos_coef) if options.filter_eps else 0.0)
 
 
 _SETTINGS = ("backend", "strategy", "memory_budget", "chunk_size", "show_progress_bar")

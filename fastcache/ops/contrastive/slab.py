@@ -13,11 +13,13 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import trange
 
 from fastcache import _backend
 from fastcache.ops.contrastive.epilogue import WORKSPACE_BLOCKS
+from fastcache.ops.contrastive.filtering import record_filtered_tiles
 from fastcache.ops.contrastive.normalize import (
     NORMALIZE_EPS,
     _normalized,
@@ -149,6 +151,39 @@ def _addmm_into(acc: Tensor, a: Tensor, b: Tensor) -> None:
         torch.addmm(acc, a, b, acc.dtype, out=acc)
 
 
+# The gradient filter's tiles (ContrastiveOptions.filter_eps): FILTER_TILE_ROWS rows of a chunk by
+# FILTER_TILE_COLUMNS columns of a block; the C++ slab's (csrc/cpu/contrastive.cpp: kFilterTileRows, ...) are the same.
+FILTER_TILE_ROWS, FILTER_TILE_COLUMNS = 64, 256
+
+
+def _filtered_products(grad: Tensor, g: Tensor, x: Tensor, y: Tensor, dx: Tensor, dy: Tensor,
+                       threshold: float) -> tuple[int, int]:
+    """dx += g·y and dy += gᵀ·x over the tiles of dL/ds ``grad`` [c, n] (``g``: the GEMM operand, grad itself or
+    its scaled 16-bit copy) that keep an entry with |dL/ds| >= ``threshold``: per row strip of FILTER_TILE_ROWS
+    rows, the columns of its kept tiles gathered into one product each way (one host sync per block for the
+    tiles' maxima). The skipped tiles contribute nothing. Returns the (skipped, all) tile counts."""
+    n = grad.size(1)
+    maxima = F.max_pool2d(grad.abs()[None], (FILTER_TILE_ROWS, FILTER_TILE_COLUMNS), ceil_mode=True)[0]
+    kept = (maxima >= threshold).cpu()
+    for strip, tiles in enumerate(kept):
+        if not tiles.any():
+            continue
+        rows = slice(strip * FILTER_TILE_ROWS, (strip + 1) * FILTER_TILE_ROWS)
+        g_strip, x_strip, dx_strip = g[rows], x[rows], dx[rows]
+        if tiles.all():
+            _addmm_into(dx_strip, g_strip, y)
+            _addmm_into(dy, g_strip.T, x_strip)
+            continue
+        columns = (tiles.nonzero() * FILTER_TILE_COLUMNS + torch.arange(FILTER_TILE_COLUMNS)).flatten()
+        columns = columns[columns < n].to(g.device)
+        g_kept = g_strip.index_select(1, columns)
+        _addmm_into(dx_strip, g_kept, y.index_select(0, columns))
+        product = torch.empty(columns.numel(), dy.size(1), dtype=dy.dtype, device=dy.device)
+        _mm_into(product, g_kept.T, x_strip)
+        dy.index_add_(0, columns, product)
+    return int((~kept).sum()), kept.numel()
+
+
 def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options: ContrastiveOptions,
           layout: ContrastiveLayout, epilogue, need_grad: bool, chunk: int, progress: bool, native: bool):
     """Loss (compute dtype, 0-d) and, when ``need_grad``, fp32/fp64 gradients w.r.t. queries, docs, all_queries.
@@ -189,6 +224,8 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         grad_Q = torch.zeros(Q.shape, dtype=dtype, device=q.device) if gathered else grad_q
     loss = torch.zeros((), dtype=dtype, device=q.device)
     grad_scale = operand_grad_scale(abs(options.scale) / B)
+    threshold = kernel_params(options, layout, len(dirs)).filter_threshold if need_grad else 0.0
+    tiles = [0, 0]  # the gradient filter's skipped and all tiles
     # a tqdm bar costs ~0.2 ms per call even when disabled
     starts = trange(0, B, chunk, desc="contrastive loss", leave=False) if progress else range(0, B, chunk)
     for r0 in starts:
@@ -212,17 +249,23 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         g = {k: torch.mul(out[k], grad_scale, out=v[:r1 - r0]) if low else out[k] for k, v in operands.items()}
         # roofline: slab.grad_operand_read (each GEMM reads dL/ds), slab.grad_rows_rmw (the chunk's fp32 rows)
         # roofline: slab.grad_cols_rmw (all N fp32 gradient rows read and written once per chunk: 8·D/chunk B/logit)
-        _addmm_into(grad_q[r0:r1], g["query_to_doc"], d)
-        _addmm_into(grad_d, g["query_to_doc"].T, qc)
+        # per block: dx += G·y, dy += Gᵀ·x (rows x, columns y; with the filter over its kept tiles)
+        products = [("query_to_doc", qc, d, grad_q[r0:r1], grad_d)]
         if "query_to_query" in dirs:
-            _addmm_into(grad_q[r0:r1], g["query_to_query"], Q)
-            _addmm_into(grad_Q, g["query_to_query"].T, qc)
+            products.append(("query_to_query", qc, Q, grad_q[r0:r1], grad_Q))
         if "doc_to_query" in dirs:
-            _addmm_into(grad_d[off + r0:off + r1], g["doc_to_query"], Q)
-            _addmm_into(grad_Q, g["doc_to_query"].T, pc)
+            products.append(("doc_to_query", pc, Q, grad_d[off + r0:off + r1], grad_Q))
         if "doc_to_doc" in dirs:
-            _addmm_into(grad_d[off + r0:off + r1], g["doc_to_doc"], dd_cols)
-            _addmm_into(grad_d[:dd_cols.size(0)], g["doc_to_doc"].T, pc)
+            products.append(("doc_to_doc", pc, dd_cols, grad_d[off + r0:off + r1], grad_d[:dd_cols.size(0)]))
+        for kind, x, y, dx, dy in products:
+            if threshold:
+                for i, count in enumerate(_filtered_products(out[kind], g[kind], x, y, dx, dy, threshold)):
+                    tiles[i] += count
+            else:
+                _addmm_into(dx, g[kind], y)
+                _addmm_into(dy, g[kind].T, x)
+    if threshold:
+        record_filtered_tiles(*tiles)
     loss = loss / B
     del blocks, guides, operands, out, gout  # free the slab before the normalisation backward
     if not need_grad:
@@ -243,10 +286,12 @@ def _slab_cpu(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, op
     gq, gd, ids = guide_and_id_operands(guide_queries, guide_docs, doc_ids, dtype)
     dirs = options.directions
     flat_docs = docs if docs.dim() == 2 else docs.reshape(-1, layout.dim)
-    loss, grad_queries, grad_docs, grad_all = _backend.EXTENSION.contrastive_slab_cpu(
+    params = kernel_params(options, layout, len(dirs), compute_grad=need_grad)
+    loss, grad_queries, grad_docs, grad_all, tiles = _backend.EXTENSION.contrastive_slab_cpu(
         queries, flat_docs, all_queries, gq, gd, ids, "query_to_query" in dirs, "doc_to_query" in dirs,
-        "doc_to_doc" in dirs, options.similarity == "cos", NORMALIZE_EPS,
-        kernel_params(options, layout, len(dirs), compute_grad=need_grad), chunk)
+        "doc_to_doc" in dirs, options.similarity == "cos", NORMALIZE_EPS, params, chunk)
+    if params.filter_threshold and need_grad:
+        record_filtered_tiles(*tiles)
     if grad_docs is not None and flat_docs is not docs:
         grad_docs = grad_docs.view(docs.shape)
     return loss, grad_queries, grad_docs, grad_all

@@ -19,6 +19,7 @@ from fastcache.ops.contrastive.normalize import (
     _normalized_in_own_dtype,
     guide_and_id_operands,
 )
+from fastcache.ops.contrastive.filtering import counting, record_filtered_tiles
 from fastcache.ops.contrastive.options import KIND_CODES, kernel_params
 from fastcache.ops.contrastive.slab import operand_grad_scale, unscale_
 from fastcache.triton import contrastive as kernels
@@ -168,6 +169,8 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     block_do = min(block_do, max(16, triton.next_power_of_2(layout.dim)))
     fused_dq = "doc_to_query" in options.directions and not gathered  # its gradient comes with query_to_doc's
     dq = KIND_CODES["doc_to_query"]
+    filtered = ops.kp.filter_threshold > 0
+    skipped, total = torch.zeros(1, dtype=torch.int32, device=q.device), 0  # the gradient filter's tiles
     for block in blocks:
         kind = KIND_CODES[block.kind]
         if fused_dq and block.kind == "doc_to_query":
@@ -176,7 +179,10 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
             tiles = dict(BLOCK_M=swept, BLOCK_N=own) if by_columns else dict(BLOCK_M=own, BLOCK_N=swept)
             kernels._tiled_grad_kernel[(triton.cdiv(count, own),)](
                 *arguments(block), maxima[kind], factors[kind], out, out.stride(0), maxima[dq], factors[dq],
-                KIND=kind, **dict(constants, **tiles), BY_COLUMNS=by_columns, BLOCK_DO=block_do,
-                WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", num_warps=BACKWARD_WARPS,
-                num_stages=stages)
+                skipped, KIND=kind, **dict(constants, **tiles), BY_COLUMNS=by_columns, BLOCK_DO=block_do,
+                WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", FILTER=filtered,
+                num_warps=BACKWARD_WARPS, num_stages=stages)
+            total += triton.cdiv(B, tiles["BLOCK_M"]) * triton.cdiv(block.cols.size(0), tiles["BLOCK_N"])
+    if filtered and counting():  # (reads the count back: a device sync)
+        record_filtered_tiles(int(skipped.item()), total)
     return (loss, *input_gradients(ops, docs))

@@ -64,6 +64,9 @@ def loss_and_grads(queries, docs, all_queries, guide_queries, guide_docs, doc_id
     strategy run."""
     layout = check_inputs(queries, docs, all_queries, guide_queries, guide_docs, options, doc_ids)
     dims, weights = check_dims(dims, weights, layout.dim)
+    if options.filter_eps is not None:
+        raise ValueError(f"filter_eps={options.filter_eps!r}: the Matryoshka op has no gradient filter (its "
+                         "backward products take each segment's sum of every dim's dL/ds); use filter_eps=None")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     guide_dim = 0 if guide_queries is None else guide_queries.size(1)

@@ -80,9 +80,10 @@ def make_inputs(B, Lq, C, Ld, D, dtype, seed=0, layout=None):
     doc_mask = torch.rand(C, Ld, generator=g) > 0.3
     if B * Lq > 1:
         query_mask.view(-1)[0] = False
-        query_mask.view(-1)[-1] = True
     if C > 1:
         doc_mask[C // 2] = False
+    if B * Lq * C * Ld:  # something to find
+        query_mask.view(-1)[-1] = True
         doc_mask[-1, -1] = True
     if layout is not None:
         q, d = nan_padded(q, layout), nan_padded(d, layout)

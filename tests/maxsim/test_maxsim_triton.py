@@ -13,6 +13,9 @@ grad_docs dots). The interpreter is slow: shapes are tiny. sm_90 compile facts: 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -300,6 +303,17 @@ def test_token_max_then_token_grad_is_the_autograd_gradient():
     (s.max(-1).values.where(found, 0.0) * w.double()).sum().backward()
     assert torch.allclose(grad_q.double(), q64.grad, rtol=1e-5, atol=1e-5)
     assert torch.allclose(grad_d.double(), d64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_benchmark_smoke(capsys):
+    """bench/maxsim_kernels.py --smoke (the GPU timing script at a tiny shape, here through the interpreter)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import maxsim_kernels
+
+    assert maxsim_kernels.main(["--smoke"]) == 0
+    table = capsys.readouterr().out
+    for case in ("gemm", "token_max triton", "token_max torch", "token_grad triton", "token_grad torch"):
+        assert f"| {case} |" in table
 
 
 # ---------------------------------------------------------------------------------------------------------------

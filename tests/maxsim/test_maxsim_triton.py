@@ -8,7 +8,8 @@ once, masks with gaps, fully masked query tokens, empty documents, ties (duplica
 wins, across and within tiles), NaN at masked positions and in strided padding, fp32 / bf16 / fp16 against float64
 on the same rounded inputs, and the errors on bad input. The error bound is elementwise: the same maths on the
 absolute values times a per-dtype factor (fp32 accumulation; 2^-16 for the bf16 hi + lo operands of the 16-bit
-grad_docs dots). The interpreter is slow: shapes are tiny. sm_90 compile facts: tests/native/test_triton_compile.py.
+grad_docs dots). The interpreter is slow: shapes are tiny. Also bench/maxsim_kernels.py --smoke. sm_90 compile facts:
+tests/native/test_maxsim_triton_compile.py.
 """
 
 from __future__ import annotations

@@ -82,10 +82,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]  # bench/ and the repository root (fastcache itself)
 from gpu_ranking import DRY_RANKING, RANKING_CASES, RANKING_SIZES, make_ranking_case  # noqa: E402
 from gpu_ranking import Q as RANKING_Q  # noqa: E402
+from roofline import SLAB_BUDGET  # noqa: E402
 
 SCALE = 20.0
 MIB = 2**20
-SLAB_BUDGET = 4 * 2**30  # memory_budget of the slab cases (the default, 256 MiB, is a CPU cache-sized workspace)
 CEILING_SIZE = 8192  # torch.mm bf16 CEILING_SIZE³, CEILING_PRODUCTS of them per timed run (clocks ramp up)
 CEILING_PRODUCTS = 10
 PEERS = {"inf_cl": "inf-cl", "cut_cross_entropy": "cut-cross-entropy", "cut_cross_entropy_exact": "cut-cross-entropy",
@@ -94,6 +94,7 @@ CASES = {
     "fastcache_tiled": "fastcache, strategy tiled (Triton)",
     "fastcache_slab_cuda": "fastcache, strategy slab, CUDA epilogue",
     "fastcache_slab_triton": "fastcache, strategy slab, Triton epilogue",
+    "fastcache_tiled_filtered": "fastcache, strategy tiled (Triton), filter_eps='auto' (gradient filter)",
     "inf_cl": "Inf-CL cal_inf_loss",
     "cut_cross_entropy": "Cut Cross-Entropy linear_cross_entropy",
     "cut_cross_entropy_exact": "Cut Cross-Entropy linear_cross_entropy, filter_eps=None",
@@ -103,6 +104,8 @@ CASES = {
 }
 FASTCACHE = {"fastcache_tiled": ("triton", "tiled"), "fastcache_slab_cuda": ("cuda", "slab"),
              "fastcache_slab_triton": ("triton", "slab")}
+# the gradient filter's cases: (backend, strategy, filter_eps) (CCE's default "auto"); the row reports its hit rate
+FILTERED = {"fastcache_tiled_filtered": ("triton", "tiled", "auto")}
 MATRYOSHKA_CASES = {"matryoshka_tiled": "fastcache Matryoshka (5 dims), strategy tiled (Triton)",
                     "matryoshka_slab_cuda": "fastcache Matryoshka (5 dims), strategy slab, CUDA epilogue"}
 MATRYOSHKA = {"matryoshka_tiled": ("triton", "tiled"), "matryoshka_slab_cuda": ("cuda", "slab")}
@@ -128,7 +131,8 @@ DRY_CEILING_SIZE = 64
 GROUP_TIMEOUT_S = {"small": 75.0, "large": 150.0}
 PHASES = ("all", "headline", "rest")
 CSV_FIELDS = ["B", "N", "D", "dtype", "case", "label", "min_ms", "median_ms", "repeats", "tflops", "ratio_to_mm",
-              "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss", "gbps", "ratio_to_copy", "status"]
+              "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss", "gbps", "ratio_to_copy",
+              "projected_ms", "filter_hit_rate", "status"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,16 +192,24 @@ def make_case(name: str, B: int, N: int, D: int, dtype_name: str, device: str, d
         loss.backward()
         return loss.detach(), (lq.grad, ld.grad)
 
-    if name in FASTCACHE or name in MATRYOSHKA:
+    if name in FASTCACHE or name in MATRYOSHKA or name in FILTERED:
         import fastcache
         from fastcache.ops.matryoshka import matryoshka_contrastive_loss
 
-        backend, strategy = {**FASTCACHE, **MATRYOSHKA}[name]
+        backend, strategy = {**FASTCACHE, **MATRYOSHKA, **{k: v[:2] for k, v in FILTERED.items()}}[name]
         if dry_run:  # no GPU: the same call on the pure-PyTorch backend
             backend, strategy = "torch", "slab"
         settings = {"backend": backend, "strategy": strategy}
         if strategy == "slab":
             settings["memory_budget"] = SLAB_BUDGET
+        if name in FILTERED:  # the share of backward tiles skipped, from one untimed call
+            from fastcache.ops.contrastive.filtering import count_filtered_tiles
+
+            settings["filter_eps"] = FILTERED[name][2]
+            with count_filtered_tiles() as tiles:
+                backward_of(fastcache.contrastive_loss(lq, ld, scale=SCALE, **settings))
+            reset()
+            info.update(filter_hit_rate=tiles.hit_rate, filter_tiles=tiles.total)
         info.update(settings)
         loss_fn = fastcache.contrastive_loss
         if name in MATRYOSHKA:
@@ -302,17 +314,10 @@ def _tensor_bytes(tensors) -> int:
 def epilogue_shapes() -> list[tuple[int, int]]:
     """(rows, columns) of the slab's real chunks at the target shape's N and at N = 16384 (B = N / 2 queries,
     bf16 GEMM operands, SLAB_BUDGET): the epilogue benchmark's blocks (~3900 rows at N = 131072)."""
-    from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions
-    from fastcache.ops.contrastive import epilogue as contrastive_epilogue
-    from fastcache.ops.contrastive.slab import chunk_rows
+    import roofline
 
-    shapes = []
-    for columns in EPILOGUE_COLUMNS:
-        layout = ContrastiveLayout(columns // 2, columns // 2, 2, 768, columns // 2, 0)
-        workspace = contrastive_epilogue.WORKSPACE_BLOCKS["cuda"] + 0.5
-        shapes.append((chunk_rows(layout, ContrastiveOptions(), False, 0, SLAB_BUDGET, 4, workspace,
-                                  cache_cap=False), columns))
-    return shapes
+    return [(roofline.slab_chunk(roofline.Shape(columns // 2, columns, 768, "bfloat16")), columns)
+            for columns in EPILOGUE_COLUMNS]
 
 
 def kernel_profile(run, reset, top: int = 8) -> list[dict]:
@@ -594,6 +599,21 @@ def add_rates(rows: list[dict]) -> float | None:
     return mm_rate
 
 
+def add_projections(rows: list[dict], mm_rate: float | None, gpu_name: str | None) -> dict:
+    """bench/roofline.py's projection of each measured row (the model's strategies), in place: ``projected_ms`` at
+    the row's shape with this run's torch.mm rate and copy bandwidth (the model's table where the run has none), and
+    ``measured_over_projected``; returns the figures used."""
+    import roofline
+
+    machine, source = roofline.measured_figures(rows, mm_rate, gpu_name)
+    for r in rows:
+        projection = roofline.project_row(r, machine) if r.get("status") == "ok" else None
+        if projection:
+            r["projected_ms"] = projection["projected_ms"]
+            r["measured_over_projected"] = r["min_s"] * 1e3 / projection["projected_ms"]
+    return {"figures": source, "mm_tflops": machine.mm_tflops, "bandwidth_tbs": machine.bandwidth_tbs}
+
+
 def targets(rows: list[dict], B=65536, N=131072, D=768, dtype="bfloat16") -> list[dict]:
     """The issue's GPU targets, at the target shape (bf16), from the rows that ran."""
     at = {r["case"]: r for r in rows if (r.get("B"), r.get("N"), r.get("D"), r.get("dtype")) == (B, N, D, dtype)
@@ -669,16 +689,19 @@ def _not_run(head: str, r: dict, cells: int) -> str | None:
 
 def markdown_table(rows: list[dict], mm_rate: float | None) -> str:
     lines = [f"torch.mm bf16 {CEILING_SIZE}³ in this run: {_fmt(mm_rate, '.0f')} TFLOP/s", "",
-             "| B | N | D | dtype | case | ms (min) | TFLOP/s (6·B·N·D) | ÷ mm rate | peak beyond inputs+grads (MiB) "
-             "| loss |", "| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             ("| B | N | D | dtype | case | ms (min) | projected ms (bench/roofline.py) | TFLOP/s (6·B·N·D) | ÷ mm rate "
+              "| peak beyond inputs+grads (MiB) | loss |"),
+             "| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r["case"] == "mm_ceiling" or r["case"] in EPILOGUE_CASES or r["case"] in RANKING_CASES:
             continue
-        head = f"| {r['B']} | {r['N']} | {r['D']} | {r['dtype']} | {r['case']} |"
-        if (skipped := _not_run(head, r, 4)) is not None:
+        hit = f" ({r['filter_hit_rate']:.1%} of tiles skipped)" if "filter_hit_rate" in r else ""
+        head = f"| {r['B']} | {r['N']} | {r['D']} | {r['dtype']} | {r['case']}{hit} |"
+        if (skipped := _not_run(head, r, 5)) is not None:
             lines.append(skipped)
             continue
-        lines.append(f"{head} {r['min_s'] * 1e3:.1f} | {_fmt(r.get('tflops'), '.0f')} | "
+        lines.append(f"{head} {r['min_s'] * 1e3:.1f} | {_fmt(r.get('projected_ms'), '.1f')} | "
+                     f"{_fmt(r.get('tflops'), '.0f')} | "
                      f"{_fmt(r.get('ratio_to_mm'), '.2f')} | {_fmt(r.get('peak_beyond_inputs_and_grads_mib'), '.0f')}"
                      f" | {_fmt(r.get('loss'), '.5g')} |")
     lines += ["", "The slab epilogue alone (float32 block, in place; GB/s at 8 bytes per element):", "",
@@ -724,7 +747,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
             writer.writerow({
                 **{k: r.get(k) for k in ("B", "N", "D", "dtype", "case", "repeats", "tflops", "ratio_to_mm",
                                          "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss", "gbps",
-                                         "ratio_to_copy")},
+                                         "ratio_to_copy", "projected_ms", "filter_hit_rate")},
                 "label": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES, **RANKING_CASES}.get(
                     r["case"], "torch.mm bf16 (ceiling)"),
                 "min_ms": None if r.get("min_s") is None else r["min_s"] * 1e3,
@@ -740,6 +763,7 @@ def write_report(out_dir: Path, this_run: list[dict], info: dict, header: dict) 
     done = {tuple(r.get(k) for k in ("B", "N", "D", "dtype", "case")) for r in finished}
     rows = finished + [r for r in this_run if tuple(r.get(k) for k in ("B", "N", "D", "dtype", "case")) not in done]
     mm_rate = add_rates(rows)
+    roofline = add_projections(rows, mm_rate, {**disk_info, **info}.get("gpu"))
     from fastcache.app.benchmark import machine_info
 
     report = {
@@ -748,6 +772,7 @@ def write_report(out_dir: Path, this_run: list[dict], info: dict, header: dict) 
         # the device machine gets a copy of the tree without .git: gpu_suite.sh passes the commit in FASTCACHE_COMMIT
         "commit": os.environ.get("FASTCACHE_COMMIT") or machine_info().get("commit"),
         "mm_tflops": mm_rate,
+        "roofline": roofline,
         "cases": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES, **RANKING_CASES},
         "rows": rows,
         "loss_spread": loss_spread(rows),

@@ -427,8 +427,8 @@ def st_cached(s: Shape, machine: Machine) -> list[Kernel]:
             Kernel("candidate passes", (("st.candidate_passes", 1, {}),), 15 * batches)]
 
 
-# name -> (label, kernels, 6 or 10 ·B·N·D counted by the row's "TFLOP/s": always 6, the useful work, as gpu_bench)
-# names are bench/gpu_bench.py's case names where it measures the strategy
+# name -> (label, its kernels, the Shape fields it fixes); a name is bench/gpu_bench.py's case name where the suite
+# measures the strategy (its rows are projected by that name)
 STRATEGIES: dict[str, tuple[str, Callable[[Shape, Machine], list[Kernel]], dict]] = {
     "fastcache_slab_cuda": ("slab v1, CUDA epilogue", slab_v1, {}),
     "fastcache_slab_triton": ("slab v1, Triton epilogue", slab_v1, {}),

@@ -80,6 +80,10 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
     assert not list(tmp_path.glob("group_*.jsonl"))
     on_disk = [json.loads(line) for line in (tmp_path / gpu_bench.ROWS_FILE).read_text().splitlines()]
     assert {r["case"] for r in on_disk if r.get("status") == "ok"} == {r["case"] for r in rows if r["status"] == "ok"}
+    # bench/roofline.py's projection next to each modelled row, at this run's mm rate and copy bandwidth
+    assert "same run" in report["roofline"]["figures"] and "projected ms" in result.stdout
+    assert all(r["projected_ms"] > 0 for r in rows if r["status"] == "ok" and r["case"] in
+               {*gpu_bench.FASTCACHE, *gpu_bench.MATRYOSHKA, "st_cached_mbs32"})
     profiled = [r for r in rows if r.get("kernels")]  # the target shape's fastcache cases, timed kernel by kernel
     assert {r["case"] for r in profiled} == {*gpu_bench.FASTCACHE} and all(
         k["ms"] >= 0 and k["calls"] >= 1 for r in profiled for k in r["kernels"])
@@ -140,6 +144,31 @@ def test_rates_and_targets(gpu_bench):
     assert found[">= 3x faster than sentence-transformers' loss stage"]["met"]  # 10x
     assert found["faster than each of Inf-CL, Cut Cross-Entropy, Liger"]["met"]  # only inf_cl ran
     assert not found["no more memory than the leanest peer"]["met"]  # 3000 MiB (slab, the fastest) vs 50 MiB
+
+
+def test_rows_get_the_projection_at_the_same_run_figures(gpu_bench):
+    """Each modelled row gets bench/roofline.py's projection at its shape, with the run's torch.mm rate and its
+    widest device-to-device copy's bandwidth (GB/s counted as the model counts: read + write)."""
+    from dataclasses import replace
+
+    import roofline
+
+    shape = {"B": 16384, "N": 16384, "D": 768, "dtype": "bfloat16"}
+    rows = [{"case": "mm_ceiling", "status": "ok", "flop": 1e15, "min_s": 1.25},  # 800 TFLOP/s
+            {"case": "epilogue_copy", "status": "ok", "B": 3900, "N": 131072, "bytes_per_run": 2.5e9, "min_s": 1e-3},
+            {**shape, "case": "fastcache_tiled", "status": "ok", "min_s": 0.05},
+            {**shape, "case": "matryoshka_slab_cuda", "status": "ok", "min_s": 0.2, "dims": [768, 384]},
+            {**shape, "case": "reference", "status": "ok", "min_s": 0.1}]
+    mm_rate = gpu_bench.add_rates(rows)
+    figures = gpu_bench.add_projections(rows, mm_rate, "NVIDIA H200")
+    assert figures["mm_tflops"] == pytest.approx(800) and figures["bandwidth_tbs"] == pytest.approx(2.5)
+    machine = replace(roofline.MACHINES["H200"], mm_tflops=mm_rate, bandwidth_tbs=2.5)
+    tiled = roofline.project("fastcache_tiled", roofline.Shape(**shape), machine)
+    assert rows[2]["projected_ms"] == pytest.approx(tiled["projected_ms"])
+    assert rows[2]["measured_over_projected"] == pytest.approx(50 / tiled["projected_ms"])
+    two_dims = roofline.project("matryoshka_slab_cuda", roofline.Shape(**shape), machine, {"dims": 2})
+    assert rows[3]["projected_ms"] == pytest.approx(two_dims["projected_ms"])
+    assert "projected_ms" not in rows[4]  # the dense reference is not modelled
 
 
 def test_matryoshka_targets(gpu_bench):

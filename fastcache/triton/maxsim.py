@@ -69,19 +69,22 @@ class MaxTiles(NamedTuple):
 
 
 class GradTiles(NamedTuple):
-    """token_grad's tiles: rows per step, dims per program, document tokens per program (grad_docs); warps,
-    stages."""
-    block_m: int
+    """token_grad's tiles: dims per program (both kernels); grad_docs: rows per step, document tokens per program,
+    warps, stages; grad_queries: rows per program, warps."""
     block_d: int
+    block_m: int
     block_u: int
     warps: int
     stages: int
+    gather_m: int
+    gather_warps: int
 
 
-# By the embeddings' element size (sm_90: bench/triton_compile.py compiles them at B·Lq = 16384, C = 1024,
-# Ld = 128, D = 128).
+# By the embeddings' element size (sm_90, no spills: bench/maxsim_compile.py at B·Lq = 16384, C = 1024, Ld = 128,
+# D = 128). Not yet timed on a GPU (bench/maxsim_kernels.py). The gather (grad_queries) is latency-bound (the index,
+# then the rows it points to): small programs, many resident per SM (1024 of 16 rows at that shape).
 TOKEN_MAX_TILES = {2: MaxTiles(128, 128, 64, 8, 8, 3), 4: MaxTiles(64, 64, 32, 8, 8, 2)}
-TOKEN_GRAD_TILES = {2: GradTiles(64, 128, 128, 8, 2), 4: GradTiles(32, 64, 64, 8, 1)}
+TOKEN_GRAD_TILES = {2: GradTiles(128, 64, 128, 8, 2, 16, 4), 4: GradTiles(64, 32, 64, 8, 1, 16, 4)}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -297,9 +300,9 @@ def token_grad(weights: Tensor, index: Tensor, queries: Tensor, docs: Tensor, *,
     t = tiles or TOKEN_GRAD_TILES[queries.element_size()]
     block_d = min(t.block_d, triton.next_power_of_2(D))
     strides = (*weights.stride(), *index.stride())
-    _token_grad_queries_kernel[(triton.cdiv(rows, t.block_m), triton.cdiv(D, block_d))](
+    _token_grad_queries_kernel[(triton.cdiv(rows, t.gather_m), triton.cdiv(D, block_d))](
         weights, index, docs, grad_queries, rows, Lq, C, D, *strides, docs.stride(0), docs.stride(1),
-        BLOCK_M=t.block_m, BLOCK_D=block_d, num_warps=t.warps)
+        BLOCK_M=t.gather_m, BLOCK_D=block_d, num_warps=t.gather_warps)
     _token_grad_docs_kernel[(C, triton.cdiv(Ld, t.block_u), triton.cdiv(D, block_d))](
         weights, index, queries, grad_docs, rows, Lq, Ld, D, *strides, queries.stride(0), queries.stride(1),
         BLOCK_M=t.block_m, BLOCK_U=t.block_u, BLOCK_D=block_d, SPLIT=queries.element_size() == 2,

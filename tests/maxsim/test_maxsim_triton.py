@@ -30,7 +30,7 @@ pytestmark = INTERPRETER_ONLY
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SMALL_MAX = MaxTiles(block_m=16, block_n=16, block_k=16, docs=2, warps=4, stages=1)
-SMALL_GRAD = GradTiles(block_m=16, block_d=16, block_u=16, warps=4, stages=1)
+SMALL_GRAD = GradTiles(block_d=16, block_m=16, block_u=16, warps=4, stages=1, gather_m=16, gather_warps=4)
 # |kernel - float64| <= factor · (the same sum over absolute values): fp32 accumulation of exact products (16-bit
 # inputs are compared on the same rounded values); grad_docs' 16-bit path rounds w·q to 16 significant bits
 VALUE_FACTOR = 1e-5

@@ -36,13 +36,16 @@ CASES = {
     "fastcache_cpu": "fastcache fused, backend=cpu, budget 256 MiB",
     "fastcache_cpu_64mib": "fastcache fused, backend=cpu, budget 64 MiB",
     "fastcache_torch": "fastcache fused, backend=torch, budget 256 MiB",
+    "fastcache_cpu_filtered": "fastcache fused, backend=cpu, filter_eps=2^-12 (bf16's auto), trained-like embeddings",
     "reference": "dense reference (fastcache.reference) + backward",
     "st_cached_mbs32": "sentence-transformers CachedMNRL.calculate_loss, mini_batch_size=32",
     "st_cached_mbs256": "sentence-transformers CachedMNRL.calculate_loss, mini_batch_size=256",
     "st_mnrl": "sentence-transformers MNRL.compute_loss_from_embeddings + backward",
 }
-BUDGETS_MIB = {"fastcache_cpu": 256, "fastcache_cpu_64mib": 64, "fastcache_torch": 256}
-BACKENDS = {"fastcache_cpu": "cpu", "fastcache_cpu_64mib": "cpu", "fastcache_torch": "torch"}
+BUDGETS_MIB = {"fastcache_cpu": 256, "fastcache_cpu_64mib": 64, "fastcache_torch": 256, "fastcache_cpu_filtered": 256}
+BACKENDS = {"fastcache_cpu": "cpu", "fastcache_cpu_64mib": "cpu", "fastcache_torch": "torch",
+            "fastcache_cpu_filtered": "cpu"}
+FILTER_EPS = {"fastcache_cpu_filtered": 2.0**-12}  # the gradient filter's cases: filter_eps
 ST_MINI_BATCH = {"st_cached_mbs32": 32, "st_cached_mbs256": 256}
 
 _TINY_MODEL = None
@@ -88,6 +91,23 @@ def _clear_grads(tensors):
     return reset
 
 
+def trained_like(B: int, N: int, D: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit embeddings with the similarities of a trained model (the gradient filter's cases; random embeddings
+    leave no tile below any useful filter_eps): x = a·c + b·z with one shared direction c and unit random z
+    (a² = 0.1: unrelated pairs at cosine ~0.1), the positive of query i sharing ρ of its z (cosine ~0.75), each
+    hard negative of query i half (~0.55)."""
+    a, b = 0.1**0.5, 0.9**0.5
+    common = torch.nn.functional.normalize(torch.randn(D, generator=generator), dim=0)
+
+    def unit(n):
+        return torch.nn.functional.normalize(torch.randn(n, D, generator=generator), dim=1)
+
+    z_q = unit(B)
+    related = [0.72] + [0.5] * (N // B - 1)  # per candidate column: the share of its query's z
+    z_d = torch.cat([r * z_q + (1 - r * r) ** 0.5 * unit(B) for r in related])
+    return a * common + b * z_q, a * common + b * z_d
+
+
 def make_case(name: str, B: int, N: int, D: int, seed: int = 0) -> Case:
     """Case ``name`` (a key of :data:`CASES`) at B queries, N = C·B candidates, D dims, fp32."""
     if name not in CASES:
@@ -95,8 +115,11 @@ def make_case(name: str, B: int, N: int, D: int, seed: int = 0) -> Case:
     if N % B:
         raise ValueError(f"N={N} must be a multiple of B={B} (positives, then hard-negative columns)")
     generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, D, generator=generator)
-    d = torch.randn(N, D, generator=generator)
+    if name in FILTER_EPS:
+        q, d = trained_like(B, N, D, generator)
+    else:
+        q = torch.randn(B, D, generator=generator)
+        d = torch.randn(N, D, generator=generator)
     info = {"label": CASES[name], "B": B, "N": N, "D": D}
 
     if name == "gemms":
@@ -111,9 +134,12 @@ def make_case(name: str, B: int, N: int, D: int, seed: int = 0) -> Case:
 
         budget = BUDGETS_MIB[name] * MIB
         info.update(backend=BACKENDS[name], memory_budget_mib=BUDGETS_MIB[name])
+        options = {"filter_eps": FILTER_EPS[name]} if name in FILTER_EPS else {}
+        if options:
+            info.update(options, **filter_report(q, d, BACKENDS[name], budget, options["filter_eps"]))
 
         def run():
-            out = fastcache.contrastive_loss_and_grad(q, d, backend=BACKENDS[name], memory_budget=budget)
+            out = fastcache.contrastive_loss_and_grad(q, d, backend=BACKENDS[name], memory_budget=budget, **options)
             return RunOutput(out.loss, (out.grad_queries, out.grad_docs))
 
         return Case(name, run, (q, d), info=info)
@@ -163,6 +189,23 @@ def make_case(name: str, B: int, N: int, D: int, seed: int = 0) -> Case:
         return RunOutput(loss.detach(), tuple(t.grad for t in leaves))
 
     return Case(name, run, leaves, reset=_clear_grads(leaves), info=info)
+
+
+def filter_report(q: torch.Tensor, d: torch.Tensor, backend: str, budget: int, eps: float) -> dict:
+    """The gradient filter at ``eps`` on these embeddings: the share of backward tiles skipped, the loss and
+    the gradients' largest difference from the exact call's over the exact gradient's largest magnitude."""
+    import fastcache
+    from fastcache.ops.contrastive.filtering import count_filtered_tiles
+
+    exact = fastcache.contrastive_loss_and_grad(q, d, backend=backend, memory_budget=budget)
+    with count_filtered_tiles() as tiles:
+        filtered = fastcache.contrastive_loss_and_grad(q, d, backend=backend, memory_budget=budget, filter_eps=eps)
+    report = {"filter_hit_rate": tiles.hit_rate, "filter_tiles": tiles.total,
+              "filter_loss_difference": abs(float(filtered.loss - exact.loss))}
+    for name in ("grad_queries", "grad_docs"):
+        ours, truth = getattr(filtered, name), getattr(exact, name)
+        report[f"filter_{name}_error"] = float((ours - truth).abs().max() / truth.abs().max())
+    return report
 
 
 def _git(*args: str) -> str | None:

@@ -456,3 +456,17 @@ def test_bench_floor_quick(extension, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert floor["chunk_rows"]["fused"] == expected
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_slab_chunks_capped_for_the_cache_on_cpu_only(backend):
+    """On CPU the slab's blocks stay under the cache cap (MAX_SLAB_BYTES); on a GPU (here a meta tensor: any
+    non-CPU device) the chunk is the tallest the memory budget allows (the whole batch at 64 GiB)."""
+    from fastcache.ops.contrastive import ContrastiveOptions, check_inputs
+    from fastcache.ops.matryoshka.slab import slab_rows
+
+    queries, docs = torch.zeros(4096, 64), torch.zeros(131072, 64)
+    layout = check_inputs(queries, docs, None, None, None, ContrastiveOptions())
+    on_cpu = slab_rows(layout, ContrastiveOptions(), False, 0, 5, backend, queries, memory_budget="64GiB")
+    on_gpu = slab_rows(layout, ContrastiveOptions(), False, 0, 5, backend, queries.to("meta"), memory_budget="64GiB")
+    assert on_cpu < 4096 and on_gpu == 4096

@@ -273,8 +273,8 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
 def slab_rows(layout, options, gathered: bool, guide_dim: int, num_dims: int, backend: str, queries: Tensor,
               memory_budget=None) -> int:
     """Rows per chunk of the slab strategy with ``backend``'s epilogue (``queries`` gives the dtype and device):
-    what the memory budget allows, and on CPU with the fused epilogue at most FUSED_BLOCK_BYTES of segment blocks
-    per thread (at least MIN_FUSED_ROWS)."""
+    what the memory budget allows (blocks kept in cache on CPU; a GPU gets the tallest chunk the budget allows), and
+    on CPU with the fused epilogue at most FUSED_BLOCK_BYTES of segment blocks per thread (at least MIN_FUSED_ROWS)."""
     fused = backend == "cpu"
     itemsize = 8 if queries.dtype == torch.float64 else 4
     # per direction: fused, one segment block per dim; else the running prefix product, one gradient block
@@ -282,7 +282,8 @@ def slab_rows(layout, options, gathered: bool, guide_dim: int, num_dims: int, ba
     # (+ half a block: a segment's gradient total in bf16/fp16 for low-precision GEMMs)
     blocks = num_dims if fused else num_dims + 1 + WORKSPACE_BLOCKS[backend] + (
         0.5 if low_precision_gemms(queries) else 0)
-    chunk = chunk_rows(layout, options, gathered, guide_dim, _backend.memory_budget(memory_budget), itemsize, blocks)
+    chunk = chunk_rows(layout, options, gathered, guide_dim, _backend.memory_budget(memory_budget), itemsize, blocks,
+                       cache_cap=queries.device.type == "cpu")
     if fused and queries.device.type == "cpu":
         row_bytes = blocks * itemsize * sum(block_columns(layout, guide_dim > 0)[k] for k in options.directions)
         chunk = min(chunk, max(MIN_FUSED_ROWS, FUSED_BLOCK_BYTES * torch.get_num_threads() // row_bytes))

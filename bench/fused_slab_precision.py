@@ -49,6 +49,7 @@ def _convert_float_as_gpu(values, input_dtype, output_dtype, rounding_mode):
 
 interpreter._convert_float = _convert_float_as_gpu
 DIRECTIONS = (("query_to_doc",), ("query_to_doc", "doc_to_query"))
+ABBREVIATIONS = {"query_to_doc": "qd", "doc_to_query": "dq"}
 
 
 def batch(seed: int, dtype: torch.dtype, noise: float) -> dict:
@@ -92,8 +93,8 @@ def main() -> int:
                 for i, (value, exact) in enumerate(zip(values, truth)):
                     errors[who][i] += relative_error(value, exact) / len(SEEDS)
         for who, values in errors.items():
-            print(f"| {'+'.join(d[:5] for d in directions)} | {str(dtype).replace('torch.', '')} | {noise:g} | "
-                  f"{scale:g} | {who} | "
+            label = "+".join(ABBREVIATIONS[d] for d in directions)
+            print(f"| {label} | {str(dtype).replace('torch.', '')} | {noise:g} | {scale:g} | {who} | "
                   + " | ".join(f"{v:.2e}" for v in values) + " |")
     return 0
 

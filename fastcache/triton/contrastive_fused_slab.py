@@ -28,9 +28,38 @@ operand reads: the store and two loads of e (2 + 2 + 2 = 6 at 16 bits, 12 at fp3
 strip read it at once, so the repeat reads are L2 hits), plus the fp32 partials and w, 12 bytes per row and
 column tile (0.1 byte per logit at 128-wide tiles). FLOPs: the slab's 6·B·N·D (a guide adds 2·B·N·D_guide).
 
-Error of the stored e at bf16 (interpreter, float64 truth, mean relative error over 4 seeded batches of
-B = 24, N = 48, D = 64, directions query_to_doc + doc_to_query: ``python bench/fused_slab_precision.py``):
-see that script's docstring for the figures, next to the bf16 reference's and the tiled strategy's.
+Exactness, measured on CPU through the interpreter with the GPU's rounding (``python bench/fused_slab_precision.py``:
+B = 24, N = 48, D = 64, cosine, joint; mean over 4 seeds of the largest error over the truth's largest magnitude,
+truth = the float64 reference on the same 16-bit inputs; gradients: the larger of dL/dqueries and dL/ddocs; noise 2:
+positive cosine ~0.45, noise 1: ~0.7, a sharp softmax whose small gradients magnify every rounding):
+
+    directions  dtype  noise  scale   loss: fused_slab / reference   gradients: fused_slab / tiled / reference
+    qd          bf16   2      20      1.6e-03 / 1.6e-02              5.3e-03 / 6.3e-03 / 4.1e-02
+    qd          bf16   2      50      7.0e-03 / 4.1e-02              1.2e-02 / 1.1e-02 / 1.2e-01
+    qd          bf16   1      20      2.1e-03 / 7.8e-01              8.8e-03 / 8.8e-03 / 8.6e-01
+    qd          bf16   1      50      2.0e-01 / 1.0e+00              1.7e-01 / 1.7e-01 / 8.3e-01
+    qd          fp16   2      20      2.3e-04 / 1.4e-03              1.1e-03 / 8.8e-04 / 5.2e-03
+    qd          fp16   2      50      1.4e-03 / 1.8e-02              1.7e-03 / 1.6e-03 / 1.2e-02
+    qd          fp16   1      20      5.1e-04 / 7.1e-01              1.3e-03 / 1.3e-03 / 5.4e-01
+    qd          fp16   1      50      2.2e-01 / 1.0e+00              5.8e-01 / 5.8e-01 / 1.1e+00
+    qd+dq       bf16   2      20      5.9e-04 / 2.6e-03              6.9e-03 / 5.4e-03 / 4.3e-02
+    qd+dq       bf16   2      50      1.0e-03 / 5.3e-02              1.1e-02 / 1.0e-02 / 1.5e-01
+    qd+dq       bf16   1      20      6.3e-06 / 4.4e-03              1.9e-01 / 8.3e-03 / 4.8e+00
+    qd+dq       bf16   1      50      6.0e-08 / 8.1e-02              8.9e-01 / 3.0e-01 / 9.3e+04
+    qd+dq       fp16   2      20      3.5e-05 / 5.3e-04              7.4e-04 / 6.5e-04 / 5.2e-03
+    qd+dq       fp16   2      50      6.4e-05 / 4.6e-03              1.4e-03 / 1.3e-03 / 1.8e-02
+    qd+dq       fp16   1      20      7.4e-07 / 9.2e-04              2.1e-02 / 1.0e-03 / 5.2e-01
+    qd+dq       fp16   1      50      6.7e-08 / 8.0e-03              9.2e-01 / 4.0e-01 / 1.2e+04
+
+The loss is the tiled strategy's (fp32 partials; the stored e never enters it). With query_to_doc alone the
+16-bit e leaves the gradients within 1.3x of the tiled strategy's, which stores nothing, and 3-10x (up to 400x in a
+sharp softmax) below the reference's in the same dtype. With doc_to_query too, a sharp softmax shows the one
+weakness: the positive's similarity appears in both blocks with dL/ds ~ ∓scale/(2B), whose sum is tiny; tiled
+adds doc_to_query's dL/ds into query_to_doc's tile in fp32 before the 16-bit GEMM operand, fused_slab (like
+today's slab) rounds each block's operand alone, so their rounding errors do not cancel: 0.19 against tiled's
+0.008 (bf16, scale 20), still 25x below the reference's 4.8. Everywhere within the same-dtype reference's error
+(the tests: tests/contrastive/test_contrastive_fused_slab.py, where the interpreter's truncating bf16 casts make
+the check stricter than the GPU).
 
 This module imports only fastcache.triton.contrastive (its per-tile helpers) from fastcache.
 """

@@ -41,7 +41,7 @@ columns × the swept tile). :func:`fastcache.ops.contrastive.filtering.count_fil
 all tiles (the benchmarks report the hit rate). Not in the Matryoshka op (its backward products take each
 segment's sum over the dims) nor the fused_slab strategy.
 
-Two strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
+Three strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
 
 - slab (fastcache/ops/contrastive/slab.py): rows in chunks; per chunk, GEMMs into chunk×columns blocks, one fused
   epilogue (C++, CUDA, Triton or PyTorch: fastcache/ops/contrastive/epilogue.py) that turns the blocks into dL/ds
@@ -51,6 +51,12 @@ Two strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
 - tiled (fastcache/ops/contrastive/tiled.py, launching the Triton kernels of fastcache/triton/contrastive.py): no
   block is ever held beyond one tile; a forward pass keeps per-row statistics, the backward recomputes the tiles.
   Memory O((B + N + Mq)·D).
+- fused_slab (slab v2: fastcache/ops/contrastive/fused_slab.py, kernels in fastcache/triton/contrastive_fused_slab.py;
+  backend triton, not yet run on a GPU, never chosen by ``auto``): the slab's row chunks, but the GEMMs are Triton
+  kernels whose epilogue applies every option tile by tile, reduces each tile's rows to (max, sum-exp) partials and
+  stores e = exp(logit - tile max) once in the embeddings' dtype; the backward GEMMs make dL/ds on load from e and
+  the row partition, so no fp32 block and no dL/ds is ever written: ~6 bytes per logit beyond the GEMM operands at
+  16 bits (12 at fp32), the slab's 6·B·N·D FLOPs. Memory O(chunk·(N + Mq)) values of the embeddings' dtype.
 
 The package, each module importing only the ones listed before it (and fastcache.triton, _backend, _autograd_guard):
 
@@ -63,6 +69,7 @@ The package, each module importing only the ones listed before it (and fastcache
     epilogue    the slab epilogue of every backend (contract in its docstring), backend availability
     slab        the slab strategy: chunk sizes, GEMMs (their precision: low_precision_gemms, operand_grad_scale)
     tiled       the tiled strategy's host code: operands, launches of fastcache/triton/contrastive.py's kernels
+    fused_slab  the fused_slab strategy's host code (tiled's operands; fastcache/triton/contrastive_fused_slab.py)
     autograd    PrecomputedGradLoss (shared with the Matryoshka op) and one_pass
     op          contrastive_loss, contrastive_loss_and_grad: checks, strategy and backend choice
 """

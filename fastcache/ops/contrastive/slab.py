@@ -160,11 +160,16 @@ def _filtered_products(grad: Tensor, g: Tensor, x: Tensor, y: Tensor, dx: Tensor
                        threshold: float) -> tuple[int, int]:
     """dx += g·y and dy += gᵀ·x over the tiles of dL/ds ``grad`` [c, n] (``g``: the GEMM operand, grad itself or
     its scaled 16-bit copy) that keep an entry with |dL/ds| >= ``threshold``: per row strip of FILTER_TILE_ROWS
-    rows, the columns of its kept tiles gathered into one product each way (one host sync per block for the
-    tiles' maxima). The skipped tiles contribute nothing. Returns the (skipped, all) tile counts."""
+    rows, the columns of its kept tiles gathered into one product each way (all tiles kept: one product each way;
+    one host sync per block for the tiles' maxima). The skipped tiles contribute nothing. Returns the (skipped,
+    all) tile counts."""
     n = grad.size(1)
     maxima = F.max_pool2d(grad.abs()[None], (FILTER_TILE_ROWS, FILTER_TILE_COLUMNS), ceil_mode=True)[0]
     kept = (maxima >= threshold).cpu()
+    if kept.all():  # nothing to skip: one product each way
+        _addmm_into(dx, g, y)
+        _addmm_into(dy, g.T, x)
+        return 0, kept.numel()
     for strip, tiles in enumerate(kept):
         if not tiles.any():
             continue

@@ -262,3 +262,16 @@ def test_patch_covers_sparse_losses(splade):
         fastcache.unpatch_sentence_transformers()
     for name, original in originals.items():
         assert getattr(st_sparse, name) is original
+
+
+@pytest.mark.parametrize("outer", ["weights", "no_query_regularizer", "document_only"])
+def test_cached_contrastive_term_without_graph(splade, monkeypatch, outer):
+    """The fused cached loss stage takes the contrastive term and its gradients from the op's one pass (no autograd
+    graph through it), the regularisers through autograd: still upstream's components and gradients."""
+    from fastcache.sparse_encoder.losses import cached_splade
+
+    one_pass = []
+    original = cached_splade.accumulate_into
+    monkeypatch.setattr(cached_splade, "accumulate_into", lambda *a: one_pass.append(1) or original(*a))
+    _compare(splade, "CachedSpladeLoss", 3, outer={**OUTER[outer], "mini_batch_size": 4})
+    assert one_pass == [1]

@@ -7,7 +7,8 @@ tiles (dL/ds masked to the tiles whose largest |dL/ds| reaches the threshold, wi
 eps=None is the exact path to the bit and counts nothing; eps > 1 skips every tile (no |dloss_i/dlogit| exceeds
 1) and the gradients are zero; an eps below every positive's |dloss_i/dlogit| keeps the positives' tiles. Every
 strategy that filters: the cpu slab (C++), the torch slab and the Triton tiled kernels (under the interpreter,
-tiny shapes). Bad values raise errors naming the argument.
+tiny shapes). Bad values raise errors naming the argument; the Matryoshka op and the fused_slab strategy, which
+have no filter, refuse it.
 """
 
 from __future__ import annotations
@@ -194,6 +195,14 @@ def test_bad_values_name_the_argument(value):
     batch = _batch("cpu")
     with pytest.raises(ValueError, match="filter_eps"):
         contrastive_loss_and_grad(batch["queries"], batch["docs"], filter_eps=value)
+
+
+@pytest.mark.parametrize("strategy", [pytest.param("fused_slab", marks=INTERPRETER_ONLY)])
+def test_fused_slab_refuses_it(strategy):
+    batch = _batch("cpu")
+    with pytest.raises(ValueError, match="filter_eps"):
+        contrastive_loss_and_grad(batch["queries"], batch["docs"], backend="triton", strategy=strategy,
+                                  filter_eps=1e-3)
 
 
 def test_matryoshka_refuses_it():

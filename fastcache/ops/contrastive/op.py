@@ -69,6 +69,9 @@ def loss_and_grads(queries, docs, all_queries, guide_queries, guide_docs, doc_id
         return contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
                                  need_grad)
     if strategy == "fused_slab":
+        if options.filter_eps is not None:
+            raise ValueError(f"filter_eps={options.filter_eps!r}: strategy 'fused_slab' has no gradient filter; use "
+                             "strategy 'slab' or 'tiled', or filter_eps=None")
         from fastcache.ops.contrastive.fused_slab import contrastive_fused_slab
 
         return contrastive_fused_slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,

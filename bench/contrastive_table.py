@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import add_table_arguments, load_at_start, peak_memory_many, time_case  # noqa: E402
+from harness import add_table_arguments, load_at_start, peak_memory_many, print_targets, time_case  # noqa: E402
 
 # the cases live in the package (``fastcache bench`` runs them across batch sizes); re-exported for bench/ scripts
 from fastcache.app.benchmark import (  # noqa: E402, F401
@@ -158,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         mean = sum(losses.values()) / len(losses)
         print(f"losses of the {len(losses)} loss cases agree to {spread:.2e} (mean {mean:.6f})")
     found = targets(results)
-    if found:
-        print("\nTargets" + (" (quick shape: indicative only)" if args.quick else "") + ":")
-        for item in found:
-            print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")
+    print_targets(found, args.quick)
 
     if out_path is not None:
         report = {"machine": run_machine(load), "shape": shape, "dtype": "float32", "repeats": args.repeats,

@@ -45,3 +45,12 @@ def load_at_start() -> tuple[float, float, float]:
         print(f"warning: 1-minute load average {load[0]:.2f} before the run: other processes use the CPU, so the "
               "timings will be noisy", file=sys.stderr)
     return load
+
+
+def print_targets(found: list[dict], quick: bool) -> None:
+    """The targets a table script checked (dicts with "target", "value", "met"), one line each; none: nothing."""
+    if not found:
+        return
+    print("\nTargets" + (" (quick shape: indicative only)" if quick else "") + ":")
+    for item in found:
+        print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")

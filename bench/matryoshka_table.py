@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, RunOutput, time_cases  # noqa: E402
+from harness import Case, RunOutput, print_targets, time_cases  # noqa: E402
 
 from fastcache.app.benchmark import run_machine, save_json, tiny_sentence_transformer  # noqa: E402
 
@@ -276,9 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nMatryoshka losses agree to {max(multi.values()) - min(multi.values()):.2e} "
               f"(mean {sum(multi.values()) / len(multi):.6f})")
     found = targets(t)
-    print("\nTargets" + (" (quick shape: indicative only)" if args.quick else "") + ":")
-    for item in found:
-        print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")
+    print_targets(found, args.quick)
     full = not args.quick and set(args.cases) == set(CASES)
     out_path = args.out if args.out is not None else (DEFAULT_OUT if full else None)
     if out_path is not None:

@@ -38,7 +38,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, RunOutput, add_table_arguments, load_at_start, peak_memory_many, time_cases  # noqa: E402
+from harness import (  # noqa: E402
+    Case,
+    RunOutput,
+    add_table_arguments,
+    load_at_start,
+    peak_memory_many,
+    print_targets,
+    time_cases,
+)
 
 from fastcache.app.benchmark import run_machine, save_json, tiny_sentence_transformer  # noqa: E402
 
@@ -172,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(losses) > 1:
         print(f"\ncontrastive losses agree to {max(losses.values()) - min(losses.values()):.2e}")
     found = targets(t)
-    print("\nTargets" + (" (quick shape: indicative only)" if args.quick else "") + ":")
-    for item in found:
-        print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")
+    print_targets(found, args.quick)
     full = not args.quick and set(args.cases) == set(CASES)
     out_path = args.out if args.out is not None else (DEFAULT_OUT if full else None)
     if out_path is not None:

@@ -217,16 +217,32 @@ bool tile_kept(const T* g, int64_t ld, int64_t rows, int64_t columns, double thr
   return false;
 }
 
+// Calls run(first, last) for each run [first, last) of consecutive kept entries among count flags stride apart.
+template <typename Run>
+void for_each_run(const uint8_t* kept, int64_t count, int64_t stride, const Run& run) {
+  for (int64_t first = 0; first < count;) {
+    if (!kept[first * stride]) {
+      ++first;
+      continue;
+    }
+    int64_t last = first;
+    while (last < count && kept[last * stride]) ++last;
+    run(first, last);
+    first = last;
+  }
+}
+
 // The gradient products of one block of dL/ds g [c, n] (rows x [c, D], columns y [n, D]) over the tiles that keep
-// an entry with |g| >= threshold: per row strip, each run of kept tiles is one dx[strip] += g[strip, run]·y[run] and
-// one dy[run] += g[strip, run]ᵀ·x[strip] (all tiles kept: one product each way). The skipped tiles contribute
-// nothing. Adds the skipped and all tiles to counts.
+// an entry with |g| >= threshold (all tiles kept: one product each way): dx, per row strip, one product per run of
+// kept tiles along it, dx[strip] += g[strip, run]·y[run]; dy, per column tile, one per run of kept tiles down it,
+// dy[tile] += g[run, tile]ᵀ·x[run]. Strips (tiles) run in parallel, each writing rows no other touches, so each
+// small product runs on one thread. The skipped tiles contribute nothing. Adds the skipped and all tiles to counts.
 void filtered_products(const at::Tensor& g, const at::Tensor& x, const at::Tensor& y, const at::Tensor& dx,
                        const at::Tensor& dy, double threshold, std::pair<int64_t, int64_t>& counts) {
   const int64_t c = g.size(0), n = g.size(1);
   const int64_t strips = (c + kFilterTileRows - 1) / kFilterTileRows;
   const int64_t tiles = (n + kFilterTileColumns - 1) / kFilterTileColumns;
-  std::vector<uint8_t> kept(strips * tiles);
+  std::vector<uint8_t> kept(strips * tiles);  // [strip][tile]
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "filtered_products", [&] {
     const scalar_t* base = g.data_ptr<scalar_t>();
     const int64_t ld = g.stride(0);
@@ -238,30 +254,39 @@ void filtered_products(const at::Tensor& g, const at::Tensor& x, const at::Tenso
       }
     });
   });
+  const int64_t kept_tiles = std::count(kept.begin(), kept.end(), uint8_t{1});
+  counts.first += strips * tiles - kept_tiles;
   counts.second += strips * tiles;
-  if (std::all_of(kept.begin(), kept.end(), [](uint8_t k) { return k != 0; })) {  // nothing to skip: whole GEMMs
+  if (kept_tiles == strips * tiles) {  // nothing to skip: whole GEMMs
     dx.addmm_(g, y);
     dy.addmm_(g.t(), x);
     return;
   }
-  for (int64_t strip = 0; strip < strips; ++strip) {
-    const int64_t r0 = strip * kFilterTileRows, rows = std::min(kFilterTileRows, c - r0);
-    const at::Tensor g_strip = g.narrow(0, r0, rows), x_strip = x.narrow(0, r0, rows);
-    for (int64_t t = 0; t < tiles;) {
-      if (!kept[strip * tiles + t]) {
-        ++counts.first;
-        ++t;
-        continue;
-      }
-      int64_t end = t;
-      while (end < tiles && kept[strip * tiles + end]) ++end;
-      const int64_t c0 = t * kFilterTileColumns, width = std::min(end * kFilterTileColumns, n) - c0;
-      const at::Tensor g_run = g_strip.narrow(1, c0, width);
-      dx.narrow(0, r0, rows).addmm_(g_run, y.narrow(0, c0, width));
-      dy.narrow(0, c0, width).addmm_(g_run.t(), x_strip);
-      t = end;
+  const auto rows_of = [c](int64_t first, int64_t last) {  // strips [first, last) -> (row0, rows)
+    return std::make_pair(first * kFilterTileRows, std::min(last * kFilterTileRows, c) - first * kFilterTileRows);
+  };
+  const auto columns_of = [n](int64_t first, int64_t last) {
+    return std::make_pair(first * kFilterTileColumns,
+                          std::min(last * kFilterTileColumns, n) - first * kFilterTileColumns);
+  };
+  at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t strip = begin; strip < end; ++strip) {
+      const int64_t r0 = rows_of(strip, strip + 1).first, rows = rows_of(strip, strip + 1).second;
+      for_each_run(&kept[strip * tiles], tiles, 1, [&](int64_t first, int64_t last) {
+        const auto [c0, width] = columns_of(first, last);
+        dx.narrow(0, r0, rows).addmm_(g.narrow(0, r0, rows).narrow(1, c0, width), y.narrow(0, c0, width));
+      });
     }
-  }
+  });
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t c0 = columns_of(tile, tile + 1).first, width = columns_of(tile, tile + 1).second;
+      for_each_run(&kept[tile], strips, tiles, [&](int64_t first, int64_t last) {
+        const auto [r0, rows] = rows_of(first, last);
+        dy.narrow(0, c0, width).addmm_(g.narrow(0, r0, rows).narrow(1, c0, width).t(), x.narrow(0, r0, rows));
+      });
+    }
+  });
 }
 
 // Σ of a contiguous float32/float64 vector (the per-row losses of a chunk), in fp64, without an ATen reduction.

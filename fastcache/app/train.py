@@ -197,16 +197,23 @@ def build_loss(model, config: TrainConfig):
     return loss
 
 
-def evaluate(model, split, config: TrainConfig, name: str) -> dict:
-    """NDCG@10, MRR@10 and Recall@10 (cosine) of the held-out queries against the corpus."""
-    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
-
-    evaluator = InformationRetrievalEvaluator(
+def retrieval_metrics(evaluator_class, metrics: dict[str, str], model, split, config: RunConfig, name: str) -> dict:
+    """The held-out queries searched among the corpus by sentence-transformers' ``evaluator_class`` (an
+    InformationRetrievalEvaluator of the model type, at k=10): ``metrics`` maps each reported name to the
+    evaluator's key (without the ``name_`` prefix)."""
+    evaluator = evaluator_class(
         split.queries, split.corpus, split.relevant, mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[10],
         precision_recall_at_k=[10], map_at_k=[10], show_progress_bar=config.progress, batch_size=64, name=name,
         write_csv=False)
     scores = evaluator(model)
-    return {metric: float(scores[f"{name}_{key}"]) for metric, key in METRICS.items()}
+    return {metric: float(scores[f"{name}_{key}"]) for metric, key in metrics.items()}
+
+
+def evaluate(model, split, config: TrainConfig, name: str) -> dict:
+    """NDCG@10, MRR@10 and Recall@10 (cosine) of the held-out queries against the corpus."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    return retrieval_metrics(InformationRetrievalEvaluator, METRICS, model, split, config, name)
 
 
 def compare_loss_stage(model, rows: list[tuple[str, ...]], config: TrainConfig) -> dict:

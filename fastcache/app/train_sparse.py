@@ -31,6 +31,7 @@ from fastcache.app.train import (
     check_run_options,
     check_settings,
     metrics_table,
+    retrieval_metrics,
     save_run,
     train_and_evaluate,
 )
@@ -111,12 +112,7 @@ def evaluate_sparse(model, split, config: SparseConfig, name: str) -> dict:
     """NDCG@10, MRR@10, Recall@10 (dot product) and the mean active dimensions of queries and passages."""
     from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
 
-    evaluator = SparseInformationRetrievalEvaluator(
-        split.queries, split.corpus, split.relevant, mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[10],
-        precision_recall_at_k=[10], map_at_k=[10], show_progress_bar=config.progress, batch_size=64, name=name,
-        write_csv=False)
-    scores = evaluator(model)
-    return {metric: float(scores[f"{name}_{key}"]) for metric, key in METRICS.items()}
+    return retrieval_metrics(SparseInformationRetrievalEvaluator, METRICS, model, split, config, name)
 
 
 def run_sparse_training(config: SparseConfig) -> dict:

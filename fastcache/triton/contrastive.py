@@ -527,7 +527,6 @@ def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_p
     alpha = tl.load(params_ptr + ALPHA)
     margin = tl.load(params_ptr + MARGIN)
     pos_coef = tl.load(params_ptr + POS_COEF)
-    filter_threshold = tl.load(params_ptr + FILTER_THRESHOLD)
     if BY_COLUMNS:
         own0 = tl.program_id(0) * BLOCK_N
         n_swept = n_rows
@@ -551,7 +550,7 @@ def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_p
             grad += _doc_to_query_grad(s, ok, cols, offset, n_rows, scale, dq_max_ptr, dq_factor_ptr)
         kept = True
         if FILTER:
-            kept = tl.max(tl.abs(grad)) >= filter_threshold
+            kept = tl.max(tl.abs(grad)) >= tl.load(params_ptr + FILTER_THRESHOLD)
             tl.atomic_add(skipped_ptr, 1, mask=kept == 0)
         if kept:
             _add_product_to_own_rows(grad, tl.load(params_ptr + GRAD_SCALE), r_ptr, c_ptr, stride_r, stride_c, rows,

@@ -3,84 +3,163 @@
 // token max: the valid query tokens (M of them, gathered once, in the compute dtype T: fp32, fp64 for fp64 inputs)
 // against the valid tokens of a chunk of documents (gathered per chunk): one BLAS GEMM P = Q·Dᵀ per chunk (the chunk
 // sized so that P stays within kTileBytes), then per (query token, document) the max of P over the document's
-// columns and the first token attaining it (ties to the lowest u, as torch.max; NaN wins, the first NaN). Masked
-// tokens are never gathered, so nothing they hold reaches a result.
+// columns and the first token attaining it (ties to the lowest u, as torch.max; NaN wins, the first NaN), from
+// kLanes vectorised running maxima. Masked tokens are never gathered, so nothing they hold reaches a result.
 // token grad: grad_q[r] = Σ_c w[r,c]·d[c, index[r,c]] parallel over the query tokens r, grad_d[c,u] =
 // Σ_{r: index[r,c]=u} w[r,c]·q[r] parallel over the documents c (each thread owns its documents' rows: no races);
-// B·Lq·C·D multiply-adds each, 1/Ld of the GEMM.
+// B·Lq·C·D multiply-adds each, 1/Ld of the GEMM, in blocks of rows and documents that stay in cache.
 #include "maxsim.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#include "contrastive_row.h"  // FASTCACHE_INLINE, FASTCACHE_SIMD_CLONES
 
 namespace fastcache {
 namespace {
 
-constexpr int64_t kTileBytes = int64_t(8) << 20;  // one chunk's GEMM output: cache-sized, and a bounded workspace
+constexpr int64_t kTileBytes = int64_t(32) << 20;  // one GEMM's output: a bounded workspace, GEMMs wide enough
 
 int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work_per_item, 1));
 }
 
+constexpr int kLanes = 16;  // running maxima of the fp32 argmax: one AVX-512 vector, two AVX2 ones
+constexpr int64_t kRowBlock = 64, kDocBlock = 8;  // token grad: the rows and documents one pass keeps in cache
+typedef float LaneValues __attribute__((vector_size(4 * kLanes)));
+typedef int32_t LaneIndices __attribute__((vector_size(4 * kLanes)));
+
+// The position of the first maximum of x[0..n) (n >= 1), or of the first NaN if there is one (torch.max's rule).
+template <typename T>
+FASTCACHE_INLINE int64_t first_argmax_scalar(const T* x, int64_t n) {
+  int64_t arg = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    if (x[k] != x[k]) return k;
+    if (x[k] > x[arg]) arg = k;
+  }
+  return arg;
+}
+
+// The same for fp32, in kLanes running maxima with the first position attaining each (strict >; GCC vector
+// extensions, compiled for the instruction set of the calling clone), merged to the largest value at the lowest
+// position. A NaN or an infinity (v - v is then NaN) sends the row to the scalar loop.
+FASTCACHE_INLINE int64_t first_argmax_lanes(const float* x, int64_t n) {
+  if (n < 2 * kLanes) return first_argmax_scalar(x, n);
+  LaneValues best, finite;
+  std::memcpy(&best, x, sizeof best);
+  finite = best - best;
+  LaneIndices position = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, at = position;
+  int64_t k = kLanes;
+  for (; k + kLanes <= n; k += kLanes) {
+    LaneValues v;
+    std::memcpy(&v, x + k, sizeof v);
+    position += kLanes;
+    const LaneIndices greater = v > best;
+    best = greater ? v : best;
+    at = greater ? position : at;
+    finite += v - v;
+  }
+  float check = 0;  // 0 when every value is finite, else NaN
+  for (int l = 0; l < kLanes; ++l) check += finite[l];
+  for (int64_t j = k; j < n; ++j) check += x[j] - x[j];
+  if (check != 0) return first_argmax_scalar(x, n);
+  float top = best[0];
+  for (int l = 1; l < kLanes; ++l) top = best[l] > top ? best[l] : top;
+  int32_t first = INT32_MAX;
+  for (int l = 0; l < kLanes; ++l) {
+    const int32_t candidate = best[l] == top ? at[l] : INT32_MAX;
+    first = candidate < first ? candidate : first;
+  }
+  int64_t arg = first;
+  for (; k < n; ++k)
+    if (x[k] > x[arg]) arg = k;
+  return arg;
+}
+
+template <typename T>
+FASTCACHE_INLINE int64_t first_argmax(const T* x, int64_t n) {
+  if constexpr (std::is_same_v<T, float>)
+    return first_argmax_lanes(x, n);
+  else
+    return first_argmax_scalar(x, n);
+}
+
 // Rows [m0, m1) of the chunk's products p [M, T]: documents c0 + c (c < cn) own the columns [start[c], start[c+1]),
 // whose tokens are token[k]; results at values / index [row[m] * C + c0 + c].
 template <typename T>
-void reduce_rows(const T* p, int64_t T_cols, const int64_t* row, const std::vector<int64_t>& start,
-                 const std::vector<int32_t>& token, int64_t c0, int64_t C, T* values, int32_t* index, int64_t m0,
-                 int64_t m1) {
-  const int64_t cn = static_cast<int64_t>(start.size()) - 1;
+FASTCACHE_INLINE void reduce_rows(const T* p, int64_t T_cols, const int64_t* row, const int64_t* start,
+                                  const int32_t* token, int64_t cn, int64_t c0, int64_t C, T* values, int32_t* index,
+                                  int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     const T* pm = p + m * T_cols;
     T* vm = values + row[m] * C + c0;
     int32_t* im = index + row[m] * C + c0;
     for (int64_t c = 0; c < cn; ++c) {
-      T best = T(0);
-      int32_t arg = -1;
-      for (int64_t k = start[c]; k < start[c + 1]; ++k) {
-        const T v = pm[k];
-        if (arg < 0 || v > best || (v != v && best == best)) {
-          best = v;
-          arg = token[k];
+      if (start[c + 1] == start[c]) continue;  // an empty document: 0 and -1 stay
+      const int64_t k = start[c] + first_argmax(pm + start[c], start[c + 1] - start[c]);
+      vm[c] = pm[k];
+      im[c] = token[k];
+    }
+  }
+}
+
+// Compiled once per instruction set (AVX-512, AVX2, baseline) and picked at load time on x86-64.
+template <typename T>
+FASTCACHE_SIMD_CLONES void reduce(const T* p, int64_t T_cols, const int64_t* row, const int64_t* start,
+                                  const int32_t* token, int64_t cn, int64_t c0, int64_t C, T* values, int32_t* index,
+                                  int64_t m0, int64_t m1) {
+  reduce_rows(p, T_cols, row, start, token, cn, c0, C, values, index, m0, m1);
+}
+
+// g[0..D) += w · x[0..D)
+template <typename In, typename T>
+FASTCACHE_INLINE void add_scaled(T* g, T w, const In* x, int64_t D) {
+  for (int64_t k = 0; k < D; ++k) g[k] += w * static_cast<T>(x[k]);
+}
+
+// The weights by strides (the op passes g[b, c] expanded over the query tokens: stride 0, no copy).
+template <typename T>
+struct Weights {
+  const T* w;
+  int64_t Lq, sb, st, sc;
+  FASTCACHE_INLINE const T* row(int64_t r) const { return w + (r / Lq) * sb + (r % Lq) * st; }
+};
+
+// grad_q rows [r0, r1): blocks of kRowBlock rows against blocks of kDocBlock documents, so that the documents'
+// rows read by a block stay in cache across its rows.
+template <typename In, typename T>
+FASTCACHE_SIMD_CLONES void grad_queries(Weights<T> w, const int32_t* index, const In* docs, T* grad_q, int64_t C,
+                                        int64_t Ld, int64_t D, int64_t r0, int64_t r1) {
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock)
+    for (int64_t cb = 0; cb < C; cb += kDocBlock)
+      for (int64_t r = rb; r < std::min(rb + kRowBlock, r1); ++r) {
+        const T* wr = w.row(r);
+        for (int64_t c = cb; c < std::min(cb + kDocBlock, C); ++c) {
+          const int32_t u = index[r * C + c];
+          if (u >= 0) add_scaled(grad_q + r * D, wr[c * w.sc], docs + (c * Ld + u) * D, D);
         }
       }
-      vm[c] = best;
-      im[c] = arg;
-    }
-  }
 }
 
+// grad_d of documents [c0, c1), kDocBlock at a time (their gradient rows stay in cache while every row passes).
 template <typename In, typename T>
-void grad_queries(const T* w, const int32_t* index, const In* docs, T* grad_q, int64_t C, int64_t Ld, int64_t D,
-                  int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    T* g = grad_q + r * D;
-    for (int64_t c = 0; c < C; ++c) {
-      const int32_t u = index[r * C + c];
-      if (u < 0) continue;
-      const T wv = w[r * C + c];
-      const In* d = docs + (c * Ld + u) * D;
-      for (int64_t k = 0; k < D; ++k) g[k] += wv * static_cast<T>(d[k]);
+FASTCACHE_SIMD_CLONES void grad_docs(Weights<T> w, const int32_t* index, const In* queries, T* grad_d, int64_t R,
+                                     int64_t C, int64_t Ld, int64_t D, int64_t c0, int64_t c1) {
+  for (int64_t cb = c0; cb < c1; cb += kDocBlock)
+    for (int64_t r = 0; r < R; ++r) {
+      const T* wr = w.row(r);
+      for (int64_t c = cb; c < std::min(cb + kDocBlock, c1); ++c) {
+        const int32_t u = index[r * C + c];
+        if (u >= 0) add_scaled(grad_d + (c * Ld + u) * D, wr[c * w.sc], queries + r * D, D);
+      }
     }
-  }
-}
-
-template <typename In, typename T>
-void grad_docs(const T* w, const int32_t* index, const In* queries, T* grad_d, int64_t R, int64_t C, int64_t Ld,
-               int64_t D, int64_t c0, int64_t c1) {
-  for (int64_t r = 0; r < R; ++r) {
-    const In* q = queries + r * D;
-    for (int64_t c = c0; c < c1; ++c) {
-      const int32_t u = index[r * C + c];
-      if (u < 0) continue;
-      const T wv = w[r * C + c];
-      T* g = grad_d + (c * Ld + u) * D;
-      for (int64_t k = 0; k < D; ++k) g[k] += wv * static_cast<T>(q[k]);
-    }
-  }
 }
 
 void check_embeddings(const at::Tensor& queries, const at::Tensor& docs) {
@@ -133,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_token_max_cpu(const at::Tensor& querie
       scalar_t* vp = values.data_ptr<scalar_t>();
       int32_t* ip = index.data_ptr<int32_t>();
       at::parallel_for(0, M, grain(T_cols), [&](int64_t m0, int64_t m1) {
-        reduce_rows<scalar_t>(pp, T_cols, row, start, token, c0, C, vp, ip, m0, m1);
+        reduce<scalar_t>(pp, T_cols, row, start.data(), token.data(), cn, c0, C, vp, ip, m0, m1);
       });
     }
   });
@@ -158,22 +237,23 @@ std::tuple<at::Tensor, at::Tensor> maxsim_token_grad_cpu(const at::Tensor& weigh
   at::Tensor grad_q = at::zeros({B, Lq, D}, queries.options().dtype(compute));
   at::Tensor grad_d = at::zeros({C, Ld, D}, queries.options().dtype(compute));
   if (index.numel() == 0 || D == 0) return {grad_q, grad_d};
-  const at::Tensor w = weights.contiguous(), idx = index.contiguous(), q = queries.contiguous(), d = docs.contiguous();
+  const at::Tensor idx = index.contiguous(), q = queries.contiguous(), d = docs.contiguous();
   const int64_t R = B * Lq;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, queries.scalar_type(), "maxsim_token_grad_cpu", [&] {
     using In = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(compute, "maxsim_token_grad_cpu_compute", [&] {
-      const scalar_t* wp = w.data_ptr<scalar_t>();
+      const Weights<scalar_t> w{weights.data_ptr<scalar_t>(), Lq, weights.stride(0), weights.stride(1),
+                                weights.stride(2)};
       const int32_t* ip = idx.data_ptr<int32_t>();
       const In* qp = q.data_ptr<In>();
       const In* dp = d.data_ptr<In>();
       scalar_t* gq = grad_q.data_ptr<scalar_t>();
       scalar_t* gd = grad_d.data_ptr<scalar_t>();
-      at::parallel_for(0, R, grain(C * D), [&](int64_t r0, int64_t r1) {
-        grad_queries<In, scalar_t>(wp, ip, dp, gq, C, Ld, D, r0, r1);
+      at::parallel_for(0, R, std::max<int64_t>(kRowBlock, grain(C * D)), [&](int64_t r0, int64_t r1) {
+        grad_queries<In, scalar_t>(w, ip, dp, gq, C, Ld, D, r0, r1);
       });
-      at::parallel_for(0, C, grain(R * D), [&](int64_t c0, int64_t c1) {
-        grad_docs<In, scalar_t>(wp, ip, qp, gd, R, C, Ld, D, c0, c1);
+      at::parallel_for(0, C, std::max<int64_t>(kDocBlock, grain(R * D)), [&](int64_t c0, int64_t c1) {
+        grad_docs<In, scalar_t>(w, ip, qp, gd, R, C, Ld, D, c0, c1);
       });
     });
   });

@@ -13,7 +13,8 @@ std::tuple<at::Tensor, at::Tensor> maxsim_token_max_cpu(const at::Tensor& querie
                                                         const at::Tensor& docs, const at::Tensor& doc_mask);
 
 // (grad_queries [B, Lq, D], grad_docs [C, Ld, D]) in the weights' dtype: grad_q[b,t] = Σ_c w[b,t,c]·d[c, index],
-// grad_d[c,u] = Σ_{(b,t): index[b,t,c] = u} w[b,t,c]·q[b,t]; entries with index -1 read nothing.
+// grad_d[c,u] = Σ_{(b,t): index[b,t,c] = u} w[b,t,c]·q[b,t]; entries with index -1 read nothing. The weights are
+// read by their strides (an expanded view costs no copy).
 std::tuple<at::Tensor, at::Tensor> maxsim_token_grad_cpu(const at::Tensor& weights, const at::Tensor& index,
                                                          const at::Tensor& queries, const at::Tensor& docs);
 

@@ -5,14 +5,14 @@
     python bench/triton_compile.py --contrastive /tmp/old_contrastive.py --matryoshka /tmp/old_matryoshka.py
                                                           # another version of the kernel modules (e.g. git show)
 
-Every kernel of fastcache/triton/contrastive.py and fastcache/triton/matryoshka.py is compiled exactly as the
-runtime launches it at the headline shape (B = 65536 queries, N = 131072 docs: the positives and one hard negative
+Every kernel of fastcache/triton/contrastive.py, matryoshka.py and contrastive_fused_slab.py is compiled exactly as
+the runtime launches it at the headline shape (B = 65536 queries, N = 131072 docs: the positives and one hard negative
 each, D = 768; Matryoshka dims 768/512/256/128/64), bf16 and fp32 embeddings:
 
-1. the runtime's own host code runs (``contrastive_tiled``, ``matryoshka_tiled``, ``slab_epilogue``) on meta
-   tensors of the real shapes (no memory, no values), with each kernel object swapped for a recorder of its
-   launches: the arguments, grid, constexprs, num_warps and num_stages are the ones the runtime computes. On a meta
-   device WIDEN is False, as on a GPU (the bf16 operands go to tl.dot as they are).
+1. the runtime's own host code runs (``contrastive_tiled``, ``matryoshka_tiled``, ``slab_epilogue``,
+   ``contrastive_fused_slab``) on meta tensors of the real shapes (no memory, no values), with each kernel object
+   swapped for a recorder of its launches: the arguments, grid, constexprs, num_warps and num_stages are the ones
+   the runtime computes. On a meta device WIDEN is False, as on a GPU (the bf16 operands go to tl.dot as they are).
 2. each recorded launch goes through Triton's own launch path, ``JITFunction.warmup`` (the binder that
    ``JITFunction.run`` uses: ints equal to 1 become constants, ints divisible by 16 get the divisibility hint,
    ints ≥ 2^31 are i64, pointers 16-byte aligned get the alignment hint), with a stand-in driver whose current
@@ -36,7 +36,8 @@ Runtime configurations (each compiled for bf16 and fp32 embeddings):
                doc_ids: the guided kernels (BACKWARD_TILES' guided tiles)
 
 The slab epilogue gets fp32 blocks (the slab's GEMMs write fp32 from bf16 operands), chunk rows as
-``chunk_rows`` gives them for a 64 GiB budget (the whole batch: a 65536 × 131072 block, 2^33 values).
+``chunk_rows`` gives them for a 64 GiB budget (the whole batch: a 65536 × 131072 block, 2^33 values); the
+fused_slab strategy's chunk comes from the same budget (its stored logits in the embeddings' dtype).
 
 Importable: :func:`compile_facts` (in this process: the Triton interpreter must be off before triton is first
 imported), :func:`facts_in_subprocess` (from anywhere, e.g. a test run under the interpreter),
@@ -81,14 +82,15 @@ BOUNDED_PRODUCT_ARGS = frozenset({"num_dims", "stride_stats", "stride_ra", "stri
 # the runtime's launches, recorded
 # ---------------------------------------------------------------------------------------------------------------
 
-def load_kernel_modules(contrastive: str | None = None, matryoshka: str | None = None):
-    """fastcache.triton.contrastive and .matryoshka, or the versions in the given files (loaded under the same
-    module names, so that a matryoshka file imports the contrastive file given with it)."""
+def load_kernel_modules(contrastive: str | None = None, matryoshka: str | None = None, fused_slab: str | None = None):
+    """fastcache.triton.contrastive, .matryoshka and .contrastive_fused_slab, or the versions in the given files
+    (loaded under the same module names, so that a matryoshka file imports the contrastive file given with it)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1: the kernels would be interpreter functions; run this in a process "
                            "without it (facts_in_subprocess)")
     modules = []
-    for name, path in (("fastcache.triton.contrastive", contrastive), ("fastcache.triton.matryoshka", matryoshka)):
+    for name, path in (("fastcache.triton.contrastive", contrastive), ("fastcache.triton.matryoshka", matryoshka),
+                       ("fastcache.triton.contrastive_fused_slab", fused_slab)):
         if path is None:
             modules.append(importlib.import_module(name))
             continue
@@ -112,7 +114,8 @@ class _Recorder:
 
 _KERNELS = {"contrastive": ("_slab_epilogue_kernel", "_tiled_logsumexp_kernel", "_tiled_partition_kernel",
                             "_tiled_grad_kernel"),
-            "matryoshka": ("_matryoshka_logsumexp_kernel", "_matryoshka_grad_kernel", "_tiled_partition_kernel")}
+            "matryoshka": ("_matryoshka_logsumexp_kernel", "_matryoshka_grad_kernel", "_tiled_partition_kernel"),
+            "fused_slab": ("_fused_logits_kernel", "_fused_grad_kernel")}
 
 
 def _recorded(modules, run) -> list:
@@ -138,11 +141,12 @@ def runtime_launches(modules, config: str, dtype: str) -> list[tuple[str, object
 
     from fastcache.ops.contrastive import ContrastiveLayout, ContrastiveOptions
     from fastcache.ops.contrastive.options import KIND_CODES, kernel_params
+    from fastcache.ops.contrastive import fused_slab as fused_slab_host
     from fastcache.ops.contrastive import tiled as contrastive_host
     from fastcache.ops.contrastive.slab import block_columns, chunk_rows
     from fastcache.ops.matryoshka import tiled as matryoshka_host
 
-    contrastive, matryoshka = modules
+    contrastive = modules[0]
     c = CONFIGS[config]
     B, N, D, G = HEADLINE["rows"], HEADLINE["docs"], HEADLINE["dim"], HEADLINE["guide_dim"]
     meta = torch.device("meta")
@@ -192,7 +196,12 @@ def runtime_launches(modules, config: str, dtype: str) -> list[tuple[str, object
                                   {KIND_CODES[k]: v for k, v in guides.items()}, doc_ids,
                                   kernel_params(options, layout, len(blocks)))
 
-    for strategy, run in (("tiled", tiled), ("matryoshka", matryoshka_tiled), ("slab", slab)):
+    def fused_slab():
+        fused_slab_host.contrastive_fused_slab(queries, docs, None, guide_queries, guide_docs, doc_ids, options,
+                                               layout, True, memory_budget=SLAB_BUDGET)
+
+    for strategy, run in (("tiled", tiled), ("matryoshka", matryoshka_tiled), ("slab", slab),
+                          ("fused_slab", fused_slab)):
         if strategy == "slab" and dtype == "bf16":
             continue  # the blocks are fp32 for bf16 and fp32 embeddings alike: one set of launches
         out += [(strategy, *launch) for launch in _recorded(modules, run)]
@@ -384,10 +393,10 @@ def _describe(kernel, strategy: str, config: str, dtype: str, grid, kwargs: dict
 
 
 def compile_facts(contrastive: str | None = None, matryoshka: str | None = None, configs=tuple(CONFIGS),
-                  dtypes=DTYPES, ptxas: bool = True) -> list[dict]:
+                  dtypes=DTYPES, ptxas: bool = True, fused_slab: str | None = None) -> list[dict]:
     """One dict per distinct compiled variant (see the module docstring). Needs TRITON_INTERPRET unset before
     triton is imported; installs a stand-in sm_90 driver as Triton's active driver for the rest of the process."""
-    modules = load_kernel_modules(contrastive, matryoshka)
+    modules = load_kernel_modules(contrastive, matryoshka, fused_slab)
     import torch
     from triton.runtime.driver import driver
 
@@ -487,7 +496,7 @@ def summary_table(rows: list[dict]) -> str:
         return f"{min(values)}" if min(values) == max(values) else f"{min(values)}–{max(values)}"
 
     order = ["_slab_epilogue_kernel", "_tiled_logsumexp_kernel", "_tiled_partition_kernel", "_tiled_grad_kernel",
-             "_matryoshka_logsumexp_kernel", "_matryoshka_grad_kernel"]
+             "_matryoshka_logsumexp_kernel", "_matryoshka_grad_kernel", "_fused_logits_kernel", "_fused_grad_kernel"]
     for (kernel, dtype, guided), group in sorted(groups.items(), key=lambda g: (
             order.index(g[0][0]) if g[0][0] in order else len(order), g[0][0], g[0][1], g[0][2])):
         lines.append(
@@ -506,6 +515,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write every fact as JSON to this file")
     parser.add_argument("--contrastive", help="compile this file as fastcache.triton.contrastive")
     parser.add_argument("--matryoshka", help="compile this file as fastcache.triton.matryoshka")
+    parser.add_argument("--fused-slab", help="compile this file as fastcache.triton.contrastive_fused_slab")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=[*DTYPES, "fp64"],
                         help="embedding dtypes (default bf16 fp32; fp64, the correctness path, on request)")
@@ -514,7 +524,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = compile_facts(args.contrastive, args.matryoshka, tuple(args.configs), tuple(args.dtypes),
-                         ptxas=not args.no_ptxas)
+                         ptxas=not args.no_ptxas, fused_slab=args.fused_slab)
     seconds = time.perf_counter() - start
     if not args.quiet:
         print(markdown_table(rows))
@@ -527,7 +537,8 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(dict(
             headline=HEADLINE, target="cuda sm_90 (GPUTarget('cuda', 90, 32); ptxas --gpu-name=sm_90a)",
             triton=triton.__version__, configs=CONFIGS, slab_budget=SLAB_BUDGET, seconds=seconds,
-            contrastive=args.contrastive, matryoshka=args.matryoshka, variants=rows), indent=1, default=str))
+            contrastive=args.contrastive, matryoshka=args.matryoshka, fused_slab=args.fused_slab, variants=rows),
+            indent=1, default=str))
     return 0
 
 

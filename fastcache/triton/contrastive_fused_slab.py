@@ -28,6 +28,13 @@ operand reads: the store and two loads of e (2 + 2 + 2 = 6 at 16 bits, 12 at fp3
 strip read it at once, so the repeat reads are L2 hits), plus the fp32 partials and w, 12 bytes per row and
 column tile (0.1 byte per logit at 128-wide tiles). FLOPs: the slab's 6·B·N·D (a guide adds 2·B·N·D_guide).
 
+Compiled for sm_90a at the headline shape (B = 65536, N = 131072, D = 768; bench/triton_compile.py, checked by
+tests/native/test_triton_compile.py): bf16 forward 128×128×64 tiles (guided 64×128×64), 8 warps, 3 stages, one
+wgmma dot (the guide's fp32 dot by FMA), 111-186 registers, 96 KiB shared memory; bf16 backward 128×128×64, 8
+warps, 3 stages, 182-197 registers, 97 KiB, its dot split by Triton into 4 wgmma along K (dL/ds comes from
+registers); fp32 and fp64 64×64×32, 8 warps, 2 stages, FMA dots, 64-194 registers; no spills, no atomics, no
+32-bit product of the sizes in an address.
+
 Exactness, measured on CPU through the interpreter with the GPU's rounding (``python bench/fused_slab_precision.py``:
 B = 24, N = 48, D = 64, cosine, joint; mean over 4 seeds of the largest error over the truth's largest magnitude,
 truth = the float64 reference on the same 16-bit inputs; gradients: the larger of dL/dqueries and dL/ddocs; noise 2:
@@ -97,15 +104,17 @@ def _fused_logits_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params
     tiles, from L2)."""
     scale = tl.load(params_ptr + SCALE)
     alpha = tl.load(params_ptr + ALPHA)
-    tiles_m = tl.cdiv(n_rows - row0, BLOCK_M)
-    in_group = GROUP_M * tl.cdiv(n_cols, BLOCK_N)
-    first = tl.program_id(0) // in_group * GROUP_M
-    group_rows = tl.minimum(tiles_m - first, GROUP_M)
+    # the grouped order's index maths in 64 bits (its products of the sizes reach the addresses), the first row
+    # and column back in 32
+    pid = tl.program_id(0).to(tl.int64)
+    in_group = GROUP_M * tl.cdiv(n_cols, BLOCK_N).to(tl.int64)
+    first = pid // in_group * GROUP_M
+    group_rows = tl.minimum(tl.cdiv(n_rows - row0, BLOCK_M) - first, GROUP_M)
     rows, ok, pos, own_query, pos_ids, threshold = _tile_rows(
-        row0 + (first + tl.program_id(0) % in_group % group_rows) * BLOCK_M, n_rows, offset, own_query_offset,
+        (row0 + (first + pid % in_group % group_rows) * BLOCK_M).to(tl.int32), n_rows, offset, own_query_offset,
         ids_ptr, gpos_ptr, tl.load(params_ptr + MARGIN), HAS_IDS, GUIDED, RELATIVE_MARGIN, BLOCK_M, ACC)
-    tile = tl.program_id(0) % in_group // group_rows
-    c0 = tile * BLOCK_N
+    tile = pid % in_group // group_rows
+    c0 = (tile * BLOCK_N).to(tl.int32)
     cols = c0 + tl.arange(0, BLOCK_N)
     _, x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols, n_rows,
                         n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids, num_positives, scale,
@@ -113,7 +122,7 @@ def _fused_logits_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params
     top = tl.max(x, 1)
     e = tl.exp(x - tl.where(top == float("-inf"), 0.0, top)[:, None])  # 0 where masked
     local = rows - row0
-    partial = tile.to(tl.int64) * stride_part + local
+    partial = tile * stride_part + local
     tl.store(part_max_ptr + partial, top, mask=ok)
     tl.store(part_total_ptr + partial, tl.sum(e, 1), mask=ok)
     if STORE:

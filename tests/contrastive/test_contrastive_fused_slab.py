@@ -5,8 +5,8 @@ shapes (B = 1, D = 1, 384 and 1000, N not a multiple of any tile), several forwa
 merged) and backward tiles with ragged last ones, row chunks, offsets, gathered queries, guides with both margin
 strategies, duplicate ids, NaN-padded strided inputs and a NaN-filled stored-logit buffer, float32 / bfloat16 /
 float16 against the reference's own error (bf16 at scale 20 and 50 too: the stored e in bf16), both public paths,
-determinism, and the strategy's errors (backend, Matryoshka, the gradient filter) and that ``auto`` never picks
-it. The same kernels compiled for sm_90: tests/native/test_triton_compile.py.
+determinism, the strategy's errors (backend, Matryoshka; the gradient filter's: tests/contrastive/test_filter_eps.py)
+and that ``auto`` never picks it. The same kernels compiled for sm_90: tests/native/test_triton_compile.py.
 """
 
 from __future__ import annotations
@@ -221,13 +221,6 @@ def test_needs_backend_triton(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run here.*TRITON_INTERPRET"):
         contrastive_loss_and_grad(batch["queries"], batch["docs"])
-
-
-def test_gradient_filter_is_refused():
-    batch = make_batch(3, 4, seed=17)
-    with pytest.raises(ValueError, match=r"^filter_eps=0\.000244140625: the fused_slab strategy has no gradient"):
-        contrastive_loss_and_grad(batch["queries"].bfloat16(), batch["docs"].bfloat16(), backend="triton",
-                                  strategy="fused_slab", filter_eps="auto")
 
 
 def test_matryoshka_refuses_it():

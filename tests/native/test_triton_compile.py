@@ -1,10 +1,10 @@
 """Every Triton kernel compiled for sm_90 as the runtime launches it at the headline shape, no GPU needed.
 
-bench/triton_compile.py runs the runtime's host code (contrastive_tiled, matryoshka_tiled, slab_epilogue) on meta
-tensors at B = 65536, N = 131072, D = 768 (bf16 and fp32 embeddings; configurations mnrl, symmetric, gist),
-records each launch and binds it through Triton's own launch path (JITFunction.warmup: its specialization of ints
-equal to 1, divisibility by 16 and pointer alignment) for GPUTarget("cuda", 90, 32), in a process without the
-Triton interpreter. What the interpreter cannot check:
+bench/triton_compile.py runs the runtime's host code (contrastive_tiled, matryoshka_tiled, slab_epilogue,
+contrastive_fused_slab) on meta tensors at B = 65536, N = 131072, D = 768 (bf16 and fp32 embeddings; configurations
+mnrl, symmetric, gist), records each launch and binds it through Triton's own launch path (JITFunction.warmup: its
+specialization of ints equal to 1, divisibility by 16 and pointer alignment) for GPUTarget("cuda", 90, 32), in a
+process without the Triton interpreter. What the interpreter cannot check:
 
 - ptxas (sm_90a): no register spills, except two fp32 guided backward variants listed in KNOWN_SPILLS;
 - shared memory within sm_90's 227 KB per block;
@@ -15,7 +15,7 @@ Triton interpreter. What the interpreter cannot check:
   keep it far below 2^31 (bench/triton_compile.py's BOUNDED_PRODUCT_ARGS), and the check flags the kernels once
   the .to(tl.int64) widenings are taken out (which is what the code before the fix compiled to).
 
-Compiles are cached by Triton (~/.triton/cache): ~15 s warm, a minute or two cold on 2 busy cores.
+Compiles are cached by Triton (~/.triton/cache): ~15 s warm, a few minutes cold on 2 busy cores.
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import triton_compile  # noqa: E402
 
 KERNELS = {"_slab_epilogue_kernel", "_tiled_logsumexp_kernel", "_tiled_partition_kernel", "_tiled_grad_kernel",
-           "_matryoshka_logsumexp_kernel", "_matryoshka_grad_kernel"}
+           "_matryoshka_logsumexp_kernel", "_matryoshka_grad_kernel", "_fused_logits_kernel", "_fused_grad_kernel"}
+# wgmma per 16-bit dot: the fused_slab backward's dot takes dL/ds from registers, and Triton splits such a wgmma
+# along K (its 64-wide reduction step into 4 of 16)
+WGMMA_PER_DOT = {"_fused_grad_kernel": 4}
 # ptxas spills of the current tiles (kernel, variant, dtype): bytes stored, loaded. Not register pressure (80 to
 # 128 registers of the 255 that 8 warps allow): ptxas's choice at these fp32 guided kernels (two similarity tiles
 # by FMA). Moving the tiles moves the spills (BACKWARD_TILES[4, True] = (32, 32, 32, 1): qd cols spills 4 bytes
@@ -67,14 +70,14 @@ def _name(row: dict) -> str:
 
 
 def test_every_kernel_is_compiled_at_the_headline_shape(facts):
-    """All six kernels; the embedding kernels for both bf16 and fp32; the launches bound the real shape's ints."""
+    """All eight kernels; the embedding kernels for both bf16 and fp32; the launches bound the real shape's ints."""
     assert {r["kernel"] for r in facts} == KERNELS
     for kernel in KERNELS - {"_slab_epilogue_kernel", "_tiled_partition_kernel"}:
         assert {r["dtype"] for r in facts if r["kernel"] == kernel} == {"bf16", "fp32"}, kernel
     launched = {b for r in facts for b in r["launched_by"]}
     for config in triton_compile.CONFIGS:
         for dtype in triton_compile.DTYPES:
-            assert {f"tiled/{config}/{dtype}", f"matryoshka/{config}/{dtype}"} <= launched
+            assert {f"{strategy}/{config}/{dtype}" for strategy in ("tiled", "matryoshka", "fused_slab")} <= launched
         assert f"slab/{config}/fp32" in launched
     grads = [r for r in facts if r["kernel"] == "_tiled_grad_kernel"]
     # a backward program owns 64 (bf16) or 32 (fp32) rows: 131072 docs / 64 programs by columns
@@ -99,10 +102,11 @@ def test_16_bit_dots_are_wgmma(facts):
     to wgmma; the guide's similarity tile is fp32 (the guide is normalised into fp32) and every fp32 dot is an
     FMA dot (input_precision="ieee"), so they are not."""
     for r in facts:
-        assert r["wgmma_dots"] == r["dots_16bit"], _name(r)
+        split = WGMMA_PER_DOT.get(r["kernel"], 1)
+        assert r["wgmma_dots"] == r["dots_16bit"] * split, _name(r)
         assert (r["wgmma_instructions"] > 0) == (r["wgmma_dots"] > 0), _name(r)
         if r["dtype"] == "bf16" and r["dots"]:
-            assert r["wgmma_dots"] == r["dots"] - (1 if "guided" in r["variant"] else 0) > 0, _name(r)
+            assert r["wgmma_dots"] == (r["dots"] - (1 if "guided" in r["variant"] else 0)) * split > 0, _name(r)
         if r["dtype"] == "fp32":
             assert r["wgmma_dots"] == 0, _name(r)
 
@@ -127,6 +131,7 @@ _INT64_WIDENINGS = [
     (r"\.to\(tl\.int64\) \* ", " * "),  # rows[:, None].to(tl.int64) * stride, own[:, None].to(tl.int64) * ...
     (r"r64 = r\.to\(tl\.int64\)", "r64 = r"),  # the slab epilogue's rows of its positives
     (r"row = r\[:, None\]\.to\(tl\.int64\)", "row = r[:, None]"),  # the slab epilogue's tiles
+    (r"tl\.cast\(([^,]+), tl\.int64\) \* ", r"(\1) * "),  # the fused slab's column tile times w's row stride
 ]
 
 
@@ -144,10 +149,10 @@ def test_fp64_kernels_compile_with_bounded_spills(fp64_facts):
 
 def test_int64_check_flags_the_kernels_with_32_bit_offsets(tmp_path):
     """The check of test_no_32_bit_multiply_reaches_a_pointer_offset against the kernels as they were before the
-    fix: both modules with every .to(tl.int64) row widening taken out. Every kernel that addresses rows of an
+    fix: the modules with every .to(tl.int64) row widening taken out. Every kernel that addresses rows of an
     embedding, gradient or similarity block is flagged, naming the row stride."""
     files = {}
-    for module in ("contrastive", "matryoshka"):
+    for module in ("contrastive", "matryoshka", "contrastive_fused_slab"):
         source = (ROOT / "fastcache" / "triton" / f"{module}.py").read_text()
         for pattern, replacement in _INT64_WIDENINGS:
             source = re.sub(pattern, replacement, source)
@@ -155,9 +160,11 @@ def test_int64_check_flags_the_kernels_with_32_bit_offsets(tmp_path):
         files[module].write_text(source)
     assert "tl.int64" not in files["contrastive"].read_text().replace("tl.program_id(0).to(tl.int64)", "")
     rows = triton_compile.facts_in_subprocess("--contrastive", str(files["contrastive"]), "--matryoshka",
-                                              str(files["matryoshka"]), "--configs", "mnrl", "gist", "--dtypes",
-                                              "fp32", "--no-ptxas")  # fp32: with the slab epilogue
-    strides = {"stride_r", "stride_c", "stride_gr", "stride_gc", "stride_out", "ld_qd", "ldg_qd"}
+                                              str(files["matryoshka"]), "--fused-slab",
+                                              str(files["contrastive_fused_slab"]), "--configs", "mnrl", "gist",
+                                              "--dtypes", "fp32", "--no-ptxas")  # fp32: with the slab epilogue
+    strides = {"stride_r", "stride_c", "stride_gr", "stride_gc", "stride_out", "ld_qd", "ldg_qd", "stride_e",
+               "stride_w"}
     flagged = set()
     for r in rows:
         args = {a for p in r["unbounded_i32_address_products"] for a in p["args"]}

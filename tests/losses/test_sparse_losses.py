@@ -301,3 +301,18 @@ def test_model_card_names_upstream_classes(tmp_path, wrapper):
     inner = "fastcache.sparse_encoder.losses.sparse_multiple_negatives_ranking.SparseMultipleNegativesRankingLoss"
     assert inner in note
     assert ("fastcache.sparse_encoder.losses.cached_splade.CachedSpladeLoss" in note) == wrapper.startswith("Cached")
+
+
+class L1Regularizer(nn.Module):
+    """A regulariser of the user's own (SpladeLoss's document_regularizer / query_regularizer): the mean L1 norm."""
+
+    def compute_loss_from_embeddings(self, embeddings):
+        return embeddings.abs().sum(dim=1).mean()
+
+
+@pytest.mark.parametrize("wrapper", ["SpladeLoss", "CachedSpladeLoss"])
+def test_custom_regularizer_modules(splade, wrapper):
+    outer = {"document_regularizer": L1Regularizer(), "query_regularizer": L1Regularizer(),
+             "query_regularizer_weight": 0.05, "document_regularizer_weight": 0.02,
+             **({"mini_batch_size": 4} if wrapper.startswith("Cached") else {})}
+    _compare(splade, wrapper, 3, outer=outer)

@@ -316,3 +316,10 @@ def test_custom_regularizer_modules(splade, wrapper):
              "query_regularizer_weight": 0.05, "document_regularizer_weight": 0.02,
              **({"mini_batch_size": 4} if wrapper.startswith("Cached") else {})}
     _compare(splade, wrapper, 3, outer=outer)
+
+
+@pytest.mark.parametrize("size", [0, -2, 1.5, True, "32"])
+def test_bad_mini_batch_size_names_the_argument(splade, size):
+    with pytest.raises(ValueError, match="mini_batch_size must be a positive int or 'auto', got"):
+        fc_sparse.CachedSpladeLoss(splade, fc_sparse.SparseMultipleNegativesRankingLoss(splade),
+                                   document_regularizer_weight=0.3, mini_batch_size=size)

@@ -12,8 +12,9 @@ SparseEncoder with a contrastive loss on vocabulary-sized embeddings (D ≈ 3052
   inner loss fuses both; upstream's ``SpladeLoss`` needs no counterpart (re-exported here as it is, with
   ``FlopsLoss``, so that the import swap keeps working).
 - :class:`CachedSpladeLoss`: upstream's class on fastcache's gradient cache (fastcache.gradcache: one all-reduce
-  per step under DDP, ``mini_batch_size="auto"``); its loss stage is upstream's ``calculate_loss``, whose
-  contrastive term is the inner loss's (fused with the class above), the FLOPS regularisers upstream's maths.
+  per step under DDP, ``mini_batch_size="auto"``); with the class above inside, its loss stage takes the
+  contrastive term and its embedding gradients from one pass of the op (no autograd graph through it) and the FLOPS
+  regularisers by upstream's maths; otherwise it is upstream's ``calculate_loss``.
 
 The model card names upstream's classes with their links (fastcache.model_card).
 """

@@ -76,6 +76,14 @@ def check_same_layout_on_every_rank(device: torch.device, **sizes: int) -> None:
                          "Give every rank batches of the same size (e.g. drop_last=True) with the same columns.")
 
 
+def backward_without_graph(reps: list[list[Tensor]], gather_across_devices: bool) -> bool:
+    """Whether a cached loss stage may hand the op's gradients to the mini-batch embeddings ``reps`` directly
+    (:func:`add_grads`) instead of running loss.backward(): every one is a leaf that requires grad (as
+    forward_cached makes them) and nothing is gathered across devices (all_gather's backward needs the graph)."""
+    return not gathering(gather_across_devices) and all(
+        r.is_leaf and r.requires_grad for column in reps for r in column)
+
+
 class FusedContrastiveLoss:
     """Mixin base of every fused contrastive drop-in (before the sentence-transformers class in the bases).
 
@@ -163,24 +171,17 @@ class FusedCachedContrastiveLoss(FusedContrastiveLoss, FusedGradCacheMixin):
     def minibatch_loss(self, reps: list[list[Tensor]], guide_reps: list[list[Tensor]] | None, op: LossOp,
                        with_backward: bool, doc_ids: Tensor | None) -> Tensor:
         """:meth:`fused_loss` of the concatenated mini-batches ``reps`` (and ``guide_reps``); with_backward leaves
-        the gradients on ``reps`` (straight from the op where :meth:`backward_without_graph` allows, else through
+        the gradients on ``reps`` (straight from the op where :func:`backward_without_graph` allows, else through
         loss.backward()) and returns the detached loss."""
         embeddings = [torch.cat(column) for column in reps]
         guide = None if guide_reps is None else [torch.cat(column) for column in guide_reps]
-        if with_backward and self.backward_without_graph(reps):
+        if with_backward and backward_without_graph(reps, self.gather_across_devices):
             return accumulate_into(reps, self.fused_loss(embeddings, guide, doc_ids=doc_ids, op=op, with_grad=True))
         value = self.fused_loss(embeddings, guide, doc_ids=doc_ids, op=op)
         if with_backward:
             value.backward()
             value = value.detach()
         return value
-
-    def backward_without_graph(self, reps: list[list[Tensor]]) -> bool:
-        """Whether the loss stage may hand its gradients to ``reps`` directly (:func:`accumulate_into`) instead of
-        running loss.backward(): every mini-batch embedding is a leaf that requires grad (as forward_cached makes
-        them) and nothing is gathered across devices (all_gather_with_grad's backward needs the graph)."""
-        return not gathering(self.gather_across_devices) and all(
-            r.is_leaf and r.requires_grad for column in reps for r in column)
 
     def fused_forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None,
                       op: LossOp = CONTRASTIVE) -> Tensor:

@@ -5,7 +5,7 @@ Each class subclasses the sentence-transformers class of the same name (same con
 citation, and ``isinstance`` for the trainer) and replaces only the loss maths: the token embeddings go through
 :func:`fastcache.ops.maxsim.maxsim_contrastive_loss`, which computes
 
-    S[i, j·N + n] = Σ_t max_u ⟨q_i,t, d_j,n,u⟩   (masked tokens excluded; ÷ the real query tokens with MeanMaxSim)
+    S[i, j·N + n] = Σ_t max_u ⟨q_i,t, d_j,n,u⟩   (masked tokens excluded; MeanMaxSim: ÷ real query tokens)
     loss = mean_i CE(scale · S[i], (offset + i)·N)
 
 without building the B×(G·N)×Lq×Ld intermediate that upstream's ``colbert_scores`` materialises per group.
@@ -47,6 +47,7 @@ from fastcache.gradcache import FusedGradCacheMixin
 from fastcache.losses.arguments import as_float, describe, positive_float
 from fastcache.losses.fused_contrastive import (
     add_grads,
+    backward_without_graph,
     check_same_layout_on_every_rank,
     gathering,
 )
@@ -154,7 +155,7 @@ class CachedMultiVectorMultipleNegativesRankingLoss(_MaxSimOptions, FusedGradCac
         (queries, query_mask), docs = catted[0], catted[1:]
         arguments = self.op_arguments(queries, query_mask, [e for e, _ in docs], [m for _, m in docs])
         keywords = {**arguments[2], "show_progress_bar": self.show_progress_bar}
-        if with_backward and self.backward_without_graph(reps):
+        if with_backward and backward_without_graph(reps, self.gather_across_devices):
             loss, grad_queries, grad_docs = maxsim_contrastive_loss_and_grad(*arguments[:2], **keywords)
             add_grads((r for column in reps for r in column), _minibatch_grads(reps, [grad_queries,
                                                                                        *grad_docs.unbind(1)]))
@@ -164,13 +165,6 @@ class CachedMultiVectorMultipleNegativesRankingLoss(_MaxSimOptions, FusedGradCac
             loss.backward()
             loss = loss.detach()
         return loss
-
-    def backward_without_graph(self, reps: list[list[Tensor]]) -> bool:
-        """Whether the op's gradients may go to ``reps`` directly instead of through loss.backward(): every
-        mini-batch embedding is a leaf that requires grad (as forward_cached makes them) and nothing is gathered
-        across devices (all_gather's backward needs the graph)."""
-        return not gathering(self.gather_across_devices) and all(
-            r.is_leaf and r.requires_grad for column in reps for r in column)
 
 
 def _minibatch_grads(reps: list[list[Tensor]], column_grads: list[Tensor]) -> Iterable[Tensor]:

@@ -36,7 +36,7 @@ QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
 _AVAILABLE = [name for name, reason in contrastive_epilogue.available(torch.device("cpu")).items() if reason is None]
 BACKENDS = [name for name in _AVAILABLE if name in ("cpu", "torch")]
 # Triton on CPU is its interpreter (~0.3 s a call; gradcheck makes two calls per input element): a few cases
-TRITON_STRATEGIES = ["slab", "tiled"] if "triton" in _AVAILABLE else []
+TRITON_STRATEGIES = ["slab", "tiled", "fused_slab"] if "triton" in _AVAILABLE else []
 GRADCHECK = dict(eps=1e-6, atol=1e-7, rtol=1e-5)
 
 DIRECTION_SETS = [(QD,) + extra for n in range(4) for extra in itertools.combinations((QQ, DQ, DD), n)]

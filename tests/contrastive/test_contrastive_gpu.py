@@ -1,8 +1,8 @@
 """The contrastive op on a CUDA GPU (marked ``cuda``; skipped without one; run by the GPU suite): every GPU backend
-x strategy (cuda + slab, triton + slab, triton + tiled, and auto) against the dense reference in float64, and in
-float32 / bfloat16 / float16 against the reference's own error (tests/helpers.py), on odd and on larger shapes;
-the automatic choices, determinism and the tiled strategy's memory. The same maths on CPU through the Triton
-interpreter: tests/contrastive/test_contrastive_triton.py.
+x strategy (cuda + slab, triton + slab, triton + tiled, triton + fused_slab, and auto) against the dense reference
+in float64, and in float32 / bfloat16 / float16 against the reference's own error (tests/helpers.py), on odd and on
+larger shapes; the automatic choices, determinism and the tiled strategy's memory. The same maths on CPU through
+the Triton interpreter: tests/contrastive/test_contrastive_triton.py and test_contrastive_fused_slab.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ pytestmark = [
 
 QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
 ALL = (QD, QQ, DQ, DD)
-COMBOS = [("cuda", "slab"), ("triton", "slab"), ("triton", "tiled"), ("auto", "slab"), ("auto", "auto")]
+COMBOS = [("cuda", "slab"), ("triton", "slab"), ("triton", "tiled"), ("triton", "fused_slab"), ("auto", "slab"),
+          ("auto", "auto")]
 CUDA = torch.device("cuda")
 
 
@@ -131,9 +132,9 @@ def test_slab_gemms_keep_low_precision_operands(dtype):
     assert not low_precision_gemms(torch.empty(1, 1, device=CUDA))
 
 
-def test_tiled_is_deterministic(combo):
-    if combo["strategy"] != "tiled":
-        pytest.skip("tiled only")
+def test_triton_strategies_are_deterministic(combo):
+    if combo["strategy"] not in ("tiled", "fused_slab"):
+        pytest.skip("the Triton strategies only")
     batch = on_gpu(make_batch(300, 64, columns=2, seed=5, dtype=torch.bfloat16))
     first = contrastive_loss_and_grad(batch["queries"], batch["docs"], directions=ALL, **combo)
     second = contrastive_loss_and_grad(batch["queries"], batch["docs"], directions=ALL, **combo)

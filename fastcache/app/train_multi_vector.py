@@ -28,13 +28,14 @@ from fastcache.app.train import (
     check_run_options,
     check_settings,
     metrics_table,
+    retrieval_metrics,
     save_run,
     train_and_evaluate,
 )
 
 MULTI_VECTOR_LOSSES = {"mnrl": "MultiVectorMultipleNegativesRankingLoss",
                        "cached-mnrl": "CachedMultiVectorMultipleNegativesRankingLoss"}
-METRICS = ("ndcg@10", "mrr@10", "recall@10")
+METRICS = {"ndcg@10": "maxsim_ndcg@10", "mrr@10": "maxsim_mrr@10", "recall@10": "maxsim_recall@10"}
 
 
 @dataclass
@@ -92,12 +93,7 @@ def evaluate(model, split, config: MultiVectorConfig, name: str) -> dict:
     """NDCG@10, MRR@10 and Recall@10 (MaxSim) of the held-out queries against the corpus."""
     from sentence_transformers.multi_vector_encoder.evaluation import MultiVectorInformationRetrievalEvaluator
 
-    evaluator = MultiVectorInformationRetrievalEvaluator(
-        split.queries, split.corpus, split.relevant, mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[10],
-        precision_recall_at_k=[10], map_at_k=[10], show_progress_bar=config.progress, batch_size=64, name=name,
-        write_csv=False)
-    scores = evaluator(model)
-    return {metric: float(scores[f"{name}_maxsim_{metric}"]) for metric in METRICS}
+    return retrieval_metrics(MultiVectorInformationRetrievalEvaluator, METRICS, model, split, config, name)
 
 
 def run_multi_vector_training(config: MultiVectorConfig) -> dict:

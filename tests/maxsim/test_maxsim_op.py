@@ -112,6 +112,19 @@ def test_matches_oracle_float64(backend, path, shape, options):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_several_tiles(backend, dtype):
+    """More query tokens than one cpu tile (256) and more document tokens than one chunk (1024): 360 query tokens,
+    43 documents of 40 tokens (25 per chunk), masks with gaps."""
+    q, d, q_mask, d_mask = make(40, 9, 24, 43, 1, 40, seed=30, dtype=dtype)
+    q_mask[:30] = True
+    kw = dict(query_mask=q_mask, doc_mask=d_mask, offset=3, scale=0.2, length_normalize=True)
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    for path in PATHS:
+        assert_close_all(run(path, q, d, backend=backend, **kw), oracle(q, d, **kw), **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("length_normalize", [False, True])
 def test_no_masks_counts_nonzero_query_tokens(backend, length_normalize):
     """Without masks every token is valid; a query token that is all zeros is not counted by length_normalize

@@ -22,8 +22,9 @@ Upstream materialises the (B, documents, Lq, Ld) products of each document group
 Here the products are needed only for the max (one GEMM's flops: token_max), the per-(query token, document) max
 and argmax are kept, and the backward is a gather/scatter along the argmax (token_grad, 1/Ld of the GEMM's flops):
 no 4-D intermediate. The argmax index is kept (int32 [B, Lq, G·N], 1/Ld of the products) rather than recomputed,
-which would cost a second GEMM; documents are processed in chunks whose token maxima and weights fit the memory
-budget, so the memory beyond the inputs and gradients is the index, the scores [B, G·N] and one chunk.
+which would cost a second GEMM; documents are processed in chunks whose token maxima fit the memory budget, so the
+memory beyond the inputs and gradients is the index, the scores [B, G·N], one chunk and the backend's workspace
+(cpu: one GEMM tile of at most 32 MiB; torch: tiles of at most TORCH_TILE_BYTES).
 
 The package, each module importing only the ones listed before it (and _backend, _autograd_guard, the contrastive
 op's autograd Function, fastcache.triton.maxsim):

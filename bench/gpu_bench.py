@@ -94,6 +94,7 @@ CASES = {
     "fastcache_tiled": "fastcache, strategy tiled (Triton)",
     "fastcache_slab_cuda": "fastcache, strategy slab, CUDA epilogue",
     "fastcache_slab_triton": "fastcache, strategy slab, Triton epilogue",
+    "fastcache_fused_slab": "fastcache, strategy fused_slab (slab v2: Triton GEMMs, logits stored once)",
     "fastcache_tiled_filtered": "fastcache, strategy tiled (Triton), filter_eps='auto' (gradient filter)",
     "inf_cl": "Inf-CL cal_inf_loss",
     "cut_cross_entropy": "Cut Cross-Entropy linear_cross_entropy",
@@ -103,7 +104,7 @@ CASES = {
     "st_cached_mbs32": "sentence-transformers CachedMNRL.calculate_loss, mini_batch_size=32",
 }
 FASTCACHE = {"fastcache_tiled": ("triton", "tiled"), "fastcache_slab_cuda": ("cuda", "slab"),
-             "fastcache_slab_triton": ("triton", "slab")}
+             "fastcache_slab_triton": ("triton", "slab"), "fastcache_fused_slab": ("triton", "fused_slab")}
 # the gradient filter's cases: (backend, strategy, filter_eps) (CCE's default "auto"); the row reports its hit rate
 FILTERED = {"fastcache_tiled_filtered": ("triton", "tiled", "auto")}
 MATRYOSHKA_CASES = {"matryoshka_tiled": "fastcache Matryoshka (5 dims), strategy tiled (Triton)",
@@ -200,7 +201,7 @@ def make_case(name: str, B: int, N: int, D: int, dtype_name: str, device: str, d
         if dry_run:  # no GPU: the same call on the pure-PyTorch backend
             backend, strategy = "torch", "slab"
         settings = {"backend": backend, "strategy": strategy}
-        if strategy == "slab":
+        if strategy in ("slab", "fused_slab"):
             settings["memory_budget"] = SLAB_BUDGET
         if name in FILTERED:  # the share of backward tiles skipped, from one untimed call
             from fastcache.ops.contrastive.filtering import count_filtered_tiles

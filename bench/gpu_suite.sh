@@ -165,8 +165,8 @@ summary 4
 # 3. headline: the target shape, CUDA epilogue last (it waits for the build) ----------------------------------
 BENCH=(bench/gpu_bench.py --out "$OUTDIR")
 [ "$DRY_RUN" = 1 ] && BENCH+=(--dry-run --dtypes bfloat16 --case-seconds 0.01)
-NOT_CUDA=(fastcache_tiled fastcache_slab_triton inf_cl cut_cross_entropy cut_cross_entropy_exact liger_flce \
-          reference st_cached_mbs32)
+NOT_CUDA=(fastcache_tiled fastcache_slab_triton fastcache_fused_slab inf_cl cut_cross_entropy cut_cross_entropy_exact \
+          liger_flce reference st_cached_mbs32)
 phase headline 150 "$PYTHON" "${BENCH[@]}" --phase headline --budget-s 140 --cases "${NOT_CUDA[@]}"
 join_build
 phase correctness_cuda 60 "$PYTHON" "${SMOKE[@]}" -k "cuda" --junitxml="$WORK/correctness_cuda.xml"

@@ -434,6 +434,7 @@ STRATEGIES: dict[str, tuple[str, Callable[[Shape, Machine], list[Kernel]], dict]
     "fastcache_slab_triton": ("slab v1, Triton epilogue", slab_v1, {}),
     "fastcache_tiled": ("tiled v1 (Triton)", tiled_v1, {}),
     "slab_v2_design": ("slab v2 (design)", slab_v2, {}),
+    "fastcache_fused_slab": ("slab v2 as built: strategy fused_slab", slab_v2, {}),
     "tiled_v2_design": ("tiled v2 (design, gradient on chip)", tiled_v2, {}),
     "matryoshka_slab_cuda": ("Matryoshka slab, 5 dims", matryoshka_slab, {"dims": 5}),
     "matryoshka_slab_cuda_1dim": ("Matryoshka slab, 1 dim", matryoshka_slab, {"dims": 1}),

@@ -23,9 +23,7 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,15 +107,7 @@ def maxsim_compile_facts(dtypes=DTYPES, ptxas: bool = True, module: str | None =
 
 def facts_in_subprocess(*arguments: str, timeout: int = 900) -> list[dict]:
     """maxsim_compile_facts in a fresh Python without the Triton interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "facts.json"
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *arguments, "--out", str(out),
-                               "--quiet"], capture_output=True, text=True, env=env, timeout=timeout)
-        if done.returncode != 0:
-            raise RuntimeError(f"bench/maxsim_compile.py failed ({done.returncode}):\n{done.stderr[-4000:]}")
-        return json.loads(out.read_text())["variants"]
+    return triton_compile.facts_in_subprocess(*arguments, timeout=timeout, script=Path(__file__).resolve())
 
 
 def markdown_table(rows: list[dict]) -> str:

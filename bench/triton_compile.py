@@ -450,17 +450,18 @@ def compile_facts(contrastive: str | None = None, matryoshka: str | None = None,
     return rows
 
 
-def facts_in_subprocess(*arguments: str, timeout: int = 900) -> list[dict]:
-    """compile_facts in a fresh Python without the Triton interpreter (this script with ``arguments`` and
-    ``--out``): usable from a process where TRITON_INTERPRET=1."""
+def facts_in_subprocess(*arguments: str, timeout: int = 900, script: Path = Path(__file__).resolve()) -> list[dict]:
+    """The compile facts of ``script`` (this one, or another with the same ``--out``/``--quiet`` interface, such as
+    bench/maxsim_compile.py) with ``arguments``, in a fresh Python without the Triton interpreter: usable from a
+    process where TRITON_INTERPRET=1."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "facts.json"
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *arguments, "--out", str(out),
-                               "--quiet"], capture_output=True, text=True, env=env, timeout=timeout)
+        done = subprocess.run([sys.executable, str(script), *arguments, "--out", str(out), "--quiet"],
+                              capture_output=True, text=True, env=env, timeout=timeout)
         if done.returncode != 0:
-            raise RuntimeError(f"bench/triton_compile.py failed ({done.returncode}):\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"bench/{script.name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
         return json.loads(out.read_text())["variants"]
 
 

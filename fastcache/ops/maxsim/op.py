@@ -31,11 +31,16 @@ class MaxSimLossAndGrad(NamedTuple):
     grad_docs: Tensor
 
 
+MAX_CHUNK_BYTES = 32 * 2**20  # larger chunks buy no speed: a chunk is already many GEMM tiles of every backend
+
+
 def chunk_documents(B: int, Lq: int, columns: int, dtype: torch.dtype, memory_budget) -> int:
     """Documents per chunk: one chunk's token_max output (B·Lq maxima and int32 indices per document) within the
-    budget. (The weights are g expanded over the query tokens: a view; the cpu kernels read it by its strides.)"""
+    budget and MAX_CHUNK_BYTES. (The weights are g expanded over the query tokens: a view; the cpu kernels read it
+    by its strides.)"""
     per_document = B * Lq * (torch.finfo(compute_dtype(dtype)).bits // 8 + 4)
-    return max(1, min(columns, _backend.memory_budget(memory_budget) // per_document))
+    workspace = min(_backend.memory_budget(memory_budget), MAX_CHUNK_BYTES)
+    return max(1, min(columns, workspace // per_document))
 
 
 def query_token_counts(queries: Tensor, query_mask: Tensor | None) -> Tensor:
@@ -131,9 +136,9 @@ def maxsim_contrastive_loss(
         offset: group of query 0's positive (rank · B when the documents are gathered across devices).
         backend: "auto", "cpu", "torch" or "triton" (None reads FASTCACHE_BACKEND); an explicit choice that cannot
             run is an error.
-        memory_budget: workspace bytes for one chunk of documents' token maxima and argmax indices (None reads
-            FASTCACHE_MEMORY_BUDGET, default 256 MiB); the indices of every chunk are kept for the backward
-            (4·B·Lq·G·N bytes).
+        memory_budget: workspace bytes for one chunk of documents' token maxima and argmax indices, at most
+            MAX_CHUNK_BYTES (32 MiB) used (None reads FASTCACHE_MEMORY_BUDGET, default 256 MiB); the indices of
+            every chunk are kept for the backward (4·B·Lq·G·N bytes).
         show_progress_bar: tqdm bars over the document chunks.
 
     Returns: the mean loss over the B queries, a 0-d float32 tensor (float64 for float64 inputs).

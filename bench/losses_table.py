@@ -48,7 +48,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastcache.app.benchmark import run_machine, save_json  # noqa: E402
-from harness import Case, RunOutput, add_table_arguments, load_at_start, peak_memory_many, time_cases  # noqa: E402
+from harness import (  # noqa: E402
+    Case,
+    RunOutput,
+    add_table_arguments,
+    load_at_start,
+    peak_memory_many,
+    print_targets,
+    time_cases,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "results" / "losses_cpu.json"
@@ -535,13 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in time_lines:
             print(f"- {line}")
     found = targets(results, settings)
-    if found:
-        print("\nTargets" + (" (quick settings: indicative only)" if args.quick else "") + ":")
-        for item in found:
-            verdict = "met" if item["met"] else "NOT MET"
-            if item.get("within_noise"):
-                verdict += ", within the run-to-run spread"
-            print(f"- [{verdict}] {item['target']}: {item['value']}")
+    print_targets(found, args.quick)
 
     if out_path is not None:
         anchors, positives, negatives = synthetic_triplets(max(settings["static_batches"]))

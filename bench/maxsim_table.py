@@ -24,14 +24,21 @@ says otherwise; --quick writes only with --out.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, RunOutput, add_table_arguments, load_at_start, peak_memory_many, time_cases  # noqa: E402
+from harness import (  # noqa: E402
+    Case,
+    RunOutput,
+    add_table_arguments,
+    load_at_start,
+    peak_memory_many,
+    print_targets,
+    time_cases,
+)
 
 from fastcache.app.benchmark import run_machine, save_json  # noqa: E402
 
@@ -166,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if losses:
             print(f"losses of the {len(losses)} loss cases agree to {max(losses) - min(losses):.2e} "
                   f"(mean {sum(losses) / len(losses):.6f})")
-        print("\nTargets" + (" (quick shape: indicative only)" if args.quick else "") + ":")
-        for item in found:
-            print(f"- [{'met' if item['met'] else 'NOT MET'}] {item['target']}: {item['value']}")
+        print_targets(found, args.quick)
         report["batches"][str(B)] = {"gemm_flop": gemm_flop, "cases": results, "targets": found}
     out_path = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     if out_path is not None:

@@ -78,3 +78,20 @@ def test_matryoshka_one_dim_has_no_gradient(backend):
     assert abs(float(out.loss) - float(truth)) <= 1e-5 * float(truth)
     for ours, exact in ((out.grad_queries, qq.grad), (out.grad_docs, dd.grad)):
         assert float((ours.double() - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matryoshka_one_dim_at_a_zero_first_coordinate_is_the_reference(backend):
+    """Where a row's first coordinate is 0 the one-dim cosine is not piecewise constant: F.normalize (the
+    reference) makes it x_0 / 1e-12, whose gradient is g / 1e-12; the op gives that too, in float64."""
+    runnable(backend)
+    q, d = (x.double() for x in batch())
+    q[1, 0] = 0.0
+    qq, dd = q.clone().requires_grad_(), d.clone().requires_grad_()
+    truth = matryoshka_contrastive_loss_reference(qq, dd, dims=[1])
+    truth.backward()
+    out = matryoshka_contrastive_loss_and_grad(q, d, dims=[1], backend=backend)
+    assert float(qq.grad[1, 0].abs()) > 1e6  # the g / 1e-12 that the op must reproduce
+    scale = float(qq.grad.abs().max())  # elsewhere the exact gradient is 0 (float64 rounding of that size)
+    for ours, exact in ((out.grad_queries, qq.grad), (out.grad_docs, dd.grad)):
+        assert float((ours - exact).abs().max()) <= 1e-9 * scale

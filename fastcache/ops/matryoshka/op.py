@@ -13,6 +13,7 @@ from torch import Tensor
 from fastcache.ops._autograd_guard import refuse_functorch
 from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 from fastcache.ops.contrastive.autograd import PrecomputedGradLoss, one_pass
+from fastcache.ops.contrastive.normalize import NORMALIZE_EPS
 from fastcache.ops.contrastive.op import _strategy
 from fastcache.ops.contrastive.options import ContrastiveLossAndGrad, check_inputs, parse_arguments
 from fastcache.ops.matryoshka.slab import _slab, slab_rows
@@ -43,6 +44,11 @@ def check_dims(dims, weights, dim: int) -> tuple[tuple[int, ...], tuple[float, .
 
 
 HUGE_ROW = 2.0**32  # rows with a larger entry: their raw prefix products (up to D·max², fp32) could overflow
+
+
+def _near_zero_first_dim(*tensors: Tensor | None) -> bool:
+    """Whether a row of any tensor has |x_0| < NORMALIZE_EPS (its one-dim cosine is not piecewise constant there)."""
+    return any(x is not None and bool((x[..., 0].abs() < NORMALIZE_EPS).any()) for x in tensors)
 
 
 def _row_scale(x: Tensor | None) -> Tensor | None:
@@ -76,9 +82,12 @@ def loss_and_grads(queries, docs, all_queries, guide_queries, guide_docs, doc_id
     if strategy == "fused_slab":
         raise RuntimeError("strategy 'fused_slab' is the single-dim contrastive op's only (no Matryoshka form yet): "
                            "use 'auto', 'slab' or 'tiled'")
-    if need_grad and options.similarity == "cos" and dims[-1] == 1:  # dims descending: the last is the smallest
+    if need_grad and options.similarity == "cos" and dims[-1] == 1 and not _near_zero_first_dim(
+            queries, docs, all_queries):  # dims descending: the last is the smallest
         # at one dim, cos = sign(x_0)·sign(y_0) is piecewise constant: its gradient is exactly 0 (the kernels'
-        # radial subtraction would leave rounding, ~1e-6 of the gradient's scale): its loss alone, no gradient
+        # radial subtraction would leave rounding, ~1e-6 of the gradient's scale): its loss alone, no gradient.
+        # Not where some |x_0| < NORMALIZE_EPS: there F.normalize (the reference) is x_0 / eps, whose gradient is
+        # g / eps, and the general path below gives that.
         settings = dict(backend=backend, memory_budget=memory_budget, chunk_size=chunk_size,
                         show_progress_bar=show_progress_bar, strategy=strategy)
         one_dim = loss_and_grads(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, False,

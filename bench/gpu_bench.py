@@ -68,6 +68,7 @@ import gc
 import importlib.metadata
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -820,6 +821,9 @@ def main(argv: list[str] | None = None) -> int:
         progress.update(rows=list(rows), info=dict(info))
         write_report(args.out, progress["rows"], progress["info"], header)
 
+    # a process started in the background inherits SIGINT ignored (and Python then installs no handler): restore it,
+    # so that timeout --signal=INT always ends the run with its report
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run_all(args.out, dry_run=args.dry_run, budget_s=args.budget_s, case_seconds=args.case_seconds,
                 cases=args.cases, dtypes=args.dtypes, phase=args.phase, after_group=after_group)

@@ -58,6 +58,7 @@ from helpers import DIFFERENTIABLE, FLOAT64_TOL, OP_PATHS, assert_matches, max_e
 # the Triton interpreter's own use of NumPy (runtime loop bounds), not ours
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
 
+
 @pytest.mark.parametrize("runner", RUNNERS, ids=_runner_id)
 @given(data=st.data())
 def test_float64_equals_reference(runner, data):

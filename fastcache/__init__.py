@@ -43,22 +43,28 @@ if _backend.EXTENSION is None:
 
 
 def info() -> dict:
-    """What was built and what will run: versions, compiled kernels, and the backend each device gets."""
+    """What was built and what will run: versions, compiled kernels, and for each op the backend each device gets
+    (``runs``) and whether each of its backends can run there (``available``: "yes" or why not)."""
     import os
 
     import torch
 
     from fastcache.ops.contrastive import epilogue as contrastive_epilogue
+    from fastcache.ops.maxsim import primitives as maxsim_primitives
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    backends = {}
-    for device in devices:
-        available = contrastive_epilogue.available(device)
-        try:
-            chosen = _backend.resolve_backend(device, available)
-        except (RuntimeError, ValueError) as error:
-            chosen = f"error: {error}"
-        backends[device.type] = {"runs": chosen, "available": {k: v or "yes" for k, v in available.items()}}
+
+    def backends(available) -> dict:
+        found = {}
+        for device in devices:
+            backends_here = available(device)
+            try:
+                chosen = _backend.resolve_backend(device, backends_here)
+            except (RuntimeError, ValueError) as error:
+                chosen = f"error: {error}"
+            found[device.type] = {"runs": chosen, "available": {k: v or "yes" for k, v in backends_here.items()}}
+        return found
+
     return {
         "fastcache": __version__,
         "torch": torch.__version__,
@@ -69,5 +75,6 @@ def info() -> dict:
         "cuda_kernels": bool(_backend.EXTENSION is not None and getattr(_backend.EXTENSION, "has_cuda", False)),
         "FASTCACHE_BACKEND": os.environ.get("FASTCACHE_BACKEND", "auto"),
         "memory_budget_bytes": _backend.memory_budget(),
-        "contrastive_loss": backends,
+        "contrastive_loss": backends(contrastive_epilogue.available),
+        "maxsim_contrastive_loss": backends(maxsim_primitives.available),
     }

@@ -17,10 +17,11 @@ import fastcache
 import fastcache.losses
 from fastcache import _backend
 from fastcache.ops.contrastive import epilogue as contrastive_epilogue
+from fastcache.ops.maxsim import primitives as maxsim_primitives
 
 CPU = torch.device("cpu")
 INFO_KEYS = {"fastcache", "torch", "torch_cuda", "cuda_available", "triton", "extension", "cuda_kernels",
-             "FASTCACHE_BACKEND", "memory_budget_bytes", "contrastive_loss"}
+             "FASTCACHE_BACKEND", "memory_budget_bytes", "contrastive_loss", "maxsim_contrastive_loss"}
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 
 
@@ -178,6 +179,14 @@ def test_info(no_backend_env):
     for name in ("cuda", "triton"):
         assert cpu["available"][name] == (contrastive_epilogue.available(CPU)[name] or "yes")
     assert ("cuda" in info["contrastive_loss"]) == torch.cuda.is_available()
+    # the MaxSim op's backends (C++ cpu, torch, Triton; no CUDA kernels), as the op itself chooses among them
+    maxsim = info["maxsim_contrastive_loss"]
+    assert set(maxsim) == set(info["contrastive_loss"])
+    assert maxsim["cpu"]["runs"] == "cpu"
+    assert maxsim["cpu"]["available"] == {name: why or "yes" for name, why in maxsim_primitives.available(CPU).items()}
+    assert list(maxsim["cpu"]["available"]) == ["cpu", "torch", "triton"]
+    if torch.cuda.is_available():
+        assert maxsim["cuda"]["runs"] == "triton" and maxsim["cuda"]["available"]["cpu"] != "yes"
     json.dumps(info)  # plain data, printable as JSON
 
 
@@ -187,15 +196,17 @@ def test_info_reports_the_env_choice_and_errors(monkeypatch):
     info = fastcache.info()
     assert info["FASTCACHE_BACKEND"] == "torch"
     assert info["memory_budget_bytes"] == 64 * 2**20
-    assert info["contrastive_loss"]["cpu"]["runs"] == "torch"
+    assert info["contrastive_loss"]["cpu"]["runs"] == info["maxsim_contrastive_loss"]["cpu"]["runs"] == "torch"
     monkeypatch.setenv("FASTCACHE_BACKEND", "cuda")  # info() reports a choice that cannot run, never raises
     assert info_runs_error(fastcache.info(), "cannot run here")
+    assert info_runs_error(fastcache.info(), "not implemented for this op", op="maxsim_contrastive_loss")
     monkeypatch.setenv("FASTCACHE_BACKEND", "bogus")
     assert info_runs_error(fastcache.info(), "FASTCACHE_BACKEND must be one of")
+    assert info_runs_error(fastcache.info(), "FASTCACHE_BACKEND must be one of", op="maxsim_contrastive_loss")
 
 
-def info_runs_error(info, text):
-    runs = info["contrastive_loss"]["cpu"]["runs"]
+def info_runs_error(info, text, op="contrastive_loss"):
+    runs = info[op]["cpu"]["runs"]
     return runs.startswith("error: ") and text in runs
 
 
@@ -262,6 +273,8 @@ _WITHOUT_EXTENSION = textwrap.dedent("""
     assert "blocked by the test" in info["extension"]
     assert info["contrastive_loss"]["cpu"]["runs"] == "torch"
     assert info["contrastive_loss"]["cpu"]["available"]["cpu"] != "yes"
+    assert info["maxsim_contrastive_loss"]["cpu"]["runs"] == "torch"
+    assert "blocked by the test" in info["maxsim_contrastive_loss"]["cpu"]["available"]["cpu"]
     print("OK")
 """)
 

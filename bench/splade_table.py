@@ -12,7 +12,9 @@ row with ``doc_active`` (log(1 + relu) of random logits at random vocabulary pos
     gemms                  S = Q·Dᵀ, S·D, Sᵀ·Q: the three dense products any dense implementation needs
     sparse_gemms           the same three products with CSR operands (torch.sparse): what a sparse-aware kernel
                            could reach (conversion of the operands included)
-    fastcache_op           fastcache.contrastive_loss_and_grad(q, d, similarity="dot", scale=1)
+    fastcache_op           fastcache.contrastive_loss_and_grad(q, d, similarity="dot", scale=1): auto picks the
+                           sparse products here (strategy "sparse": SPLADE's densities are below its threshold)
+    fastcache_op_slab      the same with strategy "slab" (dense GEMMs and the fused epilogue)
     fastcache_mnrl         fastcache SparseMultipleNegativesRankingLoss.compute_loss_from_embeddings + backward
     st_mnrl                sentence-transformers' SparseMultipleNegativesRankingLoss, the same
     fastcache_cached       fastcache CachedSpladeLoss(fastcache inner).calculate_loss(reps, with_backward=True)
@@ -57,7 +59,8 @@ DEFAULT_OUT = BENCH_DIR / "results" / "splade_cpu.json"
 CASES = {
     "gemms": "bare GEMMs S=QDᵀ, SD, SᵀQ (dense)",
     "sparse_gemms": "the same with CSR operands (torch.sparse, conversion included)",
-    "fastcache_op": "fastcache.contrastive_loss_and_grad (dot, scale 1)",
+    "fastcache_op": "fastcache.contrastive_loss_and_grad (dot, scale 1; auto)",
+    "fastcache_op_slab": "the same, strategy slab (dense GEMMs)",
     "fastcache_mnrl": "fastcache SparseMultipleNegativesRankingLoss",
     "st_mnrl": "sentence-transformers SparseMultipleNegativesRankingLoss",
     "fastcache_cached": "fastcache CachedSpladeLoss(fastcache inner)",
@@ -99,9 +102,11 @@ def make_case(name: str, B: int, D: int, query_active: int, doc_active: int, min
             return RunOutput(s.sum(), (torch.mm(d_t_csr, grad_s.T).T, torch.mm(q_t_csr, grad_s).T))
 
         return Case(name, run, columns, info=info)
-    if name == "fastcache_op":
+    if name.startswith("fastcache_op"):
+        strategy = "slab" if name == "fastcache_op_slab" else "auto"
+
         def run():
-            result = fastcache.contrastive_loss_and_grad(*columns, similarity="dot", scale=1.0)
+            result = fastcache.contrastive_loss_and_grad(*columns, similarity="dot", scale=1.0, strategy=strategy)
             return RunOutput(result.loss, (result.grad_queries, result.grad_docs))
 
         return Case(name, run, columns, info=info)
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = r.get("peak_mib")
         print(f"| {CASES[key]} | {r['min_s']:.3f} | {r['median_s']:.3f} | {ratios[0]} | {ratios[1]} | "
               f"{'–' if peak is None else f'{peak:.0f}'} |")
-    losses = {k: r["loss"] for k, r in results.items() if k.endswith("mnrl") or k == "fastcache_op"}
+    losses = {k: r["loss"] for k, r in results.items() if k.endswith("mnrl") or k.startswith("fastcache_op")}
     if len(losses) > 1:
         print(f"\ncontrastive losses agree to {max(losses.values()) - min(losses.values()):.2e}")
     found = targets(t)

@@ -6,6 +6,7 @@
 #include "cpu/maxsim.h"
 #include "cpu/normalize.h"
 #include "cpu/ranking.h"
+#include "cpu/sparse.h"
 #include "params_binding.h"  // KernelParams (Python) -> ContrastiveParams: the contrastive entry points' last options
 #ifdef FASTCACHE_WITH_CUDA
 #include "cuda/contrastive_epilogue_torch.h"
@@ -31,6 +32,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("maxsim_token_grad_cpu", &fastcache::maxsim_token_grad_cpu,
         "MaxSim token gradients on CPU: (grad_queries [B, Lq, D], grad_docs [C, Ld, D]) gathered and scattered "
         "along the argmax index");
+  m.def("sparse_rows_cpu", &fastcache::sparse_rows_cpu,
+        "The non-zero entries of each row of a dense CPU matrix as compressed rows (starts, int32 columns, values)");
+  m.def("sparse_transpose_cpu", &fastcache::sparse_transpose_cpu,
+        "Compressed rows of the transpose of a row range of compressed rows");
+  m.def("sparse_scores_cpu", &fastcache::sparse_scores_cpu,
+        "out = a·bᵀ for compressed rows a and the compressed rows of bᵀ (in place)");
+  m.def("sparse_add_products_cpu", &fastcache::sparse_add_products_cpu,
+        "out += g·b for a dense g and the compressed rows of bᵀ (in place)");
   m.def("l2_normalize_cpu", &fastcache::l2_normalize_cpu,
         "L2 row normalisation on CPU as F.normalize: (x / max(|x|, eps) in dtype, the divisors [rows, 1])");
   m.def("l2_normalize_backward_cpu_", &fastcache::l2_normalize_backward_cpu_,

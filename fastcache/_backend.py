@@ -4,7 +4,7 @@ Backends: ``cpu`` (the compiled C++ kernels of ``fastcache._C``), ``torch`` (pur
 ``cuda`` (compiled CUDA kernels) and ``triton`` (Triton kernels: CUDA tensors, or CPU tensors through the Triton
 interpreter when ``TRITON_INTERPRET=1`` is set). ``FASTCACHE_BACKEND`` (auto | torch | cpu | cuda | triton) or an
 op's ``backend=`` argument overrides the automatic choice; a choice that cannot run is an error, never a silent
-fallback. ``FASTCACHE_STRATEGY`` (auto | slab | tiled | fused_slab) or an op's ``strategy=`` argument picks the
+fallback. ``FASTCACHE_STRATEGY`` (auto | slab | tiled | fused_slab | sparse) or an op's ``strategy=`` argument picks the
 algorithm.
 
 Sizes (``FASTCACHE_MEMORY_BUDGET`` / ``memory_budget=``, ``FASTCACHE_MINI_BATCH_BUDGET`` /
@@ -25,7 +25,7 @@ from fractions import Fraction
 import torch
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
-STRATEGIES = ("auto", "slab", "tiled", "fused_slab")
+STRATEGIES = ("auto", "slab", "tiled", "fused_slab", "sparse")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 SETTINGS = ("FASTCACHE_BACKEND", "FASTCACHE_STRATEGY", "FASTCACHE_MEMORY_BUDGET", "FASTCACHE_MINI_BATCH_BUDGET")
 

@@ -138,6 +138,22 @@ def test_inner_options(splade, wrapper, inner, columns):
     _compare(splade, wrapper, columns, INNER[inner], outer)
 
 
+@pytest.mark.parametrize("inner", ["default", "cos", "all_directions", "hardness", "gather_one_process"])
+@pytest.mark.parametrize("wrapper", ["SpladeLoss", "CachedSpladeLoss"])
+def test_sparse_strategy_gives_upstream_results(splade, monkeypatch, wrapper, inner):
+    """The contrastive term through the op's strategy "sparse" (auto's choice for SPLADE's sparse embeddings; forced
+    here, as the tiny model's 69-token vocabulary is half non-zero): upstream's components and gradients."""
+    from fastcache.ops.contrastive import sparse
+
+    compressed = []
+    monkeypatch.setattr(sparse.SparseRows, "of", classmethod(
+        lambda cls, x, dtype, of=sparse.SparseRows.of.__func__: compressed.append(x.shape) or of(cls, x, dtype)))
+    monkeypatch.setenv("FASTCACHE_STRATEGY", "sparse")
+    outer = {"query_regularizer_weight": 0.5, **({"mini_batch_size": 4} if wrapper.startswith("Cached") else {})}
+    _compare(splade, wrapper, 3, INNER[inner], outer)
+    assert compressed
+
+
 @pytest.mark.parametrize("outer", OUTER)
 @pytest.mark.parametrize("wrapper", ["SpladeLoss", "CachedSpladeLoss"])
 def test_regularizer_options(splade, wrapper, outer):

@@ -41,7 +41,7 @@ columns × the swept tile). :func:`fastcache.ops.contrastive.filtering.count_fil
 all tiles (the benchmarks report the hit rate). Not in the Matryoshka op (its backward products take each
 segment's sum over the dims) nor the fused_slab strategy.
 
-Three strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
+Four strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
 
 - slab (fastcache/ops/contrastive/slab.py): rows in chunks; per chunk, GEMMs into chunk×columns blocks, one fused
   epilogue (C++, CUDA, Triton or PyTorch: fastcache/ops/contrastive/epilogue.py) that turns the blocks into dL/ds
@@ -57,6 +57,9 @@ Three strategies (``strategy=`` / ``FASTCACHE_STRATEGY``):
   stores e = exp(logit - tile max) once in the embeddings' dtype; the backward GEMMs make dL/ds on load from e and
   the row partition, so no fp32 block and no dL/ds is ever written: ~6 bytes per logit beyond the GEMM operands at
   16 bits (12 at fp32), the slab's 6·B·N·D FLOPs. Memory O(chunk·(N + Mq)) values of the embeddings' dtype.
+- sparse (fastcache/ops/contrastive/sparse.py, C++ csrc/cpu/sparse.cpp; CPU, backend cpu): the slab with products
+  over the non-zero entries only (SPLADE's vocabulary-sized embeddings, a few hundred non-zeros in ~30k), chosen
+  by ``auto`` on CPU when the inputs are sparse enough. Work O(nnz) instead of O(B·N·D); gradients dense.
 
 The package, each module importing only the ones listed before it (and fastcache.triton, _backend, _autograd_guard):
 
@@ -67,7 +70,9 @@ The package, each module importing only the ones listed before it (and fastcache
     filtering   the gradient filter's tile counts (count_filtered_tiles)
     normalize   row normalisation and its backward; the guide and id operands
     epilogue    the slab epilogue of every backend (contract in its docstring), backend availability
-    slab        the slab strategy: chunk sizes, GEMMs (their precision: low_precision_gemms, operand_grad_scale)
+    sparse      the sparse strategy's operands (SparseRows) and products, auto's density rule
+    slab        the slab strategy: chunk sizes, GEMMs (their precision: low_precision_gemms, operand_grad_scale),
+                or another products implementation (sparse's)
     tiled       the tiled strategy's host code: operands, launches of fastcache/triton/contrastive.py's kernels
     fused_slab  the fused_slab strategy's host code (tiled's operands; fastcache/triton/contrastive_fused_slab.py)
     autograd    PrecomputedGradLoss (shared with the Matryoshka op) and one_pass

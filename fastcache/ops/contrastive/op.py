@@ -16,26 +16,40 @@ from fastcache.ops._autograd_guard import refuse_functorch
 from fastcache.ops.contrastive import epilogue as contrastive_epilogue
 from fastcache.ops.contrastive.autograd import PrecomputedGradLoss, one_pass
 from fastcache.ops.contrastive.options import ContrastiveLossAndGrad, check_finite, check_inputs, parse_arguments
-from fastcache.ops.contrastive.slab import _slab, _slab_cpu, chunk_rows, slab_rows
+from fastcache.ops.contrastive.slab import DENSE_PRODUCTS, _slab, _slab_cpu, chunk_rows, slab_rows
+from fastcache.ops.contrastive.sparse import SPARSE_PRODUCTS, sparse_enough
 
 MIN_SLAB_ROWS = 256  # strategy auto on CUDA: a budget that holds fewer rows per chunk selects the tiled strategy
 
 
 def _strategy(layout, options, gathered: bool, guide_dim: int, device: torch.device, available: Mapping, backend,
-              strategy, memory_budget, chunk_size) -> tuple[str, str]:
+              strategy, memory_budget, chunk_size, sparse_inputs=None) -> tuple[str, str]:
     """(strategy, backend) for this call.
 
     ``tiled`` and ``fused_slab`` run Triton kernels: backend ``triton`` (``auto`` means triton here; anything
-    else is an error); ``auto`` never picks fused_slab (not yet run on a GPU). ``auto``: ``slab`` on CPU; on
-    CUDA, ``tiled`` when Triton can run, the backend allows it (auto or triton), no ``chunk_size`` is given and
-    the memory budget holds fewer than MIN_SLAB_ROWS rows per chunk (nor the whole batch), else ``slab``."""
+    else is an error); ``auto`` never picks fused_slab (not yet run on a GPU). ``sparse`` runs the compiled CPU
+    products: CPU tensors, backend ``cpu`` (or auto). ``auto``: on CPU ``sparse`` when the cpu backend can run
+    and ``sparse_inputs()`` (a callable, given by the single-dim op only) says the embeddings are sparse enough,
+    else ``slab``; on CUDA, ``tiled`` when Triton can run, the backend allows it (auto or triton), no
+    ``chunk_size`` is given and the memory budget holds fewer than MIN_SLAB_ROWS rows per chunk (nor the whole
+    batch), else ``slab``."""
     requested = _backend.requested_strategy(strategy)
     asked = _backend.requested_backend(backend)
     if requested in ("tiled", "fused_slab"):
         if asked not in ("auto", "triton"):
             raise RuntimeError(f"strategy {requested!r} runs Triton kernels: it needs backend 'triton', got {asked!r}")
         return requested, _backend.resolve_backend(device, available, "triton")
+    if requested == "sparse":
+        if device.type != "cpu":
+            raise RuntimeError(f"strategy 'sparse' runs the compiled CPU products: it needs CPU tensors, got tensors "
+                               f"on {device.type} (use strategy 'slab' or 'auto' there)")
+        if asked not in ("auto", "cpu"):
+            raise RuntimeError(f"strategy 'sparse' runs the compiled CPU products: it needs backend 'cpu', got "
+                               f"{asked!r}")
+        return "sparse", _backend.resolve_backend(device, available, "cpu")
     name = _backend.resolve_backend(device, available, asked)
+    if requested == "auto" and name == "cpu" and sparse_inputs is not None and sparse_inputs():
+        return "sparse", name
     if requested == "slab" or device.type == "cpu" or chunk_size is not None or asked not in ("auto", "triton") \
             or available["triton"] is not None:
         return "slab", name
@@ -58,8 +72,11 @@ def loss_and_grads(queries, docs, all_queries, guide_queries, guide_docs, doc_id
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     available = contrastive_epilogue.available(queries.device)
     guide_dim = 0 if guide_queries is None else guide_queries.size(1)
+    # sparse embeddings (SPLADE's): auto's choice of the sparse products (not with the filter, which they lack)
+    embeddings = [x for x in (queries, docs, all_queries) if x is not None]
     strategy, name = _strategy(layout, options, all_queries is not None, guide_dim, queries.device, available,
-                               backend, strategy, memory_budget, chunk_size)
+                               backend, strategy, memory_budget, chunk_size,
+                               None if options.filter_eps is not None else lambda: sparse_enough(*embeddings))
     native = strategy == "slab" and name == "cpu" and not show_progress_bar  # one C++ call: _slab_cpu
     if not native:  # (the C++ call checks the embeddings it reads for NaN / Inf itself)
         check_finite(queries=queries, docs=docs, all_queries=all_queries)
@@ -77,6 +94,9 @@ def loss_and_grads(queries, docs, all_queries, guide_queries, guide_docs, doc_id
         return contrastive_fused_slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout,
                                       need_grad, None if chunk_size is None else min(chunk_size, layout.rows),
                                       memory_budget)
+    if strategy == "sparse" and options.filter_eps is not None:
+        raise ValueError(f"filter_eps={options.filter_eps!r}: strategy 'sparse' has no gradient filter; use strategy "
+                         "'slab', or filter_eps=None")
     epilogue = contrastive_epilogue.EPILOGUES[name]
     if queries.device.type == "cuda" and _backend.requested_backend(backend) == "auto" and all(
             available[k] is None for k in contrastive_epilogue.GPU_EPILOGUES):
@@ -89,7 +109,8 @@ def loss_and_grads(queries, docs, all_queries, guide_queries, guide_docs, doc_id
         return _slab_cpu(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, need_grad,
                          chunk)
     return _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, epilogue,
-                 need_grad, chunk, show_progress_bar, native=name == "cpu")
+                 need_grad, chunk, show_progress_bar, native=name == "cpu",
+                 products=SPARSE_PRODUCTS if strategy == "sparse" else DENSE_PRODUCTS)
 
 
 def contrastive_loss(
@@ -139,12 +160,15 @@ def contrastive_loss(
         backend=None: "auto", "cpu", "torch", "cuda" or "triton"; None reads ``FASTCACHE_BACKEND`` (default auto).
             On CUDA, auto with the slab strategy times the cuda and triton epilogues once per shape bucket, dtype
             and options, and keeps the faster. "triton" runs CPU tensors too under ``TRITON_INTERPRET=1``.
-        strategy=None: "auto", "slab", "tiled" or "fused_slab"; None reads ``FASTCACHE_STRATEGY`` (default auto).
-            slab: row chunks of materialised similarity blocks (torch GEMMs + a fused epilogue); tiled: Triton
-            kernels that never hold more than a tile (needs backend triton); fused_slab: row chunks whose logits
-            are stored once in the embeddings' dtype by Triton GEMMs (needs backend triton; not yet run on a GPU,
-            never chosen by auto). auto: slab on CPU; on CUDA tiled when the memory
-            budget holds fewer than MIN_SLAB_ROWS (256) rows per slab chunk (and fewer than B), else slab.
+        strategy=None: "auto", "slab", "tiled", "fused_slab" or "sparse"; None reads ``FASTCACHE_STRATEGY``
+            (default auto). slab: row chunks of materialised similarity blocks (torch GEMMs + a fused epilogue);
+            tiled: Triton kernels that never hold more than a tile (needs backend triton); fused_slab: row chunks
+            whose logits are stored once in the embeddings' dtype by Triton GEMMs (needs backend triton; not yet
+            run on a GPU, never chosen by auto); sparse: the slab with products over the non-zero entries only
+            (CPU, backend cpu; SPLADE embeddings). auto: on CPU sparse when few enough entries of the queries and
+            documents are non-zero (fastcache/ops/contrastive/sparse.py: SPARSE_MAX_DENSITY) and filter_eps is
+            None, else slab; on CUDA tiled when the memory budget holds fewer than MIN_SLAB_ROWS (256) rows per slab
+            chunk (and fewer than B), else slab.
         memory_budget=None: workspace bytes (None reads ``FASTCACHE_MEMORY_BUDGET``, default 256 MiB); it sets
             the rows per chunk.
         chunk_size=None: rows per chunk, overriding the budget.

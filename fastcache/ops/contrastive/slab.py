@@ -151,6 +151,28 @@ def _addmm_into(acc: Tensor, a: Tensor, b: Tensor) -> None:
         torch.addmm(acc, a, b, acc.dtype, out=acc)
 
 
+class DenseProducts:
+    """The slab's products on dense operands: torch GEMMs (results in the out / accumulator dtype)."""
+
+    @staticmethod
+    def operand(x: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def scores(out: Tensor, x: Tensor, y: Tensor) -> None:
+        """out = x·yᵀ."""
+        _mm_into(out, x, y.T)
+
+    @staticmethod
+    def add(dx: Tensor, dy: Tensor, g: Tensor, x: Tensor, y: Tensor) -> None:
+        """dx += g·y, dy += gᵀ·x."""
+        _addmm_into(dx, g, y)
+        _addmm_into(dy, g.T, x)
+
+
+DENSE_PRODUCTS = DenseProducts()
+
+
 # The gradient filter's tiles (ContrastiveOptions.filter_eps): FILTER_TILE_ROWS rows of a chunk by
 # FILTER_TILE_COLUMNS columns of a block; the C++ slab's (csrc/cpu/contrastive.cpp: kFilterTileRows, ...) are the same.
 FILTER_TILE_ROWS, FILTER_TILE_COLUMNS = 64, 256
@@ -190,11 +212,14 @@ def _filtered_products(grad: Tensor, g: Tensor, x: Tensor, y: Tensor, dx: Tensor
 
 
 def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options: ContrastiveOptions,
-          layout: ContrastiveLayout, epilogue, need_grad: bool, chunk: int, progress: bool, native: bool):
+          layout: ContrastiveLayout, epilogue, need_grad: bool, chunk: int, progress: bool, native: bool,
+          products=DENSE_PRODUCTS):
     """Loss (compute dtype, 0-d) and, when ``need_grad``, fp32/fp64 gradients w.r.t. queries, docs, all_queries.
     ``native``: the normalisation and its backward in C++ (the cpu backend). With :func:`low_precision_gemms` the
     normalised embeddings and, for the gradient GEMMs, dL/ds keep the inputs' dtype (fp32 results: the blocks,
-    the epilogue and the gradients stay fp32); otherwise everything is in the compute dtype."""
+    the epilogue and the gradients stay fp32); otherwise everything is in the compute dtype. ``products``: the
+    GEMMs (:data:`DENSE_PRODUCTS`) or another implementation of their interface on operands it makes from the
+    normalised embeddings (strategy sparse: fastcache/ops/contrastive/sparse.py)."""
     dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
     cosine = options.similarity == "cos"
     B, P, off = layout.rows, layout.positives, options.offset
@@ -214,8 +239,10 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     guided = guide_queries is not None
     gq, gd, ids = guide_and_id_operands(guide_queries, guide_docs, doc_ids, dtype)
     dirs = options.directions
+    q_op, d_op = products.operand(q), products.operand(d)  # the products' operands (dense: the same tensors)
+    Q_op = products.operand(Q) if gathered else q_op
     # doc_to_doc candidates: every document, or (guided, GISTEmbedLoss) the positives only
-    dd_cols = d[:P] if guided else d
+    dd_cols = d_op[:P] if guided else d_op
     widths = block_columns(layout, guided)
     blocks = {k: torch.empty(chunk, widths[k], dtype=dtype, device=q.device) for k in dirs}
     guide_dirs = [k for k in dirs if guided]
@@ -235,16 +262,16 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
     starts = trange(0, B, chunk, desc="contrastive loss", leave=False) if progress else range(0, B, chunk)
     for r0 in starts:
         r1 = min(r0 + chunk, B)
-        qc, pc = q[r0:r1], d[off + r0:off + r1]
+        qc, pc = q_op[r0:r1], d_op[off + r0:off + r1]
         out = {k: v[:r1 - r0] for k, v in blocks.items()}
         # roofline: gemm.product, gemm.operand_read, slab.gemm_out_fp32 (the fp32 chunk×N block, 4 B/logit)
-        _mm_into(out["query_to_doc"], qc, d.T)
+        products.scores(out["query_to_doc"], qc, d_op)
         if "query_to_query" in dirs:
-            _mm_into(out["query_to_query"], qc, Q.T)
+            products.scores(out["query_to_query"], qc, Q_op)
         if "doc_to_query" in dirs:
-            _mm_into(out["doc_to_query"], pc, Q.T)
+            products.scores(out["doc_to_query"], pc, Q_op)
         if "doc_to_doc" in dirs:
-            _mm_into(out["doc_to_doc"], pc, dd_cols.T)
+            products.scores(out["doc_to_doc"], pc, dd_cols)
         gout = guide_blocks(guides, gq, gd, r0, r1, off, P)
         loss += epilogue(out, gout, ids, r0, layout, options, need_grad).sum()
         if not need_grad:
@@ -255,20 +282,19 @@ def _slab(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, option
         # roofline: slab.grad_operand_read (each GEMM reads dL/ds), slab.grad_rows_rmw (the chunk's fp32 rows)
         # roofline: slab.grad_cols_rmw (all N fp32 gradient rows read and written once per chunk: 8·D/chunk B/logit)
         # per block: dx += G·y, dy += Gᵀ·x (rows x, columns y; with the filter over its kept tiles)
-        products = [("query_to_doc", qc, d, grad_q[r0:r1], grad_d)]
+        pairs = [("query_to_doc", qc, d_op, grad_q[r0:r1], grad_d)]
         if "query_to_query" in dirs:
-            products.append(("query_to_query", qc, Q, grad_q[r0:r1], grad_Q))
+            pairs.append(("query_to_query", qc, Q_op, grad_q[r0:r1], grad_Q))
         if "doc_to_query" in dirs:
-            products.append(("doc_to_query", pc, Q, grad_d[off + r0:off + r1], grad_Q))
+            pairs.append(("doc_to_query", pc, Q_op, grad_d[off + r0:off + r1], grad_Q))
         if "doc_to_doc" in dirs:
-            products.append(("doc_to_doc", pc, dd_cols, grad_d[off + r0:off + r1], grad_d[:dd_cols.size(0)]))
-        for kind, x, y, dx, dy in products:
+            pairs.append(("doc_to_doc", pc, dd_cols, grad_d[off + r0:off + r1], grad_d[:dd_cols.size(0)]))
+        for kind, x, y, dx, dy in pairs:
             if threshold:
                 for i, count in enumerate(_filtered_products(out[kind], g[kind], x, y, dx, dy, threshold)):
                     tiles[i] += count
             else:
-                _addmm_into(dx, g[kind], y)
-                _addmm_into(dy, g[kind].T, x)
+                products.add(dx, dy, g[kind], x, y)
     if threshold:
         record_filtered_tiles(*tiles)
     loss = loss / B

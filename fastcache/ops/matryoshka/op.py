@@ -79,8 +79,8 @@ def loss_and_grads(queries, docs, all_queries, guide_queries, guide_docs, doc_id
     strategy, name = _strategy(layout, options, all_queries is not None, guide_dim, queries.device,
                                contrastive_epilogue.available(queries.device), backend, strategy, memory_budget,
                                chunk_size)
-    if strategy == "fused_slab":
-        raise RuntimeError("strategy 'fused_slab' is the single-dim contrastive op's only (no Matryoshka form yet): "
+    if strategy in ("fused_slab", "sparse"):
+        raise RuntimeError(f"strategy {strategy!r} is the single-dim contrastive op's only (no Matryoshka form yet): "
                            "use 'auto', 'slab' or 'tiled'")
     if need_grad and options.similarity == "cos" and dims[-1] == 1 and not _near_zero_first_dim(
             queries, docs, all_queries):  # dims descending: the last is the smallest

@@ -4,8 +4,10 @@ Upstream's ``calculate_loss`` (the loss stage of the gradient cache) concatenate
 adds the inner loss's ``compute_loss_from_embeddings`` to the FLOPS regularisers, then back-propagates the sum to
 the mini-batches. With fastcache's SparseMultipleNegativesRankingLoss (or another fused MultipleNegativesRankingLoss-
 family drop-in) inside, this class computes the contrastive term and its embedding gradients in one pass of
-fastcache's op (no autograd graph through it, as fastcache's cached losses do), the regularisers by upstream's maths
-(their modules, weights and thresholds, through autograd), and hands the summed gradients to the mini-batches.
+fastcache's op (no autograd graph through it, as fastcache's cached losses do; on CPU its sparse products for
+SPLADE's sparse embeddings), the regularisers by upstream's maths (its FlopsLoss with weights and thresholds in
+closed form, added into those gradients in place; any other module through autograd: :func:`regularize`), and
+hands the summed gradients to the mini-batches.
 Otherwise (another inner loss, a configuration without a fused form, gathering across devices, whose all_gather
 needs the graph) it runs upstream's ``calculate_loss``. Either way the mini-batches are embedded and replayed by
 fastcache's engine (fastcache.gradcache.FusedGradCacheMixin: one gradient all-reduce per step under DDP,
@@ -20,6 +22,37 @@ from torch import Tensor
 
 from fastcache.gradcache import FusedGradCacheMixin
 from fastcache.losses.fused_contrastive import FusedContrastiveLoss, accumulate_into, gathering
+
+
+def regularize(regularizer, weight: float, columns: list[Tensor], grads: list[Tensor]) -> Tensor:
+    """weight · ``regularizer`` on the rows of ``columns`` concatenated (upstream's document or query term), its
+    gradient added into ``grads`` (one per column, in place); returns the term, detached.
+
+    sentence-transformers' FlopsLoss (that class exactly) in closed form: with m_i = 1 (or, given a threshold,
+    whether row i has more non-zero entries than it) and μ = Σ_i m_i·x_i / n over the n rows,
+    term = weight·Σ_v μ_v², d term / dx_i = weight·2·m_i·μ / n: one pass over the rows for μ and one that adds
+    the gradient, where autograd would write the n×V gradient of the mean out first. Any other regulariser
+    (its own compute_loss_from_embeddings) runs through autograd."""
+    rows = sum(x.size(0) for x in columns)
+    if type(regularizer) is not st_sparse_losses.FlopsLoss:
+        leaves = [x.detach().requires_grad_() for x in columns]
+        term = regularizer.compute_loss_from_embeddings(leaves[0] if len(leaves) == 1 else torch.cat(leaves)) * weight
+        term.backward()
+        for leaf, grad in zip(leaves, grads):
+            if leaf.grad is not None:  # a regulariser may leave a column out
+                grad.add_(leaf.grad)
+        return term.detach()
+    with torch.no_grad():
+        masks = [None if regularizer.threshold is None else
+                 ((x != 0).sum(dim=1) > regularizer.threshold).to(x.dtype) for x in columns]
+        mean = sum(x.sum(dim=0) if m is None else m @ x for x, m in zip(columns, masks)) / rows
+        step = mean * (2 * weight / rows)
+        for grad, m in zip(grads, masks):
+            if m is None:
+                grad.add_(step)
+            else:
+                grad.addcmul_(m[:, None], step)
+        return (mean ** 2).sum() * weight
 
 
 class CachedSpladeLoss(FusedGradCacheMixin, st_sparse_losses.CachedSpladeLoss):
@@ -40,22 +73,18 @@ class CachedSpladeLoss(FusedGradCacheMixin, st_sparse_losses.CachedSpladeLoss):
         with torch.no_grad():
             embeddings = [torch.cat(column) for column in reps]
         contrastive = self.loss.fused_loss(embeddings, with_grad=True)
-        leaves = [e.requires_grad_() for e in embeddings]  # the regularisers' autograd starts here
-        documents = leaves if self.use_document_regularizer_only else leaves[1:]
-        terms = {"document_regularizer_loss": self.document_regularizer.compute_loss_from_embeddings(
-            documents[0] if len(documents) == 1 else torch.cat(documents)) * self.document_regularizer_weight}
+        grad_docs = contrastive.grad_docs.view(-1, contrastive.grad_docs.size(-1))
+        grads = [contrastive.grad_queries, *grad_docs.split(embeddings[0].size(0))]  # views, one per column
+        documents = slice(None) if self.use_document_regularizer_only else slice(1, None)
+        terms = {"document_regularizer_loss": regularize(self.document_regularizer, self.document_regularizer_weight,
+                                                         embeddings[documents], grads[documents])}
         if self.query_regularizer_weight is not None:
-            terms["query_regularizer_loss"] = (self.query_regularizer.compute_loss_from_embeddings(leaves[0])
-                                               * self.query_regularizer_weight)
+            terms["query_regularizer_loss"] = regularize(self.query_regularizer, self.query_regularizer_weight,
+                                                         embeddings[:1], grads[:1])
         total = contrastive.loss
         for term in terms.values():  # upstream's order of the sum
             total = total + term
-        total.backward()
         self._component_values = {"base_loss": contrastive.loss.item(),
-                                  **{key: term.detach().item() for key, term in terms.items()}}
-        grad_docs = contrastive.grad_docs.view(-1, contrastive.grad_docs.size(-1))
-        for leaf, grad in zip(leaves, (contrastive.grad_queries, *grad_docs.split(leaves[0].size(0)))):
-            if leaf.grad is not None:  # a column no regulariser reads has none
-                grad.add_(leaf.grad)
+                                  **{key: term.item() for key, term in terms.items()}}
         accumulate_into(reps, contrastive)
         return total.detach()

@@ -4,6 +4,7 @@ cross-entropy peers (Inf-CL, Cut Cross-Entropy, Liger), next to torch.mm's bf16 
 
     python bench/gpu_bench.py --out OUTDIR                  # the full grid
     python bench/gpu_bench.py --out OUTDIR --phase headline # the ceiling and the target shape only (the suite's
+    python bench/gpu_bench.py --out OUTDIR --phase multivector  # MaxSim and SPLADE only (the suite's phase 3b)
     python bench/gpu_bench.py --out OUTDIR --phase rest     #   phase 3), then everything else (its phase 5)
     python bench/gpu_bench.py --out OUTDIR --budget-s 120   # stopping after ~2 minutes
     python bench/gpu_bench.py --dry-run --out OUTDIR        # tiny shapes on the CPU: every code path, no GPU
@@ -52,6 +53,12 @@ Ranking (issue 6, bench/gpu_ranking.py): LambdaLoss (NDCGLoss2++), ListNet and L
 queries × n = 1024, 4096, 128 documents, float32, forward + backward: the CUDA op, the op's torch fallback and
 sentence-transformers' class on a stand-in model that returns the logits; time and peak memory (rows: B = Q, N = n).
 
+MaxSim and SPLADE (issue 20, bench/gpu_multivector.py): the ColBERT loss stage (fastcache's Triton and torch backends,
+sentence-transformers' colbert_scores + cross-entropy, the token-level GEMM) at B = 128 and 512 queries, bf16 and
+fp32, and SPLADE's CachedSpladeLoss loss stage (fastcache's and sentence-transformers', the dense GEMMs) at
+bench/splade_table.py's full shape; their rows carry ``family`` ("maxsim", "splade"), ``ratio_to_gemm`` and
+``upstream_over_case``; the MaxSim loss rows also their error against float64.
+
 Besides: the slab epilogue alone (CUDA, Triton, PyTorch) in place on float32 blocks of 128 × 131072 and 1024 × 16384
 (the slab's chunks at the two N), next to a device-to-device copy of the same block: GB/s at 8 bytes per element.
 
@@ -81,6 +88,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]  # bench/ and the repository root (fastcache itself)
+from gpu_multivector import (  # noqa: E402
+    MULTIVECTOR_CASES,
+    add_multivector_ratios,
+    make_multivector_case,
+    multivector_groups,
+    multivector_targets,
+)
 from gpu_ranking import DRY_RANKING, RANKING_CASES, RANKING_SIZES, make_ranking_case  # noqa: E402
 from gpu_ranking import Q as RANKING_Q  # noqa: E402
 from roofline import SLAB_BUDGET  # noqa: E402
@@ -131,10 +145,10 @@ WARMUPS, MIN_REPEATS, MAX_REPEATS = 2, 3, 5
 ROWS_FILE = "bench_rows.jsonl"
 DRY_CEILING_SIZE = 64
 GROUP_TIMEOUT_S = {"small": 75.0, "large": 150.0}
-PHASES = ("all", "headline", "rest")
+PHASES = ("all", "headline", "multivector", "rest")
 CSV_FIELDS = ["B", "N", "D", "dtype", "case", "label", "min_ms", "median_ms", "repeats", "tflops", "ratio_to_mm",
               "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss", "gbps", "ratio_to_copy",
-              "projected_ms", "filter_hit_rate", "status"]
+              "projected_ms", "filter_hit_rate", "ratio_to_gemm", "upstream_over_case", "status"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,6 +448,8 @@ def run_group(group: dict, results_path: Path, case_seconds: float, dry_run: boo
                     run, reset, info = make_epilogue_case(name, group["B"], group["N"], device)
                 elif group.get("ranking"):
                     run, reset, info = make_ranking_case(name, group["B"], group["N"], device, dry_run)
+                elif group.get("multivector"):
+                    run, reset, info = make_multivector_case(name, group["B"], group["dtype"], device, dry_run)
                 else:
                     run, reset, info = make_case(name, group.get("B"), group.get("N"), group.get("D"),
                                                  group.get("dtype") or "bfloat16", device, dry_run)
@@ -462,8 +478,8 @@ def run_group(group: dict, results_path: Path, case_seconds: float, dry_run: boo
 # ---------------------------------------------------------------------------------------------------------------
 
 def _groups(dry_run: bool, cases: list[str], dtypes: list[str], phase: str = "all") -> list[dict]:
-    """The groups in running order: the ceiling, the target shape (profiled: the headline phase), then the
-    epilogues, the ranking ops, the other shapes and Matryoshka (the rest)."""
+    """The groups in running order: the ceiling, the target shape (profiled: the headline phase), MaxSim and SPLADE
+    (the multivector phase), then the epilogues, the ranking ops, the other shapes and Matryoshka (the rest)."""
     groups = [{"ceiling": True, "cases": ["mm_ceiling"], "size": "small"}]
     single, matryoshka = [c for c in cases if c in CASES], [c for c in cases if c in MATRYOSHKA_CASES]
     for B, N, D, dtype in DRY_GRID if dry_run else GRID:
@@ -482,7 +498,9 @@ def _groups(dry_run: bool, cases: list[str], dtypes: list[str], phase: str = "al
                for Q, n in ([DRY_RANKING] if dry_run else [(RANKING_Q, n) for n in RANKING_SIZES])]
     ranking = [g for g in ranking if g["cases"]]
     headline = [dict(groups[1], profile=True)] if len(groups) > 1 else []
-    return {"all": groups[:1] + headline + epilogues + ranking + groups[2:], "headline": groups[:1] + headline,
+    multivector = multivector_groups(dry_run, cases, dtypes)
+    return {"all": groups[:1] + headline + multivector + epilogues + ranking + groups[2:],
+            "headline": groups[:1] + headline, "multivector": multivector,
             "rest": epilogues + ranking + groups[2:]}[phase]
 
 
@@ -594,10 +612,11 @@ def add_rates(rows: list[dict]) -> float | None:
             r["gbps"] = r["bytes_per_run"] / r["min_s"] / 1e9
             copy = copies.get((r["B"], r["N"]))
             r["ratio_to_copy"] = copy["min_s"] / r["min_s"] if copy else None
-        elif r["case"] != "mm_ceiling" and r["case"] not in RANKING_CASES and r.get("status") == "ok":
+        elif r["case"] not in ("mm_ceiling", *RANKING_CASES, *MULTIVECTOR_CASES) and r.get("status") == "ok":
             r["flop"] = 6 * r["B"] * r["N"] * r["D"]
             r["tflops"] = r["flop"] / r["min_s"] / 1e12
             r["ratio_to_mm"] = r["tflops"] / mm_rate if mm_rate else None
+    add_multivector_ratios(rows)
     return mm_rate
 
 
@@ -650,7 +669,7 @@ def targets(rows: list[dict], B=65536, N=131072, D=768, dtype="bfloat16") -> lis
             found.append({"target": "no more memory than the leanest peer",
                           "value": f"{best['peak_beyond_inputs_and_grads_mib']:.0f} MiB vs {min(lean):.0f} MiB",
                           "met": best["peak_beyond_inputs_and_grads_mib"] <= min(lean)})
-    return found + matryoshka_targets(rows)
+    return found + matryoshka_targets(rows) + multivector_targets(rows)
 
 
 def matryoshka_targets(rows: list[dict], B=16384, N=16384, D=768, dtype="bfloat16") -> list[dict]:
@@ -674,6 +693,7 @@ def loss_spread(rows: list[dict]) -> dict[str, float]:
         if r.get("status") == "ok" and r.get("loss") is not None:
             dims = f" dims={'/'.join(map(str, r['dims']))}" if r.get("dims") else ""
             dims += f" {r['ranking_loss']}" if r.get("ranking_loss") else ""
+            dims += f" {r['family']}" if r.get("family") else ""
             groups.setdefault(f"B={r['B']} N={r['N']} D={r['D']} {r['dtype']}{dims}", []).append(r["loss"])
     return {k: (max(v) - min(v)) / max(abs(statistics.mean(v)), 1e-30) for k, v in groups.items() if len(v) > 1}
 
@@ -695,7 +715,7 @@ def markdown_table(rows: list[dict], mm_rate: float | None) -> str:
               "| peak beyond inputs+grads (MiB) | loss |"),
              "| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        if r["case"] == "mm_ceiling" or r["case"] in EPILOGUE_CASES or r["case"] in RANKING_CASES:
+        if r["case"] in ("mm_ceiling", *EPILOGUE_CASES, *RANKING_CASES, *MULTIVECTOR_CASES):
             continue
         hit = f" ({r['filter_hit_rate']:.1%} of tiles skipped)" if "filter_hit_rate" in r else ""
         head = f"| {r['B']} | {r['N']} | {r['D']} | {r['dtype']} | {r['case']}{hit} |"
@@ -717,7 +737,7 @@ def markdown_table(rows: list[dict], mm_rate: float | None) -> str:
             continue
         lines.append(f"{head} {r['min_s'] * 1e3:.3f} | {_fmt(r.get('gbps'), '.0f')} | "
                      f"{_fmt(r.get('ratio_to_copy'), '.2f')} |")
-    return "\n".join(lines + ranking_table(rows))
+    return "\n".join(lines + ranking_table(rows) + multivector_table(rows))
 
 
 def ranking_table(rows: list[dict]) -> list[str]:
@@ -741,6 +761,42 @@ def ranking_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def multivector_table(rows: list[dict]) -> list[str]:
+    """The MaxSim and SPLADE rows (bench/gpu_multivector.py): time, its ratio to the same shape's GEMM case (the
+    limit) and sentence-transformers' time ÷ it, peak memory; MaxSim also the token GEMM's rate and the errors
+    against float64."""
+    lines = ["", "MaxSim (ColBERT) loss stage, forward + backward (B queries × Lq tokens, N documents × Ld tokens, "
+             "D; GEMM TFLOP/s: the token GEMM's 2·B·Lq·N·Ld·D FLOPs ÷ time; errors: relative to float64):", "",
+             "| B | dtype | case | ms (min) | ÷ token GEMM | upstream ÷ this | GEMM TFLOP/s | peak beyond inputs+grads "
+             "(MiB) | loss error | grad error (queries / docs) |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    splade = ["", "SPLADE CachedSpladeLoss loss stage, forward + backward (B anchors, B positives, D, float32, "
+              "mini-batches; ÷ dense GEMMs: S=QDᵀ, SD, SᵀQ):", "",
+              "| B | D | case | ms (min) | ÷ dense GEMMs | upstream ÷ this | peak beyond inputs+grads (MiB) | loss |",
+              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["case"] not in MULTIVECTOR_CASES:
+            continue
+        maxsim = r["case"].startswith("maxsim_")
+        shown = r["case"] + (f" ({r['fastcache_backend']})" if r.get("fastcache_backend") else "") + \
+            (f" (on {r['backend']})" if r.get("backend") and not r["case"].endswith(r["backend"]) else "")
+        head = f"| {r['B']} | {r['dtype'] if maxsim else r['D']} | {shown} |"
+        if (skipped := _not_run(head, r, 6 if maxsim else 4)) is not None:
+            (lines if maxsim else splade).append(skipped)
+            continue
+        common = (f"{head} {r['min_s'] * 1e3:.2f} | {_fmt(r.get('ratio_to_gemm'), '.2f')} | "
+                  f"{_fmt(r.get('upstream_over_case'), '.2f')} |")
+        peak = _fmt(r.get("peak_beyond_inputs_and_grads_mib"), ".0f")
+        if not maxsim:
+            splade.append(f"{common} {peak} | {_fmt(r.get('loss'), '.6g')} |")
+            continue
+        grads = "–" if "grad_queries_rel_error" not in r else \
+            f"{r['grad_queries_rel_error']:.1e} / {r['grad_docs_rel_error']:.1e}"
+        lines.append(f"{common} {_fmt(r.get('gemm_tflops'), '.0f')} | {peak} | "
+                     f"{_fmt(r.get('loss_rel_error'), '.1e')} | {grads} |")
+    return lines + splade
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -749,8 +805,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
             writer.writerow({
                 **{k: r.get(k) for k in ("B", "N", "D", "dtype", "case", "repeats", "tflops", "ratio_to_mm",
                                          "peak_beyond_inputs_mib", "peak_beyond_inputs_and_grads_mib", "loss", "gbps",
-                                         "ratio_to_copy", "projected_ms", "filter_hit_rate")},
-                "label": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES, **RANKING_CASES}.get(
+                                         "ratio_to_copy", "projected_ms", "filter_hit_rate", "ratio_to_gemm",
+                                         "upstream_over_case")},
+                "label": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES, **RANKING_CASES, **MULTIVECTOR_CASES}.get(
                     r["case"], "torch.mm bf16 (ceiling)"),
                 "min_ms": None if r.get("min_s") is None else r["min_s"] * 1e3,
                 "median_ms": None if r.get("median_s") is None else r["median_s"] * 1e3,
@@ -775,7 +832,7 @@ def write_report(out_dir: Path, this_run: list[dict], info: dict, header: dict) 
         "commit": os.environ.get("FASTCACHE_COMMIT") or machine_info().get("commit"),
         "mm_tflops": mm_rate,
         "roofline": roofline,
-        "cases": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES, **RANKING_CASES},
+        "cases": {**CASES, **MATRYOSHKA_CASES, **EPILOGUE_CASES, **RANKING_CASES, **MULTIVECTOR_CASES},
         "rows": rows,
         "loss_spread": loss_spread(rows),
         "targets": targets(rows),
@@ -791,12 +848,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on the CPU (fastcache on its torch backend): exercises every code path")
     parser.add_argument("--phase", choices=PHASES, default="all",
-                        help="headline: the ceiling and the target shape; rest: everything else; all (default)")
+                        help="headline: the ceiling and the target shape; multivector: MaxSim and SPLADE; rest: "
+                             "everything else; all (default)")
     parser.add_argument("--budget-s", type=float, default=330.0, help="time budget of the whole run (default 330)")
     parser.add_argument("--case-seconds", type=float, default=3.0,
                         help=f"timed runs per case: as many as fit in this many seconds, {MIN_REPEATS} to "
                              f"{MAX_REPEATS} (default 3)")
-    every_case = [*CASES, *MATRYOSHKA_CASES, *RANKING_CASES]
+    every_case = [*CASES, *MATRYOSHKA_CASES, *RANKING_CASES, *MULTIVECTOR_CASES]
     parser.add_argument("--cases", nargs="+", choices=every_case, default=every_case, help="a subset of cases")
     parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16", "float32"],
                         help="a subset of the dtypes")

@@ -14,6 +14,9 @@
 #   3. headline (~150 s): the target shape B=65536, N=131072, D=768, bf16: torch.mm ceiling, fastcache (tiled,
 #      slab with the Triton and the CUDA epilogue), the peers, sentence-transformers; 2 warm-ups, >= 3 timed runs,
 #      then one run kernel by kernel -> bench_rows.jsonl, gpu_bench.json, gpu_bench.csv.
+#   3b. multivector (~60 s, while the build may still run): MaxSim (Triton, torch, sentence-transformers, the token
+#      GEMM; B=128 and 512, bf16 and fp32, each loss also against float64) and SPLADE's CachedSpladeLoss
+#      (fastcache, sentence-transformers, the dense GEMMs) -> the same three files.
 #   4. sanitizers (~60 s): compute-sanitizer memcheck on a tiny set (one Triton tiled call included), racecheck on
 #      the ranking kernels.
 #   5. the rest, as time allows: the broad `-m cuda` tests (-> junit_cuda.xml), then the other benchmark shapes,
@@ -168,6 +171,11 @@ BENCH=(bench/gpu_bench.py --out "$OUTDIR")
 NOT_CUDA=(fastcache_tiled fastcache_slab_triton fastcache_fused_slab inf_cl cut_cross_entropy cut_cross_entropy_exact \
           liger_flce reference st_cached_mbs32)
 phase headline 150 "$PYTHON" "${BENCH[@]}" --phase headline --budget-s 140 --cases "${NOT_CUDA[@]}"
+# MaxSim has no CUDA kernels (Triton, torch): it runs while the build may still run (SPLADE's fastcache row says
+# which backend auto chose then); both dtypes also in a dry run (SPLADE is fp32)
+phase multivector 90 "$PYTHON" "${BENCH[@]}" --phase multivector --budget-s 80 --dtypes bfloat16 float32
+awk '/^MaxSim \(ColBERT\)/ {last = ""} {last = last $0 "\n"} END {printf "%s", last}' "$LOG" \
+  | grep -E "^\| [0-9]|^- \[(met|NOT MET)\] (MaxSim|SPLADE)" | tail -n 30
 join_build
 phase correctness_cuda 60 "$PYTHON" "${SMOKE[@]}" -k "cuda" --junitxml="$WORK/correctness_cuda.xml"
 merge_junit "$WORK/correctness_triton.xml" "$WORK/correctness_cuda.xml" "$OUTDIR/correctness.xml"

@@ -44,8 +44,11 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     rows = report["rows"]
     B, N, D, dtype = gpu_bench.DRY_GRID[1]
+    import gpu_multivector  # bf16 only: the MaxSim cases (SPLADE runs fp32; tests/app/test_gpu_multivector.py)
+
     assert {r["case"] for r in rows} == {"mm_ceiling", *gpu_bench.CASES, *gpu_bench.MATRYOSHKA_CASES,
-                                         *gpu_bench.EPILOGUE_CASES, *gpu_bench.RANKING_CASES}
+                                         *gpu_bench.EPILOGUE_CASES, *gpu_bench.RANKING_CASES,
+                                         *gpu_multivector.MAXSIM_CASES}
     assert report["mm_tflops"] > 0 and report["dry_run"] and report["commit"]
     epilogues = {r["case"]: r for r in rows if r["case"] in gpu_bench.EPILOGUE_CASES}
     for name in ("epilogue_copy", "epilogue_torch"):  # the CUDA and Triton ones need a GPU: an error with its reason
@@ -53,7 +56,7 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
     assert all(r["status"] == "ok" or r["reason"] for r in epilogues.values())
     assert epilogues["epilogue_copy"]["ratio_to_copy"] == 1
     for r in rows:
-        if r["case"] == "mm_ceiling" or r["case"] in epilogues or r["case"] in gpu_bench.RANKING_CASES:
+        if r["case"] in ("mm_ceiling", *epilogues, *gpu_bench.RANKING_CASES, *gpu_bench.MULTIVECTOR_CASES):
             continue
         assert (r["B"], r["N"], r["D"], r["dtype"]) == (B, N, D, dtype)
         if r["status"] == "ok":
@@ -64,7 +67,7 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
     assert {*gpu_bench.FASTCACHE, *gpu_bench.MATRYOSHKA, "reference", "st_cached_mbs32"} <= ran
     for matryoshka in (False, True):  # the Matryoshka rows (5 dims) compute their own loss, the same in each
         losses = [r["loss"] for r in rows if r["status"] == "ok" and r["loss"] is not None
-                  and bool(r.get("dims")) == matryoshka and not r.get("ranking_loss")]
+                  and bool(r.get("dims")) == matryoshka and not r.get("ranking_loss") and not r.get("family")]
         assert max(losses) - min(losses) <= 2e-2 * abs(losses[0])  # bf16 reference vs fp32-accumulating cases
     assert all(r["dims"] == [32, 21, 10, 5, 2] for r in rows if r["case"] in gpu_bench.MATRYOSHKA)
     ranking = [r for r in rows if r["case"] in gpu_bench.RANKING_CASES]  # every ranking case ran, per loss one value
@@ -73,7 +76,8 @@ def test_dry_run_records_every_case(gpu_bench, tmp_path):
         values = [r["loss"] for r in ranking if r["ranking_loss"] == loss]
         assert len(values) == 3 and max(values) - min(values) <= 1e-5 * abs(values[0]), (loss, values)
     assert "sentence-transformers time ÷ this" in result.stdout
-    assert len(report["loss_spread"]) == 2 + 3  # contrastive, Matryoshka, and the three ranking losses
+    assert all(r["status"] == "ok" for r in rows if r["case"] in gpu_multivector.MAXSIM_CASES)
+    assert len(report["loss_spread"]) == 2 + 3 + 1  # contrastive, Matryoshka, the three ranking losses, MaxSim
     with (tmp_path / "gpu_bench.csv").open() as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == gpu_bench.CSV_FIELDS and len(table) == len(rows)
@@ -219,13 +223,15 @@ def test_killed_run_keeps_every_finished_row(tmp_path):
 
 
 def test_phases_split_the_plan(gpu_bench, tmp_path):
-    """headline: the ceiling and the target shape (profiled); rest: everything else; together: all of it."""
-    groups = {phase: gpu_bench._groups(True, list(gpu_bench.CASES), ["bfloat16", "float32"], phase)
-              for phase in gpu_bench.PHASES}
+    """headline: the ceiling and the target shape (profiled); multivector: MaxSim and SPLADE; rest: everything
+    else; together: all of it."""
+    groups = {phase: gpu_bench._groups(True, [*gpu_bench.CASES, *gpu_bench.MULTIVECTOR_CASES], ["bfloat16", "float32"],
+                                       phase) for phase in gpu_bench.PHASES}
     assert [g["cases"] for g in groups["headline"]] == [["mm_ceiling"], list(gpu_bench.CASES)]
     assert groups["headline"][1]["profile"] and (groups["headline"][1]["B"], groups["headline"][1]["N"]) == \
         gpu_bench.DRY_GRID[0][:2]
-    assert groups["all"] == groups["headline"] + groups["rest"]
+    assert groups["multivector"] and all(g.get("multivector") for g in groups["multivector"])
+    assert groups["all"] == groups["headline"] + groups["multivector"] + groups["rest"]
 
 
 def test_epilogue_blocks_are_the_slab_chunks(gpu_bench):
@@ -249,9 +255,10 @@ def test_st_cached_extrapolates_long_batches(gpu_bench):
     assert math.isfinite(float(loss)) and len(grads) == 16 // 32 + 1 + 2 * (64 // 32)
 
 
-def test_suite_dry_run_runs_the_phases_in_order(tmp_path):
+def test_suite_dry_run_runs_the_phases_in_order(gpu_bench, tmp_path):
     """bash bench/gpu_suite.sh OUT --dry-run: every phase in the planned order (preflight, correctness, headline,
-    sanitizers, the rest), each exiting 0 (or skipped, with why), at most 8 files, the results on disk."""
+    multivector, sanitizers, the rest), each exiting 0 (or skipped, with why), at most 8 files, the results on
+    disk."""
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("no bash")
@@ -261,8 +268,8 @@ def test_suite_dry_run_runs_the_phases_in_order(tmp_path):
                           text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     suite = json.loads((tmp_path / "suite.json").read_text())
-    assert list(suite["phases"]) == ["preflight", "correctness_triton", "headline", "correctness_cuda",
-                                     "headline_cuda", "sanitizers", "cuda_tests", "rest"]
+    assert list(suite["phases"]) == ["preflight", "correctness_triton", "headline", "multivector",
+                                     "correctness_cuda", "headline_cuda", "sanitizers", "cuda_tests", "rest"]
     assert all(p["rc"] == 0 or (p["rc"] is None and "skipped" in p["note"]) for p in suite["phases"].values()), suite
     files = {p.name for p in tmp_path.iterdir()}
     assert files == {"suite.json", "suite.log", "preflight.json", "correctness.xml", "bench_rows.jsonl",
@@ -274,6 +281,15 @@ def test_suite_dry_run_runs_the_phases_in_order(tmp_path):
     assert report["phase"] == "rest"  # the last phase's report holds the headline's rows too
     assert {"mm_ceiling", "fastcache_tiled", "fastcache_slab_cuda", "epilogue_copy"} <= {r["case"] for r in
                                                                                        report["rows"]}
+    # the multivector phase: MaxSim in both dtypes and SPLADE (a group its 80 s no longer allowed on a busy machine:
+    # skipped with the reason), the first group measured, the rows in the suite's output
+    import gpu_multivector
+
+    multivector = {(r["case"], r["dtype"]): r for r in report["rows"] if r["case"] in gpu_multivector.MULTIVECTOR_CASES}
+    assert len(multivector) == 2 * 4 + 3
+    assert all(r["status"] == "ok" or "time budget" in r["reason"] for r in multivector.values()), multivector
+    assert all(multivector[(case, "bfloat16")]["status"] == "ok" for case in gpu_multivector.MAXSIM_CASES)
+    assert "| 4 | bfloat16 | maxsim_fastcache_triton |" in done.stdout
 
 
 def test_a_later_phase_keeps_the_ceiling_already_measured(gpu_bench, tmp_path):

@@ -282,3 +282,19 @@ def test_primitive_argument_errors():
         ext.sparse_transpose_cpu(rows.starts, rows.columns.long(), rows.values, 0, 4, 8)
     with pytest.raises(RuntimeError, match="column 7 out of range"):
         ext.sparse_transpose_cpu(rows.starts, torch.full_like(rows.columns, 7), rows.values, 0, 4, 7)
+
+
+def test_chunk_rows_leave_out_the_dense_operands():
+    """The sparse products' chunks come from the blocks alone: at SPLADE's D the dense operands and gradients
+    exceed a small budget, which would leave the dense slab one row per chunk."""
+    import warnings
+
+    from fastcache.ops.contrastive.slab import slab_rows
+
+    queries, docs = torch.zeros(64, 30522), torch.zeros(64, 30522)
+    options = contrastive_op.parse_arguments({})[0]
+    layout = contrastive_op.check_inputs(queries, docs, None, None, None, options, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the dense slab's "fewer than 16 rows" warning
+        assert slab_rows(layout, options, False, 0, "cpu", queries, 32 * 2**20) == 1
+    assert slab_rows(layout, options, False, 0, "cpu", queries, 32 * 2**20, sparse=True) == 64

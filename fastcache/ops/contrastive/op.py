@@ -102,7 +102,8 @@ def loss_and_grads(queries, docs, all_queries, guide_queries, guide_docs, doc_id
             available[k] is None for k in contrastive_epilogue.GPU_EPILOGUES):
         epilogue = contrastive_epilogue.epilogue_fastest_gpu
     if chunk_size is None:
-        chunk = slab_rows(layout, options, all_queries is not None, guide_dim, name, queries, memory_budget)
+        chunk = slab_rows(layout, options, all_queries is not None, guide_dim, name, queries, memory_budget,
+                          sparse=strategy == "sparse")
     else:
         chunk = min(chunk_size, layout.rows)
     if native:

@@ -331,12 +331,14 @@ def _slab_cpu(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, op
 
 
 def slab_rows(layout: ContrastiveLayout, options: ContrastiveOptions, gathered: bool, guide_dim: int, backend: str,
-              queries: Tensor, memory_budget=None) -> int:
+              queries: Tensor, memory_budget=None, sparse: bool = False) -> int:
     """Rows per chunk of the slab strategy with ``backend``'s epilogue (``queries`` gives the dtype and device):
-    what the memory budget allows, blocks kept in cache on CPU."""
+    what the memory budget allows, blocks kept in cache on CPU. ``sparse`` (the sparse products): no dense
+    operand copies or accumulators in the fixed part (the compressed operands are nnz-sized, and the dense
+    gradients are the op's outputs, which at SPLADE's D alone can exceed the budget)."""
     itemsize = 8 if queries.dtype == torch.float64 else 4
     budget = _backend.memory_budget(memory_budget)
     # + half a block for dL/ds in bf16/fp16, the low-precision gradient GEMMs' operand
     workspace = WORKSPACE_BLOCKS[backend] + (0.5 if low_precision_gemms(queries) else 0)
-    return chunk_rows(layout, options, gathered, guide_dim, budget, itemsize, workspace,
-                      cache_cap=queries.device.type == "cpu")
+    return chunk_rows(layout._replace(dim=0) if sparse else layout, options, gathered, guide_dim, budget, itemsize,
+                      workspace, cache_cap=queries.device.type == "cpu")

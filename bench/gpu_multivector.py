@@ -110,7 +110,7 @@ def _maxsim_case(name: str, B: int, dtype_name: str, device: str, dry_run: bool)
 
     def run():
         out = case.run()
-        return out.loss, out.grads
+        return None if name == "splade_gemms" else out.loss, out.grads  # the GEMMs' sum is no loss
 
     return run, case.reset, info
 
@@ -133,46 +133,24 @@ def _errors_against_float64(case) -> dict:
 def _splade_case(name: str, device: str, dry_run: bool):
     """splade_table's gemms and cached cases (its embeddings, regularisers and mini-batches) on ``device``."""
     import torch
-    from sentence_transformers.sparse_encoder import losses as st_sparse
-    from splade_table import REGULARIZERS, splade_embeddings
+    from splade_table import make_case
 
     import fastcache
-    from fastcache.app.benchmark import tiny_sentence_transformer
-    from fastcache.sparse_encoder import losses as fc_sparse
 
     s = splade_shape(dry_run)
-    B, D, mbs = s["B"], s["D"], s["mini_batch_size"]
-    generator = torch.Generator().manual_seed(0)
-    columns = [splade_embeddings(B, D, s["query_active"], generator).to(device),
-               splade_embeddings(B, D, s["doc_active"], generator).to(device)]
+    case = make_case(name.removeprefix("splade_"), **s, device=device)
     info = {"family": "splade", "query_active": s["query_active"], "doc_active": s["doc_active"],
-            "gemm_flop": 6 * B * B * D}
-    if name == "splade_gemms":
-        q, d = columns
-        grad_s = torch.randn(B, B, generator=generator).to(device)
-
-        def run_gemms():
-            return None, (q @ d.T, grad_s @ d, grad_s.T @ q)
-
-        return run_gemms, None, info
-    model = tiny_sentence_transformer().to(device)  # the constructors want a model; the loss stage never calls it
-    impl = fc_sparse if name == "splade_fastcache_cached" else st_sparse
-    loss = impl.CachedSpladeLoss(model, impl.SparseMultipleNegativesRankingLoss(model), mini_batch_size=mbs,
-                                 **REGULARIZERS)
-    reps = [[mb.detach().requires_grad_() for mb in column.split(mbs)] for column in columns]
-    leaves = [t for column in reps for t in column]
-    info["mini_batch_size"] = mbs
-    if impl is fc_sparse:
+            "gemm_flop": 6 * s["B"] * s["B"] * s["D"]}
+    if name != "splade_gemms":
+        info["mini_batch_size"] = s["mini_batch_size"]
+    if name == "splade_fastcache_cached":
         info["fastcache_backend"] = fastcache.info()["contrastive_loss"][torch.device(device).type]["runs"]
 
     def run():
-        return loss.calculate_loss(reps, with_backward=True).detach(), tuple(t.grad for t in leaves)
+        out = case.run()
+        return None if name == "splade_gemms" else out.loss, out.grads  # the GEMMs' sum is no loss
 
-    def reset():
-        for t in leaves:
-            t.grad = None
-
-    return run, reset, info
+    return run, case.reset, info
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -78,20 +78,22 @@ def splade_embeddings(rows: int, dim: int, active: int, generator: torch.Generat
 
 
 def make_case(name: str, B: int, D: int, query_active: int, doc_active: int, mini_batch_size: int,
-              seed: int = 0) -> Case:
-    """Case ``name`` of :data:`CASES` on one batch of SPLADE-like embeddings (module docstring)."""
+              seed: int = 0, device: str = "cpu") -> Case:
+    """Case ``name`` of :data:`CASES` on one batch of SPLADE-like embeddings (module docstring), on ``device``
+    (bench/gpu_multivector.py runs the GEMMs and cached cases on CUDA)."""
     from sentence_transformers.sparse_encoder import losses as st_sparse
 
     import fastcache
     from fastcache.sparse_encoder import losses as fc_sparse
 
     generator = torch.Generator().manual_seed(seed)
-    columns = [splade_embeddings(B, D, query_active, generator), splade_embeddings(B, D, doc_active, generator)]
+    columns = [splade_embeddings(B, D, query_active, generator).to(device),
+               splade_embeddings(B, D, doc_active, generator).to(device)]
     info = {"label": CASES[name], "B": B, "N": B, "D": D, "query_active": query_active, "doc_active": doc_active,
             "mini_batch_size": mini_batch_size if name.endswith("cached") else None}
     if name in ("gemms", "sparse_gemms"):
         q, d = columns
-        grad_s = torch.randn(B, B, generator=generator)
+        grad_s = torch.randn(B, B, generator=generator).to(device)
 
         def run():
             if name == "gemms":
@@ -110,7 +112,7 @@ def make_case(name: str, B: int, D: int, query_active: int, doc_active: int, min
             return RunOutput(result.loss, (result.grad_queries, result.grad_docs))
 
         return Case(name, run, columns, info=info)
-    model = tiny_sentence_transformer()  # the constructors want a model; the loss stage never calls it
+    model = tiny_sentence_transformer().to(device)  # the constructors want a model; the loss stage never calls it
     impl = fc_sparse if name.startswith("fastcache") else st_sparse
     inner = impl.SparseMultipleNegativesRankingLoss(model)
     if name.endswith("cached"):

@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_rows_cpu(const at::Tensor&
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = data + r * width;
         int64_t count = 0;
-        for (int64_t v = 0; v < width; ++v) count += static_cast<float>(row[v]) != 0.0f;
+        for (int64_t v = 0; v < width; ++v) count += row[v] != scalar_t(0);
         start[r + 1] = count;
       }
     });
@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_rows_cpu(const at::Tensor&
           const auto* row = data + r * width;
           int64_t k = start[r];
           for (int64_t v = 0; v < width; ++v) {
-            if (static_cast<float>(row[v]) != 0.0f) {
+            if (row[v] != scalar_t(0)) {
               column[k] = static_cast<int32_t>(v);
               value[k++] = static_cast<value_t>(row[v]);
             }

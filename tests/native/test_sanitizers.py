@@ -27,17 +27,17 @@ ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 FLAGS = "-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -fno-wrapv"
 # the CPU test subset run under the sanitizers: the C++ contrastive epilogue on every option, layout, stress input
-# and dtype (the op tests and the property tests), and the other C++ kernels' op tests (ranking, Matryoshka, the
-# row normalisation)
+# and dtype (the op tests and the property tests), and the other C++ kernels' op tests (ranking, Matryoshka,
+# MaxSim, the row normalisation, the sparse products: all of that file)
 SANITIZED_TESTS = [f"tests/{name}" for name in (
     "contrastive/test_contrastive_op.py", "contrastive/test_contrastive_duplicates.py",
     "contrastive/test_properties_contrastive.py", "ranking/test_ranking_op.py", "matryoshka/test_matryoshka_op.py",
-    "contrastive/test_normalize_cpu.py")]
+    "maxsim/test_maxsim_op.py", "contrastive/test_normalize_cpu.py", "contrastive/test_contrastive_sparse.py")]
 # (not: the low-precision statistics and budget / thread-count tests, which exercise no other C++ path; and the
 # "GPU backend on CPU tensors raises" check, which this module's Triton interpreter makes runnable)
-SELECTION = ("cpu and not low_precision and not deterministic_across_thread and not budget "
-             "and not gpu_backend_on_cpu")
-MIN_TESTS = 600  # the selection runs 689 tests today: a much smaller number means it stopped matching
+SELECTION = ("(cpu and not low_precision and not deterministic_across_thread and not budget "
+             "and not gpu_backend_on_cpu) or test_contrastive_sparse")
+MIN_TESTS = 850  # the selection runs ~880 tests today: a much smaller number means it stopped matching
 BUILD_TIMEOUT_S = 600
 RUN_TIMEOUT_S = 600
 

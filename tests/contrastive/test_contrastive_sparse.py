@@ -298,3 +298,11 @@ def test_chunk_rows_leave_out_the_dense_operands():
         warnings.simplefilter("ignore", RuntimeWarning)  # the dense slab's "fewer than 16 rows" warning
         assert slab_rows(layout, options, False, 0, "cpu", queries, 32 * 2**20) == 1
     assert slab_rows(layout, options, False, 0, "cpu", queries, 32 * 2**20, sparse=True) == 64
+
+
+def test_sparse_rows_keep_float64_entries_below_float32_range():
+    x = torch.zeros(2, 5, dtype=torch.float64)
+    x[0, 3], x[1, 0] = 1e-50, -1e-300
+    rows = sparse.SparseRows.of(x, torch.float64)
+    assert rows.starts.tolist() == [0, 1, 2] and rows.columns.tolist() == [3, 0]
+    assert rows.values.tolist() == [1e-50, -1e-300]

@@ -5,7 +5,8 @@
 // their transposes (vocabulary-major) for its columns and for the gradient products, so every output row is
 // written in order by one thread:
 //   scores:   out[i, :] = Σ_{(v, a) in row i of a} a · (row v of bᵀ)     (scatter into one cache-resident row)
-//   products: out[i, v] += Σ_{(j, b) in row v of bᵀ} g[i, j] · b        (kRowBlock rows of out per pass over bᵀ)
+//   products: out[i, v] += Σ_{(j, b) in row v of bᵀ} g[i, j] · b        (kRowBlock rows of out per pass over bᵀ,
+//             their g rows column-major so that an entry (j, b) is one vector multiply-add)
 // Sums run in a fixed order (deterministic, any thread count), accumulated in the values' dtype.
 #include "sparse.h"
 
@@ -17,10 +18,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "contrastive_row.h"  // FASTCACHE_INLINE, FASTCACHE_SIMD_CLONES
+
 namespace fastcache {
 namespace {
 
-constexpr int64_t kRowBlock = 8;  // products: rows of out sharing one pass over bᵀ (their g rows stay in L1)
+// products: rows of out sharing one pass over bᵀ; their g rows, stored column-major (16 KB per 256 columns of g in
+// fp32), stay in L1, and one entry of bᵀ updates all of the rows' sums with one vector load
+constexpr int64_t kRowBlock = 16;
 
 void check_compressed(const at::Tensor& starts, const at::Tensor& columns, const at::Tensor& values,
                       const char* name) {
@@ -33,6 +38,25 @@ void check_compressed(const at::Tensor& starts, const at::Tensor& columns, const
   TORCH_CHECK((values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble) && values.dim() == 1 &&
                   values.is_contiguous() && values.numel() == columns.numel(),
               name, ": values must be a contiguous fp32/fp64 vector as long as columns");
+}
+
+// out[r, v] += Σ_{l in row v of bᵀ} wt[column[l]·kRowBlock + r]·value[l] for r < rows (wt: a block of g's rows,
+// column-major, padded with zero rows to kRowBlock). Compiled once per instruction set, picked at load time.
+template <typename T>
+FASTCACHE_SIMD_CLONES void add_block_products(const T* wt, int64_t rows, T* out, int64_t ld, int64_t width,
+                                              const int64_t* bt_start, const int32_t* bt_column,
+                                              const T* bt_value) {
+  for (int64_t v = 0; v < width; ++v) {
+    const int64_t l0 = bt_start[v], l1 = bt_start[v + 1];
+    if (l0 == l1) continue;
+    T acc[kRowBlock] = {};
+    for (int64_t l = l0; l < l1; ++l) {
+      const T* w = wt + static_cast<int64_t>(bt_column[l]) * kRowBlock;
+      const T b = bt_value[l];
+      for (int64_t r = 0; r < kRowBlock; ++r) acc[r] += w[r] * b;
+    }
+    for (int64_t r = 0; r < rows; ++r) out[r * ld + v] += acc[r];
+  }
 }
 
 }  // namespace
@@ -165,34 +189,23 @@ void sparse_add_products_cpu(at::Tensor& out, const at::Tensor& g, const at::Ten
   const int64_t m = out.size(0), width = out.size(1), ld = out.stride(0);
   TORCH_CHECK(g.size(0) == m && bt_starts.numel() == width + 1,
               "sparse_add_products_cpu: g must have out's rows and bᵀ out's columns");
-  const at::Tensor weights = g.contiguous();  // a transposed view (gᵀ of a block) is copied once here
-  const int64_t n = weights.size(1);
+  const int64_t n = g.size(1), g_row = g.stride(0), g_col = g.stride(1);  // g read by its strides (gᵀ: a view)
   const int64_t* bt_start = bt_starts.data_ptr<int64_t>();
   const int32_t* bt_column = bt_columns.data_ptr<int32_t>();
   for (int64_t k = 0; k < bt_columns.numel(); ++k)
     TORCH_CHECK(bt_column[k] >= 0 && bt_column[k] < n, "sparse_add_products_cpu: bᵀ has a column past g's width");
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sparse_add_products_cpu", [&] {
     const scalar_t* bt_value = bt_values.data_ptr<scalar_t>();
-    const scalar_t* w = weights.data_ptr<scalar_t>();
+    const scalar_t* w = g.data_ptr<scalar_t>();
     scalar_t* result = out.data_ptr<scalar_t>();
     const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<scalar_t> wt(n * kRowBlock);
       for (int64_t block = b0; block < b1; ++block) {
         const int64_t i0 = block * kRowBlock, rows = std::min(kRowBlock, m - i0);
-        const scalar_t* w_rows[kRowBlock];  // a short last block repeats its last row (read, never written)
-        for (int64_t r = 0; r < kRowBlock; ++r) w_rows[r] = w + (i0 + std::min(r, rows - 1)) * n;
-        scalar_t* out0 = result + i0 * ld;
-        for (int64_t v = 0; v < width; ++v) {
-          const int64_t l0 = bt_start[v], l1 = bt_start[v + 1];
-          if (l0 == l1) continue;
-          scalar_t acc[kRowBlock] = {};
-          for (int64_t l = l0; l < l1; ++l) {
-            const scalar_t b = bt_value[l];
-            const int64_t j = bt_column[l];
-            for (int64_t r = 0; r < kRowBlock; ++r) acc[r] += w_rows[r][j] * b;
-          }
-          for (int64_t r = 0; r < rows; ++r) out0[r * ld + v] += acc[r];
-        }
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t r = 0; r < kRowBlock; ++r) wt[j * kRowBlock + r] = r < rows ? w[(i0 + r) * g_row + j * g_col] : 0;
+        add_block_products(wt.data(), rows, result + i0 * ld, ld, width, bt_start, bt_column, bt_value);
       }
     });
   });

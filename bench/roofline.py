@@ -175,7 +175,13 @@ TERMS: dict[str, Term] = {
                                      "the backward product reads the swept tile's embeddings again", TILED),
     "tiled.grad_rmw_l2": Term("l2", "logit", lambda s, swept, **k: 8 * s.D / swept,
                               "the program's own fp32 gradient rows read and written once per swept tile",
-                              TILED),
+                              MATRYOSHKA_TILED),
+    "tiled.grad_scratch_l2": Term("l2", "logit", lambda s, block_do, **k: s.e * (1 + math.ceil(s.D / block_do)),
+                                  "dL/ds (e bytes) stored to the program's scratch once, loaded once per block_do "
+                                  "output dims by the pass's gradient GEMM", TILED),
+    "tiled.grad_rmw_per_pass": Term("l2", "logit", lambda s, passed, **k: 8 * s.D / passed,
+                                    "the program's own fp32 gradient rows read and written once per pass of `passed` "
+                                    "swept rows", TILED),
     "slab_v2.logits_store": Term("hbm", "logit", lambda s, **k: s.e,
                                  "the similarity GEMM's epilogue stores the logits once, in the operand dtype", ISSUE),
     "slab_v2.logits_load": Term("hbm", "logit", lambda s, **k: s.e,
@@ -301,9 +307,10 @@ def slab_v2(s: Shape, machine: Machine) -> list[Kernel]:
 
 
 def _tiled(s: Shape, machine: Machine, forward: tuple[int, int], backward: tuple[int, int], recompute: int,
-           on_chip: bool, extra_l2: tuple = ()) -> list[Kernel]:
+           gradient: tuple = ()) -> list[Kernel]:
     """Tiled kernels: a forward sweep (tiles own × swept), then per side a backward sweep that recomputes each
-    similarity tile ``recompute`` times and multiplies it by the swept embeddings once."""
+    similarity tile ``recompute`` times and multiplies it by the swept embeddings once, plus the ``gradient`` terms
+    (how the backward accumulates its gradient rows; none: on chip)."""
     fo, fs = forward
     bo, bs = backward
     sweep = {"machine": machine}
@@ -311,26 +318,30 @@ def _tiled(s: Shape, machine: Machine, forward: tuple[int, int], backward: tuple
                                        ("tiled.swept_operand_hbm", 1, {"own": fo, **sweep})), 2)
     grad_terms = (("gemm.product", recompute + 1, {}), ("tiled.tile_operand_l2", recompute, {"own": bo, "swept": bs}),
                   ("tiled.product_operand_l2", 1, {"own": bo}),
-                  ("tiled.swept_operand_hbm", recompute + 1, {"own": bo, **sweep}),
-                  *(() if on_chip else (("tiled.grad_rmw_l2", 1, {"swept": bs}),)), *extra_l2)
+                  ("tiled.swept_operand_hbm", recompute + 1, {"own": bo, **sweep}), *gradient)
     return _norm_kernels(s, 4) + [fwd, Kernel("backward rows", grad_terms), Kernel("backward columns", grad_terms),
                                   Kernel("zero, unscale", (("grad.zero_unscale", 1, {}),), 4)]
 
 
-def tiled_v1(s: Shape, machine: Machine) -> list[Kernel]:
-    """fastcache's tiled Triton kernels (fastcache/triton/contrastive.py): 10·B·N·D FLOPs; the backward's fp32
-    gradient read-modify-write per swept tile goes through L2."""
-    from fastcache.triton.contrastive import BACKWARD_TILES, TILE_M, TILE_N
+def tiled_v2_built(s: Shape, machine: Machine) -> list[Kernel]:
+    """fastcache's tiled Triton kernels (fastcache/triton/contrastive.py), each kernel's first configuration without
+    a guide: the backward's programs store dL/ds of a pass of PASS swept rows to their scratch, then multiply it
+    by the pass's swept embeddings BLOCK_DO dims at a time, adding to their own gradient rows once per pass."""
+    from fastcache.triton.contrastive import BACKWARD_CONFIGS, FORWARD_CONFIGS
 
-    own, swept = BACKWARD_TILES[s.e, False][:2]
-    return _tiled(s, machine, (TILE_M, TILE_N), (own, swept), 1, on_chip=False)
+    forward = FORWARD_CONFIGS[s.e, False][0].kwargs
+    grad = BACKWARD_CONFIGS[s.e, False][0].kwargs
+    block_do = min(grad["BLOCK_DO"], max(16, 2 ** math.ceil(math.log2(s.D))))
+    return _tiled(s, machine, (forward["BLOCK_M"], forward["BLOCK_N"]), (grad["OWN"], grad["SWEPT"]), 1,
+                  (("tiled.grad_scratch_l2", 1, {"block_do": block_do}),
+                   ("tiled.grad_rmw_per_pass", 1, {"passed": grad["PASS"]})))
 
 
 def tiled_v2(s: Shape, machine: Machine) -> list[Kernel]:
     """Issue 19's tiled v2 (design): 128-wide tiles, pipelined; the gradient kept on chip (grad_split = 1) or split
     over D in grad_split slices, each recomputing the similarity tile."""
     tile = (V2_TILE, V2_TILE)
-    return _tiled(s, machine, tile, tile, s.grad_split, on_chip=True)
+    return _tiled(s, machine, tile, tile, s.grad_split)
 
 
 def matryoshka_slab(s: Shape, machine: Machine) -> list[Kernel]:
@@ -362,12 +373,11 @@ def matryoshka_slab(s: Shape, machine: Machine) -> list[Kernel]:
 def matryoshka_tiled(s: Shape, machine: Machine) -> list[Kernel]:
     """fastcache's Matryoshka tiled kernels (fastcache/triton/matryoshka.py): tiled v1's sweeps at D = d_1, every
     dim from one sweep over D, plus the backward's scratch of the H_k."""
-    from fastcache.triton.contrastive import TILE_M, TILE_N
-    from fastcache.triton.matryoshka import GRAD_TILES
+    from fastcache.triton.matryoshka import GRAD_TILES, TILE_M, TILE_N
 
     own, swept = GRAD_TILES[s.e][:2]
-    return _tiled(s, machine, (TILE_M, TILE_N), (own, swept), 1, on_chip=False,
-                  extra_l2=(("matryoshka_tiled.scratch_l2", 1, {}),))
+    return _tiled(s, machine, (TILE_M, TILE_N), (own, swept), 1,
+                  (("tiled.grad_rmw_l2", 1, {"swept": swept}), ("matryoshka_tiled.scratch_l2", 1, {})))
 
 
 def liger(s: Shape, machine: Machine) -> list[Kernel]:
@@ -413,7 +423,7 @@ def cce_exact(s: Shape, machine: Machine) -> list[Kernel]:
 
 def inf_cl(s: Shape, machine: Machine) -> list[Kernel]:
     """Inf-CL: a forward LSE kernel and two backward kernels (queries' and keys' gradients), each recomputing the
-    logits: 10·B·N·D FLOPs, like tiled v1 (its ring over devices does nothing on one GPU)."""
+    logits: 10·B·N·D FLOPs, like tiled v2's design (its ring over devices does nothing on one GPU)."""
     return _fused_peer(s, machine, 2, 2)
 
 
@@ -432,7 +442,7 @@ def st_cached(s: Shape, machine: Machine) -> list[Kernel]:
 STRATEGIES: dict[str, tuple[str, Callable[[Shape, Machine], list[Kernel]], dict]] = {
     "fastcache_slab_cuda": ("slab v1, CUDA epilogue", slab_v1, {}),
     "fastcache_slab_triton": ("slab v1, Triton epilogue", slab_v1, {}),
-    "fastcache_tiled": ("tiled v1 (Triton)", tiled_v1, {}),
+    "fastcache_tiled": ("tiled v2 as built (Triton)", tiled_v2_built, {}),
     "slab_v2_design": ("slab v2 (design)", slab_v2, {}),
     "fastcache_fused_slab": ("slab v2 as built: strategy fused_slab", slab_v2, {}),
     "tiled_v2_design": ("tiled v2 (design, gradient on chip)", tiled_v2, {}),

@@ -33,7 +33,12 @@ Runtime configurations (each compiled for bf16 and fp32 embeddings):
     symmetric  query_to_doc + doc_to_query (doc_to_query's gradient fused into query_to_doc's kernels), hardness
                all_negatives, doc_ids: the most demanding unguided kernels
     gist       query_to_doc + query_to_query + doc_to_doc with a guide (D_guide = 768, relative margin), hardness,
-               doc_ids: the guided kernels (BACKWARD_TILES' guided tiles)
+               doc_ids: the guided kernels (BACKWARD_CONFIGS' guided tiles)
+    filtered   mnrl with the gradient filter (filter_eps = 2^-12, bf16's "auto"): the tiled strategy's filtered
+               backward, the only strategy with a filter
+
+A kernel autotuned at run time (fastcache.triton.contrastive._Tuned) is compiled once per candidate configuration
+of each launch, with the grid that configuration gives.
 
 The slab epilogue gets fp32 blocks (the slab's GEMMs write fp32 from bf16 operands), chunk rows as
 ``chunk_rows`` gives them for a 64 GiB budget (the whole batch: a 65536 × 131072 block, 2^33 values); the
@@ -65,6 +70,7 @@ CONFIGS = {
     "mnrl": dict(directions=("query_to_doc",), guided=False, ids=False, hardness=False),
     "symmetric": dict(directions=("query_to_doc", "doc_to_query"), guided=False, ids=True, hardness=True),
     "gist": dict(directions=("query_to_doc", "query_to_query", "doc_to_doc"), guided=True, ids=True, hardness=True),
+    "filtered": dict(directions=("query_to_doc",), guided=False, ids=False, hardness=False, filter_eps=2.0**-12),
 }
 DTYPES = ("bf16", "fp32")
 SLAB_BUDGET = 64 * 2**30
@@ -119,7 +125,8 @@ _KERNELS = {"contrastive": ("_slab_epilogue_kernel", "_tiled_logsumexp_kernel", 
 
 
 def _recorded(modules, run) -> list:
-    """The launches ``run()`` makes, each kernel of both modules swapped for a _Recorder meanwhile."""
+    """The launches ``run()`` makes, each kernel of both modules swapped for a _Recorder meanwhile; an autotuned
+    kernel's launch (fastcache.triton.contrastive._Tuned) once per candidate configuration, with its grid."""
     launches = []
     saved = []
     for module, names in zip(modules, _KERNELS.values()):
@@ -131,7 +138,20 @@ def _recorded(modules, run) -> list:
     finally:
         for module, name, fn in saved:
             setattr(module, name, fn)
-    return launches
+    expanded = []
+    for fn, grid, args, kwargs in launches:
+        if not hasattr(fn, "candidates"):
+            expanded.append((fn, grid, args, kwargs))
+            continue
+        for config in fn.candidates(args, kwargs):
+            meta = {**dict(zip(fn.fn.arg_names, args)), **config}
+            expanded.append((fn.fn, grid(meta) if callable(grid) else grid, args, config))
+    return expanded
+
+
+def strategies(config: str) -> tuple[str, ...]:
+    """The strategies a configuration runs: the gradient filter (filter_eps) is the tiled strategy's alone."""
+    return ("tiled",) if CONFIGS[config].get("filter_eps") else ("tiled", "matryoshka", "slab", "fused_slab")
 
 
 def runtime_launches(modules, config: str, dtype: str) -> list[tuple[str, object, tuple, tuple, dict]]:
@@ -156,7 +176,7 @@ def runtime_launches(modules, config: str, dtype: str) -> list[tuple[str, object
     guide_queries = torch.empty(B, G, dtype=element, device=meta) if c["guided"] else None
     guide_docs = torch.empty(N, G, dtype=element, device=meta) if c["guided"] else None
     doc_ids = torch.empty(N, dtype=torch.int64, device=meta) if c["ids"] else None
-    options = ContrastiveOptions(directions=c["directions"],
+    options = ContrastiveOptions(directions=c["directions"], filter_eps=c.get("filter_eps"),
                                  hardness_mode="all_negatives" if c["hardness"] else None,
                                  hardness_strength=0.5 if c["hardness"] else 0.0,
                                  margin=0.1 if c["guided"] else 0.0,
@@ -204,6 +224,8 @@ def runtime_launches(modules, config: str, dtype: str) -> list[tuple[str, object
                           ("fused_slab", fused_slab)):
         if strategy == "slab" and dtype == "bf16":
             continue  # the blocks are fp32 for bf16 and fp32 embeddings alike: one set of launches
+        if strategy not in strategies(config):
+            continue
         out += [(strategy, *launch) for launch in _recorded(modules, run)]
     return out
 
@@ -371,10 +393,10 @@ def _ptxas_report(ptx: str, enable_fp_fusion: bool) -> dict:
 def _describe(kernel, strategy: str, config: str, dtype: str, grid, kwargs: dict) -> dict:
     """The launch's identity: kernel, strategy, config, dtype and the constexprs that pick the variant."""
     names = ("KIND", "GUIDED", "BY_COLUMNS", "WITH_DOC_TO_QUERY", "HAS_IDS", "HARDNESS", "JOINT", "NUM_BLOCKS",
-             "COMPUTE_GRAD", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_DO", "DIMS", "BLOCK")
+             "COMPUTE_GRAD", "FILTER", "BLOCK_M", "BLOCK_N", "OWN", "SWEPT", "BLOCK_K", "BLOCK_DO", "DIMS", "BLOCK")
     kinds = {0: "qd", 1: "qq", 2: "dq", 3: "dd"}
     constexprs = {n: kwargs[n] for n in names if n in kwargs}
-    tiles = "×".join(str(kwargs[n]) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if n in kwargs)
+    tiles = "×".join(str(kwargs[n]) for n in ("BLOCK_M", "BLOCK_N", "OWN", "SWEPT", "BLOCK_K") if n in kwargs)
     if "BLOCK_DO" in kwargs:
         tiles += f", DO {kwargs['BLOCK_DO']}"
     if "BLOCK" in kwargs:
@@ -386,6 +408,8 @@ def _describe(kernel, strategy: str, config: str, dtype: str, grid, kwargs: dict
         variant.append("cols" if kwargs["BY_COLUMNS"] else "rows")
     if kwargs.get("GUIDED"):
         variant.append("guided")
+    if kwargs.get("FILTER"):
+        variant.append("filtered")
     return dict(kernel=kernel.fn.__name__, strategy=strategy, config=config, dtype=dtype, variant=" ".join(variant),
                 tiles=tiles, num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3),
                 grid=list(grid), constexprs={k: (v if isinstance(v, (int, bool)) else str(v))

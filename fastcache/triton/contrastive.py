@@ -13,23 +13,28 @@ masks; ``_online_logsumexp``; ``_softmax_grad``) serves two strategies:
                 query_to_doc, the positive's logit); the log-partition (joint: logsumexp_b lse_b, per_direction:
                 mean_b lse_b) and the loss follow on O(B) vectors.
       backward  G_b = dL/ds_b = coef_b·exp(logit - base_b) (- scale/B at the positive), recomputed tile by tile:
-                a row-parallel kernel accumulates dR_b += G_b·C_b, a column-parallel kernel dC_b += G_bᵀ·R_b.
-                A program owns a strip of rows (columns) and sweeps the other side tile by tile: each similarity
-                tile is computed once over the full D, turned into G, and its product with the swept embeddings
-                is added to the program's own fp32 gradient rows BLOCK_DO dims at a time (a read-modify-write
-                of rows no other program touches, in a fixed order: no atomics, the gradients are
-                deterministic).
+                a row-parallel kernel gives dR_b = G_b·C_b, a column-parallel kernel dC_b = G_bᵀ·R_b. A program
+                owns OWN rows (columns) and sweeps the other side in passes of PASS (``_tiled_grad_kernel``):
+                first each SWEPT-wide similarity tile of the pass is computed once over the full D and turned
+                into G, stored to the program's scratch in the embeddings' dtype; then a GEMM of the scratch
+                against the pass's swept embeddings, BLOCK_DO output dims at a time, accumulates in registers
+                and adds to the program's own fp32 gradient rows once per pass (rows no other program touches, a
+                fixed order: no atomics, deterministic gradients).
 
   The embeddings stay in their dtype and tl.dot accumulates in fp32 (fp64 for float64 inputs; fp32 inputs use
   full-precision products, not TF32). FLOPs per direction: forward 2·B·N·D, each backward kernel 2·B·N·D to
   recompute the similarities and 2·B·N·D for its product: 10·B·N·D (the slab: 6·B·N·D, keeping whole row chunks
-  of the blocks instead; a guide adds 2·B·N·D_guide per kernel). Memory traffic of a backward kernel (program
-  owning O rows or columns, sweeping tiles of W, e bytes per embedding value): per (row, column, dim) triple
-  the own strip's e/W and the swept tile's 2e/O (recompute and product) plus the fp32 read-modify-write's 8/W
-  bytes, i.e. B·N·D·((e + 8)/W + 2e/O) bytes against its 4·B·N·D FLOPs, mostly L2 hits (BACKWARD_TILES without
-  a guide, O = 64, W = 128, 16-bit inputs: 0.14·B·N·D bytes).
-  Memory: the normalised copies (input dtype), the fp32 gradient accumulators, O(B) statistics and temporaries
-  of NORMALIZE_ROWS rows, i.e. O((B + N + Mq)·D).
+  of the blocks instead; a guide adds 2·B·N·D_guide per kernel). L2 traffic of a backward kernel per logit (e
+  bytes per embedding value): the similarity tile's strips e·D·(1/OWN + 1/SWEPT), the swept embeddings again
+  e·D/OWN, the scratch e·(1 + D/BLOCK_DO), the fp32 gradient rows 8·D/PASS; 80 bytes with the first 16-bit
+  configuration at D = 768 (the per-tile read-modify-write of the kernels before it: 108). bench/roofline.py
+  projects it.
+  Memory: the normalised copies (input dtype), the fp32 gradient accumulators, O(B) statistics, the backward's
+  scratch of PASS values per owned row (e·PASS·max(B, N, Mq) bytes: 256 MiB at N = 131072, 16 bits) and
+  temporaries of NORMALIZE_ROWS rows, i.e. O((B + N + Mq)·D).
+  Launch configurations: FORWARD_CONFIGS and BACKWARD_CONFIGS by the embeddings' element size and guide, autotuned
+  on a GPU (``_Tuned``); every one compiles for sm_90a without a register spill (bench/triton_compile.py; the
+  facts: bench/README.md).
 
 Kernels are decorated at import: set TRITON_INTERPRET=1 before importing this module to run them on CPU tensors.
 This module imports only fastcache.kernel_codes: the host code that prepares the operands lives with the op.
@@ -41,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 from fastcache.kernel_codes import Hardness, Kind
 
@@ -61,14 +67,37 @@ ALL_NEGATIVES = tl.constexpr(int(Hardness.ALL_NEGATIVES))
 SCALE, ALPHA, MARGIN, COEF, POS_COEF, GRAD_SCALE, FILTER_THRESHOLD = (tl.constexpr(k) for k in range(7))
 
 EPILOGUE_BLOCK_M, EPILOGUE_BLOCK_N, EPILOGUE_WARPS = 4, 256, 4  # sm_90: 40-62 registers unguided, 96 guided
-TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 8, 2
-BACKWARD_WARPS = 8
-# Backward tiles by the embeddings' element size and guide: rows (columns) a program owns, columns (rows) it sweeps,
-# output dims per product chunk, pipeline stages. sm_90 (ptxas, 8 warps; bench/triton_compile.py): no spills at
-# 16 bits (a guide's second similarity tile spills 20-170 bytes at 128 swept or at 2 stages); fp32 guided spills
-# 8-16 bytes (query_to_doc rows, doc_to_doc columns) at every tile tried, ~350 bytes at the 16-bit tiles.
-BACKWARD_TILES = {(2, False): (64, 128, 64, 2), (2, True): (64, 64, 64, 1),
-                  **{(size, guided): (32, 64, 32, 1) for size in (4, 8) for guided in (False, True)}}
+# The tiled kernels' configurations (triton.Config: tile constexprs, warps, pipeline stages) by the embeddings'
+# element size and the guide; _Tuned launches the best of a variant's list. Forward: BLOCK_M rows × BLOCK_N columns
+# per tile, BLOCK_K dims per dot. Backward: a program owns OWN rows (columns), sweeps passes of PASS columns (rows)
+# in tiles of SWEPT, BLOCK_K dims per similarity dot, BLOCK_DO output dims per product. Each one compiles for sm_90a
+# without a register spill (bench/triton_compile.py, checked by tests/native/test_triton_compile.py; ptxas spills at
+# the neighbours tried: backward 16 bits 128 × 128 tiles or 256 output dims, guided 64 similarity dims; fp32 64 × 64
+# tiles filtered, 64 output dims unguided; forward guided 16 bits 64 × 128, fp32 64 × 64).
+FORWARD_CONFIGS = {
+    (2, False): [triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), num_warps=8, num_stages=3),
+                 triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), num_warps=4, num_stages=3)],
+    (2, True): [triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), num_warps=8, num_stages=3)],
+    (4, False): [triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), num_warps=8, num_stages=3)],
+    (4, True): [triton.Config(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), num_warps=8, num_stages=3)],
+    **{(8, guided): [triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), num_warps=8, num_stages=3)]
+       for guided in (False, True)},
+}
+
+
+def _backward(own: int, swept: int, passed: int, block_k: int, block_do: int, warps: int,
+              stages: int) -> triton.Config:
+    return triton.Config(dict(OWN=own, SWEPT=swept, PASS=passed, BLOCK_K=block_k, BLOCK_DO=block_do),
+                         num_warps=warps, num_stages=stages)
+
+
+BACKWARD_CONFIGS = {
+    (2, False): [_backward(128, 64, 1024, 64, 64, 8, 3), _backward(64, 128, 1024, 64, 128, 8, 3)],
+    (2, True): [_backward(64, 64, 1024, 32, 64, 8, 3)],
+    (4, False): [_backward(32, 64, 256, 32, 32, 8, 3)],
+    **{(size, True): [_backward(32, 64, 256, 32, 64, 8, 3)] for size in (4, 8)},
+    (8, False): [_backward(32, 64, 256, 32, 64, 8, 3)],
+}
 PARTITION_BLOCK = 1024
 
 
@@ -303,6 +332,48 @@ def _acc_type(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+class _Tuned:
+    """A tiled kernel launched with the best of its variant's configurations: ``table[element size of r_ptr,
+    GUIDED]`` (triton.Config), BLOCK_DO narrowed to what ``dim`` needs (at least 16, tl.dot's smallest). On a GPU
+    triton.autotune times them at the first launch of each dim, variant (KEY) and set of dtypes, restoring the
+    ``restore`` arguments after its timing runs; under the Triton interpreter the first one runs, untimed (fast,
+    deterministic tests). ``kernel[grid](...)`` as for a plain kernel, the grid a function of the config."""
+
+    KEY = ("dim", "KIND", "GUIDED", "HAS_IDS", "HARDNESS", "BY_COLUMNS", "WITH_DOC_TO_QUERY", "FILTER")
+
+    def __init__(self, fn, table: dict, restore: tuple[str, ...] = ()):
+        self.fn, self.table = fn, table
+        every = [config for configs in table.values() for config in configs]
+        self.tuner = None if isinstance(fn, InterpretedFunction) else triton.autotune(
+            every, key=list(self.KEY), restore_value=list(restore),
+            prune_configs_by={"early_config_prune": lambda _, named, **kwargs: self.configs({**named, **kwargs})})(fn)
+
+    def configs(self, arguments: dict) -> list:
+        """The candidate configurations of a launch (``arguments``: every argument by name)."""
+        width = max(16, triton.next_power_of_2(arguments["dim"]))
+        fitted = []
+        for config in self.table[arguments["r_ptr"].element_size(), bool(arguments["GUIDED"])]:
+            tiles = dict(config.kwargs)
+            if "BLOCK_DO" in tiles:
+                tiles["BLOCK_DO"] = min(tiles["BLOCK_DO"], width)
+            fitted.append(triton.Config(tiles, num_warps=config.num_warps, num_stages=config.num_stages))
+        return fitted
+
+    def candidates(self, args: tuple, kwargs: dict) -> list[dict]:
+        """The launch kwargs of each candidate configuration of a launch (for bench/triton_compile.py)."""
+        named = {**dict(zip(self.fn.arg_names, args)), **kwargs}
+        return [{**kwargs, **config.all_kwargs()} for config in self.configs(named)]
+
+    def __getitem__(self, grid):
+        if self.tuner is not None:
+            return self.tuner[grid]
+
+        def first(*args, **kwargs):
+            config = self.configs({**dict(zip(self.fn.arg_names, args)), **kwargs})[0]
+            return self.fn[grid](*args, **kwargs, **config.all_kwargs())
+        return first
+
+
 def slab_epilogue(blocks: dict[int, Tensor], guides: dict[int, Tensor], doc_ids: Tensor | None, params) -> Tensor:
     """The Triton slab epilogue (contract: fastcache/ops/contrastive/epilogue.py); float32/float64 blocks and guides
     keyed by their direction's code (Kind: QUERY_TO_DOC.value ...), the options as the op's KernelParams ``params``."""
@@ -424,6 +495,9 @@ def _tiled_logsumexp_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, par
         tl.store(pos_logit_ptr + rows, pos_logit, mask=ok)
 
 
+_tiled_logsumexp_kernel = _Tuned(_tiled_logsumexp_kernel, FORWARD_CONFIGS)
+
+
 @triton.jit
 def _tiled_partition_kernel(max_ptr, total_ptr, pos_logit_ptr, params_ptr, loss_ptr, factor_ptr, n_rows,
                             JOINT: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
@@ -479,80 +553,104 @@ def _doc_to_query_grad(s, rows_ok, cols, offset, n_rows, scale, dq_max_ptr, dq_f
 
 
 @triton.jit
-def _add_product_to_own_rows(grad, grad_scale, r_ptr, c_ptr, stride_r, stride_c, rows, ok, cols, n_cols, out_ptr,
-                             stride_out, lo, hi, BY_COLUMNS: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
-                             WIDEN: tl.constexpr):
-    """A [BLOCK_M, BLOCK_N] tile's G into the program's own output rows, dims lo..hi-1: out[rows, lo:hi] +=
-    G'·C[cols, lo:hi] (row-parallel), out[cols, lo:hi] += G'ᵀ·R[rows, lo:hi] (BY_COLUMNS), with G' = grad_scale·G
-    in the embeddings' dtype (a power of two that keeps 16-bit entries above fp16's smallest subnormal; the host
-    divides the sums by it); BLOCK_DO-aligned chunks of the output dims (those straddling lo or hi masked), each a
-    read-modify-write of fp32 rows that no other program touches."""
-    if BY_COLUMNS:
-        g = tl.trans((grad * grad_scale).to(r_ptr.dtype.element_ty))
-        e_ptr, stride_e, e_rows, e_ok, own, own_ok = r_ptr, stride_r, rows, ok, cols, cols < n_cols
-    else:
-        g = (grad * grad_scale).to(c_ptr.dtype.element_ty)
-        e_ptr, stride_e, e_rows, e_ok, own, own_ok = c_ptr, stride_c, cols, cols < n_cols, rows, ok
-    for o in range(lo // BLOCK_DO * BLOCK_DO, hi, BLOCK_DO):
-        dims = o + tl.arange(0, BLOCK_DO)
-        inside = (dims >= lo) & (dims < hi)
-        # roofline: tiled.product_operand_l2 (the swept tile's embeddings again)
-        e = tl.load(e_ptr + e_rows[:, None].to(tl.int64) * stride_e + dims[None, :],
-                    mask=e_ok[:, None] & inside[None, :], other=0.0)
-        out = out_ptr + own[:, None].to(tl.int64) * stride_out + dims[None, :]
-        held = own_ok[:, None] & inside[None, :]
-        # roofline: tiled.grad_rmw_l2 (the own fp32 gradient rows read and written once per swept tile)
-        tl.store(out, _dot(g, e, tl.load(out, mask=held, other=0.0), WIDEN, ACC), mask=held)
-
-
-@triton.jit
 def _tiled_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, params_ptr, stride_r, stride_c, stride_gr,
                        stride_gc, n_rows, n_cols, dim, guide_dim, num_positives, offset, own_query_offset, max_ptr,
-                       factor_ptr, out_ptr, stride_out, dq_max_ptr, dq_factor_ptr, skipped_ptr,
+                       factor_ptr, out_ptr, stride_out, dq_max_ptr, dq_factor_ptr, scratch_ptr, flags_ptr, counts_ptr,
+                       stride_counts,
                        KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, HAS_IDS: tl.constexpr,
-                       RELATIVE_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr, BY_COLUMNS: tl.constexpr,
-                       WITH_DOC_TO_QUERY: tl.constexpr, BLOCK_DO: tl.constexpr, FILTER: tl.constexpr):
-    """Backward of one block, G = dL/ds recomputed once per tile over the full D. Row-parallel (a program owns
-    BLOCK_M rows): for every column tile, out[rows, :] += G·C[cols, :]; BY_COLUMNS, column-parallel (a program
-    owns BLOCK_N columns): for every row tile, out[cols, :] += Gᵀ·R[rows, :].
+                       RELATIVE_MARGIN: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr, BY_COLUMNS: tl.constexpr,
+                       WITH_DOC_TO_QUERY: tl.constexpr, FILTER: tl.constexpr, OWN: tl.constexpr,
+                       SWEPT: tl.constexpr, PASS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Backward of one block: program i owns OWN rows (columns, BY_COLUMNS) from i·OWN and sweeps the other side
+    PASS at a time, in two phases per pass:
+
+    1. G' = grad_scale·dL/ds of the pass's [OWN, PASS] tiles, SWEPT swept at a time, each similarity tile
+       recomputed over the full D; stored in the embeddings' dtype (a power of two that keeps 16-bit entries above
+       fp16's smallest subnormal; the host divides the sums by it) to the program's scratch, scratch_ptr +
+       i·OWN·PASS (rows of PASS values, transposed BY_COLUMNS: the own side first).
+    2. a GEMM of the scratch against the pass's swept embeddings, BLOCK_DO output dims at a time: an fp32
+       [OWN, BLOCK_DO] accumulator in registers over the pass's PASS swept rows, then added to out[own, dims]
+       once (a read-modify-write per pass, not per tile; rows no other program touches, a fixed order: no
+       atomics, deterministic).
 
     WITH_DOC_TO_QUERY (query_to_doc when the query columns are the queries themselves): doc_to_query's gradient
     (_doc_to_query_grad) is added to G, which gives both of doc_to_query's gradients (dp = G_dq·q, dq = G_dqᵀ·p)
     in the same pass.
 
-    FILTER (the gradient filter): a tile whose largest |G| is below FILTER_THRESHOLD adds nothing (its product is
-    skipped) and counts one into skipped_ptr[0]."""
+    FILTER (the gradient filter): a SWEPT tile whose largest |G| is below FILTER_THRESHOLD adds nothing (its
+    product is skipped: its flag at flags_ptr + i·(PASS / SWEPT) is 0); the program stores its skipped and swept
+    tile counts at counts_ptr[i] and counts_ptr[stride_counts + i]."""
     scale = tl.load(params_ptr + SCALE)
     alpha = tl.load(params_ptr + ALPHA)
     margin = tl.load(params_ptr + MARGIN)
     pos_coef = tl.load(params_ptr + POS_COEF)
+    grad_scale = tl.load(params_ptr + GRAD_SCALE)
     if BY_COLUMNS:
-        own0 = tl.program_id(0) * BLOCK_N
-        n_swept = n_rows
-        STEP: tl.constexpr = BLOCK_M
+        BLOCK_M: tl.constexpr = SWEPT
+        BLOCK_N: tl.constexpr = OWN
+        n_swept, n_own, e_ptr, stride_e = n_rows, n_cols, r_ptr, stride_r
     else:
-        own0 = tl.program_id(0) * BLOCK_M
-        n_swept = n_cols
-        STEP: tl.constexpr = BLOCK_N
-    for start in range(0, n_swept, STEP):
-        rows, ok, pos, own_query, pos_ids, threshold, cols = _sweep_tile(
-            own0, start, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS, GUIDED,
-            RELATIVE_MARGIN, BLOCK_M, BLOCK_N, ACC, BY_COLUMNS)
-        s, x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols,
-                            n_rows, n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids,
-                            num_positives, scale, alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N, BLOCK_K,
-                            ACC, WIDEN)
-        m = tl.load(max_ptr + rows, mask=ok, other=0.0)
-        factor = tl.load(factor_ptr + rows, mask=ok, other=0.0)  # rows past the batch: R = 0 and never stored
-        grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
-        if WITH_DOC_TO_QUERY:
-            grad += _doc_to_query_grad(s, ok, cols, offset, n_rows, scale, dq_max_ptr, dq_factor_ptr)
-        kept = True
-        if FILTER:
-            kept = tl.max(tl.abs(grad)) >= tl.load(params_ptr + FILTER_THRESHOLD)
-            tl.atomic_add(skipped_ptr, 1, mask=kept == 0)
-        if kept:
-            _add_product_to_own_rows(grad, tl.load(params_ptr + GRAD_SCALE), r_ptr, c_ptr, stride_r, stride_c, rows,
-                                     ok, cols, n_cols, out_ptr, stride_out, 0, dim, BY_COLUMNS, BLOCK_DO, ACC, WIDEN)
-        tl.debug_barrier()  # this tile's output stores land before the next tile's loads of the same rows
+        BLOCK_M: tl.constexpr = OWN
+        BLOCK_N: tl.constexpr = SWEPT
+        n_swept, n_own, e_ptr, stride_e = n_cols, n_rows, c_ptr, stride_c
+    TILES: tl.constexpr = PASS // SWEPT
+    program = tl.program_id(0)
+    own0 = program * OWN
+    own = own0 + tl.arange(0, OWN)
+    swept_in_tile = tl.arange(0, SWEPT)
+    scratch = scratch_ptr + program.to(tl.int64) * (OWN * PASS) + tl.arange(0, OWN)[:, None] * PASS
+    flags = flags_ptr + program * TILES
+    skipped = tl.full([], 0, tl.int32)
+    tiles = tl.full([], 0, tl.int32)
+    for p0 in range(0, n_swept, PASS):
+        width = tl.minimum(PASS, n_swept - p0)
+        for t0 in range(0, width, SWEPT):  # 1. the pass's G' into the scratch
+            rows, ok, pos, own_query, pos_ids, threshold, cols = _sweep_tile(
+                own0, p0 + t0, n_rows, offset, own_query_offset, ids_ptr, gpos_ptr, margin, HAS_IDS, GUIDED,
+                RELATIVE_MARGIN, BLOCK_M, BLOCK_N, ACC, BY_COLUMNS)
+            s, x = _tile_logits(r_ptr, c_ptr, gr_ptr, gc_ptr, stride_r, stride_c, stride_gr, stride_gc, rows, cols,
+                                n_rows, n_cols, dim, guide_dim, pos, own_query, threshold, ids_ptr, pos_ids,
+                                num_positives, scale, alpha, KIND, HARDNESS, GUIDED, HAS_IDS, BLOCK_M, BLOCK_N,
+                                BLOCK_K, ACC, WIDEN)
+            m = tl.load(max_ptr + rows, mask=ok, other=0.0)
+            factor = tl.load(factor_ptr + rows, mask=ok, other=0.0)  # rows past the batch: R = 0, never stored
+            grad = _softmax_grad(x, m, factor, pos_coef, cols, pos, KIND)
+            if WITH_DOC_TO_QUERY:
+                grad += _doc_to_query_grad(s, ok, cols, offset, n_rows, scale, dq_max_ptr, dq_factor_ptr)
+            if FILTER:
+                kept = tl.max(tl.abs(grad)) >= tl.load(params_ptr + FILTER_THRESHOLD)
+                tl.store(flags + t0 // SWEPT, kept.to(tl.int32))
+                skipped += tl.where(kept, 0, 1)
+                tiles += 1
+            g = (grad * grad_scale).to(e_ptr.dtype.element_ty)
+            if BY_COLUMNS:
+                g = tl.trans(g)
+            # roofline: tiled.grad_scratch_l2 (stored once here, loaded once per BLOCK_DO dims below)
+            tl.store(scratch + t0 + swept_in_tile[None, :], g)
+        tl.debug_barrier()  # the scratch stores land before the loads below
+        for o in range(0, dim, BLOCK_DO):  # 2. out[own, dims] += G'·E[pass, dims]
+            dims = o + tl.arange(0, BLOCK_DO)
+            dim_ok = dims < dim
+            acc = tl.zeros([OWN, BLOCK_DO], ACC)
+            for t0 in range(0, width, SWEPT):
+                swept = p0 + t0 + swept_in_tile
+                # roofline: gemm.product, tiled.product_operand_l2 (the swept embeddings again, once per pass)
+                e = tl.load(e_ptr + swept[:, None].to(tl.int64) * stride_e + dims[None, :],
+                            mask=(swept < n_swept)[:, None] & dim_ok[None, :], other=0.0)
+                g = tl.load(scratch + t0 + swept_in_tile[None, :])
+                if FILTER:
+                    if tl.load(flags + t0 // SWEPT) != 0:
+                        acc = _dot(g, e, acc, WIDEN, ACC)
+                else:
+                    acc = _dot(g, e, acc, WIDEN, ACC)
+            out = out_ptr + own[:, None].to(tl.int64) * stride_out + dims[None, :]
+            held = (own < n_own)[:, None] & dim_ok[None, :]
+            # roofline: tiled.grad_rmw_per_pass (the own fp32 gradient rows read and written once per pass)
+            tl.store(out, tl.load(out, mask=held, other=0.0) + acc, mask=held)
+        tl.debug_barrier()  # this pass's scratch loads are done before the next pass's stores
+    if FILTER:
+        tl.store(counts_ptr + program, skipped)
+        tl.store(counts_ptr + stride_counts + program, tiles)
+
+
+_tiled_grad_kernel = _Tuned(_tiled_grad_kernel, BACKWARD_CONFIGS, restore=("out_ptr",))

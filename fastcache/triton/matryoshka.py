@@ -47,7 +47,6 @@ from fastcache.triton.contrastive import (
     POS_COEF,
     QUERY_TO_DOC,
     SCALE,
-    _add_product_to_own_rows,
     _doc_to_query_grad,
     _dot,
     _masked_logits,
@@ -58,6 +57,33 @@ from fastcache.triton.contrastive import (
     _tile_rows,
     _tiled_partition_kernel,  # noqa: F401 (each dim's partition: launched from here by ops/matryoshka/tiled.py)
 )
+
+
+@triton.jit
+def _add_product_to_own_rows(grad, grad_scale, r_ptr, c_ptr, stride_r, stride_c, rows, ok, cols, n_cols, out_ptr,
+                             stride_out, lo, hi, BY_COLUMNS: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
+                             WIDEN: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] tile's G into the program's own output rows, dims lo..hi-1: out[rows, lo:hi] +=
+    G'·C[cols, lo:hi] (row-parallel), out[cols, lo:hi] += G'ᵀ·R[rows, lo:hi] (BY_COLUMNS), with G' = grad_scale·G
+    in the embeddings' dtype (a power of two that keeps 16-bit entries above fp16's smallest subnormal; the host
+    divides the sums by it); BLOCK_DO-aligned chunks of the output dims (those straddling lo or hi masked), each a
+    read-modify-write of fp32 rows that no other program touches."""
+    if BY_COLUMNS:
+        g = tl.trans((grad * grad_scale).to(r_ptr.dtype.element_ty))
+        e_ptr, stride_e, e_rows, e_ok, own, own_ok = r_ptr, stride_r, rows, ok, cols, cols < n_cols
+    else:
+        g = (grad * grad_scale).to(c_ptr.dtype.element_ty)
+        e_ptr, stride_e, e_rows, e_ok, own, own_ok = c_ptr, stride_c, cols, cols < n_cols, rows, ok
+    for o in range(lo // BLOCK_DO * BLOCK_DO, hi, BLOCK_DO):
+        dims = o + tl.arange(0, BLOCK_DO)
+        inside = (dims >= lo) & (dims < hi)
+        # roofline: tiled.product_operand_l2 (the swept tile's embeddings again)
+        e = tl.load(e_ptr + e_rows[:, None].to(tl.int64) * stride_e + dims[None, :],
+                    mask=e_ok[:, None] & inside[None, :], other=0.0)
+        out = out_ptr + own[:, None].to(tl.int64) * stride_out + dims[None, :]
+        held = own_ok[:, None] & inside[None, :]
+        # roofline: tiled.grad_rmw_l2 (the own fp32 gradient rows read and written once per swept tile)
+        tl.store(out, _dot(g, e, tl.load(out, mask=held, other=0.0), WIDEN, ACC), mask=held)
 
 
 @triton.jit
@@ -233,3 +259,5 @@ def _matryoshka_grad_kernel(r_ptr, c_ptr, gr_ptr, gc_ptr, ids_ptr, gpos_ptr, par
 # dims per product chunk, pipeline stages. sm_90 (ptxas, 8 warps): no spills, guided or not (16 bits: 16-170
 # bytes at 64 output dims or 2 stages; fp32, full-precision FMA dots: 250-450 bytes at 64 owned or swept).
 GRAD_TILES = {2: (64, 64, 32, 1), 4: (32, 32, 32, 1), 8: (32, 32, 32, 1)}
+BACKWARD_WARPS = 8
+TILE_M, TILE_N, TILE_K, TILE_WARPS, TILE_STAGES = 64, 64, 32, 8, 2  # the forward's

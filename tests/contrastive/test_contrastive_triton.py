@@ -185,13 +185,18 @@ def _nan_padded_operands(original):
 @pytest.mark.parametrize("dim", [8, 45], ids=["D_below_one_chunk", "ragged_chunks"])
 @pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
 def test_tiled_backward_tiles_and_chunks_on_nan_padded_operands(monkeypatch, guided, dim):
-    """The backward's loops with small tiles (a program owns 16 rows or columns, sweeps 32, 16 output dims per
-    chunk): 37 rows and 74-80 columns over several tiles with ragged last ones, D below one chunk or over three
-    with a ragged last one; every kernel operand inside a NaN-filled buffer."""
-    from fastcache.ops.contrastive import tiled as triton_contrastive
+    """The backward's loops with small tiles (a program owns 16 rows or columns, sweeps 32 at a time in passes of
+    64, 16 output dims per product): 37 rows and 74-80 columns over several tiles and passes with ragged last
+    ones, D below one product's dims or over three with a ragged last one; every kernel operand inside a
+    NaN-filled buffer."""
+    import triton
 
-    monkeypatch.setattr(triton_contrastive, "BACKWARD_TILES",
-                        {key: (16, 32, 16, 1) for key in triton_contrastive.BACKWARD_TILES})
+    from fastcache.ops.contrastive import tiled as triton_contrastive
+    from fastcache.triton import contrastive as kernels
+
+    for key in kernels.BACKWARD_CONFIGS:
+        monkeypatch.setitem(kernels.BACKWARD_CONFIGS, key,
+                            [triton.Config(dict(OWN=16, SWEPT=32, PASS=64, BLOCK_K=16, BLOCK_DO=16))])
     monkeypatch.setattr(triton_contrastive, "_normalized_in_own_dtype",
                         _nan_padded_operands(triton_contrastive._normalized_in_own_dtype))
     if guided:

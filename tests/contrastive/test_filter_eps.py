@@ -33,9 +33,11 @@ STRATEGIES = {
     "torch": ({"backend": "torch"}, SLAB_TILE, SLAB_TILE, [SLAB_TILE]),
 }
 try:
-    from fastcache.triton.contrastive import BACKWARD_TILES
+    from fastcache.triton.contrastive import BACKWARD_CONFIGS
 
-    OWN, SWEPT = BACKWARD_TILES[8, False][:2]  # float64, no guide: a program owns OWN rows (columns), sweeps SWEPT
+    # float64, no guide, under the interpreter (the first configuration): a program owns OWN rows (columns), sweeps
+    # SWEPT
+    OWN, SWEPT = (BACKWARD_CONFIGS[8, False][0].kwargs[k] for k in ("OWN", "SWEPT"))
     STRATEGIES["tiled"] = ({"backend": "triton", "strategy": "tiled"}, (OWN, SWEPT), (SWEPT, OWN),
                            [(OWN, SWEPT), (SWEPT, OWN)])
 except ImportError:  # no Triton: the tiled cases are not collected

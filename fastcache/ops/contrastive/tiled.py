@@ -23,18 +23,7 @@ from fastcache.ops.contrastive.filtering import counting, record_filtered_tiles
 from fastcache.ops.contrastive.options import KIND_CODES, kernel_params
 from fastcache.ops.contrastive.slab import operand_grad_scale, unscale_
 from fastcache.triton import contrastive as kernels
-from fastcache.triton.contrastive import (
-    BACKWARD_TILES,
-    BACKWARD_WARPS,
-    PARTITION_BLOCK,
-    TILE_K,
-    TILE_M,
-    TILE_N,
-    TILE_STAGES,
-    TILE_WARPS,
-    _acc_type,
-    _scalars,
-)
+from fastcache.triton.contrastive import BACKWARD_CONFIGS, PARTITION_BLOCK, _acc_type, _scalars
 
 
 class _Block(NamedTuple):
@@ -143,8 +132,6 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     the gradients w.r.t. queries, docs and all_queries (fp32 or fp64; None where not needed)."""
     ops = tiled_operands(queries, docs, all_queries, guide_queries, guide_docs, doc_ids, options, layout, need_grad)
     acc, q, blocks, B = ops.acc, ops.q, ops.blocks, layout.rows
-    guided, gathered = ops.guided, ops.gathered
-    constants = dict(ops.constants, BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K)
 
     def arguments(block: _Block) -> tuple:
         return block_arguments(ops, block, layout, options)
@@ -155,9 +142,8 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     pos_logit = torch.empty(B, dtype=acc, device=q.device)
     for block in blocks:
         kind = KIND_CODES[block.kind]
-        kernels._tiled_logsumexp_kernel[(triton.cdiv(B, TILE_M),)](
-            *arguments(block), maxima[kind], totals[kind], pos_logit, KIND=kind, **constants,
-            num_warps=TILE_WARPS, num_stages=1 if guided and q.element_size() == 4 else TILE_STAGES)  # no spill
+        kernels._tiled_logsumexp_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
+            *arguments(block), maxima[kind], totals[kind], pos_logit, KIND=kind, **ops.constants)
     loss_rows, factors = torch.empty(B, dtype=acc, device=q.device), torch.empty_like(totals)
     kernels._tiled_partition_kernel[(triton.cdiv(B, PARTITION_BLOCK),)](
         maxima, totals, pos_logit, ops.params, loss_rows, factors, B, JOINT=ops.kp.joint, NUM_BLOCKS=len(blocks),
@@ -165,24 +151,29 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     loss = loss_rows.sum() / B
     if not need_grad:
         return loss, None, None, None
-    own, swept, block_do, stages = BACKWARD_TILES[q.element_size(), guided]
-    block_do = min(block_do, max(16, triton.next_power_of_2(layout.dim)))
-    fused_dq = "doc_to_query" in options.directions and not gathered  # its gradient comes with query_to_doc's
+    fused_dq = "doc_to_query" in options.directions and not ops.gathered  # its gradient comes with query_to_doc's
     dq = KIND_CODES["doc_to_query"]
     filtered = ops.kp.filter_threshold > 0
-    skipped, total = torch.zeros(1, dtype=torch.int32, device=q.device), 0  # the gradient filter's tiles
+    counts = []  # the gradient filter's [skipped, swept] tiles per program of each backward launch
     for block in blocks:
         kind = KIND_CODES[block.kind]
         if fused_dq and block.kind == "doc_to_query":
             continue
-        for by_columns, out, count in ((False, block.grad_rows, B), (True, block.grad_cols, block.cols.size(0))):
-            tiles = dict(BLOCK_M=swept, BLOCK_N=own) if by_columns else dict(BLOCK_M=own, BLOCK_N=swept)
-            kernels._tiled_grad_kernel[(triton.cdiv(count, own),)](
+        for by_columns, out, owned in ((False, block.grad_rows, B), (True, block.grad_cols, block.cols.size(0))):
+            # each program's scratch (G' of a pass, the filter's tile flags) for any candidate configuration
+            candidates = [c.kwargs for c in BACKWARD_CONFIGS[q.element_size(), ops.guided]]
+            programs = [triton.cdiv(owned, c["OWN"]) for c in candidates]
+            scratch = torch.empty(max(n * c["OWN"] * c["PASS"] for n, c in zip(programs, candidates)),
+                                  dtype=q.dtype, device=q.device)
+            flags = torch.empty(max(n * c["PASS"] // c["SWEPT"] for n, c in zip(programs, candidates))
+                                if filtered else 1, dtype=torch.int32, device=q.device)
+            count = torch.zeros((2, max(programs) if filtered else 1), dtype=torch.int32, device=q.device)
+            counts.append(count)
+            kernels._tiled_grad_kernel[lambda meta, owned=owned: (triton.cdiv(owned, meta["OWN"]),)](
                 *arguments(block), maxima[kind], factors[kind], out, out.stride(0), maxima[dq], factors[dq],
-                skipped, KIND=kind, **dict(constants, **tiles), BY_COLUMNS=by_columns, BLOCK_DO=block_do,
-                WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", FILTER=filtered,
-                num_warps=BACKWARD_WARPS, num_stages=stages)
-            total += triton.cdiv(B, tiles["BLOCK_M"]) * triton.cdiv(block.cols.size(0), tiles["BLOCK_N"])
-    if filtered and counting():  # (reads the count back: a device sync)
-        record_filtered_tiles(int(skipped.item()), total)
+                scratch, flags, count, count.stride(0), KIND=kind, **ops.constants, BY_COLUMNS=by_columns,
+                WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc", FILTER=filtered)
+    if filtered and counting():  # (reads the counts back: a device sync)
+        skipped, total = torch.stack([c.sum(1) for c in counts]).sum(0).tolist()
+        record_filtered_tiles(skipped, total)
     return (loss, *input_gradients(ops, docs))

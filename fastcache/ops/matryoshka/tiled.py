@@ -18,18 +18,8 @@ from fastcache.ops.contrastive.normalize import guide_and_id_operands
 from fastcache.ops.contrastive.options import KIND_CODES, kernel_params
 from fastcache.ops.matryoshka.slab import _prefix_norm_backward_in_chunks_, _prefix_norms, segment_grad_scale
 from fastcache.triton import matryoshka as kernels
-from fastcache.triton.contrastive import (
-    BACKWARD_WARPS,
-    PARTITION_BLOCK,
-    TILE_K,
-    TILE_M,
-    TILE_N,
-    TILE_STAGES,
-    TILE_WARPS,
-    _acc_type,
-    _scalars,
-)
-from fastcache.triton.matryoshka import GRAD_TILES
+from fastcache.triton.contrastive import PARTITION_BLOCK, _acc_type, _scalars
+from fastcache.triton.matryoshka import BACKWARD_WARPS, GRAD_TILES, TILE_K, TILE_M, TILE_N, TILE_STAGES, TILE_WARPS
 
 
 class _Operand(NamedTuple):

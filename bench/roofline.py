@@ -173,15 +173,14 @@ TERMS: dict[str, Term] = {
                                     TILED),
     "tiled.product_operand_l2": Term("l2", "logit", lambda s, own, **k: s.e * s.D / own,
                                      "the backward product reads the swept tile's embeddings again", TILED),
-    "tiled.grad_rmw_l2": Term("l2", "logit", lambda s, swept, **k: 8 * s.D / swept,
-                              "the program's own fp32 gradient rows read and written once per swept tile",
-                              MATRYOSHKA_TILED),
-    "tiled.grad_scratch_l2": Term("l2", "logit", lambda s, block_do, **k: s.e * (1 + math.ceil(s.D / block_do)),
-                                  "dL/ds (e bytes) stored to the program's scratch once, loaded once per block_do "
-                                  "output dims by the pass's gradient GEMM", TILED),
+    "tiled.grad_scratch_l2": Term("l2", "logit", lambda s, block_do, stores=1, **k:
+                                  s.e * (stores + math.ceil(s.D / block_do)),
+                                  "the gradient operand (e bytes) stored to the program's scratch (`stores` times: "
+                                  "Matryoshka's M_k) and loaded once per block_do output dims by the pass's GEMMs",
+                                  (*TILED, *MATRYOSHKA_TILED)),
     "tiled.grad_rmw_per_pass": Term("l2", "logit", lambda s, passed, **k: 8 * s.D / passed,
                                     "the program's own fp32 gradient rows read and written once per pass of `passed` "
-                                    "swept rows", TILED),
+                                    "swept rows", (*TILED, *MATRYOSHKA_TILED)),
     "slab_v2.logits_store": Term("hbm", "logit", lambda s, **k: s.e,
                                  "the similarity GEMM's epilogue stores the logits once, in the operand dtype", ISSUE),
     "slab_v2.logits_load": Term("hbm", "logit", lambda s, **k: s.e,
@@ -371,13 +370,18 @@ def matryoshka_slab(s: Shape, machine: Machine) -> list[Kernel]:
 
 
 def matryoshka_tiled(s: Shape, machine: Machine) -> list[Kernel]:
-    """fastcache's Matryoshka tiled kernels (fastcache/triton/matryoshka.py): tiled v1's sweeps at D = d_1, every
-    dim from one sweep over D, plus the backward's scratch of the H_k."""
-    from fastcache.triton.matryoshka import GRAD_TILES, TILE_M, TILE_N
+    """fastcache's Matryoshka tiled kernels (fastcache/triton/matryoshka.py), each kernel's first configuration
+    without a guide: the contrastive tiled kernels' passes at D = d_1, every dim from one sweep over D, plus the
+    backward's tile scratch of the H_k and its pass scratch of the K M_k."""
+    from fastcache.triton.matryoshka import BACKWARD_CONFIGS, FORWARD_CONFIGS
 
-    own, swept = GRAD_TILES[s.e][:2]
-    return _tiled(s, machine, (TILE_M, TILE_N), (own, swept), 1,
-                  (("tiled.grad_rmw_l2", 1, {"swept": swept}), ("matryoshka_tiled.scratch_l2", 1, {})))
+    forward = FORWARD_CONFIGS[s.e, False][0].kwargs
+    grad = BACKWARD_CONFIGS[s.e, False][0].kwargs
+    block_do = min(grad["BLOCK_DO"], max(16, 2 ** math.ceil(math.log2(s.D))))
+    return _tiled(s, machine, (forward["BLOCK_M"], forward["BLOCK_N"]), (grad["OWN"], grad["SWEPT"]), 1,
+                  (("matryoshka_tiled.scratch_l2", 1, {}),
+                   ("tiled.grad_scratch_l2", 1, {"block_do": block_do, "stores": s.dims}),
+                   ("tiled.grad_rmw_per_pass", 1, {"passed": grad["PASS"]})))
 
 
 def liger(s: Shape, machine: Machine) -> list[Kernel]:

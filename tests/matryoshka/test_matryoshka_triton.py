@@ -121,13 +121,17 @@ def test_strided_nan_padded_inputs(layout):
                          ids=["D_below_one_chunk", "dims_inside_and_on_chunk_edges"])
 @pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
 def test_backward_tiles_and_segments_on_nan_padded_operands(monkeypatch, guided, dim, dims):
-    """The backward's loops with small tiles (a program owns 16 rows or columns, sweeps 32, 16 output dims per
-    chunk): 37 rows and 74-80 columns over several tiles with ragged last ones, dim segments inside one chunk, ending
-    inside chunks and on their edges, D below one chunk; the embeddings reach the kernels inside NaN-filled buffers
-    (row stride D + 5), so that a missing mask shows as NaN."""
-    from fastcache.ops.matryoshka import tiled as triton_matryoshka
+    """The backward's loops with small tiles (a program owns 16 rows or columns, sweeps 32 at a time in passes of
+    64, 16 output dims per product): 37 rows and 74-80 columns over several tiles and passes with ragged last ones,
+    dim segments inside one chunk, ending inside chunks and on their edges, D below one chunk; the embeddings reach
+    the kernels inside NaN-filled buffers (row stride D + 5), so that a missing mask shows as NaN."""
+    import triton
 
-    monkeypatch.setattr(triton_matryoshka, "GRAD_TILES", {size: (16, 32, 16, 1) for size in (2, 4, 8)})
+    from fastcache.triton import matryoshka as kernels
+
+    for key in kernels.BACKWARD_CONFIGS:
+        monkeypatch.setitem(kernels.BACKWARD_CONFIGS, key,
+                            [triton.Config(dict(OWN=16, SWEPT=32, PASS=64, BLOCK_K=16, BLOCK_DO=16))])
     if guided:
         batch = make_batch(37, dim, columns=2, positives=40, offset=3, docs_3d=True, guide_dim=5, seed=16)
         options = dict(directions=(QD, QQ, DD), offset=3, margin=0.05, hardness_mode="all_negatives",

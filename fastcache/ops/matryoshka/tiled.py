@@ -19,7 +19,7 @@ from fastcache.ops.contrastive.options import KIND_CODES, kernel_params
 from fastcache.ops.matryoshka.slab import _prefix_norm_backward_in_chunks_, _prefix_norms, segment_grad_scale
 from fastcache.triton import matryoshka as kernels
 from fastcache.triton.contrastive import PARTITION_BLOCK, _acc_type, _scalars
-from fastcache.triton.matryoshka import BACKWARD_WARPS, GRAD_TILES, TILE_K, TILE_M, TILE_N, TILE_STAGES, TILE_WARPS
+from fastcache.triton.matryoshka import BACKWARD_CONFIGS
 
 
 class _Operand(NamedTuple):
@@ -92,7 +92,7 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
     params = torch.stack([_scalars(acc, device, kp, grad_scale, w) for w in weights_ascending])
     constants = dict(HARDNESS=int(kp.hardness_mode), GUIDED=guided,
                      HAS_IDS=ids is not None, RELATIVE_MARGIN=bool(kp.margin_strategy), COSINE=cosine,
-                     BLOCK_M=TILE_M, BLOCK_N=TILE_N, BLOCK_K=TILE_K, DIMS=max(2, triton.next_power_of_2(K)),
+                     DIMS=max(2, triton.next_power_of_2(K)),
                      ACC=_acc_type(acc), WIDEN=device.type == "cpu" and queries.dtype == torch.bfloat16)
 
     def arguments(block: _Block) -> tuple:
@@ -107,7 +107,7 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
                 col_norms.stride(0))
 
     def sizes(block: _Block) -> tuple:
-        return B, block.cols.x.size(0)
+        return B, block.cols.x.size(0), dims[0]
 
     common = (guide_queries.size(1) if guided else 0, P, off, layout.own_query_offset)
     # per dim (ascending), block (KIND_CODES order) and row: maximum logit, sum of exp(logit - maximum), the
@@ -117,9 +117,9 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
     pos_logits = torch.empty((K, 4, B), dtype=acc, device=device)
     for block in blocks:
         kind = KIND_CODES[block.kind]
-        kernels._matryoshka_logsumexp_kernel[(triton.cdiv(B, TILE_M),)](
+        kernels._matryoshka_logsumexp_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
             *arguments(block), *sizes(block), K, *common, maxima[0, kind], totals[0, kind], pos_logits[0, 0],
-            maxima.stride(0), KIND=kind, **constants, num_warps=TILE_WARPS, num_stages=TILE_STAGES)
+            maxima.stride(0), KIND=kind, **constants)
     loss_rows, factors = torch.empty((K, B), dtype=acc, device=device), torch.empty_like(totals)
     for k in range(K):
         kernels._tiled_partition_kernel[(triton.cdiv(B, PARTITION_BLOCK),)](
@@ -128,10 +128,14 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
     loss = (loss_rows.sum(1) * torch.tensor(weights_ascending, dtype=acc, device=device)).sum() / B
     if not need_grad:
         return loss, None, None, None
-    own, swept, block_do, stages = GRAD_TILES[queries.element_size()]
-    block_do = min(block_do, max(16, triton.next_power_of_2(dims[0])))
-    programs = triton.cdiv(max(x.size(0) for x in tensors.values()), own)
-    scratch = torch.empty(max(1, programs * (K - 1) * own * swept), dtype=acc, device=device)
+    # each program's scratch, for any candidate configuration: the K - 1 fp32 H_k of a tile and the K M'_k of a
+    # pass (the embeddings' dtype)
+    candidates = [c.kwargs for c in BACKWARD_CONFIGS[queries.element_size(), guided]]
+    owned = max(x.size(0) for x in tensors.values())
+    tile_scratch = torch.empty(max(1, max(-(-owned // c["OWN"]) * (K - 1) * c["OWN"] * c["SWEPT"]
+                                          for c in candidates)), dtype=acc, device=device)
+    scratch = torch.empty(max(-(-owned // c["OWN"]) * K * c["OWN"] * c["PASS"] for c in candidates),
+                          dtype=queries.dtype, device=device)
     fused_dq = "doc_to_query" in options.directions and not gathered  # its gradient comes with query_to_doc's
     dq = KIND_CODES["doc_to_query"]
     for block in blocks:
@@ -140,13 +144,11 @@ def matryoshka_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc_
             continue
         for by_columns, side in ((False, block.rows), (True, block.cols)):
             radial = side.radial if cosine else side.grad
-            tiles = dict(BLOCK_M=swept, BLOCK_N=own) if by_columns else dict(BLOCK_M=own, BLOCK_N=swept)
-            kernels._matryoshka_grad_kernel[(triton.cdiv(side.x.size(0), own),)](
+            kernels._matryoshka_grad_kernel[lambda meta, n=side.x.size(0): (triton.cdiv(n, meta["OWN"]),)](
                 *arguments(block), params.stride(0), *sizes(block), K, *common, maxima[0, kind], factors[0, kind],
                 maxima.stride(0), side.grad, side.grad.stride(0), radial, radial.stride(0), maxima[0, dq],
-                factors[0, dq], scratch, KIND=kind, **dict(constants, **tiles), BY_COLUMNS=by_columns,
-                BLOCK_DO=block_do, WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc",
-                num_warps=BACKWARD_WARPS, num_stages=stages)
+                factors[0, dq], tile_scratch, scratch, KIND=kind, **constants, BY_COLUMNS=by_columns,
+                WITH_DOC_TO_QUERY=fused_dq and block.kind == "query_to_doc")
     grads = {}
     for name, operand in operands.items():
         grads[name] = operand.grad.div_(grad_scale)

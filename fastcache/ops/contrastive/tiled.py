@@ -154,19 +154,19 @@ def contrastive_tiled(queries, docs, all_queries, guide_queries, guide_docs, doc
     fused_dq = "doc_to_query" in options.directions and not ops.gathered  # its gradient comes with query_to_doc's
     dq = KIND_CODES["doc_to_query"]
     filtered = ops.kp.filter_threshold > 0
+    # each program's scratch (G' of a pass, the filter's tile flags) for any candidate configuration and launch
+    candidates = [c.kwargs for c in BACKWARD_CONFIGS[q.element_size(), ops.guided]]
+    programs = [triton.cdiv(max(B, *(block.cols.size(0) for block in blocks)), c["OWN"]) for c in candidates]
+    scratch = torch.empty(max(n * c["OWN"] * c["PASS"] for n, c in zip(programs, candidates)), dtype=q.dtype,
+                          device=q.device)
+    flags = torch.empty(max(n * c["PASS"] // c["SWEPT"] for n, c in zip(programs, candidates)) if filtered else 1,
+                        dtype=torch.int32, device=q.device)
     counts = []  # the gradient filter's [skipped, swept] tiles per program of each backward launch
     for block in blocks:
         kind = KIND_CODES[block.kind]
         if fused_dq and block.kind == "doc_to_query":
             continue
         for by_columns, out, owned in ((False, block.grad_rows, B), (True, block.grad_cols, block.cols.size(0))):
-            # each program's scratch (G' of a pass, the filter's tile flags) for any candidate configuration
-            candidates = [c.kwargs for c in BACKWARD_CONFIGS[q.element_size(), ops.guided]]
-            programs = [triton.cdiv(owned, c["OWN"]) for c in candidates]
-            scratch = torch.empty(max(n * c["OWN"] * c["PASS"] for n, c in zip(programs, candidates)),
-                                  dtype=q.dtype, device=q.device)
-            flags = torch.empty(max(n * c["PASS"] // c["SWEPT"] for n, c in zip(programs, candidates))
-                                if filtered else 1, dtype=torch.int32, device=q.device)
             count = torch.zeros((2, max(programs) if filtered else 1), dtype=torch.int32, device=q.device)
             counts.append(count)
             kernels._tiled_grad_kernel[lambda meta, owned=owned: (triton.cdiv(owned, meta["OWN"]),)](

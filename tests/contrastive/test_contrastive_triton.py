@@ -314,7 +314,7 @@ def test_tiled_needs_triton(monkeypatch):
 
 def test_unknown_strategy_is_a_value_error(monkeypatch):
     batch = make_batch(3, 4, seed=17)
-    with pytest.raises(ValueError, match=r"^strategy must be one of auto, slab, tiled, fused_slab; got 'bogus'"):
+    with pytest.raises(ValueError, match=r"^strategy must be one of auto, slab, tiled, fused_slab, sparse; got 'bogus'"):
         contrastive_loss(batch["queries"], batch["docs"], strategy="bogus")
     monkeypatch.setenv("FASTCACHE_STRATEGY", "Bogus")
     with pytest.raises(ValueError, match=r"^FASTCACHE_STRATEGY must be one of"):

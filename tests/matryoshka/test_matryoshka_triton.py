@@ -229,7 +229,7 @@ def test_tiled_needs_triton(monkeypatch):
 
 def test_unknown_strategy_is_a_value_error():
     batch = make_batch(3, 4, seed=14)
-    with pytest.raises(ValueError, match=r"^strategy must be one of auto, slab, tiled, fused_slab; got 'bogus'"):
+    with pytest.raises(ValueError, match=r"^strategy must be one of auto, slab, tiled, fused_slab, sparse; got 'bogus'"):
         matryoshka_contrastive_loss(batch["queries"], batch["docs"], dims=[4, 2], strategy="bogus")
 
 

@@ -26,6 +26,9 @@ import torch
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 STRATEGIES = ("auto", "slab", "tiled", "fused_slab", "sparse")
+# the strategies that run one backend's kernels only: that backend, and what its kernels are (for messages)
+STRATEGY_BACKENDS = {"tiled": ("triton", "Triton kernels"), "fused_slab": ("triton", "Triton kernels"),
+                     "sparse": ("cpu", "the compiled CPU products")}
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 SETTINGS = ("FASTCACHE_BACKEND", "FASTCACHE_STRATEGY", "FASTCACHE_MEMORY_BUDGET", "FASTCACHE_MINI_BATCH_BUDGET")
 

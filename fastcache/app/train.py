@@ -110,7 +110,7 @@ class TrainConfig(ContrastiveRunConfig):
         check_run_options(self, {"--compare-batch-size": self.compare_batch_size})
         from fastcache.ops.contrastive import epilogue
 
-        check_settings(epilogue.available, "contrastive loss")
+        check_settings(epilogue.available, "contrastive loss", strategies=True)
         if self.matryoshka_dims is not None:
             if not self.matryoshka_dims or any(d <= 0 for d in self.matryoshka_dims):
                 raise TrainError(f"--matryoshka-dims must be positive integers, got {self.matryoshka_dims}")
@@ -119,10 +119,11 @@ class TrainConfig(ContrastiveRunConfig):
                                  "fastcache does not have yet")
 
 
-def check_settings(available, op: str) -> None:
+def check_settings(available, op: str, strategies: bool = False) -> None:
     """Raise :class:`TrainError` for a FASTCACHE_* variable that is malformed (fastcache._backend.setting_errors) or
     names a backend / strategy that cannot run on the training device; ``available`` maps a device to the loss
-    op's backends (None or why not), ``op`` names the op in the message. Checked before any work."""
+    op's backends (None or why not), ``op`` names the op in the message, ``strategies``: the op reads
+    FASTCACHE_STRATEGY (the contrastive op). Checked before any work."""
     import torch
 
     from fastcache import _backend
@@ -134,11 +135,12 @@ def check_settings(available, op: str) -> None:
     backends = available(device)
     backend, strategy = _backend.requested_backend(), _backend.requested_strategy()
     who = f"FASTCACHE_BACKEND={backend!r}"
-    if strategy == "tiled" and "triton" in backends:
-        if backend not in ("auto", "triton"):
-            raise TrainError(f"FASTCACHE_STRATEGY='tiled' runs Triton kernels: it needs FASTCACHE_BACKEND auto or "
-                             f"triton, got {backend!r}")
-        backend, who = "triton", "FASTCACHE_STRATEGY='tiled' (Triton kernels)"
+    if strategies and strategy in _backend.STRATEGY_BACKENDS:
+        needed, kernels = _backend.STRATEGY_BACKENDS[strategy]
+        if backend not in ("auto", needed):
+            raise TrainError(f"FASTCACHE_STRATEGY={strategy!r} runs {kernels}: it needs FASTCACHE_BACKEND auto or "
+                             f"{needed}, got {backend!r}")
+        backend, who = needed, f"FASTCACHE_STRATEGY={strategy!r} ({kernels})"
     if backend == "auto":
         return
     if backend not in backends:

@@ -62,7 +62,7 @@ class SparseConfig(ContrastiveRunConfig):
         check_run_options(self, {})
         from fastcache.ops.contrastive import epilogue
 
-        check_settings(epilogue.available, "contrastive loss")
+        check_settings(epilogue.available, "contrastive loss", strategies=True)
 
 
 def load_sparse_encoder(config: SparseConfig):

@@ -194,6 +194,11 @@ BAD_SETTINGS = {
     "strategy_bogus": ({"FASTCACHE_STRATEGY": "bogus"}, "FASTCACHE_STRATEGY must be one of"),
     "strategy_tiled_torch": ({"FASTCACHE_STRATEGY": "tiled", "FASTCACHE_BACKEND": "torch"},
                              "FASTCACHE_STRATEGY='tiled' runs Triton kernels"),
+    "strategy_fused_slab_cpu": ({"FASTCACHE_STRATEGY": "fused_slab", "FASTCACHE_BACKEND": "cpu"},
+                                "FASTCACHE_STRATEGY='fused_slab' runs Triton kernels"),
+    "strategy_sparse_torch": ({"FASTCACHE_STRATEGY": "sparse", "FASTCACHE_BACKEND": "torch"},
+                              "FASTCACHE_STRATEGY='sparse' runs the compiled CPU products: it needs FASTCACHE_BACKEND "
+                              "auto or cpu"),
     "memory_abc": ({"FASTCACHE_MEMORY_BUDGET": "abc"}, "FASTCACHE_MEMORY_BUDGET must be a size"),
     "memory_zero": ({"FASTCACHE_MEMORY_BUDGET": "0"}, "FASTCACHE_MEMORY_BUDGET must be a size"),
     "memory_half_byte": ({"FASTCACHE_MEMORY_BUDGET": "0.5"}, "got '0.5' (0.5 bytes: not a whole number)"),
@@ -215,7 +220,7 @@ def test_bad_settings_fail_before_any_work(tiny_model_dir, pairs_file, tmp_path,
     if torch.cuda.is_available() and case == "backend_cuda":
         pytest.skip("FASTCACHE_BACKEND=cuda runs here")
     variables, expected = BAD_SETTINGS[case]
-    if command == "train-reranker" and case.startswith("strategy_tiled"):
+    if command == "train-reranker" and case.startswith("strategy_") and case != "strategy_bogus":
         pytest.skip("the ranking ops have one strategy")
     for name, value in variables.items():
         monkeypatch.setenv(name, value)

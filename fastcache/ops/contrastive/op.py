@@ -35,18 +35,14 @@ def _strategy(layout, options, gathered: bool, guide_dim: int, device: torch.dev
     batch), else ``slab``."""
     requested = _backend.requested_strategy(strategy)
     asked = _backend.requested_backend(backend)
-    if requested in ("tiled", "fused_slab"):
-        if asked not in ("auto", "triton"):
-            raise RuntimeError(f"strategy {requested!r} runs Triton kernels: it needs backend 'triton', got {asked!r}")
-        return requested, _backend.resolve_backend(device, available, "triton")
-    if requested == "sparse":
-        if device.type != "cpu":
-            raise RuntimeError(f"strategy 'sparse' runs the compiled CPU products: it needs CPU tensors, got tensors "
-                               f"on {device.type} (use strategy 'slab' or 'auto' there)")
-        if asked not in ("auto", "cpu"):
-            raise RuntimeError(f"strategy 'sparse' runs the compiled CPU products: it needs backend 'cpu', got "
-                               f"{asked!r}")
-        return "sparse", _backend.resolve_backend(device, available, "cpu")
+    if requested in _backend.STRATEGY_BACKENDS:
+        needed, kernels = _backend.STRATEGY_BACKENDS[requested]
+        if requested == "sparse" and device.type != "cpu":
+            raise RuntimeError(f"strategy 'sparse' runs {kernels}: it needs CPU tensors, got tensors on "
+                               f"{device.type} (use strategy 'slab' or 'auto' there)")
+        if asked not in ("auto", needed):
+            raise RuntimeError(f"strategy {requested!r} runs {kernels}: it needs backend {needed!r}, got {asked!r}")
+        return requested, _backend.resolve_backend(device, available, needed)
     name = _backend.resolve_backend(device, available, asked)
     if requested == "auto" and name == "cpu" and sparse_inputs is not None and sparse_inputs():
         return "sparse", name

@@ -108,11 +108,16 @@ def _maxsim_case(name: str, B: int, dtype_name: str, device: str, dry_run: bool)
     if case.reset is not None:  # a loss case
         info.update(_errors_against_float64(case))
 
+    return _loss_and_grads(case), case.reset, info
+
+
+def _loss_and_grads(case):
+    """The table case's run as this module's: () -> (loss, grads), loss None for the GEMM cases."""
     def run():
         out = case.run()
-        return None if name == "splade_gemms" else out.loss, out.grads  # the GEMMs' sum is no loss
+        return out.loss, out.grads
 
-    return run, case.reset, info
+    return run
 
 
 def _errors_against_float64(case) -> dict:
@@ -146,11 +151,7 @@ def _splade_case(name: str, device: str, dry_run: bool):
     if name == "splade_fastcache_cached":
         info["fastcache_backend"] = fastcache.info()["contrastive_loss"][torch.device(device).type]["runs"]
 
-    def run():
-        out = case.run()
-        return None if name == "splade_gemms" else out.loss, out.grads  # the GEMMs' sum is no loss
-
-    return run, case.reset, info
+    return _loss_and_grads(case), case.reset, info
 
 
 # ---------------------------------------------------------------------------------------------------------------

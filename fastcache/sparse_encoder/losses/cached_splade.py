@@ -33,7 +33,6 @@ def regularize(regularizer, weight: float, columns: list[Tensor], grads: list[Te
     term = weight·Σ_v μ_v², d term / dx_i = weight·2·m_i·μ / n: one pass over the rows for μ and one that adds
     the gradient, where autograd would write the n×V gradient of the mean out first. Any other regulariser
     (its own compute_loss_from_embeddings) runs through autograd."""
-    rows = sum(x.size(0) for x in columns)
     if type(regularizer) is not st_sparse_losses.FlopsLoss:
         leaves = [x.detach().requires_grad_() for x in columns]
         term = regularizer.compute_loss_from_embeddings(leaves[0] if len(leaves) == 1 else torch.cat(leaves)) * weight
@@ -42,6 +41,7 @@ def regularize(regularizer, weight: float, columns: list[Tensor], grads: list[Te
             if leaf.grad is not None:  # a regulariser may leave a column out
                 grad.add_(leaf.grad)
         return term.detach()
+    rows = sum(x.size(0) for x in columns)
     with torch.no_grad():
         masks = [None if regularizer.threshold is None else
                  ((x != 0).sum(dim=1) > regularizer.threshold).to(x.dtype) for x in columns]
